@@ -1,0 +1,274 @@
+"""The ``swarm-node`` command line: ``dht``, ``run``, ``local``, ``status``.
+
+Every flag is validated before anything starts; a bad value ends the program with one line
+``swarm-node: error: <what is wrong>`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import sys
+from typing import Any
+
+from node import __version__
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def _maddr(text: str) -> str:
+    if not text.startswith("/") or "/p2p/" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiaddr like /ip4/1.2.3.4/tcp/31337/p2p/<peer id>")
+    return text
+
+
+def _swarm_name(text: str) -> str:
+    if not text or len(text) > 64 or not all(c.isalnum() or c in "-_." for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r}: swarm names use letters, digits, '-', '_', '.' (at most 64)")
+    return text
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and training (must be the same on every stage)")
+    g.add_argument("--preset", default="tiny", help="model/training preset: tiny (default), small, medium, 1b")
+    g.add_argument("--config", type=pathlib.Path, help="TOML or JSON file overriding the preset")
+    g.add_argument("--data", help="a .txt or .jsonl file (or a directory of them); default: built-in corpus")
+    g.add_argument("--seed", type=_non_negative_int, help="training seed (initial weights and batches)")
+    g.add_argument("--microbatches", type=_positive_int, help="microbatches per step")
+    g.add_argument("--microbatch-size", type=_positive_int, help="sequences per microbatch")
+    g.add_argument("--lr", type=_positive_float, help="AdamW learning rate")
+
+
+def _build_config(args: argparse.Namespace, num_stages: int) -> Any:
+    from node.config import build_config
+
+    overrides: dict[str, Any] = {"num_stages": num_stages}
+    train: dict[str, Any] = {}
+    for flag, key in (
+        ("seed", "seed"),
+        ("microbatches", "microbatches_per_step"),
+        ("microbatch_size", "microbatch_size"),
+        ("lr", "lr"),
+    ):
+        if getattr(args, flag) is not None:
+            train[key] = getattr(args, flag)
+    if train:
+        overrides["train"] = train
+    if args.data is not None:
+        overrides["data"] = args.data
+    return build_config(preset=args.preset, config_file=args.config, overrides=overrides)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm-node", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"swarm-node {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dht", help="run a bootstrap DHT node; prints its multiaddr")
+    p.add_argument("--host", default="0.0.0.0", help="IPv4 address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=_port, default=31337, help="TCP port (default 31337; 0 picks one)")
+    p.add_argument(
+        "--identity",
+        type=pathlib.Path,
+        default=pathlib.Path.home() / ".swarm-node" / "dht.key",
+        help="private key file; created on first start, reused after (keeps the multiaddr stable)",
+    )
+    p.add_argument("--announce-maddr", action="append", default=[], help="multiaddr to announce (public address)")
+    p.add_argument("--json", action="store_true", help="print {peer_id, maddrs} as JSON")
+
+    p = sub.add_parser("run", help="run one stage daemon")
+    p.add_argument("--stage", type=_non_negative_int, required=True, help="pipeline stage (0 = embedding + head)")
+    p.add_argument("--num-stages", type=_positive_int, required=True, help="number of pipeline stages S")
+    p.add_argument("--initial-peers", type=_maddr, action="append", default=[], help="bootstrap multiaddr (repeatable)")
+    p.add_argument("--swarm", type=_swarm_name, default="default", help="swarm name (DHT namespace)")
+    p.add_argument("--host", default="0.0.0.0", help="address for gRPC and the DHT to listen on")
+    p.add_argument("--port", type=_port, default=0, help="gRPC port (0 picks a free one)")
+    p.add_argument("--announce-host", help="host name/IP that other stages use to reach this one")
+    p.add_argument("--dht-port", type=_port, default=0, help="DHT port (0 picks a free one)")
+    p.add_argument("--steps", type=_positive_int, help="stage 0: train until this many steps are committed")
+    p.add_argument("--events-file", type=pathlib.Path, help="stage 0: append one JSON line per step here")
+    p.add_argument("--save-dir", type=pathlib.Path, help="write this stage's weights here on exit (safetensors)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    p.add_argument("--refresh", type=_positive_float, default=1.0, help="DHT refresh period, seconds")
+    p.add_argument("--rpc-timeout", type=_positive_float, default=30.0, help="deadline of one RPC, seconds")
+    p.add_argument("--step-timeout", type=_positive_float, default=120.0, help="stage 0: abort a step after this")
+    p.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics here (0 picks a free port)")
+    _add_model_flags(p)
+
+    p = sub.add_parser("local", help="run a whole swarm on this machine")
+    p.add_argument("--stages", type=_positive_int, default=4, help="pipeline stages (default 4)")
+    p.add_argument("--steps", type=_positive_int, default=300, help="training steps (default 300)")
+    p.add_argument("--json-out", type=pathlib.Path, help="write the run summary here")
+    p.add_argument(
+        "--check-reference", action="store_true", help="also train in one process and report reference_max_abs_diff"
+    )
+    p.add_argument("--workdir", type=pathlib.Path, help="keep logs, events and weights here")
+    p.add_argument("--threads", type=_positive_int, help="torch threads per stage (default: cores / stages)")
+    p.add_argument("--refresh", type=_positive_float, default=1.0, help="DHT refresh period, seconds")
+    p.add_argument("--step-timeout", type=_positive_float, default=120.0, help="abort a step after this")
+    p.add_argument("--quiet", action="store_true", help="no live progress")
+    _add_model_flags(p)
+
+    p = sub.add_parser("status", help="show the swarm as the DHT sees it")
+    p.add_argument("--initial-peers", type=_maddr, action="append", required=True, help="bootstrap multiaddr")
+    p.add_argument("--swarm", type=_swarm_name, default="default", help="swarm name (local swarms use 'local')")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hivemind").setLevel(max(level, logging.WARNING))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from node.stage.daemon import DaemonOptions, run_daemon
+
+    if args.stage >= args.num_stages:
+        raise CliError(f"--stage {args.stage} is outside 0..{args.num_stages - 1} for --num-stages {args.num_stages}")
+    cfg = _build_config(args, args.num_stages)
+    if args.stage == 0 and cfg.data is not None:
+        from node.data import load_corpus
+
+        load_corpus(cfg.data).check_fits(cfg.train.seq_len)  # fail now, with the file named
+    opts = DaemonOptions(
+        config=cfg,
+        stage=args.stage,
+        swarm=args.swarm,
+        initial_peers=args.initial_peers,
+        host=args.host,
+        port=args.port,
+        announce_host=args.announce_host,
+        dht_port=args.dht_port,
+        refresh_seconds=args.refresh,
+        steps=args.steps,
+        events_file=args.events_file,
+        save_dir=args.save_dir,
+        device=args.device,
+        threads=args.threads,
+        rpc_timeout=args.rpc_timeout,
+        step_timeout=args.step_timeout,
+        metrics_port=args.metrics_port,
+    )
+    return run_daemon(opts)
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from node.local.launcher import LocalOptions, LocalSwarm
+
+    cfg = _build_config(args, args.stages)
+    from node.data import load_corpus
+
+    load_corpus(cfg.data).check_fits(cfg.train.seq_len)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.stages)
+    swarm = LocalSwarm(
+        LocalOptions(
+            config=cfg,
+            steps=args.steps,
+            workdir=args.workdir,
+            json_out=args.json_out,
+            check_reference=args.check_reference,
+            threads=threads,
+            refresh_seconds=args.refresh,
+            step_timeout=args.step_timeout,
+            quiet=args.quiet,
+        )
+    )
+    try:
+        summary = swarm.run()
+    finally:
+        if args.workdir is None:
+            swarm.cleanup()
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    loss = summary["loss"]
+    line = (
+        (
+            f"done: {summary['steps']} steps, loss {loss[0]:.4f} -> {loss[-1]:.4f}, "
+            f"{summary['tokens_per_second']:,.0f} tokens/s"
+        )
+        if loss
+        else "done: no steps"
+    )
+    if "reference_max_abs_diff" in summary:
+        line += f", reference_max_abs_diff {summary['reference_max_abs_diff']:.3g}"
+    swarm.console.print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    from node.config import ConfigError
+    from node.data import DataError
+
+    try:
+        if args.command == "dht":
+            from node.dht.bootstrap import run_bootstrap
+
+            return run_bootstrap(args.host, args.port, args.identity, args.json, args.announce_maddr)
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "local":
+            return cmd_local(args)
+        if args.command == "status":
+            from node.status import print_status, read_swarm
+
+            records, malformed = read_swarm(args.initial_peers, args.swarm)
+            print_status(records, malformed, args.json)
+            return 0
+    except (CliError, ConfigError, DataError) as err:
+        print(f"swarm-node: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("swarm-node: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2

@@ -1,0 +1,1 @@
+"""Peer discovery through a hivemind DHT: bootstrap nodes, stage announcements, swarm lookups."""

@@ -1,0 +1,37 @@
+"""``swarm-node dht``: a bootstrap-only DHT node with a persistent identity (so its multiaddr is stable)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import signal
+import threading
+
+import hivemind
+
+logger = logging.getLogger(__name__)
+
+
+def run_bootstrap(host: str, port: int, identity: pathlib.Path, as_json: bool, announce: list[str]) -> int:
+    """Starts the node, prints its multiaddrs (first line of stdout), serves until SIGINT/SIGTERM."""
+    identity.parent.mkdir(parents=True, exist_ok=True)
+    dht = hivemind.DHT(
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        announce_maddrs=announce or None,
+        identity_path=str(identity),
+        start=True,
+        await_ready=True,
+    )
+    maddrs = [str(m) for m in dht.get_visible_maddrs()]
+    if as_json:
+        print(json.dumps({"peer_id": str(dht.peer_id), "maddrs": maddrs}), flush=True)
+    else:
+        print(" ".join(maddrs), flush=True)
+    logger.info("bootstrap DHT node %s listening on %s", dht.peer_id, maddrs)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    dht.shutdown()
+    return 0

@@ -1,0 +1,1 @@
+"""``swarm-node local``: a whole swarm on one machine, as separate processes."""

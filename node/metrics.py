@@ -1,0 +1,56 @@
+"""Prometheus metrics of one daemon (prefix ``swarm_node_``; no unbounded label values)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+
+class StageMetrics:
+    """Every metric a stage daemon exports, on its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.info = Info("swarm_node_stage", "Stage identity", registry=r)
+        self.committed_step = Gauge("swarm_node_committed_step", "Steps committed on this stage", registry=r)
+        self.loss = Gauge(
+            "swarm_node_training_loss", "Mean training loss of the last committed step (stage 0)", registry=r
+        )
+        self.microbatches = Counter(
+            "swarm_node_microbatches_total", "Microbatches processed", ["direction"], registry=r
+        )
+        self.tokens = Counter("swarm_node_tokens_total", "Tokens trained on in committed steps (stage 0)", registry=r)
+        self.compute_seconds = Histogram(
+            "swarm_node_compute_seconds",
+            "Compute time per microbatch",
+            ["direction"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.transfer_seconds = Histogram(
+            "swarm_node_transfer_seconds",
+            "Time to send one tensor stream to a neighbour",
+            ["direction"],
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.bytes_sent = Counter("swarm_node_sent_bytes_total", "Tensor bytes sent", ["direction"], registry=r)
+        self.bytes_received = Counter(
+            "swarm_node_received_bytes_total", "Tensor bytes received", ["direction"], registry=r
+        )
+        self.step_seconds = Histogram(
+            "swarm_node_step_seconds",
+            "Wall-clock time of committed steps (stage 0)",
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+        )
+        self.steps_aborted = Counter("swarm_node_steps_aborted_total", "Steps aborted and replayed", registry=r)
+        self.rejected = Counter("swarm_node_rejected_messages_total", "Messages refused", ["reason"], registry=r)
+        self.malformed_records = Counter(
+            "swarm_node_malformed_dht_records_total", "DHT records ignored as malformed", registry=r
+        )
+        self.stages_online = Gauge("swarm_node_stages_online", "Stages with a serving peer in the DHT", registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Starts the /metrics HTTP server; returns the bound port (``port`` 0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)

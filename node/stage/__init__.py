@@ -1,0 +1,1 @@
+"""A stage daemon: its runtime (weights, optimizer, step state), gRPC service and the step protocol."""

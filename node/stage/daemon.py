@@ -1,0 +1,603 @@
+"""The stage daemon: one pipeline stage as an asyncio (uvloop) program.
+
+Step protocol (driven by stage 0; every other stage only reacts to messages):
+
+1. Stage 0 takes the batch of step ``t`` (a pure function of (seed, t)), bumps the step's *attempt*
+   counter and, for each of the M microbatches, embeds it and pushes the activation to the next stage on
+   the microbatch's route with ``Forward``. All M microbatches are in flight at once, so the stages work
+   concurrently (GPipe-style); each stage computes on one thread, in arrival order.
+2. Each block stage computes its blocks, keeps the autograd graph, acks, and pushes the output on. The last
+   hop is stage 0 again: it computes the loss (scaled by 1/M) and pushes the gradient back with
+   ``Backward``; each stage backpropagates, accumulates its parameter gradients and pushes the input
+   gradient further back, until it reaches stage 0's embedding.
+3. When all M backward passes are home, stage 0 runs a two-phase commit: ``Prepare`` on every stage (each
+   checks that it has M backward passes and returns its squared gradient norm, taken before clipping),
+   then ``Commit`` with the global clip coefficient, on every stage. A stage applies AdamW only in Commit,
+   and Commit is idempotent, so a retried Commit never applies a step twice.
+4. If anything fails before the commit decision (a send, a timeout, a refused Prepare), stage 0 sends
+   ``Abort`` and replays step ``t`` with a higher attempt on the same data: a message of an older attempt
+   is refused, and a newer attempt discards whatever a stage held of the older one. No parameter has
+   changed, so the step is applied on every stage or on none.
+
+Each stage records its committed step and the gradient norm of its last commit: CheckFree recovery needs
+both. The daemon announces itself in the DHT every ``refresh_seconds`` with an expiry of twice that, and
+announces ``offline`` before a clean exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import pathlib
+import signal
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import hivemind
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from node.data import batch_for_step, load_corpus
+from safetensors.torch import save_file
+
+from node import __version__
+from node.config import SwarmConfig
+from node.dht.directory import SwarmDirectory, pick_peer
+from node.metrics import StageMetrics
+from node.proto import stage_pb2 as pb
+from node.proto import stage_pb2_grpc
+from node.stage.runtime import Reject, StageRuntime, StepError
+from node.stage.schedule import route_for
+from node.stage.service import StageService
+from node.train.optim import clip_coefficient, pick_device
+from node.transport.channels import SERVER_OPTIONS, ChannelPool
+from node.wire.records import StageRecord, StageState
+from node.wire.tensors import encode_stream
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StepFailed(Exception):
+    """The step in flight cannot complete; stage 0 aborts and replays it."""
+
+
+@dataclass
+class DaemonOptions:
+    """Everything ``swarm-node run`` configures."""
+
+    config: SwarmConfig
+    stage: int
+    swarm: str = "default"
+    initial_peers: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce_host: str | None = None
+    dht_port: int = 0
+    refresh_seconds: float = 1.0
+    steps: int | None = None
+    events_file: pathlib.Path | None = None
+    save_dir: pathlib.Path | None = None
+    device: str = "auto"
+    threads: int | None = None
+    rpc_timeout: float = 30.0
+    step_timeout: float = 120.0
+    metrics_port: int | None = None
+
+
+class StageDaemon:
+    """One stage: its gRPC server, DHT presence, and (on stage 0) the training driver."""
+
+    def __init__(self, opts: DaemonOptions, dht: hivemind.DHT) -> None:
+        self.opts = opts
+        self.config = opts.config
+        self.stage = opts.stage
+        self.num_stages = opts.config.num_stages
+        self.dht = dht
+        self.peer_id = str(dht.peer_id)
+        self.pid = os.getpid()
+        self.directory = SwarmDirectory(dht, opts.swarm)
+        self.metrics = StageMetrics()
+        self.metrics_port: int | None = None
+        self.state = StageState.JOINING
+        self.device = pick_device(opts.device)
+        self.fingerprint = self.config.fingerprint()
+        self.rejected_total = 0
+        self.swarm_view: list[StageRecord] = []
+        self.channels = ChannelPool()
+        self.stopping = asyncio.Event()
+        self.grpc_address = ""
+        t = self.config.train
+        self.activation_shape = (t.microbatch_size, t.seq_len, self.config.model.d_model)
+        self.max_activation_bytes = math.prod(self.activation_shape) * 4
+        self.wire_dtype = WIRE_DTYPES.get(self.config.wire_dtype or "")
+        self._compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="dht")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.runtime: StageRuntime  # built on the compute thread in run()
+        # Stage 0 only: futures of the microbatches whose backward has not come home, and their data.
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._targets: dict[int, torch.Tensor] = {}
+        self._losses: dict[int, float] = {}
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs ``fn`` on the stage's single compute thread (torch releases the GIL meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute_pool, fn, *args)
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io_pool, fn, *args)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def record(self, state: StageState | None = None) -> StageRecord:
+        return StageRecord(
+            stage=self.stage,
+            num_stages=self.num_stages,
+            peer_id=self.peer_id,
+            grpc_address=self.grpc_address,
+            state=state or self.state,
+            committed_step=self.runtime.committed_step,
+            config_fingerprint=self.fingerprint,
+            version=__version__,
+            host=socket.gethostname(),
+            pid=self.pid,
+            metrics_port=self.metrics_port,
+        )
+
+    async def announce(self, state: StageState | None = None) -> None:
+        if state is not None:
+            self.state = state
+        try:
+            await self._io(self.directory.announce, self.record(), 2 * self.opts.refresh_seconds)
+        except Exception:  # the DHT is best effort; the next refresh tries again
+            logger.exception("DHT announce failed")
+
+    async def refresh_view(self) -> list[StageRecord]:
+        before = self.directory.malformed_seen
+        self.swarm_view = await self._io(self.directory.records)
+        self.metrics.malformed_records.inc(self.directory.malformed_seen - before)
+        online = {r.stage for r in self.swarm_view if r.state in (StageState.ONLINE, StageState.WAITING)}
+        self.metrics.stages_online.set(len(online))
+        return self.swarm_view
+
+    async def _periodic(self) -> None:
+        while not self.stopping.is_set():
+            await self.announce()
+            with contextlib.suppress(Exception):
+                await self.refresh_view()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.opts.refresh_seconds)
+
+    async def resolve(self, stage: int, deadline: float, exclude: frozenset[str] = frozenset()) -> StageRecord:
+        """The serving peer of ``stage`` according to the DHT, waiting for one until ``deadline``."""
+        while True:
+            peer = pick_peer(
+                self.swarm_view, stage, fingerprint=self.fingerprint, num_stages=self.num_stages, exclude=exclude
+            )
+            if peer is not None:
+                return peer
+            if time.monotonic() >= deadline or self.stopping.is_set():
+                raise StepFailed(f"no serving peer for stage {stage}")
+            await asyncio.sleep(min(0.2, self.opts.refresh_seconds))
+            with contextlib.suppress(Exception):
+                await self.refresh_view()
+
+    # ---- sending ----------------------------------------------------------------------------------
+    async def send_tensor(
+        self, rpc: str, target: int, meta: pb.MicrobatchMeta, tensor: torch.Tensor, deadline: float
+    ) -> None:
+        """Streams ``tensor`` to stage ``target``; retries another/new peer on transport errors."""
+        payload = tensor if self.wire_dtype is None else tensor.to(self.wire_dtype)
+        direction = rpc.lower()
+        nbytes = payload.numel() * payload.element_size()
+        while True:
+            peer = await self.resolve(target, deadline)
+            stub = self.channels.stub(peer.grpc_address)
+            started = time.perf_counter()
+            try:
+                await getattr(stub, rpc)(
+                    encode_stream(meta, [("", payload)]),
+                    timeout=max(0.1, min(self.opts.rpc_timeout, deadline - time.monotonic())),
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() in RETRYABLE and time.monotonic() < deadline and not self.stopping.is_set():
+                    logger.warning(
+                        "%s to stage %d (%s) failed: %s; retrying", rpc, target, peer.grpc_address, err.code().name
+                    )
+                    await self.channels.drop(peer.grpc_address)
+                    await asyncio.sleep(0.1)
+                    with contextlib.suppress(Exception):
+                        await self.refresh_view()
+                    continue
+                raise StepFailed(
+                    f"{rpc} step {meta.step} mb {meta.microbatch} to stage {target}: {err.code().name} {err.details()}"
+                ) from None
+            self.metrics.transfer_seconds.labels(direction=direction).observe(time.perf_counter() - started)
+            self.metrics.bytes_sent.labels(direction=direction).inc(nbytes)
+            return
+
+    def _forward_on(self, meta: pb.MicrobatchMeta, tensor: torch.Tensor, rpc: str, hop: int) -> None:
+        """Pushes a result to the next hop in the background; failures surface as a step timeout."""
+        nxt = pb.MicrobatchMeta()
+        nxt.CopyFrom(meta)
+        nxt.hop, nxt.sender_stage, nxt.sender_peer = hop, self.stage, self.peer_id
+        deadline = time.monotonic() + self.opts.step_timeout
+
+        async def push() -> None:
+            try:
+                await self.send_tensor(rpc, meta.route[hop], nxt, tensor, deadline)
+            except StepFailed as err:
+                logger.warning("%s", err)
+                fut = self._pending.get(meta.microbatch)
+                if fut is not None and not fut.done():
+                    fut.set_exception(err)
+
+        self._spawn(push())
+
+    # ---- message handlers (called by the service after validation) ---------------------------------
+    async def on_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
+        rt = self.runtime
+        started = time.perf_counter()
+        if self.stage == 0:  # last hop: loss and the gradient back
+            targets = self._targets.get(meta.microbatch)
+
+            def head() -> tuple[float, torch.Tensor]:
+                rt.check_step(meta.step, meta.attempt)
+                if targets is None:
+                    raise StepError(Reject.BAD_MICROBATCH, f"microbatch {meta.microbatch} is not in flight")
+                return rt.head(meta.microbatch, x, targets)
+
+            loss, grad = await self.compute(head)
+            self._losses[meta.microbatch] = loss
+            self.metrics.compute_seconds.labels(direction="forward").observe(time.perf_counter() - started)
+            self._forward_on(meta, grad, "Backward", meta.hop - 1)
+            return
+
+        def fwd() -> torch.Tensor:
+            rt.check_step(meta.step, meta.attempt)
+            return rt.forward(meta.microbatch, x)
+
+        out = await self.compute(fwd)
+        self.metrics.compute_seconds.labels(direction="forward").observe(time.perf_counter() - started)
+        self.metrics.microbatches.labels(direction="forward").inc()
+        self._forward_on(meta, out, "Forward", meta.hop + 1)
+
+    async def on_backward(self, meta: pb.MicrobatchMeta, grad: torch.Tensor) -> None:
+        rt = self.runtime
+        started = time.perf_counter()
+        if self.stage == 0:  # home: the embedding's gradient
+
+            def bwd0() -> None:
+                rt.check_step(meta.step, meta.attempt)
+                rt.embed_backward(meta.microbatch, grad)
+
+            await self.compute(bwd0)
+            self.metrics.compute_seconds.labels(direction="backward").observe(time.perf_counter() - started)
+            self.metrics.microbatches.labels(direction="backward").inc()
+            fut = self._pending.get(meta.microbatch)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+
+        def bwd() -> torch.Tensor:
+            rt.check_step(meta.step, meta.attempt)
+            return rt.backward(meta.microbatch, grad)
+
+        grad_in = await self.compute(bwd)
+        self.metrics.compute_seconds.labels(direction="backward").observe(time.perf_counter() - started)
+        self.metrics.microbatches.labels(direction="backward").inc()
+        self._forward_on(meta, grad_in, "Backward", meta.hop - 1)
+
+    async def commit(self, step: int, attempt: int, clip_coef: float) -> int:
+        committed = await self.compute(self.runtime.commit, step, attempt, clip_coef)
+        self.metrics.committed_step.set(committed)
+        return committed
+
+    def snapshot_committed(self) -> tuple[int, float, dict[str, torch.Tensor]]:
+        """(committed step, last gradient norm, weights) — run on the compute thread for a consistent view."""
+        rt = self.runtime
+        return rt.committed_step, rt.last_grad_norm, {k: v.to("cpu").clone() for k, v in rt.committed_state().items()}
+
+    # ---- stage 0: the driver ----------------------------------------------------------------------
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.opts.events_file is None:
+            return
+        event = {"time": time.time(), **event}
+        with open(self.opts.events_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+
+    async def wait_for_swarm(self) -> None:
+        """Blocks (state ``waiting``) until every stage has a serving peer at our committed step."""
+        announced_waiting = False
+        while not self.stopping.is_set():
+            with contextlib.suppress(Exception):
+                await self.refresh_view()
+            missing = []
+            for s in range(1, self.num_stages):
+                peer = pick_peer(self.swarm_view, s, fingerprint=self.fingerprint, num_stages=self.num_stages)
+                if peer is None or peer.committed_step != self.runtime.committed_step:
+                    missing.append(s)
+            if not missing:
+                await self.announce(StageState.ONLINE)
+                return
+            if not announced_waiting:
+                logger.info("waiting for stage(s) %s", missing)
+                await self.announce(StageState.WAITING)
+                announced_waiting = True
+            await asyncio.sleep(min(0.25, self.opts.refresh_seconds))
+
+    async def drive(self, steps: int) -> None:
+        corpus = await self.compute(load_corpus, self.config.data)
+        corpus.check_fits(self.config.train.seq_len)
+        attempt = self.runtime.attempt
+        while self.runtime.committed_step < steps and not self.stopping.is_set():
+            await self.wait_for_swarm()
+            if self.stopping.is_set():
+                break
+            attempt += 1
+            step = self.runtime.committed_step
+            started = time.perf_counter()
+            try:
+                loss = await self.train_step(corpus.train, step, attempt)
+            except StepFailed as err:
+                logger.warning("step %d attempt %d failed: %s; aborting and replaying", step, attempt, err)
+                self.metrics.steps_aborted.inc()
+                self._emit({"event": "abort", "step": step, "attempt": attempt, "reason": str(err)})
+                await self.abort_everywhere(step, attempt)
+                continue
+            seconds = time.perf_counter() - started
+            tokens = self.tokens_per_step
+            self.metrics.loss.set(loss)
+            self.metrics.tokens.inc(tokens)
+            self.metrics.step_seconds.observe(seconds)
+            self._emit(
+                {
+                    "event": "step",
+                    "step": step + 1,
+                    "loss": loss,
+                    "seconds": seconds,
+                    "tokens": tokens,
+                    "attempt": attempt,
+                    "grad_norm": self._last_global_norm,
+                }
+            )
+            logger.info("step %d loss %.4f (%.2fs)", step + 1, loss, seconds)
+        if self.runtime.committed_step >= steps:
+            self._emit({"event": "done", "step": self.runtime.committed_step})
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.config.train
+        return t.microbatches_per_step * t.microbatch_size * t.seq_len
+
+    async def train_step(self, tokens: torch.Tensor, step: int, attempt: int) -> float:
+        t = self.config.train
+        rt = self.runtime
+        loop = asyncio.get_running_loop()
+        batch = batch_for_step(
+            tokens,
+            seed=t.seed,
+            step=step,
+            num_microbatches=t.microbatches_per_step,
+            microbatch_size=t.microbatch_size,
+            seq_len=t.seq_len,
+        )
+        self._pending = {mb: loop.create_future() for mb in range(len(batch))}
+        self._targets = {mb: y for mb, (_, y) in enumerate(batch)}
+        self._losses = {}
+        await self.compute(rt.check_step, step, attempt)
+        for mb, (x, _) in enumerate(batch):
+            h = await self.compute(rt.embed, mb, x)
+            route = route_for(mb, self.num_stages)
+            meta = pb.MicrobatchMeta(
+                step=step, microbatch=mb, route=route, hop=0, sender_stage=0, sender_peer=self.peer_id, attempt=attempt
+            )
+            self._forward_on(meta, h, "Forward", 1)
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._pending.values()), self.opts.step_timeout)
+        except TimeoutError:
+            done = sum(f.done() for f in self._pending.values())
+            raise StepFailed(
+                f"only {done} of {len(batch)} microbatches came back in {self.opts.step_timeout}s"
+            ) from None
+        finally:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.cancel()
+
+        # Phase 1: prepare everywhere (each stage's gradient norm before clipping).
+        norms = await asyncio.gather(
+            self.compute(rt.prepare, step, attempt),
+            *(self._prepare_remote(s, step, attempt) for s in range(1, self.num_stages)),
+            return_exceptions=True,
+        )
+        for n in norms:
+            if isinstance(n, BaseException):
+                raise StepFailed(f"prepare failed: {n}")
+        global_norm = math.sqrt(sum(norms))  # type: ignore[arg-type]
+        coef = clip_coefficient(global_norm, t.grad_clip)
+        self._last_global_norm = global_norm
+        # Phase 2: the decision is commit; Commit is idempotent and retried until every stage has it.
+        await asyncio.gather(
+            self.commit(step, attempt, coef),
+            *(self._commit_remote(s, step, attempt, global_norm, coef) for s in range(1, self.num_stages)),
+        )
+        return sum(self._losses.values()) / len(self._losses)
+
+    _last_global_norm: float = 0.0
+
+    async def _unary(self, stage: int, rpc: str, request: Any, deadline: float) -> Any:
+        peer = await self.resolve(stage, deadline)
+        stub = self.channels.stub(peer.grpc_address)
+        return await getattr(stub, rpc)(
+            request, timeout=max(0.1, min(self.opts.rpc_timeout, deadline - time.monotonic()))
+        )
+
+    async def _prepare_remote(self, stage: int, step: int, attempt: int) -> float:
+        deadline = time.monotonic() + self.opts.rpc_timeout
+        try:
+            reply = await self._unary(stage, "Prepare", pb.PrepareRequest(step=step, attempt=attempt), deadline)
+        except grpc.aio.AioRpcError as err:
+            raise StepFailed(f"stage {stage} refused prepare: {err.code().name} {err.details()}") from None
+        return reply.grad_norm_sq
+
+    async def _commit_remote(self, stage: int, step: int, attempt: int, norm: float, coef: float) -> None:
+        request = pb.CommitRequest(step=step, attempt=attempt, global_grad_norm=norm, clip_coef=coef)
+        while not self.stopping.is_set():
+            deadline = time.monotonic() + self.opts.rpc_timeout
+            try:
+                reply = await self._unary(stage, "Commit", request, deadline)
+                if reply.committed_step == step + 1:
+                    return
+                logger.error(
+                    "stage %d reports committed step %d after committing %d", stage, reply.committed_step, step
+                )
+                return
+            except (grpc.aio.AioRpcError, StepFailed) as err:
+                logger.warning("commit of step %d on stage %d not acknowledged (%s); retrying", step, stage, err)
+                await asyncio.sleep(0.5)
+
+    async def abort_everywhere(self, step: int, attempt: int) -> None:
+        await self.compute(self.runtime.abort, step, attempt)
+        request = pb.AbortRequest(step=step, attempt=attempt, reason="replay")
+
+        async def one(stage: int) -> None:
+            with contextlib.suppress(Exception):
+                await self._unary(stage, "Abort", request, time.monotonic() + 2.0)
+
+        await asyncio.gather(*(one(s) for s in range(1, self.num_stages)))
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    async def start_server(self) -> None:
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        stage_pb2_grpc.add_StageServicer_to_server(StageService(self), self.server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        service_names = (
+            pb.DESCRIPTOR.services_by_name["Stage"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(service_names, self.server)
+        port = self.server.add_insecure_port(f"{self.opts.host}:{self.opts.port}")
+        if port == 0:
+            raise OSError(f"cannot bind gRPC server to {self.opts.host}:{self.opts.port}")
+        host = self.opts.announce_host or (
+            self.opts.host if self.opts.host not in ("0.0.0.0", "::") else socket.gethostname()
+        )
+        self.grpc_address = f"{host}:{port}"
+        await self.server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_health(self, status: int) -> None:
+        result = self.health.set("", status)
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        if self.opts.threads:
+            torch.set_num_threads(self.opts.threads)
+        self.runtime = await self.compute(StageRuntime, self.config, self.stage, self.device)
+        if self.opts.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.opts.metrics_port)
+        self.metrics.info.info(
+            {
+                "stage": str(self.stage),
+                "role": "embedding" if self.stage == 0 else "blocks",
+                "version": __version__,
+                "recovery": "none",
+                "device": self.device.type,
+            }
+        )
+        await self.start_server()
+        logger.info(
+            "stage %d serving on %s (peer %s, device %s)", self.stage, self.grpc_address, self.peer_id, self.device
+        )
+        await self.announce(StageState.ONLINE if self.stage else StageState.WAITING)
+        periodic = self._spawn(self._periodic())
+        exit_code = 0
+        try:
+            if self.stage == 0 and self.opts.steps is not None:
+                driver = self._spawn(self.drive(self.opts.steps))
+                stop = self._spawn(self.stopping.wait())
+                await asyncio.wait({driver, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if driver.done() and driver.exception() is not None:
+                    logger.error("training driver failed", exc_info=driver.exception())
+                    exit_code = 1
+            else:
+                await self.stopping.wait()
+        finally:
+            self.stopping.set()
+            periodic.cancel()
+            await self.shutdown()
+        return exit_code
+
+    async def shutdown(self) -> None:
+        """Clean exit: save the committed weights, announce ``offline`` (so nobody waits for a record to
+        expire), then stop serving."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.opts.save_dir is not None:
+            await self.save_weights(pathlib.Path(self.opts.save_dir) / f"stage{self.stage}.safetensors")
+        try:
+            await asyncio.wait_for(self.announce(StageState.OFFLINE), timeout=5.0)
+        except TimeoutError:
+            logger.warning("could not announce offline within 5 s")
+        for task in list(self._tasks):
+            task.cancel()
+        await self.server.stop(grace=1.0)
+        await self.channels.close()
+        self._compute_pool.shutdown(wait=False)
+        self._io_pool.shutdown(wait=False)
+
+    async def save_weights(self, path: pathlib.Path) -> None:
+        """The committed weights as safetensors, with the committed step and gradient norm as metadata."""
+        step, norm, state = await self.compute(self.snapshot_committed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "stage": str(self.stage),
+            "committed_step": str(step),
+            "grad_norm": repr(norm),
+            "config_fingerprint": self.fingerprint,
+        }
+        tmp = path.with_suffix(".tmp")
+        await self.compute(save_file, {k: v.contiguous() for k, v in state.items()}, str(tmp), meta)
+        os.replace(tmp, path)
+
+
+def run_daemon(opts: DaemonOptions) -> int:
+    """Entry point of ``swarm-node run``: DHT first (it forks), then the uvloop event loop and gRPC."""
+    import uvloop
+
+    dht = hivemind.DHT(
+        initial_peers=opts.initial_peers,
+        host_maddrs=[f"/ip4/{_dht_bind(opts.host)}/tcp/{opts.dht_port}"],
+        start=True,
+        await_ready=True,
+    )
+    try:
+        return uvloop.run(StageDaemon(opts, dht).run())
+    finally:
+        dht.shutdown()
+
+
+def _dht_bind(host: str) -> str:
+    return host if host.replace(".", "").isdigit() else "0.0.0.0"

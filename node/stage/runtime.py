@@ -1,0 +1,208 @@
+"""One stage's weights, optimizer and the bookkeeping of the step in flight; no networking here.
+
+Every call runs on the daemon's single compute thread, so calls never interleave. A stage's parameters
+change only in :meth:`StageRuntime.commit`, so between commits they *are* the last committed weights.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+from node.config import SwarmConfig
+from node.model import build_stage
+from node.model.llama import EmbeddingStage
+from node.train.optim import autocast_for, grad_norm_sq, make_optimizer
+
+
+class Reject(enum.StrEnum):
+    """Why a message was refused; the value is the metric label and part of the gRPC status text."""
+
+    STALE_STEP = "stale_step"
+    UNKNOWN_STEP = "unknown_step"
+    STALE_ATTEMPT = "stale_attempt"
+    BAD_MICROBATCH = "bad_microbatch"
+    DUPLICATE = "duplicate_microbatch"
+    BAD_ROUTE = "bad_route"
+    BAD_SHAPE = "bad_shape"
+    BAD_DTYPE = "bad_dtype"
+    OVERSIZE = "oversize"
+    NON_FINITE = "non_finite"
+    BAD_STREAM = "bad_stream"
+    NOT_READY = "not_ready"
+    INCOMPLETE = "incomplete_step"
+
+
+class StepError(Exception):
+    """A request that does not fit the step in flight; nothing was changed."""
+
+    def __init__(self, reason: Reject, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class _Slot:
+    inputs: torch.Tensor | None  # leaf with requires_grad (block stages)
+    outputs: torch.Tensor | None
+    backward_done: bool = False
+
+
+class StageRuntime:
+    """Weights, optimizer and in-flight microbatches of pipeline stage ``stage``."""
+
+    def __init__(self, cfg: SwarmConfig, stage: int, device: torch.device, lr_scale: float = 1.0) -> None:
+        self.cfg = cfg
+        self.stage = stage
+        self.device = device
+        self.module = build_stage(cfg, stage).to(device)
+        self.lr_scale = lr_scale
+        self.optimizer = make_optimizer(self.module, cfg.train, lr_scale)
+        self.committed_step = 0
+        self.attempt = 0
+        self.last_grad_norm = 0.0  # this stage's gradient L2 norm (before clipping) at its last commit
+        self._slots: dict[int, _Slot] = {}
+        self._prepared_norm_sq: float | None = None
+
+    # ---- step bookkeeping -------------------------------------------------------------------------
+    def check_step(self, step: int, attempt: int) -> None:
+        """Accepts messages of the step in flight; a newer attempt of it discards the older one's state."""
+        if step < self.committed_step:
+            raise StepError(Reject.STALE_STEP, f"step {step} is already committed (committed {self.committed_step})")
+        if step > self.committed_step:
+            raise StepError(
+                Reject.UNKNOWN_STEP, f"step {step} is ahead of this stage (committed {self.committed_step})"
+            )
+        if attempt < self.attempt:
+            raise StepError(Reject.STALE_ATTEMPT, f"attempt {attempt} of step {step} was superseded by {self.attempt}")
+        if attempt > self.attempt:
+            self._reset()
+            self.attempt = attempt
+
+    def _check_microbatch(self, mb: int) -> None:
+        if not 0 <= mb < self.cfg.train.microbatches_per_step:
+            raise StepError(
+                Reject.BAD_MICROBATCH, f"microbatch {mb} outside 0..{self.cfg.train.microbatches_per_step - 1}"
+            )
+
+    def _reset(self) -> None:
+        self._slots.clear()
+        self._prepared_norm_sq = None
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def abort(self, step: int, attempt: int) -> None:
+        """Discards every microbatch and gradient of the step in flight (parameters untouched)."""
+        if step == self.committed_step and attempt >= self.attempt:
+            self._reset()
+            self.attempt = attempt
+
+    @property
+    def microbatches_done(self) -> int:
+        return sum(slot.backward_done for slot in self._slots.values())
+
+    def activation_shape(self) -> tuple[int, int, int]:
+        t = self.cfg.train
+        return (t.microbatch_size, t.seq_len, self.cfg.model.d_model)
+
+    # ---- block stages ------------------------------------------------------------------------------
+    def forward(self, mb: int, x: torch.Tensor) -> torch.Tensor:
+        self._check_microbatch(mb)
+        if mb in self._slots:
+            raise StepError(Reject.DUPLICATE, f"microbatch {mb} already forwarded in this step")
+        inputs = x.to(self.device, torch.float32).requires_grad_(True)
+        with autocast_for(self.device):
+            outputs = self.module(inputs)
+        self._slots[mb] = _Slot(inputs, outputs)
+        return outputs.detach()
+
+    def backward(self, mb: int, grad: torch.Tensor) -> torch.Tensor:
+        slot = self._backward_slot(mb)
+        slot.outputs.backward(grad.to(self.device, slot.outputs.dtype))
+        grad_in = slot.inputs.grad
+        self._finish_slot(slot)
+        return grad_in
+
+    # ---- stage 0 -----------------------------------------------------------------------------------
+    def embed(self, mb: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Stage 0, first hop: token embedding of one microbatch."""
+        self._check_microbatch(mb)
+        if mb in self._slots:
+            raise StepError(Reject.DUPLICATE, f"microbatch {mb} already embedded in this step")
+        assert isinstance(self.module, EmbeddingStage)
+        with autocast_for(self.device):
+            h = self.module.embed_tokens(tokens.to(self.device))
+        self._slots[mb] = _Slot(None, h)
+        return h.detach()
+
+    def head(self, mb: int, h: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Stage 0, last hop: loss of one microbatch and the gradient to send back (loss scaled by 1/M)."""
+        self._check_microbatch(mb)
+        slot = self._slots.get(mb)
+        if slot is None or slot.inputs is not None:
+            raise StepError(Reject.BAD_MICROBATCH, f"microbatch {mb} was not embedded in this step")
+        assert isinstance(self.module, EmbeddingStage)
+        hidden = h.to(self.device, torch.float32).requires_grad_(True)
+        with autocast_for(self.device):
+            loss = self.module.loss(hidden, targets.to(self.device))
+        (loss / self.cfg.train.microbatches_per_step).backward()
+        slot.inputs = hidden  # marks that the head ran; its gradient was just taken
+        return float(loss.detach()), hidden.grad
+
+    def embed_backward(self, mb: int, grad: torch.Tensor) -> None:
+        """Stage 0: the gradient that came back to the embedding output."""
+        slot = self._backward_slot(mb)
+        slot.outputs.backward(grad.to(self.device, slot.outputs.dtype))
+        self._finish_slot(slot)
+
+    def _backward_slot(self, mb: int) -> _Slot:
+        self._check_microbatch(mb)
+        slot = self._slots.get(mb)
+        if slot is None or slot.outputs is None:
+            raise StepError(Reject.BAD_MICROBATCH, f"backward for microbatch {mb} that was not forwarded")
+        if slot.backward_done:
+            raise StepError(Reject.DUPLICATE, f"backward for microbatch {mb} already done")
+        return slot
+
+    @staticmethod
+    def _finish_slot(slot: _Slot) -> None:
+        slot.backward_done = True
+        slot.outputs = None  # frees the graph and activations
+        if slot.inputs is not None:
+            slot.inputs = slot.inputs.detach()
+
+    # ---- two-phase commit --------------------------------------------------------------------------
+    def prepare(self, step: int, attempt: int) -> float:
+        """Phase 1: every microbatch's backward is in; returns the squared gradient norm."""
+        self.check_step(step, attempt)
+        done, need = self.microbatches_done, self.cfg.train.microbatches_per_step
+        if done != need:
+            raise StepError(Reject.INCOMPLETE, f"step {step}: {done} of {need} microbatches have finished backward")
+        self._prepared_norm_sq = grad_norm_sq(self.module)
+        return self._prepared_norm_sq
+
+    def commit(self, step: int, attempt: int, clip_coef: float) -> int:
+        """Phase 2: clip and apply AdamW. Idempotent: re-committing a committed step is a no-op."""
+        if step + 1 == self.committed_step:
+            return self.committed_step
+        self.check_step(step, attempt)
+        if self._prepared_norm_sq is None:
+            raise StepError(Reject.NOT_READY, f"step {step} was not prepared on stage {self.stage}")
+        if not (math.isfinite(clip_coef) and 0 < clip_coef <= 1):
+            raise StepError(Reject.NON_FINITE, f"clip coefficient {clip_coef} outside (0, 1]")
+        if clip_coef < 1.0:
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(clip_coef)
+        self.optimizer.step()
+        self.last_grad_norm = math.sqrt(self._prepared_norm_sq)
+        self.committed_step += 1
+        self._reset()
+        return self.committed_step
+
+    # ---- weights -----------------------------------------------------------------------------------
+    def committed_state(self) -> dict[str, torch.Tensor]:
+        """The last committed weights (valid between commits: parameters only change in commit)."""
+        return {k: v.detach() for k, v in self.module.state_dict().items()}

@@ -1,0 +1,151 @@
+"""The gRPC ``Stage`` service: validates every message, then hands it to the daemon.
+
+Nothing from the network reaches the stage's state before it has been checked: stream structure and
+byte limits (in the decoder), route and hop, tensor dtype, shape and finiteness, then step, attempt and
+microbatch (in the runtime). A refused message gets a gRPC status whose details start with the reason
+code, is counted in ``swarm_node_rejected_messages_total{reason=...}``, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
+
+from node.proto import stage_pb2 as pb
+from node.proto import stage_pb2_grpc
+from node.stage.runtime import Reject, StepError
+from node.stage.schedule import check_route
+from node.wire.tensors import WireError, decode_stream, encode_stream
+
+if TYPE_CHECKING:
+    from node.stage.daemon import StageDaemon
+
+logger = logging.getLogger(__name__)
+
+STATUS_FOR: dict[Reject, grpc.StatusCode] = {
+    Reject.STALE_STEP: grpc.StatusCode.FAILED_PRECONDITION,
+    Reject.UNKNOWN_STEP: grpc.StatusCode.FAILED_PRECONDITION,
+    Reject.STALE_ATTEMPT: grpc.StatusCode.FAILED_PRECONDITION,
+    Reject.NOT_READY: grpc.StatusCode.FAILED_PRECONDITION,
+    Reject.INCOMPLETE: grpc.StatusCode.FAILED_PRECONDITION,
+    Reject.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
+    Reject.OVERSIZE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class StageService(stage_pb2_grpc.StageServicer):
+    """Server side of one stage daemon."""
+
+    def __init__(self, daemon: StageDaemon) -> None:
+        self.daemon = daemon
+
+    async def _reject(self, context: grpc.aio.ServicerContext, reason: Reject, message: str) -> None:
+        self.daemon.metrics.rejected.labels(reason=reason.value).inc()
+        self.daemon.rejected_total += 1
+        logger.warning("rejected message: %s: %s", reason.value, message)
+        await context.abort(STATUS_FOR.get(reason, grpc.StatusCode.INVALID_ARGUMENT), f"{reason.value}: {message}")
+
+    async def _receive(
+        self, request_iterator, context, direction: str
+    ) -> tuple[pb.MicrobatchMeta, torch.Tensor] | None:
+        d = self.daemon
+        limit = d.max_activation_bytes
+        try:
+            meta, tensors = await decode_stream(request_iterator, max_tensor_bytes=limit, max_stream_bytes=limit)
+        except WireError as err:
+            await self._reject(context, Reject(err.reason), str(err))
+            return None
+        if meta is None:
+            await self._reject(context, Reject.BAD_STREAM, "first chunk carries no microbatch metadata")
+            return None
+        problem = check_route(list(meta.route), meta.hop, d.stage, meta.microbatch, d.num_stages)
+        if problem is not None:
+            await self._reject(context, Reject.BAD_ROUTE, problem)
+            return None
+        if list(tensors) != [""]:
+            await self._reject(context, Reject.BAD_STREAM, f"expected one activation tensor, got {len(tensors)}")
+            return None
+        x = tensors[""]
+        if x.dtype not in ACTIVATION_DTYPES:
+            await self._reject(context, Reject.BAD_DTYPE, f"activation dtype {x.dtype} is not a float type")
+            return None
+        if tuple(x.shape) != d.activation_shape:
+            await self._reject(
+                context, Reject.BAD_SHAPE, f"shape {list(x.shape)} != expected {list(d.activation_shape)}"
+            )
+            return None
+        if not bool(torch.isfinite(x).all()):
+            await self._reject(context, Reject.NON_FINITE, "tensor holds NaN or Inf")
+            return None
+        d.metrics.bytes_received.labels(direction=direction).inc(x.numel() * x.element_size())
+        return meta, x
+
+    async def Forward(self, request_iterator, context) -> pb.Ack:
+        got = await self._receive(request_iterator, context, "forward")
+        if got is None:
+            return pb.Ack(ok=False)
+        try:
+            await self.daemon.on_forward(*got)
+        except StepError as err:
+            await self._reject(context, err.reason, str(err))
+        return pb.Ack(ok=True)
+
+    async def Backward(self, request_iterator, context) -> pb.Ack:
+        got = await self._receive(request_iterator, context, "backward")
+        if got is None:
+            return pb.Ack(ok=False)
+        try:
+            await self.daemon.on_backward(*got)
+        except StepError as err:
+            await self._reject(context, err.reason, str(err))
+        return pb.Ack(ok=True)
+
+    async def Prepare(self, request: pb.PrepareRequest, context) -> pb.PrepareReply:
+        try:
+            norm_sq = await self.daemon.compute(self.daemon.runtime.prepare, request.step, request.attempt)
+        except StepError as err:
+            await self._reject(context, err.reason, str(err))
+        return pb.PrepareReply(
+            stage=self.daemon.stage, grad_norm_sq=norm_sq, microbatches=self.daemon.config.train.microbatches_per_step
+        )
+
+    async def Commit(self, request: pb.CommitRequest, context) -> pb.CommitReply:
+        try:
+            committed = await self.daemon.commit(request.step, request.attempt, request.clip_coef)
+        except StepError as err:
+            await self._reject(context, err.reason, str(err))
+        return pb.CommitReply(stage=self.daemon.stage, committed_step=committed)
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.Ack:
+        await self.daemon.compute(self.daemon.runtime.abort, request.step, request.attempt)
+        return pb.Ack(ok=True)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        d = self.daemon
+        return pb.HeartbeatReply(
+            stage=d.stage, peer_id=d.peer_id, state=d.state.value, committed_step=d.runtime.committed_step
+        )
+
+    async def FetchWeights(self, request: pb.FetchWeightsRequest, context):
+        d = self.daemon
+        step, norm, state = await d.compute(d.snapshot_committed)
+        meta = pb.MicrobatchMeta(step=step, sender_stage=d.stage, sender_peer=d.peer_id)
+        tensors = [("__grad_norm__", torch.tensor([norm], dtype=torch.float32)), *state.items()]
+        for chunk in encode_stream(meta, tensors):
+            yield chunk
+
+    async def GetStatus(self, request: pb.StatusRequest, context) -> pb.StageStatus:
+        d = self.daemon
+        return pb.StageStatus(
+            stage=d.stage,
+            peer_id=d.peer_id,
+            state=d.state.value,
+            committed_step=d.runtime.committed_step,
+            last_grad_norm=d.runtime.last_grad_norm,
+            rejected_messages=d.rejected_total,
+            pid=d.pid,
+        )

@@ -1,0 +1,48 @@
+"""``swarm-node status``: the swarm as the DHT shows it (reads the DHT only, never a daemon)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import hivemind
+from rich.console import Console
+from rich.table import Table
+
+from node.dht.directory import SwarmDirectory
+from node.wire.records import StageRecord
+
+
+def read_swarm(initial_peers: list[str], swarm: str) -> tuple[list[StageRecord], int]:
+    """Joins the DHT as a client, reads every stage record of ``swarm``; returns (records, malformed)."""
+    dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True, await_ready=True)
+    try:
+        directory = SwarmDirectory(dht, swarm)
+        records = directory.records()
+        return records, directory.malformed_seen
+    finally:
+        dht.shutdown()
+
+
+def records_table(records: list[StageRecord], title: str = "swarm") -> Table:
+    table = Table(title=title)
+    for col in ("stage", "peer", "address", "state", "committed", "pid", "last recovery"):
+        table.add_column(col)
+    for r in records:
+        rec = f"{r.last_recovery.method} @ step {r.last_recovery.step}" if r.last_recovery else "-"
+        table.add_row(
+            str(r.stage), r.peer_id[-12:], r.grpc_address, r.state.value, str(r.committed_step), str(r.pid or "-"), rec
+        )
+    return table
+
+
+def print_status(records: list[StageRecord], malformed: int, as_json: bool) -> None:
+    if as_json:
+        out: dict[str, Any] = {"stages": [r.to_wire() for r in records], "malformed_records": malformed}
+        print(json.dumps(out, indent=2))
+        return
+    console = Console()
+    if not records:
+        console.print("no stage records found in the DHT")
+        return
+    console.print(records_table(records))

@@ -1,0 +1,75 @@
+"""The single-process reference: the same model, batches, clipping and AdamW as the swarm, in one process.
+
+``swarm-node local --check-reference`` compares the swarm's final weights against this, and the pipeline
+efficiency benchmark uses its throughput as the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from node.config import SwarmConfig
+from node.data import batch_for_step
+from node.model import FullModel
+from node.stage.schedule import route_for
+from node.train.optim import autocast_for, clip_coefficient, grad_norm_sq, make_optimizer
+
+
+@dataclass
+class ReferenceRun:
+    model: FullModel
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+    def stage_state(self, stage: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.stages[stage].state_dict().items()}
+
+
+def train_reference(
+    cfg: SwarmConfig,
+    tokens: torch.Tensor,
+    steps: int,
+    device: torch.device | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> ReferenceRun:
+    """Trains ``steps`` steps exactly as the swarm does (per-stage AdamW is per-parameter, so one optimizer
+    over the whole model is the same math)."""
+    device = device or torch.device("cpu")
+    t = cfg.train
+    model = FullModel(cfg).to(device)
+    optimizer = make_optimizer(model, t)
+    run = ReferenceRun(model)
+    for step in range(steps):
+        started = time.perf_counter()
+        batch = batch_for_step(
+            tokens,
+            seed=t.seed,
+            step=step,
+            num_microbatches=t.microbatches_per_step,
+            microbatch_size=t.microbatch_size,
+            seq_len=t.seq_len,
+        )
+        losses = []
+        for mb, (x, y) in enumerate(batch):
+            route = route_for(mb, cfg.num_stages)[1:-1]
+            with autocast_for(device):
+                loss = model(x.to(device), y.to(device), route)
+            (loss / t.microbatches_per_step).backward()
+            losses.append(float(loss.detach()))
+        coef = clip_coefficient(math.sqrt(grad_norm_sq(model)), t.grad_clip)
+        if coef < 1.0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.losses.append(sum(losses) / len(losses))
+        run.step_seconds.append(time.perf_counter() - started)
+        if on_step is not None:
+            on_step(step + 1, run.losses[-1])
+    return run

@@ -1,0 +1,116 @@
+"""Malformed messages to a live stage get a precise gRPC status and the swarm keeps training."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+from node.config import build_config
+from node.local.launcher import LocalOptions, LocalSwarm
+from node.proto import stage_pb2 as pb
+from node.proto import stage_pb2_grpc
+from node.transport.channels import GRPC_OPTIONS
+from node.wire.tensors import encode_stream
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+STEPS = 30
+
+
+def swarm_status(maddr: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "node", "status", "--initial-peers", maddr, "--swarm", "local",
+                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)["stages"]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def running_swarm(tmp_path: pathlib.Path):
+    cfg = build_config(overrides={"num_stages": 4})
+    swarm = LocalSwarm(LocalOptions(config=cfg, steps=STEPS, workdir=tmp_path, threads=1, quiet=True))
+    swarm.config_path.write_text(cfg.model_dump_json())
+    try:
+        swarm.start_bootstrap()
+        for stage in range(4):
+            swarm.start_stage(stage)
+        yield swarm
+    finally:
+        swarm.stop_all(grace=10)
+
+
+def _send(stub, chunks) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Forward(iter(chunks), timeout=20)
+    return err.value
+
+
+@pytest.mark.timeout(300)
+def test_malformed_messages_are_rejected_while_training_continues(running_swarm: LocalSwarm) -> None:
+    swarm = running_swarm
+    maddr = swarm.bootstrap_maddrs[0]
+    wait_for(lambda: len([e for e in swarm.read_events() if e["event"] == "step"]) >= 2, 180, "training to start")
+    records = swarm_status(maddr)
+    assert sorted(r["stage"] for r in records) == [0, 1, 2, 3]
+    assert {r["pid"] for r in records} == {c.proc.pid for c in swarm.stage_children.values()}
+    stage2 = next(r for r in records if r["stage"] == 2)
+    channel = grpc.insecure_channel(stage2["grpc_address"], options=GRPC_OPTIONS)
+    stub = stage_pb2_grpc.StageStub(channel)
+    shape = (8, 128, 128)
+    route = [0, 1, 2, 3, 0]
+
+    def meta(step: int = 10**6, **kw) -> pb.MicrobatchMeta:
+        return pb.MicrobatchMeta(**{"step": step, "microbatch": 0, "route": route, "hop": 2, "sender_stage": 1,
+                                    "attempt": 1, **kw})
+
+    def stream(t: torch.Tensor, **kw) -> list[pb.TensorChunk]:
+        return list(encode_stream(meta(**kw), [("", t)]))
+
+    cases = {
+        "bad_shape": (stream(torch.zeros(8, 128, 64)), grpc.StatusCode.INVALID_ARGUMENT),
+        # int64 of the same byte size as the fp32 activation: passes the size limit, fails the dtype check
+        "bad_dtype": (stream(torch.zeros(8, 128, 64, dtype=torch.int64)), grpc.StatusCode.INVALID_ARGUMENT),
+        "non_finite": (stream(torch.full(shape, float("nan"))), grpc.StatusCode.INVALID_ARGUMENT),
+        "stale_step": (stream(torch.zeros(shape), step=0), grpc.StatusCode.FAILED_PRECONDITION),
+        "unknown_step": (stream(torch.zeros(shape)), grpc.StatusCode.FAILED_PRECONDITION),
+        "bad_route": (stream(torch.zeros(shape), route=[0, 2, 1, 3, 0]), grpc.StatusCode.INVALID_ARGUMENT),
+        "oversize": (
+            [pb.TensorChunk(meta=meta(), header=pb.TensorHeader(dtype=pb.DTYPE_FLOAT32, shape=[1 << 16, 1 << 16],
+                                                                nbytes=4 << 32))],
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+    }
+    for reason, (chunks, code) in cases.items():
+        err = _send(stub, chunks)
+        assert err.code() == code, (reason, err.code(), err.details())
+        assert err.details().startswith(reason), (reason, err.details())
+    # a single message above the channel limit never reaches the service
+    big = pb.TensorChunk(meta=meta(), data=b"\0" * (5 << 20))
+    err = _send(stub, [big])
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    channel.close()
+
+    # the swarm trains to the end, with stage 2 still the same process
+    wait_for(lambda: any(e["event"] == "done" for e in swarm.read_events()), 240, "training to finish")
+    steps = [e for e in swarm.read_events() if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, STEPS + 1))
+    assert swarm.stage_children[2].proc.poll() is None
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{stage2['metrics_port']}/metrics", timeout=10).read().decode()
+    for reason in cases:
+        assert f'swarm_node_rejected_messages_total{{reason="{reason}"}} 1.0' in metrics, reason

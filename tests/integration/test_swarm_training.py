@@ -1,0 +1,56 @@
+"""A real 4-stage swarm (separate processes, real DHT, real gRPC) trains and matches one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, pid_alive
+
+pytestmark = pytest.mark.integration
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.timeout(420)
+def test_four_stage_swarm_trains_and_matches_single_process(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "summary.json"
+    workdir = tmp_path / "swarm"
+    proc = subprocess.run(
+        [sys.executable, "-m", "node", "local", "--stages", "4", "--steps", "20", "--check-reference",
+         "--json-out", str(out), "--workdir", str(workdir), "--quiet"],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["steps"] == 20
+    loss = summary["loss"]
+    assert len(loss) == 20 and len(summary["step_seconds"]) == 20
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.3, loss  # it learns
+    assert summary["tokens_per_second"] > 0
+    # fp32 on CPU: the swarm is the single-process run up to float rounding
+    assert summary["reference_max_abs_diff"] < 1e-4, summary["reference_max_abs_diff"]
+    stages = summary["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2, 3]
+    for s in stages:
+        assert s["grpc_address"].startswith("127.0.0.1:")
+        assert isinstance(s["metrics_port"], int)
+        assert not pid_alive(s["pid"])
+    # nothing the launcher started (daemons, their DHT helpers) outlives it
+    assert processes_mentioning(str(workdir)) == []
