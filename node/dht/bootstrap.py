@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 def run_bootstrap(host: str, port: int, identity: pathlib.Path, as_json: bool, announce: list[str]) -> int:
     """Starts the node, prints its multiaddrs (first line of stdout), serves until SIGINT/SIGTERM."""
     identity.parent.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     dht = hivemind.DHT(
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         announce_maddrs=announce or None,
@@ -29,9 +32,6 @@ def run_bootstrap(host: str, port: int, identity: pathlib.Path, as_json: bool, a
     else:
         print(" ".join(maddrs), flush=True)
     logger.info("bootstrap DHT node %s listening on %s", dht.peer_id, maddrs)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     dht.shutdown()
     return 0
