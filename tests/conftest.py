@@ -21,8 +21,14 @@ class Procs:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "node", *args], stdout=stdout, stderr=stderr,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "node", *args],
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=REPO,
+        )
         self.procs.append(proc)
         return proc
 

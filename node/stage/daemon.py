@@ -46,11 +46,11 @@ import hivemind
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from node.data import batch_for_step, load_corpus
 from safetensors.torch import save_file
 
 from node import __version__
 from node.config import SwarmConfig
+from node.data import batch_for_step, load_corpus
 from node.dht.directory import SwarmDirectory, pick_peer
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb

@@ -26,8 +26,14 @@ STEPS = 30
 
 
 def swarm_status(maddr: str) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "node", "status", "--initial-peers", maddr, "--swarm", "local",
-                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "node", "status", "--initial-peers", maddr, "--swarm", "local", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return json.loads(out.stdout)["stages"]
 
 
@@ -76,8 +82,9 @@ def test_malformed_messages_are_rejected_while_training_continues(running_swarm:
     route = [0, 1, 2, 3, 0]
 
     def meta(step: int = 10**6, **kw) -> pb.MicrobatchMeta:
-        return pb.MicrobatchMeta(**{"step": step, "microbatch": 0, "route": route, "hop": 2, "sender_stage": 1,
-                                    "attempt": 1, **kw})
+        return pb.MicrobatchMeta(
+            **{"step": step, "microbatch": 0, "route": route, "hop": 2, "sender_stage": 1, "attempt": 1, **kw}
+        )
 
     def stream(t: torch.Tensor, **kw) -> list[pb.TensorChunk]:
         return list(encode_stream(meta(**kw), [("", t)]))
@@ -91,8 +98,12 @@ def test_malformed_messages_are_rejected_while_training_continues(running_swarm:
         "unknown_step": (stream(torch.zeros(shape)), grpc.StatusCode.FAILED_PRECONDITION),
         "bad_route": (stream(torch.zeros(shape), route=[0, 2, 1, 3, 0]), grpc.StatusCode.INVALID_ARGUMENT),
         "oversize": (
-            [pb.TensorChunk(meta=meta(), header=pb.TensorHeader(dtype=pb.DTYPE_FLOAT32, shape=[1 << 16, 1 << 16],
-                                                                nbytes=4 << 32))],
+            [
+                pb.TensorChunk(
+                    meta=meta(),
+                    header=pb.TensorHeader(dtype=pb.DTYPE_FLOAT32, shape=[1 << 16, 1 << 16], nbytes=4 << 32),
+                )
+            ],
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         ),
     }

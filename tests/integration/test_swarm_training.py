@@ -33,9 +33,26 @@ def test_four_stage_swarm_trains_and_matches_single_process(tmp_path: pathlib.Pa
     out = tmp_path / "summary.json"
     workdir = tmp_path / "swarm"
     proc = subprocess.run(
-        [sys.executable, "-m", "node", "local", "--stages", "4", "--steps", "20", "--check-reference",
-         "--json-out", str(out), "--workdir", str(workdir), "--quiet"],
-        cwd=REPO, capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "-m",
+            "node",
+            "local",
+            "--stages",
+            "4",
+            "--steps",
+            "20",
+            "--check-reference",
+            "--json-out",
+            str(out),
+            "--workdir",
+            str(workdir),
+            "--quiet",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())

@@ -7,8 +7,17 @@ from node.wire.records import RecordError, StageRecord, StageState, parse_stage_
 
 
 def _record(**kw) -> StageRecord:
-    base = dict(stage=1, num_stages=4, peer_id="peerA", grpc_address="127.0.0.1:5000", state="online",
-                committed_step=3, config_fingerprint="abc", version="0.1.0", pid=1234)
+    base = dict(
+        stage=1,
+        num_stages=4,
+        peer_id="peerA",
+        grpc_address="127.0.0.1:5000",
+        state="online",
+        committed_step=3,
+        config_fingerprint="abc",
+        version="0.1.0",
+        pid=1234,
+    )
     return StageRecord(**{**base, **kw})
 
 
