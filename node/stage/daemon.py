@@ -54,12 +54,12 @@ from node.data import batch_for_step, load_corpus
 from node.dht.directory import SwarmDirectory, pick_peer
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
-from node.proto import stage_pb2_grpc
 from node.stage.runtime import Reject, StageRuntime, StepError
 from node.stage.schedule import route_for
 from node.stage.service import StageService
 from node.train.optim import clip_coefficient, pick_device
 from node.transport.channels import SERVER_OPTIONS, ChannelPool
+from node.transport.stage_rpc import add_stage_service
 from node.wire.records import StageRecord, StageState
 from node.wire.tensors import encode_stream
 
@@ -486,7 +486,7 @@ class StageDaemon:
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start_server(self) -> None:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        stage_pb2_grpc.add_StageServicer_to_server(StageService(self), self.server)
+        add_stage_service(StageService(self), self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         service_names = (

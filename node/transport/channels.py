@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from node.proto import stage_pb2_grpc
+from node.transport.stage_rpc import StageClient
 from node.wire.tensors import MAX_MESSAGE_BYTES
 
 GRPC_OPTIONS: list[tuple[str, int]] = [
@@ -33,12 +33,12 @@ class ChannelPool:
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def stub(self, address: str) -> stage_pb2_grpc.StageStub:
+    def stub(self, address: str) -> StageClient:
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
             self._channels[address] = channel
-        return stage_pb2_grpc.StageStub(channel)
+        return StageClient(channel)
 
     async def drop(self, address: str) -> None:
         """Closes the channel to a peer that failed, so the next call reconnects (or goes elsewhere)."""

@@ -12,6 +12,7 @@ import math
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from node.proto import stage_pb2 as pb
@@ -37,34 +38,64 @@ class WireError(ValueError):
         self.reason = reason
 
 
-def tensor_chunks(tensor: torch.Tensor, name: str = "", chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Chunks of one tensor; the first carries its header. An empty tensor still yields one chunk."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_DATA_TAG = b"\x1a"  # field 3 (data), wire type 2 (length-delimited)
+
+
+def tensor_chunks(
+    tensor: torch.Tensor, name: str = "", chunk_bytes: int = CHUNK_BYTES, meta: pb.MicrobatchMeta | None = None
+) -> Iterator[bytes]:
+    """Serialized ``TensorChunk`` messages of one tensor: a header message (with ``meta`` if given), then
+    data-only messages written directly in protobuf wire format, so each payload byte is copied once."""
     if tensor.dtype not in DTYPE_TO_WIRE:
         raise WireError("bad_dtype", f"dtype {tensor.dtype} cannot be sent")
     flat = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
     raw = memoryview(flat.numpy())
     header = pb.TensorHeader(name=name, dtype=DTYPE_TO_WIRE[tensor.dtype], shape=list(tensor.shape), nbytes=len(raw))
-    if len(raw) == 0:
-        yield pb.TensorChunk(header=header)
-        return
+    yield pb.TensorChunk(meta=meta, header=header).SerializeToString()
     for offset in range(0, len(raw), chunk_bytes):
-        data = raw[offset : offset + chunk_bytes].tobytes()
-        yield pb.TensorChunk(header=header, data=data) if offset == 0 else pb.TensorChunk(data=data)
+        piece = raw[offset : offset + chunk_bytes]
+        yield b"".join((_DATA_TAG, _varint(len(piece)), piece))
 
 
 def encode_stream(
     meta: pb.MicrobatchMeta | None, tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[pb.TensorChunk]:
-    """A whole stream: ``meta`` on the first message, then every tensor's chunks."""
+) -> Iterator[bytes]:
+    """A whole stream of serialized messages: ``meta`` rides on the first header, then every tensor."""
     first = True
     for name, tensor in tensors:
-        for chunk in tensor_chunks(tensor, name, chunk_bytes):
-            if first and meta is not None:
-                chunk.meta.CopyFrom(meta)
-            first = False
-            yield chunk
+        yield from tensor_chunks(tensor, name, chunk_bytes, meta if first else None)
+        first = False
     if first and meta is not None:
-        yield pb.TensorChunk(meta=meta)
+        yield pb.TensorChunk(meta=meta).SerializeToString()
+
+
+def data_payload(message: bytes) -> memoryview | None:
+    """The payload of a data-only message (tag 3 + length + bytes and nothing else), else None."""
+    if not message or message[0] != 0x1A:
+        return None
+    length, shift, pos = 0, 0, 1
+    while pos < len(message) and pos < 11:
+        byte = message[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            break
+        shift += 7
+    if pos + length != len(message):
+        return None
+    return memoryview(message)[pos:]
 
 
 @dataclass
@@ -72,7 +103,7 @@ class _Partial:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    buffer: bytearray
+    buffer: np.ndarray  # uint8, uninitialised until filled
     filled: int = 0
 
 
@@ -89,7 +120,19 @@ class TensorAssembler:
     _total: int = 0
     _count: int = 0
 
-    def feed(self, chunk: pb.TensorChunk) -> None:
+    def feed(self, message: bytes | pb.TensorChunk) -> None:
+        """Takes one message: serialized bytes (the fast path for data chunks) or a parsed TensorChunk."""
+        if isinstance(message, bytes | bytearray | memoryview):
+            payload = data_payload(bytes(message) if not isinstance(message, bytes) else message)
+            if payload is not None:
+                self._count += 1
+                self._append(payload)
+                return
+            try:
+                message = pb.TensorChunk.FromString(message)
+            except Exception:  # protobuf raises DecodeError; anything unparsable is a bad stream
+                raise WireError("bad_stream", "message is not a TensorChunk") from None
+        chunk = message
         if self._count == 0 and chunk.HasField("meta"):
             self.meta = chunk.meta
         elif chunk.HasField("meta"):
@@ -99,14 +142,17 @@ class TensorAssembler:
             self._finish_current()
             self._current = self._start(chunk.header)
         if chunk.data:
-            cur = self._current
-            if cur is None:
-                raise WireError("bad_stream", "tensor data before any tensor header")
-            end = cur.filled + len(chunk.data)
-            if end > len(cur.buffer):
-                raise WireError("oversize", f"tensor {cur.name!r} got more bytes than its header declares")
-            cur.buffer[cur.filled : end] = chunk.data
-            cur.filled = end
+            self._append(memoryview(chunk.data))
+
+    def _append(self, data: memoryview) -> None:
+        cur = self._current
+        if cur is None:
+            raise WireError("bad_stream", "tensor data before any tensor header")
+        end = cur.filled + len(data)
+        if end > len(cur.buffer):
+            raise WireError("oversize", f"tensor {cur.name!r} got more bytes than its header declares")
+        cur.buffer[cur.filled : end] = np.frombuffer(data, dtype=np.uint8)
+        cur.filled = end
 
     def _start(self, header: pb.TensorHeader) -> _Partial:
         dtype = WIRE_TO_DTYPE.get(header.dtype)
@@ -128,7 +174,7 @@ class TensorAssembler:
             raise WireError("oversize", f"stream exceeds the limit of {self.max_stream_bytes} bytes")
         if header.name in self.tensors:
             raise WireError("bad_stream", f"tensor {header.name!r} sent twice")
-        return _Partial(header.name, dtype, shape, bytearray(nbytes))
+        return _Partial(header.name, dtype, shape, np.empty(nbytes, dtype=np.uint8))
 
     def _finish_current(self) -> None:
         cur = self._current
@@ -136,8 +182,8 @@ class TensorAssembler:
             return
         if cur.filled != len(cur.buffer):
             raise WireError("truncated", f"tensor {cur.name!r} ended after {cur.filled} of {len(cur.buffer)} bytes")
-        if cur.buffer:
-            t = torch.frombuffer(cur.buffer, dtype=cur.dtype).view(cur.shape)
+        if len(cur.buffer):
+            t = torch.from_numpy(cur.buffer).view(cur.dtype).view(cur.shape)
         else:
             t = torch.empty(cur.shape, dtype=cur.dtype)
         self.tensors[cur.name] = t
@@ -153,7 +199,7 @@ class TensorAssembler:
 
 
 def decode_chunks(
-    chunks: Iterable[pb.TensorChunk], max_tensor_bytes: int = 1 << 34, max_stream_bytes: int = 1 << 36
+    chunks: Iterable[bytes | pb.TensorChunk], max_tensor_bytes: int = 1 << 34, max_stream_bytes: int = 1 << 36
 ) -> tuple[pb.MicrobatchMeta | None, dict[str, torch.Tensor]]:
     """Synchronous decode of a whole stream (tests, tools)."""
     asm = TensorAssembler(max_tensor_bytes, max_stream_bytes)
@@ -163,7 +209,7 @@ def decode_chunks(
 
 
 async def decode_stream(
-    chunks: AsyncIterator[pb.TensorChunk], max_tensor_bytes: int, max_stream_bytes: int
+    chunks: AsyncIterator[bytes | pb.TensorChunk], max_tensor_bytes: int, max_stream_bytes: int
 ) -> tuple[pb.MicrobatchMeta | None, dict[str, torch.Tensor]]:
     """Decode of an incoming gRPC stream."""
     asm = TensorAssembler(max_tensor_bytes, max_stream_bytes)

@@ -87,7 +87,8 @@ def test_malformed_messages_are_rejected_while_training_continues(running_swarm:
         )
 
     def stream(t: torch.Tensor, **kw) -> list[pb.TensorChunk]:
-        return list(encode_stream(meta(**kw), [("", t)]))
+        # parsed back into messages: the stock generated stub (any protobuf client) must interoperate
+        return [pb.TensorChunk.FromString(m) for m in encode_stream(meta(**kw), [("", t)])]
 
     cases = {
         "bad_shape": (stream(torch.zeros(8, 128, 64)), grpc.StatusCode.INVALID_ARGUMENT),

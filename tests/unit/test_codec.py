@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from node.proto import stage_pb2 as pb
-from node.wire.tensors import CHUNK_BYTES, WireError, decode_chunks, encode_stream, tensor_chunks
+from node.wire.tensors import CHUNK_BYTES, WireError, data_payload, decode_chunks, encode_stream, tensor_chunks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -21,13 +21,16 @@ def test_round_trip(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
 
 def test_chunks_are_about_one_mib_and_two_bytes_per_bf16() -> None:
     t = torch.randn(3 * CHUNK_BYTES // 2 + 10).to(torch.bfloat16)  # 3 MiB + 20 bytes
-    chunks = list(tensor_chunks(t))
-    assert [len(c.data) for c in chunks] == [CHUNK_BYTES, CHUNK_BYTES, CHUNK_BYTES, 20]
-    assert sum(len(c.data) for c in chunks) == 2 * t.numel()
-    assert chunks[0].HasField("header") and not chunks[1].HasField("header")
+    messages = list(tensor_chunks(t))
+    header = pb.TensorChunk.FromString(messages[0])
+    assert header.header.nbytes == 2 * t.numel() and not header.data
+    payloads = [data_payload(m) for m in messages[1:]]
+    assert [len(p) for p in payloads] == [CHUNK_BYTES, CHUNK_BYTES, CHUNK_BYTES, 20]
+    # the hand-written data messages are valid protobuf: a stock parser reads the same bytes
+    assert all(pb.TensorChunk.FromString(m).data == bytes(p) for m, p in zip(messages[1:], payloads, strict=True))
 
 
-def _chunks(t: torch.Tensor) -> list[pb.TensorChunk]:
+def _chunks(t: torch.Tensor) -> list[bytes]:
     return list(encode_stream(pb.MicrobatchMeta(step=1), [("", t)], chunk_bytes=64))
 
 
@@ -40,7 +43,7 @@ def test_truncated_stream_is_refused() -> None:
 
 def test_extra_bytes_are_refused() -> None:
     chunks = _chunks(torch.randn(100))
-    chunks.append(pb.TensorChunk(data=b"\0" * 8))
+    chunks.append(pb.TensorChunk(data=b"\0" * 8).SerializeToString())
     with pytest.raises(WireError) as err:
         decode_chunks(chunks)
     assert err.value.reason == "oversize"
@@ -48,7 +51,9 @@ def test_extra_bytes_are_refused() -> None:
 
 def test_header_lying_about_size_is_refused() -> None:
     chunks = _chunks(torch.randn(10))
-    chunks[0].header.nbytes = 400
+    first = pb.TensorChunk.FromString(chunks[0])
+    first.header.nbytes = 400
+    chunks[0] = first.SerializeToString()
     with pytest.raises(WireError) as err:
         decode_chunks(chunks)
     assert err.value.reason == "bad_shape"
@@ -67,4 +72,10 @@ def test_unknown_dtype_and_data_before_header() -> None:
     assert err.value.reason == "bad_dtype"
     with pytest.raises(WireError) as err:
         decode_chunks([pb.TensorChunk(data=b"1234")])
+    assert err.value.reason == "bad_stream"
+
+
+def test_garbage_message_is_a_bad_stream() -> None:
+    with pytest.raises(WireError) as err:
+        decode_chunks([b"\xff\xff\xff"])
     assert err.value.reason == "bad_stream"

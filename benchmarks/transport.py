@@ -1,0 +1,170 @@
+"""Transport: activation-sized tensors through the real Stage service vs bare gRPC byte streaming.
+
+Both run in the same server process on loopback, in the same run. The Stage path is the production one:
+``encode_stream`` on the client, the ``Forward`` handler with ``decode_stream`` and every validation check
+(route, dtype, shape, finiteness) on the server; only the stage's compute is left out (the handler returns
+as soon as the tensor is accepted). The bare path streams pre-cut 1 MiB ``bytes`` with no (de)serialization
+at all, the best gRPC can do. Goal: Stage throughput ≥ 0.8 × bare.
+
+    python benchmarks/transport.py [--sizes-mib 1,4,16,64] [--repeats 5] [--out benchmarks/results/transport.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import pathlib
+import statistics
+import time
+from types import SimpleNamespace
+
+import grpc
+import torch
+
+from node.metrics import StageMetrics
+from node.proto import stage_pb2 as pb
+from node.stage.service import StageService
+from node.transport.channels import GRPC_OPTIONS, SERVER_OPTIONS
+from node.transport.stage_rpc import StageClient, add_stage_service
+from node.wire.tensors import CHUNK_BYTES, encode_stream
+
+D_MODEL = 1024
+BARE_METHOD = "/bench.Bytes/Push"
+
+
+class _AcceptingDaemon(SimpleNamespace):
+    """The attributes StageService reads; accepts every validated tensor without computing."""
+
+    async def on_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
+        self.received += x.numel()
+
+
+def _shape_for(mib: int) -> tuple[int, int, int]:
+    tokens = mib * (1 << 20) // (4 * D_MODEL)
+    return (1, tokens, D_MODEL)
+
+
+async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]]) -> None:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    daemons = {}
+
+    async def push(request_iterator, context) -> bytes:
+        total = 0
+        async for chunk in request_iterator:
+            total += len(chunk)
+        return total.to_bytes(8, "little")
+
+    handler = grpc.method_handlers_generic_handler("bench.Bytes", {"Push": grpc.stream_unary_rpc_method_handler(push)})
+    server.add_generic_rpc_handlers((handler,))
+    # one Stage service per tensor size, each on its own port, so the expected shape matches
+    ports = {}
+    for shape in shapes:
+        s = grpc.aio.server(options=SERVER_OPTIONS)
+        d = _AcceptingDaemon(
+            stage=1,
+            num_stages=4,
+            activation_shape=shape,
+            max_activation_bytes=4 * shape[1] * D_MODEL,
+            metrics=StageMetrics(),
+            rejected_total=0,
+            received=0,
+        )
+        add_stage_service(StageService(d), s)
+        ports[shape] = s.add_insecure_port("127.0.0.1:0")
+        await s.start()
+        daemons[shape] = (s, d)
+    bare_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    port_q.put((bare_port, ports))
+    await asyncio.Event().wait()
+
+
+def _server_main(port_q: mp.Queue, shapes: list[tuple[int, int, int]]) -> None:
+    torch.set_num_threads(1)
+    asyncio.run(_serve(port_q, shapes))
+
+
+async def _measure(bare_port: int, ports: dict, sizes: list[int], repeats: int) -> list[dict]:
+    rows = []
+    bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{bare_port}", options=GRPC_OPTIONS)
+    push = bare_channel.stream_unary(BARE_METHOD)
+    for mib in sizes:
+        shape = _shape_for(mib)
+        tensor = torch.randn(shape)
+        nbytes = tensor.numel() * 4
+        raw = tensor.view(-1).view(torch.uint8).numpy().tobytes()
+        chunks = [raw[i : i + CHUNK_BYTES] for i in range(0, len(raw), CHUNK_BYTES)]
+        stage_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports[shape]}", options=GRPC_OPTIONS)
+        stub = StageClient(stage_channel)
+        meta = pb.MicrobatchMeta(step=0, microbatch=0, route=[0, 1, 2, 3, 0], hop=1, sender_stage=0, attempt=1)
+        bare_s, stage_s = [], []
+        for i in range(repeats + 1):  # the first round warms up both paths
+            t0 = time.perf_counter()
+            await push(iter(chunks))
+            t1 = time.perf_counter()
+            await stub.Forward(encode_stream(meta, [("", tensor)]))
+            t2 = time.perf_counter()
+            if i:
+                bare_s.append(t1 - t0)
+                stage_s.append(t2 - t1)
+        await stage_channel.close()
+        bare, stage = statistics.median(bare_s), statistics.median(stage_s)
+        rows.append(
+            {
+                "mib": mib,
+                "bytes": nbytes,
+                "bare_seconds": bare,
+                "stage_seconds": stage,
+                "bare_gib_per_s": nbytes / bare / 2**30,
+                "stage_gib_per_s": nbytes / stage / 2**30,
+                "ratio": bare / stage,
+            }
+        )
+    await bare_channel.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mib", default="1,4,16,64")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/transport.json"))
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes_mib.split(",")]
+    shapes = [_shape_for(m) for m in sizes]
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    server = ctx.Process(target=_server_main, args=(q, shapes), daemon=True)
+    server.start()
+    try:
+        bare_port, ports = q.get(timeout=60)
+        rows = asyncio.run(_measure(bare_port, ports, sizes, args.repeats))
+    finally:
+        server.kill()
+        server.join(5)
+    print(f"{'MiB':>5} {'bare GiB/s':>11} {'stage GiB/s':>12} {'stage/bare':>11}")
+    for r in rows:
+        print(f"{r['mib']:>5} {r['bare_gib_per_s']:>11.2f} {r['stage_gib_per_s']:>12.2f} {r['ratio']:>11.2f}")
+    overall = min(r["ratio"] for r in rows)
+    print(f"worst stage/bare ratio: {overall:.2f} (goal >= 0.8)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "transport",
+                "rows": rows,
+                "worst_ratio": overall,
+                "goal": 0.8,
+                "torch": torch.__version__,
+                "grpc": grpc.__version__,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

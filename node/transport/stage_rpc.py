@@ -1,0 +1,69 @@
+"""Stage service wiring with zero-copy-minded tensor streams.
+
+The tensor-carrying RPCs (``Forward``, ``Backward``, ``FetchWeights``) move already-serialized
+``TensorChunk`` bytes: :func:`node.wire.tensors.encode_stream` writes data chunks straight in protobuf wire
+format, and the receiver copies each payload once into the tensor's buffer. The wire format is exactly the
+one ``proto/stage.proto`` describes, so any gRPC client that speaks it interoperates; only the Python
+objects in between are skipped. Everything else uses the generated (de)serializers.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from node.proto import stage_pb2 as pb
+from node.proto import stage_pb2_grpc
+
+SERVICE = "swarm_node.v1.Stage"
+
+
+def _identity(message: bytes) -> bytes:
+    return message
+
+
+def add_stage_service(servicer: stage_pb2_grpc.StageServicer, server: grpc.aio.Server) -> None:
+    """Registers ``servicer``; its tensor streams see raw message bytes (decode with TensorAssembler)."""
+    handlers = {
+        "Forward": grpc.stream_unary_rpc_method_handler(
+            servicer.Forward, request_deserializer=_identity, response_serializer=pb.Ack.SerializeToString
+        ),
+        "Backward": grpc.stream_unary_rpc_method_handler(
+            servicer.Backward, request_deserializer=_identity, response_serializer=pb.Ack.SerializeToString
+        ),
+        "FetchWeights": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchWeights,
+            request_deserializer=pb.FetchWeightsRequest.FromString,
+            response_serializer=_identity,
+        ),
+    }
+    for name, (request, reply) in {
+        "Prepare": (pb.PrepareRequest, pb.PrepareReply),
+        "Commit": (pb.CommitRequest, pb.CommitReply),
+        "Abort": (pb.AbortRequest, pb.Ack),
+        "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
+        "GetStatus": (pb.StatusRequest, pb.StageStatus),
+    }.items():
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=request.FromString,
+            response_serializer=reply.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+class StageClient(stage_pb2_grpc.StageStub):
+    """The generated stub, except that tensor streams send and receive serialized bytes."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        super().__init__(channel)
+        self.Forward = channel.stream_unary(
+            f"/{SERVICE}/Forward", request_serializer=_identity, response_deserializer=pb.Ack.FromString
+        )
+        self.Backward = channel.stream_unary(
+            f"/{SERVICE}/Backward", request_serializer=_identity, response_deserializer=pb.Ack.FromString
+        )
+        self.FetchWeights = channel.unary_stream(
+            f"/{SERVICE}/FetchWeights",
+            request_serializer=pb.FetchWeightsRequest.SerializeToString,
+            response_deserializer=_identity,
+        )
