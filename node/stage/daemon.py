@@ -69,6 +69,38 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class MicrobatchOrder:
+    """Admits the microbatches of the step in flight to the compute thread in index order, per direction.
+
+    Messages that are not for the step in flight (stale, ahead, older attempt) are not held back: the
+    runtime refuses them. A newer attempt of the step releases everyone waiting on the older one.
+    """
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._key: tuple[int, int] = (-1, -1)
+        self._next: dict[str, int] = {}
+
+    async def turn(self, step: int, attempt: int, direction: str, mb: int, committed: int, timeout: float) -> None:
+        async with self._cond:
+            if step != committed or (step, attempt) < self._key:
+                return
+            if (step, attempt) > self._key:
+                self._key, self._next = (step, attempt), {}
+                self._cond.notify_all()
+            key = self._key
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._cond.wait_for(lambda: self._key != key or self._next.get(direction, 0) >= mb), timeout
+                )
+
+    async def advance(self, step: int, attempt: int, direction: str, mb: int) -> None:
+        async with self._cond:
+            if (step, attempt) == self._key:
+                self._next[direction] = max(self._next.get(direction, 0), mb + 1)
+                self._cond.notify_all()
+
+
 class StepFailed(Exception):
     """The step in flight cannot complete; stage 0 aborts and replays it."""
 
@@ -123,6 +155,7 @@ class StageDaemon:
         self.max_activation_bytes = math.prod(self.activation_shape) * 4
         self.wire_dtype = WIRE_DTYPES.get(self.config.wire_dtype or "")
         self._compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.order = MicrobatchOrder()
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="dht")
         self._tasks: set[asyncio.Task[Any]] = set()
         self.runtime: StageRuntime  # built on the compute thread in run()
@@ -251,10 +284,26 @@ class StageDaemon:
         self._spawn(push())
 
     # ---- message handlers (called by the service after validation) ---------------------------------
+    async def _compute_in_order(self, meta: pb.MicrobatchMeta, direction: str, fn: Callable[[], T]) -> T:
+        """Runs ``fn`` on the compute thread after every lower microbatch of this step went the same way.
+
+        Gradients then accumulate in microbatch order on every stage, as in the single-process run, so the
+        swarm's arithmetic is the reference's, bit for bit, whatever order the network delivers in.
+        """
+        await self.order.turn(
+            meta.step, meta.attempt, direction, meta.microbatch, self.runtime.committed_step, self.opts.step_timeout
+        )
+        started = time.perf_counter()
+        future = asyncio.get_running_loop().run_in_executor(self._compute_pool, fn)
+        await self.order.advance(meta.step, meta.attempt, direction, meta.microbatch)
+        result = await future
+        self.metrics.compute_seconds.labels(direction=direction).observe(time.perf_counter() - started)
+        self.metrics.microbatches.labels(direction=direction).inc()
+        return result
+
     async def on_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
         rt = self.runtime
-        started = time.perf_counter()
-        if self.stage == 0:  # last hop: loss and the gradient back
+        if self.stage == 0:  # last hop: loss, and the gradient goes back
             targets = self._targets.get(meta.microbatch)
 
             def head() -> tuple[float, torch.Tensor]:
@@ -263,9 +312,8 @@ class StageDaemon:
                     raise StepError(Reject.BAD_MICROBATCH, f"microbatch {meta.microbatch} is not in flight")
                 return rt.head(meta.microbatch, x, targets)
 
-            loss, grad = await self.compute(head)
+            loss, grad = await self._compute_in_order(meta, "forward", head)
             self._losses[meta.microbatch] = loss
-            self.metrics.compute_seconds.labels(direction="forward").observe(time.perf_counter() - started)
             self._forward_on(meta, grad, "Backward", meta.hop - 1)
             return
 
@@ -273,23 +321,17 @@ class StageDaemon:
             rt.check_step(meta.step, meta.attempt)
             return rt.forward(meta.microbatch, x)
 
-        out = await self.compute(fwd)
-        self.metrics.compute_seconds.labels(direction="forward").observe(time.perf_counter() - started)
-        self.metrics.microbatches.labels(direction="forward").inc()
-        self._forward_on(meta, out, "Forward", meta.hop + 1)
+        self._forward_on(meta, await self._compute_in_order(meta, "forward", fwd), "Forward", meta.hop + 1)
 
     async def on_backward(self, meta: pb.MicrobatchMeta, grad: torch.Tensor) -> None:
         rt = self.runtime
-        started = time.perf_counter()
         if self.stage == 0:  # home: the embedding's gradient
 
             def bwd0() -> None:
                 rt.check_step(meta.step, meta.attempt)
                 rt.embed_backward(meta.microbatch, grad)
 
-            await self.compute(bwd0)
-            self.metrics.compute_seconds.labels(direction="backward").observe(time.perf_counter() - started)
-            self.metrics.microbatches.labels(direction="backward").inc()
+            await self._compute_in_order(meta, "backward", bwd0)
             fut = self._pending.get(meta.microbatch)
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -299,10 +341,7 @@ class StageDaemon:
             rt.check_step(meta.step, meta.attempt)
             return rt.backward(meta.microbatch, grad)
 
-        grad_in = await self.compute(bwd)
-        self.metrics.compute_seconds.labels(direction="backward").observe(time.perf_counter() - started)
-        self.metrics.microbatches.labels(direction="backward").inc()
-        self._forward_on(meta, grad_in, "Backward", meta.hop - 1)
+        self._forward_on(meta, await self._compute_in_order(meta, "backward", bwd), "Backward", meta.hop - 1)
 
     async def commit(self, step: int, attempt: int, clip_coef: float) -> int:
         committed = await self.compute(self.runtime.commit, step, attempt, clip_coef)

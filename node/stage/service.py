@@ -67,6 +67,9 @@ class StageService(stage_pb2_grpc.StageServicer):
         if meta is None:
             await self._reject(context, Reject.BAD_STREAM, "first chunk carries no microbatch metadata")
             return None
+        if meta.microbatch >= d.config.train.microbatches_per_step:
+            await self._reject(context, Reject.BAD_MICROBATCH, f"microbatch {meta.microbatch} >= microbatches per step")
+            return None
         problem = check_route(list(meta.route), meta.hop, d.stage, meta.microbatch, d.num_stages)
         if problem is not None:
             await self._reject(context, Reject.BAD_ROUTE, problem)
