@@ -62,7 +62,7 @@ def test_four_stage_swarm_trains_and_matches_single_process(tmp_path: pathlib.Pa
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.3, loss  # it learns
     assert summary["tokens_per_second"] > 0
     # fp32 on CPU: the swarm is the single-process run up to float rounding
-    assert summary["reference_max_abs_diff"] < 1e-4, summary["reference_max_abs_diff"]
+    assert summary["reference_max_abs_diff"] < 1e-5, summary["reference_max_abs_diff"]
     stages = summary["stages"]
     assert [s["stage"] for s in stages] == [0, 1, 2, 3]
     for s in stages:
