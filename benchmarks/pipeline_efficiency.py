@@ -46,8 +46,26 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "summary.json"
-        subprocess.run([sys.executable, "-m", "node", "local", "--stages", str(args.stages), "--steps", str(args.steps),
-                        "--preset", args.preset, "--json-out", str(out), "--quiet", *extra], cwd=REPO, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "node",
+                "local",
+                "--stages",
+                str(args.stages),
+                "--steps",
+                str(args.steps),
+                "--preset",
+                args.preset,
+                "--json-out",
+                str(out),
+                "--quiet",
+                *extra,
+            ],
+            cwd=REPO,
+            check=True,
+        )
         swarm = json.loads(out.read_text())
     swarm_step = statistics.median(swarm["step_seconds"][args.warmup :])
 
@@ -57,14 +75,22 @@ def main() -> None:
 
     result = {
         "benchmark": "pipeline_efficiency",
-        "preset": args.preset, "stages": args.stages, "steps": args.steps, "cores": os.cpu_count(),
-        "microbatches_per_step": cfg.train.microbatches_per_step, "tokens_per_step": tokens_per_step,
-        "swarm_step_seconds": swarm_step, "single_step_seconds": single_step,
+        "preset": args.preset,
+        "stages": args.stages,
+        "steps": args.steps,
+        "cores": os.cpu_count(),
+        "microbatches_per_step": cfg.train.microbatches_per_step,
+        "tokens_per_step": tokens_per_step,
+        "swarm_step_seconds": swarm_step,
+        "single_step_seconds": single_step,
         "swarm_tokens_per_second": tokens_per_step / swarm_step,
         "single_tokens_per_second": tokens_per_step / single_step,
-        "efficiency": single_step / swarm_step, "goal": 0.8,
+        "efficiency": single_step / swarm_step,
+        "goal": 0.8,
     }
-    print(f"swarm  : {result['swarm_tokens_per_second']:,.0f} tokens/s ({swarm_step:.3f} s/step, {args.stages} processes)")
+    print(
+        f"swarm  : {result['swarm_tokens_per_second']:,.0f} tokens/s ({swarm_step:.3f} s/step, {args.stages} processes)"
+    )
     print(f"single : {result['single_tokens_per_second']:,.0f} tokens/s ({single_step:.3f} s/step, 1 process)")
     print(f"pipeline efficiency: {result['efficiency']:.2f} (goal >= 0.8)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -199,10 +199,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
+    import signal
+
+    from node.data import load_corpus
     from node.local.launcher import LocalOptions, LocalSwarm
 
+    def _terminate(*_: object) -> None:
+        raise KeyboardInterrupt  # runs the launcher's clean-up, like Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
     cfg = _build_config(args, args.stages)
-    from node.data import load_corpus
 
     load_corpus(cfg.data).check_fits(cfg.train.seq_len)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.stages)

@@ -5,7 +5,8 @@ Step protocol (driven by stage 0; every other stage only reacts to messages):
 1. Stage 0 takes the batch of step ``t`` (a pure function of (seed, t)), bumps the step's *attempt*
    counter and, for each of the M microbatches, embeds it and pushes the activation to the next stage on
    the microbatch's route with ``Forward``. All M microbatches are in flight at once, so the stages work
-   concurrently (GPipe-style); each stage computes on one thread, in arrival order.
+   concurrently (GPipe-style); each stage computes on one thread and admits microbatches in index order
+   (MicrobatchOrder), so gradients accumulate exactly as in a single process.
 2. Each block stage computes its blocks, keeps the autograd graph, acks, and pushes the output on. The last
    hop is stage 0 again: it computes the loss (scaled by 1/M) and pushes the gradient back with
    ``Backward``; each stage backpropagates, accumulates its parameter gradients and pushes the input

@@ -32,6 +32,7 @@ class Reject(enum.StrEnum):
     OVERSIZE = "oversize"
     NON_FINITE = "non_finite"
     BAD_STREAM = "bad_stream"
+    TRUNCATED = "truncated"
     NOT_READY = "not_ready"
     INCOMPLETE = "incomplete_step"
 

@@ -62,7 +62,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         try:
             meta, tensors = await decode_stream(request_iterator, max_tensor_bytes=limit, max_stream_bytes=limit)
         except WireError as err:
-            await self._reject(context, Reject(err.reason), str(err))
+            reason = Reject(err.reason) if err.reason in Reject._value2member_map_ else Reject.BAD_STREAM
+            await self._reject(context, reason, str(err))
             return None
         if meta is None:
             await self._reject(context, Reject.BAD_STREAM, "first chunk carries no microbatch metadata")

@@ -1,0 +1,123 @@
+"""Recovery planning as pure, deterministic functions over what the DHT shows (no network here).
+
+A *vacant* stage has no peer serving or rebuilding it. A spare node takes the lowest vacant stage, and when
+two spares claim the same stage the lower peer id wins. The method that rebuilds a block stage depends on
+which block stages are still alive:
+
+==============  ===========================================================================
+method          when
+==============  ===========================================================================
+``fresh``       the swarm has not committed any step yet: the seed's initial weights are exact
+``checkfree``   live block stages on both sides: W = (g₊·W₊ + g₋·W₋)/(g₊ + g₋), ε = 1e-4 on each g
+``copy``        a live block stage on one side only (first/last block stage, or a lost run at an edge)
+``random``      ``--recovery none``, or no live block stage at all: fresh random weights
+==============  ===========================================================================
+
+Stage 0 (data, embedding, final norm, LM head) cannot be rebuilt from block stages; plain CheckFree reports
+it as ``unrecoverable`` and training stops with that message.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from node.wire.records import StageRecord, StageState
+
+LIVE_STATES = frozenset({StageState.ONLINE, StageState.WAITING})
+OCCUPYING_STATES = LIVE_STATES | {StageState.RECOVERING}
+EPSILON = 1e-4
+
+
+class Method(enum.StrEnum):
+    FRESH = "fresh"
+    CHECKFREE = "checkfree"
+    COPY = "copy"
+    RANDOM = "random"
+    UNRECOVERABLE = "unrecoverable"
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    stage: int
+    method: Method
+    sources: tuple[int, ...]  # stages whose committed weights are fetched (empty for fresh/random)
+    reason: str
+
+
+def _same_swarm(records: Iterable[StageRecord], fingerprint: str, num_stages: int) -> list[StageRecord]:
+    return [r for r in records if r.config_fingerprint == fingerprint and r.num_stages == num_stages]
+
+
+def live_stages(
+    records: Iterable[StageRecord], *, fingerprint: str, num_stages: int, suspects: frozenset[str] = frozenset()
+) -> frozenset[int]:
+    """Stages with at least one serving peer not under suspicion."""
+    return frozenset(
+        r.stage
+        for r in _same_swarm(records, fingerprint, num_stages)
+        if r.state in LIVE_STATES and r.stage is not None and r.peer_id not in suspects
+    )
+
+
+def vacant_stages(
+    records: Iterable[StageRecord], *, fingerprint: str, num_stages: int, suspects: frozenset[str] = frozenset()
+) -> list[int]:
+    """Stages that nobody serves or is rebuilding, lowest first."""
+    occupied = {
+        r.stage
+        for r in _same_swarm(records, fingerprint, num_stages)
+        if r.state in OCCUPYING_STATES and r.stage is not None and r.peer_id not in suspects
+    }
+    return [s for s in range(num_stages) if s not in occupied]
+
+
+def claim_winner(records: Iterable[StageRecord], stage: int, *, fingerprint: str, num_stages: int) -> str | None:
+    """The peer that owns ``stage`` among claimants: a live peer if any, else the lowest-id rebuilder."""
+    same = [r for r in _same_swarm(records, fingerprint, num_stages) if r.stage == stage]
+    live = sorted(r.peer_id for r in same if r.state in LIVE_STATES)
+    if live:
+        return live[0]
+    rebuilding = sorted(r.peer_id for r in same if r.state == StageState.RECOVERING)
+    return rebuilding[0] if rebuilding else None
+
+
+def nearest_live_block_stages(stage: int, num_stages: int, live: frozenset[int]) -> tuple[int | None, int | None]:
+    """The nearest live block stage below and above ``stage`` (stage 0 is not a block stage)."""
+    below = next((s for s in range(stage - 1, 0, -1) if s in live), None)
+    above = next((s for s in range(stage + 1, num_stages) if s in live), None)
+    return below, above
+
+
+def plan_recovery(
+    stage: int, num_stages: int, live: frozenset[int], committed_step: int, strategy: str = "checkfree"
+) -> RecoveryPlan:
+    """How to rebuild ``stage`` given the live stages and the swarm's committed step."""
+    if stage == 0:
+        return RecoveryPlan(
+            0,
+            Method.UNRECOVERABLE,
+            (),
+            "stage 0 holds the data, embedding and LM head; plain CheckFree cannot rebuild it from block stages",
+        )
+    if committed_step == 0:
+        return RecoveryPlan(stage, Method.FRESH, (), "no step committed yet: the seed's initial weights are exact")
+    if strategy == "none":
+        return RecoveryPlan(stage, Method.RANDOM, (), "--recovery none: fresh random weights")
+    below, above = nearest_live_block_stages(stage, num_stages, live)
+    if below is not None and above is not None:
+        return RecoveryPlan(
+            stage, Method.CHECKFREE, (below, above), f"gradient-norm weighted average of stages {below} and {above}"
+        )
+    if below is not None or above is not None:
+        src = below if below is not None else above
+        return RecoveryPlan(stage, Method.COPY, (src,), f"only one live block neighbour: copy of stage {src}")
+    return RecoveryPlan(stage, Method.RANDOM, (), "no live block stage to rebuild from")
+
+
+def neighbour_stages(stage: int, num_stages: int) -> tuple[int, ...]:
+    """The stages a stage heartbeats: its route neighbours; stage 0 watches every stage (it drives steps)."""
+    if stage == 0:
+        return tuple(range(1, num_stages))
+    return tuple(sorted({stage - 1, (stage + 1) % num_stages}))
