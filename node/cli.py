@@ -70,6 +70,43 @@ def _swarm_name(text: str) -> str:
     return text
 
 
+def _stage_arg(text: str) -> int | None:
+    return None if text == "auto" else _non_negative_int(text)
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
+    return value
+
+
+def _add_recovery_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("failure detection and recovery")
+    g.add_argument(
+        "--recovery",
+        choices=["checkfree", "none"],
+        default="checkfree",
+        help="how a lost stage is rebuilt: checkfree (neighbour average) or none (random weights)",
+    )
+    g.add_argument(
+        "--lr-scale",
+        type=_positive_float,
+        default=1.1,
+        help="learning-rate multiplier of a rebuilt stage's fresh optimizer (default 1.1)",
+    )
+    g.add_argument("--heartbeat-interval", type=_positive_float, default=0.5, help="seconds between heartbeats")
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_float,
+        default=1.0,
+        help="a heartbeat slower than this marks the neighbour dead (seconds)",
+    )
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training (must be the same on every stage)")
     g.add_argument("--preset", default="tiny", help="model/training preset: tiny (default), small, medium, 1b")
@@ -120,7 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {peer_id, maddrs} as JSON")
 
     p = sub.add_parser("run", help="run one stage daemon")
-    p.add_argument("--stage", type=_non_negative_int, required=True, help="pipeline stage (0 = embedding + head)")
+    p.add_argument(
+        "--stage",
+        type=_stage_arg,
+        required=True,
+        help="pipeline stage (0 = embedding + head), or 'auto': take a vacant stage or wait as a spare",
+    )
     p.add_argument("--num-stages", type=_positive_int, required=True, help="number of pipeline stages S")
     p.add_argument("--initial-peers", type=_maddr, action="append", default=[], help="bootstrap multiaddr (repeatable)")
     p.add_argument("--swarm", type=_swarm_name, default="default", help="swarm name (DHT namespace)")
@@ -137,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-timeout", type=_positive_float, default=30.0, help="deadline of one RPC, seconds")
     p.add_argument("--step-timeout", type=_positive_float, default=120.0, help="stage 0: abort a step after this")
     p.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics here (0 picks a free port)")
+    _add_recovery_flags(p)
+    p.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)  # tests: STAGE@STEP[:PHASE]
     _add_model_flags(p)
 
     p = sub.add_parser("local", help="run a whole swarm on this machine")
@@ -151,6 +195,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=_positive_float, default=1.0, help="DHT refresh period, seconds")
     p.add_argument("--step-timeout", type=_positive_float, default=120.0, help="abort a step after this")
     p.add_argument("--quiet", action="store_true", help="no live progress")
+    _add_recovery_flags(p)
+    g = p.add_argument_group("fault injection")
+    g.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="STAGE@STEP[:PHASE]",
+        help="SIGKILL that stage's node during that step (phase forward|backward|fetch; "
+        "spare@STEP kills an idle spare); repeatable",
+    )
+    g.add_argument(
+        "--failure-rate",
+        type=_probability,
+        default=0.0,
+        help="each block stage fails independently with this probability per step",
+    )
+    g.add_argument(
+        "--respawn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="restart a killed node as --stage auto, like a spot replacement (default on)",
+    )
+    g.add_argument("--spares", type=_non_negative_int, default=0, help="extra --stage auto nodes waiting as spares")
     _add_model_flags(p)
 
     p = sub.add_parser("status", help="show the swarm as the DHT sees it")
@@ -166,13 +233,23 @@ def _setup_logging(verbosity: int) -> None:
     logging.getLogger("hivemind").setLevel(max(level, logging.WARNING))
 
 
+def _parse_faults(specs: list[str], num_stages: int) -> list:
+    from node.recovery.faults import parse_fault
+
+    try:
+        return [parse_fault(spec, num_stages) for spec in specs]
+    except ValueError as err:
+        raise CliError(f"--kill/--fault {err}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from node.stage.daemon import DaemonOptions, run_daemon
 
-    if args.stage >= args.num_stages:
+    if args.stage is not None and args.stage >= args.num_stages:
         raise CliError(f"--stage {args.stage} is outside 0..{args.num_stages - 1} for --num-stages {args.num_stages}")
     cfg = _build_config(args, args.num_stages)
-    if args.stage == 0 and cfg.data is not None:
+    faults = _parse_faults(args.fault, args.num_stages)
+    if args.stage in (0, None) and cfg.data is not None:
         from node.data import load_corpus
 
         load_corpus(cfg.data).check_fits(cfg.train.seq_len)  # fail now, with the file named
@@ -194,6 +271,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         rpc_timeout=args.rpc_timeout,
         step_timeout=args.step_timeout,
         metrics_port=args.metrics_port,
+        recovery=args.recovery,
+        lr_scale=args.lr_scale,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        faults=faults,
     )
     return run_daemon(opts)
 
@@ -223,6 +305,19 @@ def cmd_local(args: argparse.Namespace) -> int:
             refresh_seconds=args.refresh,
             step_timeout=args.step_timeout,
             quiet=args.quiet,
+            recovery=args.recovery,
+            lr_scale=args.lr_scale,
+            kills=_parse_faults(args.kill, args.stages),
+            failure_rate=args.failure_rate,
+            respawn=args.respawn,
+            spares=args.spares,
+            seed=cfg.train.seed,
+            extra_run_args=[
+                "--heartbeat-interval",
+                str(args.heartbeat_interval),
+                "--heartbeat-timeout",
+                str(args.heartbeat_timeout),
+            ],
         )
     )
     try:

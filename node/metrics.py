@@ -48,6 +48,26 @@ class StageMetrics:
         self.malformed_records = Counter(
             "swarm_node_malformed_dht_records_total", "DHT records ignored as malformed", registry=r
         )
+        self.failures_detected = Counter(
+            "swarm_node_failures_detected_total", "Neighbour peers found dead (failed RPC or heartbeat)", registry=r
+        )
+        self.heartbeat_rtt = Histogram(
+            "swarm_node_heartbeat_rtt_seconds",
+            "Heartbeat round-trip time",
+            ["side"],
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+        )
+        self.recoveries = Counter("swarm_node_recoveries_total", "Stage rebuilds by method", ["method"], registry=r)
+        self.recovery_fetched_bytes = Counter(
+            "swarm_node_recovery_fetched_bytes_total", "Bytes of neighbour weights fetched to rebuild", registry=r
+        )
+        self.rebuild_seconds = Histogram(
+            "swarm_node_rebuild_seconds",
+            "Time to fetch and rebuild a stage's weights",
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+        )
         self.stages_online = Gauge("swarm_node_stages_online", "Stages with a serving peer in the DHT", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pathlib
+import random
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from rich.live import Live
 from rich.table import Table
 
 from node.config import SwarmConfig
-from node.wire.records import StageRecord
+from node.recovery.faults import FaultSpec
+from node.wire.records import StageRecord, StageState
 
 logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -65,6 +67,13 @@ class LocalOptions:
     startup_timeout: float = 180.0
     quiet: bool = False
     extra_run_args: list[str] = field(default_factory=list)
+    recovery: str = "checkfree"
+    lr_scale: float = 1.1
+    kills: list[FaultSpec] = field(default_factory=list)
+    failure_rate: float = 0.0
+    respawn: bool = True
+    spares: int = 0
+    seed: int = 0
 
 
 class LocalSwarm:
@@ -87,6 +96,16 @@ class LocalSwarm:
         self.save_dir = self.workdir / "weights"
         self.config_path = self.workdir / "config.json"
         self.dht = None
+        self.fired: set[str] = set()  # fault specs already carried out
+        self.kill_log: list[dict[str, Any]] = []  # kills done by the launcher itself (failure rate, spares)
+        self.auto_children: list[Child] = []
+        self.handled_deaths: set[int] = set()
+        self.node_count = 0
+        self.committed_samples: list[dict[str, Any]] = []
+        self.final_records: list[StageRecord] = []
+        self._seen_attempts: set[int] = set()
+        self._due_kills: list[tuple[float, int]] = []
+        self._rng = random.Random(opts.seed)
 
     # ---- processes --------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], capture_stdout: bool = False) -> Child:
@@ -129,14 +148,15 @@ class LocalSwarm:
         self.bootstrap_maddrs = line.split(b"\n", 1)[0].decode().split()
         return self.bootstrap_maddrs
 
-    def start_stage(self, stage: int, extra: list[str] | None = None) -> Child:
-        cfg = self.opts.config
+    def start_stage(self, stage: int | None, extra: list[str] | None = None) -> Child:
+        """Starts a daemon for ``stage`` (None: ``--stage auto``, a spare or replacement node)."""
+        o = self.opts
         args = [
             "run",
             "--stage",
-            str(stage),
+            "auto" if stage is None else str(stage),
             "--num-stages",
-            str(cfg.num_stages),
+            str(o.config.num_stages),
             "--config",
             str(self.config_path),
             "--swarm",
@@ -148,21 +168,34 @@ class LocalSwarm:
             "--metrics-port",
             "0",
             "--refresh",
-            str(self.opts.refresh_seconds),
+            str(o.refresh_seconds),
             "--step-timeout",
-            str(self.opts.step_timeout),
+            str(o.step_timeout),
             "--save-dir",
             str(self.save_dir),
+            "--events-file",
+            str(self.events_path),
+            "--recovery",
+            o.recovery,
+            "--lr-scale",
+            str(o.lr_scale),
+            "--steps",
+            str(o.steps),
         ]
         for maddr in self.bootstrap_maddrs:
             args += ["--initial-peers", maddr]
-        if self.opts.threads:
-            args += ["--threads", str(self.opts.threads)]
-        if stage == 0:
-            args += ["--steps", str(self.opts.steps), "--events-file", str(self.events_path)]
-        args += self.opts.extra_run_args + (extra or [])
-        child = self._spawn(f"stage{stage}", args)
-        self.stage_children[stage] = child
+        if o.threads:
+            args += ["--threads", str(o.threads)]
+        for spec in o.kills:  # a replacement only gets the faults that have not happened yet
+            if spec.stage is not None and str(spec) not in self.fired:
+                args += ["--fault", str(spec)]
+        args += o.extra_run_args + (extra or [])
+        self.node_count += 1
+        child = self._spawn(f"stage{stage}" if stage is not None else f"node{self.node_count}", args)
+        if stage is not None:
+            self.stage_children[stage] = child
+        else:
+            self.auto_children.append(child)
         return child
 
     def stop_all(self, grace: float = 15.0) -> None:
@@ -225,11 +258,64 @@ class LocalSwarm:
         table.add_row(*row)
         return table
 
-    def check_children(self) -> None:
-        for child in self.children:
+    def pid_of_stage(self, records: list[StageRecord], stage: int) -> Child | None:
+        """Our child process serving ``stage`` now, according to the DHT."""
+        pids = {r.pid for r in records if r.stage == stage and r.state != StageState.OFFLINE}
+        return next((c for c in self.children if c.proc.pid in pids and c.proc.poll() is None), None)
+
+    def _kill(self, child: Child, stage: int | None, reason: str, step: int) -> None:
+        self.kill_log.append(
+            {"event": "killed", "stage": stage, "step": step, "time": time.time(), "by": reason, "pid": child.proc.pid}
+        )
+        child.kill_group(signal.SIGKILL)
+
+    def inject_faults(self, events: list[dict[str, Any]], records: list[StageRecord]) -> None:
+        """Launcher-side faults: ``--failure-rate`` and ``spare@STEP`` kills, at the start of each step."""
+        for e in events:
+            if e.get("event") != "attempt" or e["step"] in self._seen_attempts:
+                continue
+            self._seen_attempts.add(e["step"])
+            for spec in self.opts.kills:
+                if spec.stage is None and spec.step == e["step"] and str(spec) not in self.fired:
+                    spare_pids = {r.pid for r in records if r.state == StageState.SPARE}
+                    spare = next(
+                        (c for c in self.auto_children if c.proc.pid in spare_pids and c.proc.poll() is None), None
+                    )
+                    if spare is not None:
+                        self.fired.add(str(spec))
+                        self._kill(spare, None, "spare", e["step"])
+            for stage in range(1, self.opts.config.num_stages):
+                if self.opts.failure_rate and self._rng.random() < self.opts.failure_rate:
+                    # mid-step: after a random part of a typical step
+                    delay = self._rng.uniform(0.1, 0.5)
+                    self._due_kills.append((time.monotonic() + delay, stage, e["step"]))
+        now = time.monotonic()
+        for item in [k for k in self._due_kills if k[0] <= now]:
+            self._due_kills.remove(item)
+            child = self.pid_of_stage(records, item[1])
+            if child is not None:
+                self._kill(child, item[1], "failure-rate", item[2])
+
+    def check_children(self, events: list[dict[str, Any]]) -> None:
+        """Reacts to dead children: killed nodes are replaced (``--respawn``), anything else is an error."""
+        for e in events:
+            if e.get("event") == "killed":
+                self.fired.add(f"{e['stage']}@{e['step']}:{e['phase']}")
+            if e.get("event") == "unrecoverable":
+                raise LocalSwarmError(f"stage {e['stage']} was lost and {e['reason']}; training stopped")
+        killed_pids = {k["pid"] for k in self.kill_log} | {e["pid"] for e in events if e.get("event") == "killed"}
+        for child in list(self.children):
             code = child.proc.poll()
-            if code is not None and not (child.name == "stage0" and code == 0):
-                raise LocalSwarmError(f"{child.name} exited with code {code}: see {child.log_path}")
+            if code is None or child.proc.pid in self.handled_deaths:
+                continue
+            if child.name == "stage0" and code == 0:
+                continue
+            if code == -signal.SIGKILL and child.proc.pid in killed_pids:
+                self.handled_deaths.add(child.proc.pid)
+                if self.opts.respawn:
+                    self.start_stage(None)
+                continue
+            raise LocalSwarmError(f"{child.name} exited with code {code}: see {child.log_path}")
 
     def watch(self) -> list[dict[str, Any]]:
         """Shows live progress until stage 0 reports done (or a process fails)."""
@@ -239,22 +325,80 @@ class LocalSwarm:
         events: list[dict[str, Any]] = []
         last_records_at = 0.0
         records: list[StageRecord] = []
+        spares_started = False
         with Live(self._view(events, records), console=self.console, refresh_per_second=4, transient=False) as live:
             while True:
                 events = self.read_events()
                 if any(e.get("event") == "done" for e in events):
                     live.update(self._view(events, records))
                     break
-                self.check_children()
-                if self.stage_children[0].proc.poll() == 0:
-                    raise LocalSwarmError("stage 0 exited before finishing its steps")
-                if time.monotonic() - last_records_at > 1.0:
+                if time.monotonic() - last_records_at > 0.5:
                     records = self.swarm_records()
                     last_records_at = time.monotonic()
+                    self.committed_samples += [
+                        {
+                            "time": time.time(),
+                            "stage": r.stage,
+                            "peer_id": r.peer_id,
+                            "committed_step": r.committed_step,
+                        }
+                        for r in records
+                        if r.stage is not None and r.state != StageState.OFFLINE
+                    ]
+                self.check_children(events)
+                if not spares_started and any(e.get("event") == "step" for e in events):
+                    for _ in range(self.opts.spares):  # spares join once the swarm trains
+                        self.start_stage(None)
+                    spares_started = True
+                self.inject_faults(events, records)
                 live.update(self._view(events, records))
-                time.sleep(0.25)
+                time.sleep(0.1)
         self.final_records = self.swarm_records()
         return events
+
+    def recoveries(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One entry per rebuilt stage, matched to the kill that caused it."""
+        kills = sorted(
+            [e for e in events if e.get("event") == "killed" and e.get("phase") != "fetch"]
+            + [k for k in self.kill_log if k["stage"] is not None],
+            key=lambda k: k["time"],
+        )
+        steps = [e for e in events if e.get("event") == "step"]
+        detections = [e for e in events if e.get("event") == "failure_detected"]
+        out, used = [], set()
+        for r in (e for e in events if e.get("event") == "recovery"):
+            kill = next(
+                (
+                    k
+                    for k in reversed(kills)
+                    if k["stage"] == r["stage"] and k["time"] <= r["time"] and id(k) not in used
+                ),
+                None,
+            )
+            if kill is None:
+                continue
+            used.add(id(k := kill))
+            death = k["time"]
+            detected = next((d["time"] for d in detections if d["stage"] == r["stage"] and d["time"] >= death), None)
+            after = next((s for s in steps if s["time"] > r["time"]), None)
+            before = next((s for s in reversed(steps) if s["time"] < death), None)
+            out.append(
+                {
+                    "stage": r["stage"],
+                    "step": r["step"],
+                    "method": r["method"],
+                    "sources": r["sources"],
+                    "killed_in": kill.get("phase", kill.get("by")),
+                    "detect_seconds": None if detected is None else detected - death,
+                    "recover_seconds": None if after is None else after["time"] - death,
+                    "rebuild_seconds": r["rebuild_seconds"],
+                    "bytes_fetched": r["bytes_fetched"],
+                    "source_grad_norms": r["source_grad_norms"],
+                    "loss_before": before["loss"] if before else None,
+                    "loss_after": after["loss"] if after else None,
+                }
+            )
+        return out
 
     # ---- the whole run ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -282,21 +426,19 @@ class LocalSwarm:
         return summary
 
     def _stage_info(self) -> list[dict[str, Any]]:
-        latest = (
-            {r.stage: r for r in self.final_records if r.pid == self.stage_children[r.stage].proc.pid}
-            if getattr(self, "final_records", None)
-            else {}
-        )
+        """The node serving each stage at the end (a replacement, if the original was killed)."""
         info = []
-        for stage, child in sorted(self.stage_children.items()):
-            r = latest.get(stage)
+        for stage in range(self.opts.config.num_stages):
+            r = next((r for r in self.final_records if r.stage == stage and r.state != StageState.OFFLINE), None)
+            child = self.stage_children.get(stage)
             info.append(
                 {
                     "stage": stage,
-                    "pid": child.proc.pid,
+                    "pid": r.pid if r else (child.proc.pid if child else None),
                     "grpc_address": r.grpc_address if r else None,
                     "metrics_port": r.metrics_port if r else None,
                     "peer_id": r.peer_id if r else None,
+                    "last_recovery": r.last_recovery.model_dump() if r and r.last_recovery else None,
                 }
             )
         return info
@@ -312,6 +454,9 @@ class LocalSwarm:
             "tokens_per_second": tokens / seconds if seconds else 0.0,
             "wall_seconds": wall,
             "aborted_steps": sum(e.get("event") == "abort" for e in events),
+            "recoveries": self.recoveries(events),
+            "kills": [e for e in events if e.get("event") == "killed"] + self.kill_log,
+            "committed_samples": self.committed_samples,
             "bootstrap": self.bootstrap_maddrs,
             "config": self.opts.config.model_dump(mode="json"),
             "stages": stages,

@@ -33,7 +33,7 @@ class TensorHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class MicrobatchMeta(_message.Message):
-    __slots__ = ("step", "microbatch", "route", "hop", "sender_stage", "sender_peer", "attempt")
+    __slots__ = ("step", "microbatch", "route", "hop", "sender_stage", "sender_peer", "attempt", "grad_norm")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class MicrobatchMeta(_message.Message):
     SENDER_STAGE_FIELD_NUMBER: _ClassVar[int]
     SENDER_PEER_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     step: int
     microbatch: int
     route: _containers.RepeatedScalarFieldContainer[int]
@@ -48,7 +49,8 @@ class MicrobatchMeta(_message.Message):
     sender_stage: int
     sender_peer: str
     attempt: int
-    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., route: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    grad_norm: float
+    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., route: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., attempt: _Optional[int] = ..., grad_norm: _Optional[float] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("meta", "header", "data")

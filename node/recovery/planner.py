@@ -94,6 +94,8 @@ def plan_recovery(
     stage: int, num_stages: int, live: frozenset[int], committed_step: int, strategy: str = "checkfree"
 ) -> RecoveryPlan:
     """How to rebuild ``stage`` given the live stages and the swarm's committed step."""
+    if committed_step == 0:
+        return RecoveryPlan(stage, Method.FRESH, (), "no step committed yet: the seed's initial weights are exact")
     if stage == 0:
         return RecoveryPlan(
             0,
@@ -101,8 +103,6 @@ def plan_recovery(
             (),
             "stage 0 holds the data, embedding and LM head; plain CheckFree cannot rebuild it from block stages",
         )
-    if committed_step == 0:
-        return RecoveryPlan(stage, Method.FRESH, (), "no step committed yet: the seed's initial weights are exact")
     if strategy == "none":
         return RecoveryPlan(stage, Method.RANDOM, (), "--recovery none: fresh random weights")
     below, above = nearest_live_block_stages(stage, num_stages, live)

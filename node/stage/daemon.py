@@ -55,13 +55,16 @@ from node.data import batch_for_step, load_corpus
 from node.dht.directory import SwarmDirectory, pick_peer
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
+from node.recovery.faults import FaultSpec, die_now
+from node.recovery.planner import neighbour_stages
+from node.recovery.replacement import Unrecoverable, build_stage_runtime, claim_vacant_stage
 from node.stage.runtime import Reject, StageRuntime, StepError
 from node.stage.schedule import route_for
 from node.stage.service import StageService
 from node.train.optim import clip_coefficient, pick_device
 from node.transport.channels import SERVER_OPTIONS, ChannelPool
 from node.transport.stage_rpc import add_stage_service
-from node.wire.records import StageRecord, StageState
+from node.wire.records import RecoveryRecord, StageRecord, StageState
 from node.wire.tensors import encode_stream
 
 logger = logging.getLogger(__name__)
@@ -111,7 +114,7 @@ class DaemonOptions:
     """Everything ``swarm-node run`` configures."""
 
     config: SwarmConfig
-    stage: int
+    stage: int | None  # None: ``--stage auto`` (take a vacant stage, or wait as a spare)
     swarm: str = "default"
     initial_peers: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
@@ -127,6 +130,11 @@ class DaemonOptions:
     rpc_timeout: float = 30.0
     step_timeout: float = 120.0
     metrics_port: int | None = None
+    recovery: str = "checkfree"
+    lr_scale: float = 1.1
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 1.0
+    faults: list[FaultSpec] = field(default_factory=list)
 
 
 class StageDaemon:
@@ -159,7 +167,10 @@ class StageDaemon:
         self.order = MicrobatchOrder()
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="dht")
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.runtime: StageRuntime  # built on the compute thread in run()
+        self.runtime: StageRuntime | None = None  # built (or rebuilt) on the compute thread in run()
+        self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
+        self._reported_dead: set[str] = set()
+        self.last_recovery: RecoveryRecord | None = None
         # Stage 0 only: futures of the microbatches whose backward has not come home, and their data.
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._targets: dict[int, torch.Tensor] = {}
@@ -186,12 +197,13 @@ class StageDaemon:
             peer_id=self.peer_id,
             grpc_address=self.grpc_address,
             state=state or self.state,
-            committed_step=self.runtime.committed_step,
+            committed_step=self.runtime.committed_step if self.runtime is not None else 0,
             config_fingerprint=self.fingerprint,
             version=__version__,
             host=socket.gethostname(),
             pid=self.pid,
             metrics_port=self.metrics_port,
+            last_recovery=self.last_recovery,
         )
 
     async def announce(self, state: StageState | None = None) -> None:
@@ -218,12 +230,42 @@ class StageDaemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.opts.refresh_seconds)
 
-    async def resolve(self, stage: int, deadline: float, exclude: frozenset[str] = frozenset()) -> StageRecord:
+    def suspected(self) -> frozenset[str]:
+        """Peers found dead recently (a failed RPC or heartbeat); forgiven after 3 refresh periods, by when
+        a dead peer's DHT record has expired."""
+        now = time.monotonic()
+        for peer, since in list(self.suspects.items()):
+            if now - since > 3 * self.opts.refresh_seconds:
+                del self.suspects[peer]
+        return frozenset(self.suspects)
+
+    def peer_of(self, stage: int) -> StageRecord | None:
+        return pick_peer(
+            self.swarm_view, stage, fingerprint=self.fingerprint, num_stages=self.num_stages, exclude=self.suspected()
+        )
+
+    def suspect(self, peer: StageRecord, why: str) -> None:
+        """Marks ``peer`` dead at once (the DHT expiry confirms it) and fails the step in flight."""
+        if peer.peer_id in self.suspects:
+            return
+        self.suspects[peer.peer_id] = time.monotonic()
+        self._spawn(self.channels.drop(peer.grpc_address))
+        if peer.peer_id not in self._reported_dead:
+            self._reported_dead.add(peer.peer_id)
+            logger.warning("stage %s peer %s is unreachable (%s)", peer.stage, peer.peer_id, why)
+            self.metrics.failures_detected.inc()
+            self.emit(
+                {"event": "failure_detected", "stage": peer.stage, "peer": peer.peer_id, "by": self.stage, "why": why}
+            )
+        failure = StepFailed(f"stage {peer.stage} ({peer.peer_id}) lost: {why}")
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(failure)
+
+    async def resolve(self, stage: int, deadline: float) -> StageRecord:
         """The serving peer of ``stage`` according to the DHT, waiting for one until ``deadline``."""
         while True:
-            peer = pick_peer(
-                self.swarm_view, stage, fingerprint=self.fingerprint, num_stages=self.num_stages, exclude=exclude
-            )
+            peer = self.peer_of(stage)
             if peer is not None:
                 return peer
             if time.monotonic() >= deadline or self.stopping.is_set():
@@ -241,6 +283,9 @@ class StageDaemon:
         direction = rpc.lower()
         nbytes = payload.numel() * payload.element_size()
         while True:
+            rt = self.runtime
+            if rt is not None and (rt.committed_step > meta.step or rt.attempt > meta.attempt):
+                raise StepFailed(f"step {meta.step} attempt {meta.attempt} was superseded")
             peer = await self.resolve(target, deadline)
             stub = self.channels.stub(peer.grpc_address)
             started = time.perf_counter()
@@ -251,10 +296,8 @@ class StageDaemon:
                 )
             except grpc.aio.AioRpcError as err:
                 if err.code() in RETRYABLE and time.monotonic() < deadline and not self.stopping.is_set():
-                    logger.warning(
-                        "%s to stage %d (%s) failed: %s; retrying", rpc, target, peer.grpc_address, err.code().name
-                    )
-                    await self.channels.drop(peer.grpc_address)
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.suspect(peer, f"{rpc} failed: {err.code().name}")
                     await asyncio.sleep(0.1)
                     with contextlib.suppress(Exception):
                         await self.refresh_view()
@@ -291,6 +334,7 @@ class StageDaemon:
         Gradients then accumulate in microbatch order on every stage, as in the single-process run, so the
         swarm's arithmetic is the reference's, bit for bit, whatever order the network delivers in.
         """
+        self.check_fault(direction, stage=self.stage, step=meta.step + 1, microbatch=meta.microbatch)
         await self.order.turn(
             meta.step, meta.attempt, direction, meta.microbatch, self.runtime.committed_step, self.opts.step_timeout
         )
@@ -355,12 +399,16 @@ class StageDaemon:
         return rt.committed_step, rt.last_grad_norm, {k: v.to("cpu").clone() for k, v in rt.committed_state().items()}
 
     # ---- stage 0: the driver ----------------------------------------------------------------------
-    def _emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: dict[str, Any]) -> None:
+        """Appends one JSON line to the events file (one O_APPEND write, so daemons sharing it don't mix)."""
         if self.opts.events_file is None:
             return
-        event = {"time": time.time(), **event}
-        with open(self.opts.events_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
+        line = json.dumps({"time": time.time(), "pid": self.pid, **event}) + "\n"
+        fd = os.open(self.opts.events_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
 
     async def wait_for_swarm(self) -> None:
         """Blocks (state ``waiting``) until every stage has a serving peer at our committed step."""
@@ -370,7 +418,7 @@ class StageDaemon:
                 await self.refresh_view()
             missing = []
             for s in range(1, self.num_stages):
-                peer = pick_peer(self.swarm_view, s, fingerprint=self.fingerprint, num_stages=self.num_stages)
+                peer = self.peer_of(s)
                 if peer is None or peer.committed_step != self.runtime.committed_step:
                     missing.append(s)
             if not missing:
@@ -393,12 +441,13 @@ class StageDaemon:
             attempt += 1
             step = self.runtime.committed_step
             started = time.perf_counter()
+            self.emit({"event": "attempt", "step": step + 1, "attempt": attempt})
             try:
                 loss = await self.train_step(corpus.train, step, attempt)
             except StepFailed as err:
                 logger.warning("step %d attempt %d failed: %s; aborting and replaying", step, attempt, err)
                 self.metrics.steps_aborted.inc()
-                self._emit({"event": "abort", "step": step, "attempt": attempt, "reason": str(err)})
+                self.emit({"event": "abort", "step": step, "attempt": attempt, "reason": str(err)})
                 await self.abort_everywhere(step, attempt)
                 continue
             seconds = time.perf_counter() - started
@@ -406,7 +455,7 @@ class StageDaemon:
             self.metrics.loss.set(loss)
             self.metrics.tokens.inc(tokens)
             self.metrics.step_seconds.observe(seconds)
-            self._emit(
+            self.emit(
                 {
                     "event": "step",
                     "step": step + 1,
@@ -415,11 +464,12 @@ class StageDaemon:
                     "tokens": tokens,
                     "attempt": attempt,
                     "grad_norm": self._last_global_norm,
+                    "stage_grad_norms": self._last_stage_norms,
                 }
             )
             logger.info("step %d loss %.4f (%.2fs)", step + 1, loss, seconds)
         if self.runtime.committed_step >= steps:
-            self._emit({"event": "done", "step": self.runtime.committed_step})
+            self.emit({"event": "done", "step": self.runtime.committed_step})
 
     @property
     def tokens_per_step(self) -> int:
@@ -471,6 +521,7 @@ class StageDaemon:
             if isinstance(n, BaseException):
                 raise StepFailed(f"prepare failed: {n}")
         global_norm = math.sqrt(sum(norms))  # type: ignore[arg-type]
+        self._last_stage_norms = [math.sqrt(n) for n in norms]  # type: ignore[arg-type]
         coef = clip_coefficient(global_norm, t.grad_clip)
         self._last_global_norm = global_norm
         # Phase 2: the decision is commit; Commit is idempotent and retried until every stage has it.
@@ -481,6 +532,7 @@ class StageDaemon:
         return sum(self._losses.values()) / len(self._losses)
 
     _last_global_norm: float = 0.0
+    _last_stage_norms: list[float] = []
 
     async def _unary(self, stage: int, rpc: str, request: Any, deadline: float) -> Any:
         peer = await self.resolve(stage, deadline)
@@ -550,32 +602,100 @@ class StageDaemon:
         if asyncio.iscoroutine(result):
             await result
 
+    # ---- liveness ---------------------------------------------------------------------------------
+    def swarm_committed(self) -> int:
+        """The highest committed step any other live peer of this swarm announces."""
+        return max(
+            (
+                r.committed_step
+                for r in self.swarm_view
+                if r.peer_id != self.peer_id
+                and r.config_fingerprint == self.fingerprint
+                and r.state in (StageState.ONLINE, StageState.WAITING)
+            ),
+            default=0,
+        )
+
+    def check_fault(self, phase: str, *, stage: int | None, step: int, microbatch: int | None = None) -> None:
+        """Fault injection (tests, ``swarm-node local --kill``): dies here when a spec matches."""
+        if microbatch is not None and microbatch != self.config.train.microbatches_per_step // 2:
+            return
+        for spec in self.opts.faults:
+            if spec.stage == stage and spec.step == step and spec.phase == phase:
+                self.emit({"event": "killed", "stage": stage, "step": step, "phase": phase})
+                logger.warning("fault injection: dying in %s of step %d", phase, step)
+                die_now()
+
+    async def _heartbeats(self) -> None:
+        """Pings the route neighbours (stage 0: every stage) every ``heartbeat_interval``; a failed or late
+        reply makes the peer suspect at once. A block stage with a neighbour missing announces ``waiting``."""
+        interval, timeout = self.opts.heartbeat_interval, self.opts.heartbeat_timeout
+
+        async def ping(stage: int) -> bool:
+            peer = self.peer_of(stage)
+            if peer is None:
+                return False
+            request = pb.HeartbeatRequest(
+                sender_stage=self.stage or 0,
+                sender_peer=self.peer_id,
+                committed_step=self.runtime.committed_step if self.runtime else 0,
+            )
+            started = time.perf_counter()
+            try:
+                await self.channels.stub(peer.grpc_address).Heartbeat(request, timeout=timeout)
+            except grpc.aio.AioRpcError as err:
+                self.suspect(peer, f"heartbeat: {err.code().name}")
+                return False
+            side = "prev" if stage == (self.stage - 1) % self.num_stages else "next"
+            self.metrics.heartbeat_rtt.labels(side=side).observe(time.perf_counter() - started)
+            return True
+
+        while not self.stopping.is_set():
+            if self.stage is not None and self.runtime is not None:
+                neighbours = neighbour_stages(self.stage, self.num_stages)
+                alive = await asyncio.gather(*(ping(s) for s in neighbours))
+                if self.stage != 0 and self.state in (StageState.ONLINE, StageState.WAITING):
+                    wanted = StageState.ONLINE if all(alive) else StageState.WAITING
+                    if wanted != self.state:
+                        await self.announce(wanted)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval)
+
+    # ---- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         if self.opts.threads:
             torch.set_num_threads(self.opts.threads)
-        self.runtime = await self.compute(StageRuntime, self.config, self.stage, self.device)
         if self.opts.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.opts.metrics_port)
-        self.metrics.info.info(
-            {
-                "stage": str(self.stage),
-                "role": "embedding" if self.stage == 0 else "blocks",
-                "version": __version__,
-                "recovery": "none",
-                "device": self.device.type,
-            }
-        )
         await self.start_server()
-        logger.info(
-            "stage %d serving on %s (peer %s, device %s)", self.stage, self.grpc_address, self.peer_id, self.device
-        )
-        await self.announce(StageState.ONLINE if self.stage else StageState.WAITING)
         periodic = self._spawn(self._periodic())
+        self._spawn(self._heartbeats())
         exit_code = 0
         try:
+            if self.stage is None:
+                await self.announce(StageState.SPARE)
+                logger.info("spare node %s waiting for a vacant stage", self.peer_id)
+                await claim_vacant_stage(self)
+            else:
+                await self.announce(StageState.JOINING)
+            await build_stage_runtime(self)
+            self.metrics.info.info(
+                {
+                    "stage": str(self.stage),
+                    "role": "embedding" if self.stage == 0 else "blocks",
+                    "version": __version__,
+                    "recovery": self.opts.recovery,
+                    "device": self.device.type,
+                }
+            )
+            self.metrics.committed_step.set(self.runtime.committed_step)
+            logger.info(
+                "stage %d serving on %s (peer %s, device %s)", self.stage, self.grpc_address, self.peer_id, self.device
+            )
+            await self.announce(StageState.ONLINE if self.stage else StageState.WAITING)
             if self.stage == 0 and self.opts.steps is not None:
                 driver = self._spawn(self.drive(self.opts.steps))
                 stop = self._spawn(self.stopping.wait())
@@ -585,6 +705,12 @@ class StageDaemon:
                     exit_code = 1
             else:
                 await self.stopping.wait()
+        except Unrecoverable as err:
+            logger.error("%s; training cannot continue", err)
+            self.emit({"event": "unrecoverable", "stage": self.stage, "reason": str(err)})
+            exit_code = 3
+        except asyncio.CancelledError:
+            pass
         finally:
             self.stopping.set()
             periodic.cancel()
@@ -595,7 +721,7 @@ class StageDaemon:
         """Clean exit: save the committed weights, announce ``offline`` (so nobody waits for a record to
         expire), then stop serving."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.opts.save_dir is not None:
+        if self.opts.save_dir is not None and self.runtime is not None:
             await self.save_weights(pathlib.Path(self.opts.save_dir) / f"stage{self.stage}.safetensors")
         try:
             await asyncio.wait_for(self.announce(StageState.OFFLINE), timeout=5.0)

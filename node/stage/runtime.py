@@ -14,7 +14,7 @@ import torch
 
 from node.config import SwarmConfig
 from node.model import build_stage
-from node.model.llama import EmbeddingStage
+from node.model.llama import EmbeddingStage, init_module
 from node.train.optim import autocast_for, grad_norm_sq, make_optimizer
 
 
@@ -55,16 +55,33 @@ class _Slot:
 class StageRuntime:
     """Weights, optimizer and in-flight microbatches of pipeline stage ``stage``."""
 
-    def __init__(self, cfg: SwarmConfig, stage: int, device: torch.device, lr_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        cfg: SwarmConfig,
+        stage: int,
+        device: torch.device,
+        lr_scale: float = 1.0,
+        weights: dict[str, torch.Tensor] | None = None,
+        committed_step: int = 0,
+        last_grad_norm: float = 0.0,
+        random_seed: int | None = None,
+    ) -> None:
+        """A stage from the seed's initial weights, from rebuilt ``weights`` (a recovery; the optimizer is
+        always fresh, at ``lr × lr_scale``), or from random weights drawn with ``random_seed``."""
         self.cfg = cfg
         self.stage = stage
         self.device = device
-        self.module = build_stage(cfg, stage).to(device)
+        module = build_stage(cfg, stage)
+        if random_seed is not None:
+            init_module(module, cfg.model, random_seed, f"random-stage{stage}", cfg.model.n_layers)
+        if weights is not None:
+            module.load_state_dict(weights, strict=True)
+        self.module = module.to(device)
         self.lr_scale = lr_scale
         self.optimizer = make_optimizer(self.module, cfg.train, lr_scale)
-        self.committed_step = 0
+        self.committed_step = committed_step
         self.attempt = 0
-        self.last_grad_norm = 0.0  # this stage's gradient L2 norm (before clipping) at its last commit
+        self.last_grad_norm = last_grad_norm  # gradient L2 norm (before clipping) at this stage's last commit
         self._slots: dict[int, _Slot] = {}
         self._prepared_norm_sq: float | None = None
 

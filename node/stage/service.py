@@ -54,10 +54,18 @@ class StageService(stage_pb2_grpc.StageServicer):
         logger.warning("rejected message: %s: %s", reason.value, message)
         await context.abort(STATUS_FOR.get(reason, grpc.StatusCode.INVALID_ARGUMENT), f"{reason.value}: {message}")
 
+    async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
+        if self.daemon.runtime is None:
+            await self._reject(context, Reject.NOT_READY, "this node holds no stage yet (spare or rebuilding)")
+            return False
+        return True
+
     async def _receive(
         self, request_iterator, context, direction: str
     ) -> tuple[pb.MicrobatchMeta, torch.Tensor] | None:
         d = self.daemon
+        if not await self._ready(context):
+            return None
         limit = d.max_activation_bytes
         try:
             meta, tensors = await decode_stream(request_iterator, max_tensor_bytes=limit, max_stream_bytes=limit)
@@ -114,6 +122,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         return pb.Ack(ok=True)
 
     async def Prepare(self, request: pb.PrepareRequest, context) -> pb.PrepareReply:
+        if not await self._ready(context):
+            return pb.PrepareReply()
         try:
             norm_sq = await self.daemon.compute(self.daemon.runtime.prepare, request.step, request.attempt)
         except StepError as err:
@@ -123,6 +133,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         )
 
     async def Commit(self, request: pb.CommitRequest, context) -> pb.CommitReply:
+        if not await self._ready(context):
+            return pb.CommitReply()
         try:
             committed = await self.daemon.commit(request.step, request.attempt, request.clip_coef)
         except StepError as err:
@@ -130,31 +142,39 @@ class StageService(stage_pb2_grpc.StageServicer):
         return pb.CommitReply(stage=self.daemon.stage, committed_step=committed)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.Ack:
+        if not await self._ready(context):
+            return pb.Ack()
         await self.daemon.compute(self.daemon.runtime.abort, request.step, request.attempt)
         return pb.Ack(ok=True)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         d = self.daemon
         return pb.HeartbeatReply(
-            stage=d.stage, peer_id=d.peer_id, state=d.state.value, committed_step=d.runtime.committed_step
+            stage=d.stage or 0,
+            peer_id=d.peer_id,
+            state=d.state.value,
+            committed_step=d.runtime.committed_step if d.runtime is not None else 0,
         )
 
     async def FetchWeights(self, request: pb.FetchWeightsRequest, context):
         d = self.daemon
+        if not await self._ready(context):
+            return
         step, norm, state = await d.compute(d.snapshot_committed)
-        meta = pb.MicrobatchMeta(step=step, sender_stage=d.stage, sender_peer=d.peer_id)
-        tensors = [("__grad_norm__", torch.tensor([norm], dtype=torch.float32)), *state.items()]
+        meta = pb.MicrobatchMeta(step=step, sender_stage=d.stage, sender_peer=d.peer_id, grad_norm=norm)
+        tensors = list(state.items())
         for chunk in encode_stream(meta, tensors):
             yield chunk
 
     async def GetStatus(self, request: pb.StatusRequest, context) -> pb.StageStatus:
         d = self.daemon
+        rt = d.runtime
         return pb.StageStatus(
-            stage=d.stage,
+            stage=d.stage or 0,
             peer_id=d.peer_id,
             state=d.state.value,
-            committed_step=d.runtime.committed_step,
-            last_grad_norm=d.runtime.last_grad_norm,
+            committed_step=rt.committed_step if rt is not None else 0,
+            last_grad_norm=rt.last_grad_norm if rt is not None else 0.0,
             rejected_messages=d.rejected_total,
             pid=d.pid,
         )

@@ -45,7 +45,7 @@ class StageRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    stage: int = Field(ge=0, le=4096)
+    stage: int | None = Field(ge=0, le=4096)  # None while a spare waits for a vacant stage
     num_stages: int = Field(ge=2, le=4096)
     peer_id: str = Field(min_length=1, max_length=128)
     grpc_address: str = Field(max_length=300)
@@ -59,7 +59,9 @@ class StageRecord(BaseModel):
     last_recovery: RecoveryRecord | None = None
 
     def model_post_init(self, _context: Any) -> None:
-        if self.stage >= self.num_stages:
+        if (self.stage is None) != (self.state == StageState.SPARE):
+            raise ValueError("a record has no stage exactly when its state is spare")
+        if self.stage is not None and self.stage >= self.num_stages:
             raise ValueError(f"stage {self.stage} >= num_stages {self.num_stages}")
         m = _ADDRESS.match(self.grpc_address)
         if m is None or not 0 < int(m.group(2)) < 65536:
@@ -107,5 +109,5 @@ def parse_stage_records(raw: Any) -> tuple[list[StageRecord], int]:
             records.append(rec)
         except RecordError:
             bad += 1
-    records.sort(key=lambda r: (r.stage, r.peer_id))
+    records.sort(key=lambda r: (-1 if r.stage is None else r.stage, r.peer_id))
     return records, bad

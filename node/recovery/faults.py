@@ -1,0 +1,54 @@
+"""Fault injection specs: ``STAGE@STEP[:PHASE]`` — kill the node of STAGE while step STEP is in flight.
+
+Steps are numbered from 1, as in the run summary. Phases: ``forward`` (default) and ``backward`` kill the
+daemon mid-step while it processes a microbatch in that direction; ``fetch`` kills the replacement that is
+rebuilding STAGE while it downloads its neighbours' weights. ``spare@STEP`` (``swarm-node local`` only)
+kills an idle spare when step STEP starts. A kill is SIGKILL to the daemon's whole process group: the
+machine vanishes with its DHT helper, as a spot preemption does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+from dataclasses import dataclass
+
+PHASES = ("forward", "backward", "fetch", "idle")
+_SPEC = re.compile(r"^(?P<stage>\d+|spare)@(?P<step>\d+)(?::(?P<phase>[a-z]+))?$")
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    stage: int | None  # None: a spare
+    step: int
+    phase: str
+
+    def __str__(self) -> str:
+        return f"{'spare' if self.stage is None else self.stage}@{self.step}:{self.phase}"
+
+
+def parse_fault(text: str, num_stages: int | None = None) -> FaultSpec:
+    """Parses ``STAGE@STEP[:PHASE]``; raises ValueError with a one-line reason."""
+    m = _SPEC.match(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not STAGE@STEP[:forward|backward|fetch] or spare@STEP")
+    stage = None if m["stage"] == "spare" else int(m["stage"])
+    phase = m["phase"] or ("idle" if stage is None else "forward")
+    step = int(m["step"])
+    if phase not in PHASES or (stage is None) != (phase == "idle"):
+        raise ValueError(f"{text!r}: phase must be forward, backward or fetch for a stage (spares are killed idle)")
+    if step < 1:
+        raise ValueError(f"{text!r}: steps are numbered from 1")
+    if stage is not None and num_stages is not None and stage >= num_stages:
+        raise ValueError(f"{text!r}: stage {stage} does not exist with {num_stages} stages")
+    return FaultSpec(stage, step, phase)
+
+
+def die_now() -> None:
+    """SIGKILL this daemon and everything in its process group (when it leads one)."""
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
