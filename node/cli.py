@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from node.config import ConfigError
     from node.data import DataError
+    from node.local.launcher import LocalSwarmError
 
     try:
         if args.command == "dht":
@@ -368,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ConfigError, DataError) as err:
         print(f"swarm-node: error: {err}", file=sys.stderr)
         return 2
+    except LocalSwarmError as err:
+        print(f"swarm-node: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("swarm-node: interrupted", file=sys.stderr)
         return 130

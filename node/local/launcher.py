@@ -187,7 +187,7 @@ class LocalSwarm:
         if o.threads:
             args += ["--threads", str(o.threads)]
         for spec in o.kills:  # a replacement only gets the faults that have not happened yet
-            if spec.stage is not None and str(spec) not in self.fired:
+            if spec.stage is not None and spec.phase != "start" and str(spec) not in self.fired:
                 args += ["--fault", str(spec)]
         args += o.extra_run_args + (extra or [])
         self.node_count += 1
@@ -276,6 +276,9 @@ class LocalSwarm:
                 continue
             self._seen_attempts.add(e["step"])
             for spec in self.opts.kills:
+                if spec.phase == "start" and spec.step == e["step"] and str(spec) not in self.fired:
+                    self.fired.add(str(spec))
+                    self._due_kills.append((time.monotonic() + 0.2, spec.stage, e["step"]))
                 if spec.stage is None and spec.step == e["step"] and str(spec) not in self.fired:
                     spare_pids = {r.pid for r in records if r.state == StageState.SPARE}
                     spare = next(

@@ -2,9 +2,10 @@
 
 Steps are numbered from 1, as in the run summary. Phases: ``forward`` (default) and ``backward`` kill the
 daemon mid-step while it processes a microbatch in that direction; ``fetch`` kills the replacement that is
-rebuilding STAGE while it downloads its neighbours' weights. ``spare@STEP`` (``swarm-node local`` only)
-kills an idle spare when step STEP starts. A kill is SIGKILL to the daemon's whole process group: the
-machine vanishes with its DHT helper, as a spot preemption does.
+rebuilding STAGE while it downloads its neighbours' weights; ``start`` (``swarm-node local`` only) kills
+the node from outside shortly after the step starts, so several stages can die at once. ``spare@STEP``
+(``swarm-node local`` only) kills an idle spare when step STEP starts. A kill is SIGKILL to the daemon's
+whole process group: the machine vanishes with its DHT helper, as a spot preemption does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import signal
 from dataclasses import dataclass
 
-PHASES = ("forward", "backward", "fetch", "idle")
+PHASES = ("forward", "backward", "fetch", "start", "idle")
 _SPEC = re.compile(r"^(?P<stage>\d+|spare)@(?P<step>\d+)(?::(?P<phase>[a-z]+))?$")
 
 
@@ -33,12 +34,12 @@ def parse_fault(text: str, num_stages: int | None = None) -> FaultSpec:
     """Parses ``STAGE@STEP[:PHASE]``; raises ValueError with a one-line reason."""
     m = _SPEC.match(text.strip())
     if m is None:
-        raise ValueError(f"{text!r} is not STAGE@STEP[:forward|backward|fetch] or spare@STEP")
+        raise ValueError(f"{text!r} is not STAGE@STEP[:forward|backward|fetch|start] or spare@STEP")
     stage = None if m["stage"] == "spare" else int(m["stage"])
     phase = m["phase"] or ("idle" if stage is None else "forward")
     step = int(m["step"])
     if phase not in PHASES or (stage is None) != (phase == "idle"):
-        raise ValueError(f"{text!r}: phase must be forward, backward or fetch for a stage (spares are killed idle)")
+        raise ValueError(f"{text!r}: phase must be forward, backward, fetch or start (spares are killed idle)")
     if step < 1:
         raise ValueError(f"{text!r}: steps are numbered from 1")
     if stage is not None and num_stages is not None and stage >= num_stages:

@@ -1,0 +1,129 @@
+"""Recovery planning over hand-made swarm states, the CheckFree formula, and fault specs."""
+
+import pytest
+import torch
+
+from node.recovery.faults import parse_fault
+from node.recovery.planner import (
+    Method,
+    claim_winner,
+    live_stages,
+    nearest_live_block_stages,
+    neighbour_stages,
+    plan_recovery,
+    vacant_stages,
+)
+from node.recovery.rebuild import checkfree_average
+from node.wire.records import StageRecord
+
+
+def rec(stage, peer, state="online", step=10, fp="f", n=6) -> StageRecord:
+    return StageRecord(
+        stage=stage,
+        num_stages=n,
+        peer_id=peer,
+        grpc_address="127.0.0.1:1",
+        state=state,
+        committed_step=step,
+        config_fingerprint=fp,
+        version="0",
+    )
+
+
+SWARM = [rec(0, "a"), rec(1, "b"), rec(2, "c"), rec(4, "e"), rec(5, "f")]  # stage 3 lost
+
+
+def test_vacancy_and_liveness() -> None:
+    assert vacant_stages(SWARM, fingerprint="f", num_stages=6) == [3]
+    assert vacant_stages(SWARM, fingerprint="f", num_stages=6, suspects=frozenset({"b"})) == [1, 3]
+    rebuilding = [*SWARM, rec(3, "x", state="recovering")]
+    assert vacant_stages(rebuilding, fingerprint="f", num_stages=6) == []
+    assert live_stages(rebuilding, fingerprint="f", num_stages=6) == frozenset({0, 1, 2, 4, 5})
+    other_config = [*SWARM, rec(3, "y", fp="other")]
+    assert vacant_stages(other_config, fingerprint="f", num_stages=6) == [3]
+    spare = StageRecord(
+        stage=None,
+        num_stages=6,
+        peer_id="s",
+        grpc_address="h:1",
+        state="spare",
+        committed_step=0,
+        config_fingerprint="f",
+        version="0",
+    )
+    assert vacant_stages([*SWARM, spare], fingerprint="f", num_stages=6) == [3]
+
+
+def test_claim_goes_to_live_peer_then_lowest_rebuilder() -> None:
+    claims = [rec(3, "p9", state="recovering"), rec(3, "p1", state="recovering")]
+    assert claim_winner(claims, 3, fingerprint="f", num_stages=6) == "p1"
+    assert claim_winner([*claims, rec(3, "z", state="online")], 3, fingerprint="f", num_stages=6) == "z"
+    assert claim_winner(claims, 2, fingerprint="f", num_stages=6) is None
+
+
+@pytest.mark.parametrize(
+    ("stage", "live", "method", "sources"),
+    [
+        (3, {0, 1, 2, 4, 5}, Method.CHECKFREE, (2, 4)),
+        (3, {0, 1, 5}, Method.CHECKFREE, (1, 5)),  # two adjacent lost: nearest live on each side
+        (1, {0, 2, 3, 4, 5}, Method.COPY, (2,)),  # first block stage: one block neighbour
+        (5, {0, 1, 2, 3, 4}, Method.COPY, (4,)),  # last block stage
+        (2, {0, 3}, Method.COPY, (3,)),
+        (2, {0}, Method.RANDOM, ()),  # no block stage left
+        (0, {1, 2, 3, 4, 5}, Method.UNRECOVERABLE, ()),
+    ],
+)
+def test_plan(stage: int, live: set[int], method: Method, sources: tuple[int, ...]) -> None:
+    plan = plan_recovery(stage, 6, frozenset(live), committed_step=10)
+    assert (plan.method, plan.sources) == (method, sources)
+    assert plan.reason
+
+
+def test_plan_before_any_step_and_with_recovery_none() -> None:
+    assert plan_recovery(0, 6, frozenset(), committed_step=0).method == Method.FRESH
+    assert plan_recovery(3, 6, frozenset({2, 4}), committed_step=0).method == Method.FRESH
+    assert plan_recovery(3, 6, frozenset({2, 4}), committed_step=5, strategy="none").method == Method.RANDOM
+
+
+def test_neighbours() -> None:
+    assert nearest_live_block_stages(3, 6, frozenset({0, 1, 5})) == (1, 5)
+    assert neighbour_stages(0, 4) == (1, 2, 3)
+    assert neighbour_stages(1, 4) == (0, 2)
+    assert neighbour_stages(3, 4) == (0, 2)
+
+
+def test_checkfree_average_is_the_weighted_formula() -> None:
+    lo = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor([0.0])}
+    hi = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor([4.0])}
+    out = checkfree_average(lo, 1.0, hi, 3.0)
+    g_lo, g_hi = 1.0 + 1e-4, 3.0 + 1e-4
+    expected = (
+        g_hi * torch.tensor([3.0, 6.0], dtype=torch.float64) + g_lo * torch.tensor([1.0, 2.0], dtype=torch.float64)
+    ) / (g_lo + g_hi)
+    assert torch.equal(out["w"], expected.float())
+    # larger gradient norm = less converged = more weight
+    assert out["w"][0] > 2.0
+    with pytest.raises(ValueError):
+        checkfree_average(lo, 1.0, {"w": hi["w"]}, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "stage", "step", "phase"),
+    [
+        ("2@5", 2, 5, "forward"),
+        ("1@3:backward", 1, 3, "backward"),
+        ("3@7:fetch", 3, 7, "fetch"),
+        ("spare@2", None, 2, "idle"),
+        ("1@4:start", 1, 4, "start"),
+    ],
+)
+def test_fault_specs(text, stage, step, phase) -> None:
+    spec = parse_fault(text, 4)
+    assert (spec.stage, spec.step, spec.phase) == (stage, step, phase)
+    assert parse_fault(str(spec), 4) == spec
+
+
+@pytest.mark.parametrize("bad", ["2", "x@3", "2@0", "9@3", "2@3:sideways", "spare@3:forward"])
+def test_bad_fault_specs(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_fault(bad, 4)
