@@ -104,7 +104,7 @@ class LocalSwarm:
         self.committed_samples: list[dict[str, Any]] = []
         self.final_records: list[StageRecord] = []
         self._seen_attempts: set[int] = set()
-        self._due_kills: list[tuple[float, int]] = []
+        self._due_kills: list[tuple[float, int, int, str]] = []  # (due, stage, step, why)
         self._rng = random.Random(opts.seed)
 
     # ---- processes --------------------------------------------------------------------------------
@@ -278,26 +278,29 @@ class LocalSwarm:
             for spec in self.opts.kills:
                 if spec.phase == "start" and spec.step == e["step"] and str(spec) not in self.fired:
                     self.fired.add(str(spec))
-                    self._due_kills.append((time.monotonic() + 0.2, spec.stage, e["step"]))
-                if spec.stage is None and spec.step == e["step"] and str(spec) not in self.fired:
-                    spare_pids = {r.pid for r in records if r.state == StageState.SPARE}
-                    spare = next(
-                        (c for c in self.auto_children if c.proc.pid in spare_pids and c.proc.poll() is None), None
-                    )
-                    if spare is not None:
-                        self.fired.add(str(spec))
-                        self._kill(spare, None, "spare", e["step"])
+                    self._due_kills.append((time.monotonic() + 0.2, spec.stage, e["step"], "start"))
             for stage in range(1, self.opts.config.num_stages):
                 if self.opts.failure_rate and self._rng.random() < self.opts.failure_rate:
                     # mid-step: after a random part of a typical step
                     delay = self._rng.uniform(0.1, 0.5)
-                    self._due_kills.append((time.monotonic() + delay, stage, e["step"]))
+                    self._due_kills.append((time.monotonic() + delay, stage, e["step"], "failure-rate"))
+        # spare@STEP: the first idle spare seen once step STEP has started
+        reached = max(self._seen_attempts, default=0)
+        for spec in self.opts.kills:
+            if spec.stage is None and spec.step <= reached and str(spec) not in self.fired:
+                spare_pids = {r.pid for r in records if r.state == StageState.SPARE}
+                spare = next(
+                    (c for c in self.auto_children if c.proc.pid in spare_pids and c.proc.poll() is None), None
+                )
+                if spare is not None:
+                    self.fired.add(str(spec))
+                    self._kill(spare, None, "spare", reached)
         now = time.monotonic()
         for item in [k for k in self._due_kills if k[0] <= now]:
             self._due_kills.remove(item)
             child = self.pid_of_stage(records, item[1])
             if child is not None:
-                self._kill(child, item[1], "failure-rate", item[2])
+                self._kill(child, item[1], item[3], item[2])
 
     def check_children(self, events: list[dict[str, Any]]) -> None:
         """Reacts to dead children: killed nodes are replaced (``--respawn``), anything else is an error."""
