@@ -621,7 +621,9 @@ class StageDaemon:
         if microbatch is not None and microbatch != self.config.train.microbatches_per_step // 2:
             return
         for spec in self.opts.faults:
-            if spec.stage == stage and spec.step == step and spec.phase == phase:
+            # a replacement replays the step its predecessor died in: that kill has already happened
+            replayed = phase != "fetch" and self.last_recovery is not None and step <= self.last_recovery.step + 1
+            if spec.stage == stage and spec.step == step and spec.phase == phase and not replayed:
                 self.emit({"event": "killed", "stage": stage, "step": step, "phase": phase})
                 logger.warning("fault injection: dying in %s of step %d", phase, step)
                 die_now()
