@@ -97,6 +97,9 @@ class SwarmConfig(BaseModel):
     num_stages: int = Field(4, ge=2, le=256)
     data: str | None = None  # path of the user's corpus; None = built-in
     wire_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the activation's own dtype
+    # CheckFree+: odd microbatches swap the first two and the last two block stages (changes the math, so
+    # it is part of the config every stage must share).
+    out_of_order: bool = False
 
     @model_validator(mode="after")
     def _fits(self) -> SwarmConfig:
@@ -105,6 +108,11 @@ class SwarmConfig(BaseModel):
             raise ValueError(
                 f"n_layers={self.model.n_layers} cannot be split evenly over {blocks} block stages "
                 f"(num_stages={self.num_stages}: stage 0 holds the embedding and head)"
+            )
+        if self.out_of_order and self.num_stages < 5:
+            raise ValueError(
+                f"the out-of-order pipeline of checkfree+ needs at least 5 stages (4 block stages) so that the swaps "
+                f"(1, 2) and (S-2, S-1) are disjoint; got num_stages={self.num_stages}"
             )
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.train.seq_len} exceeds max_seq_len={self.model.max_seq_len}")

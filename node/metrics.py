@@ -68,6 +68,12 @@ class StageMetrics:
             registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
         )
+        self.replica_bytes_sent = Counter(
+            "swarm_node_replica_sent_bytes_total", "Bytes of stage-0 copies sent (checkfree+, stage 0)", registry=r
+        )
+        self.replica_bytes_held = Gauge(
+            "swarm_node_replica_held_bytes", "Bytes of stage-0 copies held (checkfree+, stages 1 and S-1)", registry=r
+        )
         self.stages_online = Gauge("swarm_node_stages_online", "Stages with a serving peer in the DHT", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

@@ -141,12 +141,14 @@ class HeartbeatReply(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
-    __slots__ = ("requester_stage", "requester_peer")
+    __slots__ = ("requester_stage", "requester_peer", "step")
     REQUESTER_STAGE_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_PEER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     requester_stage: int
     requester_peer: str
-    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ...) -> None: ...
+    step: int
+    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -74,6 +74,16 @@ class StageStub:
                 request_serializer=node_dot_proto_dot_stage__pb2.StatusRequest.SerializeToString,
                 response_deserializer=node_dot_proto_dot_stage__pb2.StageStatus.FromString,
                 _registered_method=True)
+        self.PushReplica = channel.stream_unary(
+                '/swarm_node.v1.Stage/PushReplica',
+                request_serializer=node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
+                response_deserializer=node_dot_proto_dot_stage__pb2.Ack.FromString,
+                _registered_method=True)
+        self.FetchReplica = channel.unary_stream(
+                '/swarm_node.v1.Stage/FetchReplica',
+                request_serializer=node_dot_proto_dot_stage__pb2.FetchWeightsRequest.SerializeToString,
+                response_deserializer=node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -128,6 +138,22 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushReplica(self, request_iterator, context):
+        """CheckFree+: stage 0 stores a copy of its state (weights and AdamW moments) on stages 1 and S-1 before it
+        commits a step. meta.step is the step being committed, meta.attempt its attempt and meta.grad_norm the
+        global gradient norm: the commit decision, so that a rebuilt stage 0 can finish an interrupted commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchReplica(self, request, context):
+        """Streams a held copy of stage 0 (same meta as PushReplica).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +196,16 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=node_dot_proto_dot_stage__pb2.StatusRequest.FromString,
                     response_serializer=node_dot_proto_dot_stage__pb2.StageStatus.SerializeToString,
+            ),
+            'PushReplica': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushReplica,
+                    request_deserializer=node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
+                    response_serializer=node_dot_proto_dot_stage__pb2.Ack.SerializeToString,
+            ),
+            'FetchReplica': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchReplica,
+                    request_deserializer=node_dot_proto_dot_stage__pb2.FetchWeightsRequest.FromString,
+                    response_serializer=node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +424,60 @@ class Stage:
             '/swarm_node.v1.Stage/GetStatus',
             node_dot_proto_dot_stage__pb2.StatusRequest.SerializeToString,
             node_dot_proto_dot_stage__pb2.StageStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushReplica(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/swarm_node.v1.Stage/PushReplica',
+            node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
+            node_dot_proto_dot_stage__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarm_node.v1.Stage/FetchReplica',
+            node_dot_proto_dot_stage__pb2.FetchWeightsRequest.SerializeToString,
+            node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,

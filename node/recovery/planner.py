@@ -11,6 +11,9 @@ method          when
 ``checkfree``   live block stages on both sides: W = (g₊·W₊ + g₋·W₋)/(g₊ + g₋), ε = 1e-4 on each g
 ``copy``        a live block stage on one side only (first/last block stage, or a lost run at an edge)
 ``random``      ``--recovery none``, or no live block stage at all: fresh random weights
+``partner_copy``  checkfree+: an edge block stage (1, 2, S-2, S-1) copies its live swap partner
+``embedding_replica``  checkfree+: stage 0 from the freshest copy of its embedding, final norm, LM head
+                (and AdamW state) held by stages 1 and S-1
 ==============  ===========================================================================
 
 Stage 0 (data, embedding, final norm, LM head) cannot be rebuilt from block stages; plain CheckFree reports
@@ -20,9 +23,10 @@ it as ``unrecoverable`` and training stops with that message.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from node.stage.schedule import swap_partner
 from node.wire.records import StageRecord, StageState
 
 LIVE_STATES = frozenset({StageState.ONLINE, StageState.WAITING})
@@ -35,6 +39,8 @@ class Method(enum.StrEnum):
     CHECKFREE = "checkfree"
     COPY = "copy"
     RANDOM = "random"
+    PARTNER_COPY = "partner_copy"
+    EMBEDDING_REPLICA = "embedding_replica"
     UNRECOVERABLE = "unrecoverable"
 
 
@@ -91,20 +97,39 @@ def nearest_live_block_stages(stage: int, num_stages: int, live: frozenset[int])
 
 
 def plan_recovery(
-    stage: int, num_stages: int, live: frozenset[int], committed_step: int, strategy: str = "checkfree"
+    stage: int,
+    num_stages: int,
+    live: frozenset[int],
+    committed_step: int,
+    strategy: str = "checkfree",
+    replicas: Mapping[int, int] | None = None,
 ) -> RecoveryPlan:
-    """How to rebuild ``stage`` given the live stages and the swarm's committed step."""
+    """How to rebuild ``stage`` given the live stages and the swarm's committed step.
+
+    ``replicas`` maps each live stage holding a copy of stage 0 to that copy's committed step (checkfree+).
+    """
     if committed_step == 0:
         return RecoveryPlan(stage, Method.FRESH, (), "no step committed yet: the seed's initial weights are exact")
-    if stage == 0:
-        return RecoveryPlan(
-            0,
-            Method.UNRECOVERABLE,
-            (),
-            "stage 0 holds the data, embedding and LM head; plain CheckFree cannot rebuild it from block stages",
-        )
     if strategy == "none":
         return RecoveryPlan(stage, Method.RANDOM, (), "--recovery none: fresh random weights")
+    if stage == 0:
+        holders = {s: step for s, step in (replicas or {}).items() if s in live}
+        if strategy == "checkfree+" and holders:
+            src = min(holders, key=lambda s: (-holders[s], s))
+            return RecoveryPlan(
+                0, Method.EMBEDDING_REPLICA, (src,), f"copy of stage 0 held by stage {src} (step {holders[src]})"
+            )
+        why = (
+            "no live stage holds a copy of stage 0"
+            if strategy == "checkfree+"
+            else "plain CheckFree cannot rebuild it from block stages (use --recovery checkfree+)"
+        )
+        return RecoveryPlan(0, Method.UNRECOVERABLE, (), f"stage 0 holds the data, embedding and LM head; {why}")
+    partner = swap_partner(stage, num_stages, strategy == "checkfree+")
+    if partner is not None and partner in live:
+        return RecoveryPlan(
+            stage, Method.PARTNER_COPY, (partner,), f"copy of swap partner {partner}, trained on the same positions"
+        )
     below, above = nearest_live_block_stages(stage, num_stages, live)
     if below is not None and above is not None:
         return RecoveryPlan(
@@ -114,6 +139,11 @@ def plan_recovery(
         src = below if below is not None else above
         return RecoveryPlan(stage, Method.COPY, (src,), f"only one live block neighbour: copy of stage {src}")
     return RecoveryPlan(stage, Method.RANDOM, (), "no live block stage to rebuild from")
+
+
+def replica_holders(num_stages: int) -> tuple[int, ...]:
+    """Stages that keep a copy of stage 0 under checkfree+: its two route neighbours, 1 and S-1."""
+    return (1, num_stages - 1)
 
 
 def neighbour_stages(stage: int, num_stages: int) -> tuple[int, ...]:

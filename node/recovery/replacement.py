@@ -31,6 +31,7 @@ from node.recovery.planner import (
 )
 from node.recovery.rebuild import checkfree_average
 from node.stage.runtime import StageRuntime
+from node.train.optim import clip_coefficient
 from node.wire.records import RecoveryRecord, StageState
 from node.wire.tensors import TensorAssembler
 
@@ -106,7 +107,12 @@ async def build_stage_runtime(d: StageDaemon) -> None:
         others = [r for r in d.swarm_view if r.peer_id != d.peer_id]
         live = live_stages(others, fingerprint=d.fingerprint, num_stages=d.num_stages, suspects=d.suspected())
         committed = d.swarm_committed()
-        plan = plan_recovery(d.stage, d.num_stages, live - {d.stage}, committed, d.opts.recovery)
+        replicas = {
+            r.stage: r.replica_step
+            for r in others
+            if r.replica_step is not None and r.stage is not None and r.peer_id not in d.suspected()
+        }
+        plan = plan_recovery(d.stage, d.num_stages, live - {d.stage}, committed, d.opts.recovery, replicas)
         if plan.method == Method.UNRECOVERABLE:
             raise Unrecoverable(f"stage {d.stage} cannot be rebuilt: {plan.reason}")
         try:
@@ -124,6 +130,12 @@ async def _execute(d: StageDaemon, plan: RecoveryPlan, committed: int, started: 
         d.runtime = await d.compute(StageRuntime, cfg, stage, d.device)
         return
     t0 = time.monotonic()
+    if plan.method == Method.EMBEDDING_REPLICA:
+        step, nbytes = await _rebuild_stage0(d, plan.sources[0])
+        _finish(d, plan, step, [], nbytes, t0, started, lr_scale=1.0)
+        if d.opts.save_dir is not None:
+            await d.save_weights(d.opts.save_dir / f"stage{stage}.recovered-step{step}.safetensors")
+        return
     fetched: list[tuple[int, float, dict[str, torch.Tensor]]] = []
     nbytes = 0
     for src in plan.sources:
@@ -134,12 +146,13 @@ async def _execute(d: StageDaemon, plan: RecoveryPlan, committed: int, started: 
     if len(steps) > 1:  # a commit was landing while we fetched: fetch again
         raise ConnectionError(f"sources disagree on the committed step {sorted(steps)}")
     step = steps.pop() if steps else committed
+    await _check_not_behind_stage0(d, step)
     lr_scale = d.opts.lr_scale
     if plan.method == Method.CHECKFREE:
         (_, g_lo, w_lo), (_, g_hi, w_hi) = fetched
         weights = await d.compute(checkfree_average, w_lo, g_lo, w_hi, g_hi)
         norm = (g_lo + g_hi) / 2
-    elif plan.method == Method.COPY:
+    elif plan.method in (Method.COPY, Method.PARTNER_COPY):
         _, norm, weights = fetched[0]
     else:  # RANDOM
         weights, norm = None, 0.0
@@ -156,6 +169,22 @@ async def _execute(d: StageDaemon, plan: RecoveryPlan, committed: int, started: 
             random_seed=seed,
         )
     )
+    _finish(d, plan, step, [n for _, n, _ in fetched], nbytes, t0, started, lr_scale)
+    if d.opts.save_dir is not None:  # what was built, for audit and tests
+        await d.save_weights(d.opts.save_dir / f"stage{stage}.recovered-step{step}.safetensors")
+
+
+def _finish(
+    d: StageDaemon,
+    plan: RecoveryPlan,
+    step: int,
+    norms: list[float],
+    nbytes: int,
+    t0: float,
+    started: float,
+    lr_scale: float,
+) -> None:
+    """Records a completed rebuild: DHT record, metrics, event, log."""
     rebuild_seconds = time.monotonic() - t0
     d.last_recovery = RecoveryRecord(
         method=plan.method.value, step=step, seconds=time.monotonic() - started, sources=[str(s) for s in plan.sources]
@@ -166,11 +195,11 @@ async def _execute(d: StageDaemon, plan: RecoveryPlan, committed: int, started: 
     d.emit(
         {
             "event": "recovery",
-            "stage": stage,
+            "stage": d.stage,
             "step": step,
             "method": plan.method.value,
             "sources": list(plan.sources),
-            "source_grad_norms": [n for _, n, _ in fetched],
+            "source_grad_norms": norms,
             "bytes_fetched": nbytes,
             "rebuild_seconds": rebuild_seconds,
             "lr_scale": lr_scale,
@@ -178,15 +207,80 @@ async def _execute(d: StageDaemon, plan: RecoveryPlan, committed: int, started: 
     )
     logger.warning(
         "stage %d rebuilt at step %d by %s from %s (%d bytes, %.2fs)",
-        stage,
+        d.stage,
         step,
         plan.method.value,
         list(plan.sources),
         nbytes,
         rebuild_seconds,
     )
-    if d.opts.save_dir is not None:  # what was built, for audit and tests
-        await d.save_weights(d.opts.save_dir / f"stage{stage}.recovered-step{step}.safetensors")
+
+
+async def _check_not_behind_stage0(d: StageDaemon, step: int) -> None:
+    """A block stage rebuilt at ``step`` while stage 0 already committed the next step would miss that step:
+    fetch again once the neighbours have it too."""
+    peer = d.peer_of(0)
+    if peer is None:
+        return
+    try:
+        status = await d.channels.stub(peer.grpc_address).GetStatus(pb.StatusRequest(), timeout=d.opts.rpc_timeout)
+    except grpc.aio.AioRpcError:
+        return
+    if status.committed_step > step:
+        raise ConnectionError(f"sources are at step {step} but stage 0 committed {status.committed_step}")
+
+
+async def _rebuild_stage0(d: StageDaemon, holder: int) -> tuple[int, int]:
+    """checkfree+: stage 0 from the copy on ``holder`` (weights and AdamW state: exact when the copy is of
+    the swarm's committed step). If stage 0 died between committing a step and telling every block stage,
+    the copy carries its commit decision, and the new stage 0 finishes that commit first."""
+    block = [
+        r
+        for r in d.swarm_view
+        if r.stage not in (None, 0)
+        and r.peer_id not in d.suspected()
+        and r.config_fingerprint == d.fingerprint
+        and r.state in (StageState.ONLINE, StageState.WAITING)
+    ]
+    if not block:
+        raise ConnectionError("no live block stage")
+    c_max = max(r.committed_step for r in block)
+    peer = d.peer_of(holder)
+    if peer is None:
+        raise ConnectionError(f"replica holder stage {holder} is gone")
+    asm = TensorAssembler(max_tensor_bytes=d.max_replica_bytes, max_stream_bytes=d.max_replica_bytes)
+    nbytes = 0
+    try:
+        call = d.channels.stub(peer.grpc_address).FetchReplica(
+            pb.FetchWeightsRequest(requester_stage=0, requester_peer=d.peer_id, step=c_max), timeout=d.opts.rpc_timeout
+        )
+        async for message in call:
+            asm.feed(message)
+            nbytes += len(message)
+    except grpc.aio.AioRpcError as err:
+        raise ConnectionError(f"fetching the stage-0 copy from stage {holder}: {err.code().name}") from None
+    tensors = asm.finish()
+    meta = asm.meta
+    assert meta is not None
+    runtime = await d.compute(lambda: StageRuntime(d.config, 0, d.device, committed_step=c_max))
+    await d.compute(runtime.load_full_state, tensors)
+    if meta.step != c_max:
+        logger.warning(
+            "stage-0 copy is of step %d, the swarm is at %d: embedding and head are %d step(s) stale "
+            "(--embed-sync-every > 1)",
+            meta.step,
+            c_max,
+            c_max - meta.step,
+        )
+    d.runtime = runtime
+    lagging = [r.stage for r in block if r.committed_step == c_max - 1]
+    if lagging:
+        if meta.attempt == 0:
+            raise ConnectionError(f"stages {lagging} missed the commit of step {c_max} and no decision is held")
+        coef = clip_coefficient(meta.grad_norm, d.config.train.grad_clip)
+        logger.warning("finishing the commit of step %d on stages %s", c_max, lagging)
+        await asyncio.gather(*(d.commit_remote(s, c_max - 1, meta.attempt, meta.grad_norm, coef) for s in lagging))
+    return c_max, nbytes
 
 
 __all__ = ["Unrecoverable", "build_stage_runtime", "claim_vacant_stage", "die_now"]

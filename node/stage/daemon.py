@@ -56,10 +56,10 @@ from node.dht.directory import SwarmDirectory, pick_peer
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
 from node.recovery.faults import FaultSpec, die_now
-from node.recovery.planner import neighbour_stages
+from node.recovery.planner import neighbour_stages, replica_holders
 from node.recovery.replacement import Unrecoverable, build_stage_runtime, claim_vacant_stage
 from node.stage.runtime import Reject, StageRuntime, StepError
-from node.stage.schedule import route_for
+from node.stage.schedule import route_for, swap_partner
 from node.stage.service import StageService
 from node.train.optim import clip_coefficient, pick_device
 from node.transport.channels import SERVER_OPTIONS, ChannelPool
@@ -131,6 +131,7 @@ class DaemonOptions:
     step_timeout: float = 120.0
     metrics_port: int | None = None
     recovery: str = "checkfree"
+    embed_sync_every: int = 1
     lr_scale: float = 1.1
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 1.0
@@ -162,6 +163,9 @@ class StageDaemon:
         t = self.config.train
         self.activation_shape = (t.microbatch_size, t.seq_len, self.config.model.d_model)
         self.max_activation_bytes = math.prod(self.activation_shape) * 4
+        m = self.config.model
+        # a stage-0 copy: fp32 weights and two AdamW moments, plus step counters
+        self.max_replica_bytes = (2 * m.vocab_size * m.d_model + m.d_model) * 4 * 3 + (1 << 20)
         self.wire_dtype = WIRE_DTYPES.get(self.config.wire_dtype or "")
         self._compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.order = MicrobatchOrder()
@@ -171,6 +175,8 @@ class StageDaemon:
         self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
         self._reported_dead: set[str] = set()
         self.last_recovery: RecoveryRecord | None = None
+        # checkfree+ holders (stages 1 and S-1): committed step -> {"decision": (step, attempt, norm), "tensors"}
+        self.replicas: dict[int, dict[str, Any]] = {}
         # Stage 0 only: futures of the microbatches whose backward has not come home, and their data.
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._targets: dict[int, torch.Tensor] = {}
@@ -204,6 +210,10 @@ class StageDaemon:
             pid=self.pid,
             metrics_port=self.metrics_port,
             last_recovery=self.last_recovery,
+            swap_partner=None
+            if self.stage is None
+            else swap_partner(self.stage, self.num_stages, self.config.out_of_order),
+            replica_step=self.replica_step,
         )
 
     async def announce(self, state: StageState | None = None) -> None:
@@ -433,7 +443,9 @@ class StageDaemon:
     async def drive(self, steps: int) -> None:
         corpus = await self.compute(load_corpus, self.config.data)
         corpus.check_fits(self.config.train.seq_len)
-        attempt = self.runtime.attempt
+        # Attempts only grow, across stage-0 incarnations too (a rebuilt stage 0 must outrank its predecessor's
+        # attempts, which block stages still remember): start from the wall clock in milliseconds.
+        attempt = max(self.runtime.attempt, int(time.time() * 1000) * 1000)
         while self.runtime.committed_step < steps and not self.stopping.is_set():
             await self.wait_for_swarm()
             if self.stopping.is_set():
@@ -494,7 +506,7 @@ class StageDaemon:
         await self.compute(rt.check_step, step, attempt)
         for mb, (x, _) in enumerate(batch):
             h = await self.compute(rt.embed, mb, x)
-            route = route_for(mb, self.num_stages)
+            route = route_for(mb, self.num_stages, self.config.out_of_order)
             meta = pb.MicrobatchMeta(
                 step=step, microbatch=mb, route=route, hop=0, sender_stage=0, sender_peer=self.peer_id, attempt=attempt
             )
@@ -524,12 +536,62 @@ class StageDaemon:
         self._last_stage_norms = [math.sqrt(n) for n in norms]  # type: ignore[arg-type]
         coef = clip_coefficient(global_norm, t.grad_clip)
         self._last_global_norm = global_norm
-        # Phase 2: the decision is commit; Commit is idempotent and retried until every stage has it.
+        # Phase 2: the decision is commit. Stage 0 commits first; under checkfree+ it then leaves the decision
+        # (and every K steps its new state) with stages 1 and S-1, so that a rebuilt stage 0 can finish a commit
+        # it did not live to send. Commit is idempotent and retried until every stage has it.
+        await self.commit(step, attempt, coef)
+        await self.announce()  # replacements compare their sources against stage 0's committed step
+        if self.config.out_of_order:
+            await self.replicate(step, attempt, global_norm, with_state=(step + 1) % self.opts.embed_sync_every == 0)
         await asyncio.gather(
-            self.commit(step, attempt, coef),
-            *(self._commit_remote(s, step, attempt, global_norm, coef) for s in range(1, self.num_stages)),
+            *(self.commit_remote(s, step, attempt, global_norm, coef) for s in range(1, self.num_stages))
         )
         return sum(self._losses.values()) / len(self._losses)
+
+    async def replicate(self, step: int, attempt: int, global_norm: float, with_state: bool) -> None:
+        """Stores the commit decision of ``step`` (and stage 0's state after it) on stages 1 and S-1."""
+        tensors = await self.compute(self.runtime.full_state) if with_state else {}
+        meta = pb.MicrobatchMeta(
+            step=step, attempt=attempt, grad_norm=global_norm, sender_stage=0, sender_peer=self.peer_id
+        )
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+
+        async def push(holder: int) -> None:
+            peer = self.peer_of(holder)
+            if peer is None:
+                return
+            try:
+                await self.channels.stub(peer.grpc_address).PushReplica(
+                    encode_stream(meta, tensors.items()), timeout=self.opts.rpc_timeout
+                )
+                self.metrics.replica_bytes_sent.inc(nbytes)
+            except grpc.aio.AioRpcError as err:  # the other holder still has a copy
+                logger.warning("stage-0 copy for step %d not stored on stage %d: %s", step + 1, holder, err.code().name)
+
+        await asyncio.gather(*(push(h) for h in replica_holders(self.num_stages)))
+
+    def store_replica(self, meta: pb.MicrobatchMeta, tensors: dict[str, torch.Tensor]) -> None:
+        """Holder side: keeps the decisions and stage-0 copies of the last few committed steps."""
+        committed = meta.step + 1
+        entry = self.replicas.setdefault(committed, {"decision": None, "tensors": None})
+        entry["decision"] = (int(meta.step), int(meta.attempt), float(meta.grad_norm))
+        if tensors:
+            entry["tensors"] = tensors
+        for old in sorted(self.replicas)[:-3]:
+            del self.replicas[old]
+        self.metrics.replica_bytes_held.set(
+            sum(
+                t.numel() * t.element_size()
+                for e in self.replicas.values()
+                if e["tensors"]
+                for t in e["tensors"].values()
+            )
+        )
+
+    @property
+    def replica_step(self) -> int | None:
+        """Committed step of the newest full stage-0 copy held here."""
+        return max((s for s, e in self.replicas.items() if e["tensors"]), default=None)
 
     _last_global_norm: float = 0.0
     _last_stage_norms: list[float] = []
@@ -549,7 +611,7 @@ class StageDaemon:
             raise StepFailed(f"stage {stage} refused prepare: {err.code().name} {err.details()}") from None
         return reply.grad_norm_sq
 
-    async def _commit_remote(self, stage: int, step: int, attempt: int, norm: float, coef: float) -> None:
+    async def commit_remote(self, stage: int, step: int, attempt: int, norm: float, coef: float) -> None:
         request = pb.CommitRequest(step=step, attempt=attempt, global_grad_norm=norm, clip_coef=coef)
         while not self.stopping.is_set():
             deadline = time.monotonic() + self.opts.rpc_timeout

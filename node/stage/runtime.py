@@ -221,6 +221,29 @@ class StageRuntime:
         return self.committed_step
 
     # ---- weights -----------------------------------------------------------------------------------
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Weights (``w.<name>``) and AdamW state (``opt.<param index>.<key>``), cloned to CPU: everything a
+        copy of this stage needs to continue exactly (the stage-0 replica of checkfree+)."""
+        out = {f"w.{k}": v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        for idx, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                out[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().to("cpu", copy=True)
+        return out
+
+    def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`full_state` (the optimizer keeps this stage's own hyper-parameters)."""
+        weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
+        self.module.load_state_dict(weights, strict=True)
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith("opt."):
+                _, idx, key = name.split(".", 2)
+                opt_state.setdefault(int(idx), {})[key] = value
+        if opt_state:
+            sd = self.optimizer.state_dict()
+            sd["state"] = opt_state
+            self.optimizer.load_state_dict(sd)
+
     def committed_state(self) -> dict[str, torch.Tensor]:
         """The last committed weights (valid between commits: parameters only change in commit)."""
         return {k: v.detach() for k, v in self.module.state_dict().items()}

@@ -1,4 +1,9 @@
-"""Microbatch routes through the pipeline: pure functions of the swarm's shape."""
+"""Microbatch routes through the pipeline: pure functions of the swarm's shape.
+
+Plain pipeline: 0 → 1 → … → S-1 → 0. With the CheckFree+ out-of-order pipeline, odd microbatches swap the
+first two block stages and the last two (0 → 2 → 1 → 3 … → S-1 → S-2 → 0), so each edge stage also learns
+to stand in for its *swap partner*. The swaps are derived from S and need S ≥ 5 to be disjoint.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,30 @@ def default_route(num_stages: int) -> list[int]:
     return [0, *range(1, num_stages), 0]
 
 
-def route_for(microbatch: int, num_stages: int) -> list[int]:
-    """The route of ``microbatch``; every microbatch follows the default route for now."""
-    del microbatch
-    return default_route(num_stages)
+def route_for(microbatch: int, num_stages: int, out_of_order: bool = False) -> list[int]:
+    """The route of ``microbatch``: swapped edges on odd microbatches when ``out_of_order``."""
+    route = default_route(num_stages)
+    if out_of_order and microbatch % 2 == 1:
+        if num_stages < 5:
+            raise ValueError(f"out-of-order routes need at least 5 stages, got {num_stages}")
+        route[1], route[2] = route[2], route[1]
+        route[-3], route[-2] = route[-2], route[-3]
+    return route
 
 
-def check_route(route: list[int], hop: int, stage: int, microbatch: int, num_stages: int) -> str | None:
+def swap_partner(stage: int, num_stages: int, out_of_order: bool) -> int | None:
+    """The stage that ``stage`` trades places with on odd microbatches (None for middle stages and stage 0)."""
+    if not out_of_order or stage == 0:
+        return None
+    pairs = {1: 2, 2: 1, num_stages - 2: num_stages - 1, num_stages - 1: num_stages - 2}
+    return pairs.get(stage)
+
+
+def check_route(
+    route: list[int], hop: int, stage: int, microbatch: int, num_stages: int, out_of_order: bool = False
+) -> str | None:
     """Why a message's (route, hop) is invalid for the receiving ``stage``, or None when it is fine."""
-    expected = route_for(microbatch, num_stages)
+    expected = route_for(microbatch, num_stages, out_of_order)
     if list(route) != expected:
         return f"route {list(route)} is not this swarm's route {expected} for microbatch {microbatch}"
     if not 0 <= hop < len(route) or route[hop] != stage:

@@ -16,6 +16,7 @@ import torch
 
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
+from node.recovery.planner import replica_holders
 from node.stage.runtime import Reject, StepError
 from node.stage.schedule import check_route
 from node.wire.tensors import WireError, decode_stream, encode_stream
@@ -79,7 +80,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         if meta.microbatch >= d.config.train.microbatches_per_step:
             await self._reject(context, Reject.BAD_MICROBATCH, f"microbatch {meta.microbatch} >= microbatches per step")
             return None
-        problem = check_route(list(meta.route), meta.hop, d.stage, meta.microbatch, d.num_stages)
+        problem = check_route(list(meta.route), meta.hop, d.stage, meta.microbatch, d.num_stages, d.config.out_of_order)
         if problem is not None:
             await self._reject(context, Reject.BAD_ROUTE, problem)
             return None
@@ -164,6 +165,40 @@ class StageService(stage_pb2_grpc.StageServicer):
         meta = pb.MicrobatchMeta(step=step, sender_stage=d.stage, sender_peer=d.peer_id, grad_norm=norm)
         tensors = list(state.items())
         for chunk in encode_stream(meta, tensors):
+            yield chunk
+
+    async def PushReplica(self, request_iterator, context) -> pb.Ack:
+        d = self.daemon
+        if not d.config.out_of_order or d.stage not in replica_holders(d.num_stages):
+            await self._reject(context, Reject.BAD_ROUTE, f"stage {d.stage} does not hold stage-0 copies")
+        try:
+            meta, tensors = await decode_stream(
+                request_iterator, max_tensor_bytes=d.max_replica_bytes, max_stream_bytes=d.max_replica_bytes
+            )
+        except WireError as err:
+            reason = Reject(err.reason) if err.reason in Reject._value2member_map_ else Reject.BAD_STREAM
+            await self._reject(context, reason, str(err))
+        if meta is None or meta.sender_stage != 0:
+            await self._reject(context, Reject.BAD_STREAM, "a stage-0 copy must come from stage 0 with its step")
+        if d.runtime is not None and meta.step + 1 < d.runtime.committed_step:
+            await self._reject(context, Reject.STALE_STEP, f"copy for step {meta.step + 1} is older than ours")
+        if not all(all_finite(t) for t in tensors.values() if t.is_floating_point()):
+            await self._reject(context, Reject.NON_FINITE, "stage-0 copy holds NaN or Inf")
+        d.store_replica(meta, tensors)
+        return pb.Ack(ok=True)
+
+    async def FetchReplica(self, request: pb.FetchWeightsRequest, context):
+        d = self.daemon
+        held = sorted(s for s, e in d.replicas.items() if e["tensors"])
+        want = request.step or (held[-1] if held else 0)
+        usable = [s for s in held if s <= want]
+        if not usable:
+            await self._reject(context, Reject.UNKNOWN_STEP, f"no stage-0 copy at or before step {want}")
+        decision = d.replicas.get(want, {}).get("decision") or (0, 0, 0.0)
+        meta = pb.MicrobatchMeta(
+            step=usable[-1], attempt=decision[1], grad_norm=decision[2], sender_stage=d.stage, sender_peer=d.peer_id
+        )
+        for chunk in encode_stream(meta, d.replicas[usable[-1]]["tensors"].items()):
             yield chunk
 
     async def GetStatus(self, request: pb.StatusRequest, context) -> pb.StageStatus:

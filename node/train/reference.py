@@ -56,7 +56,7 @@ def train_reference(
         )
         losses = []
         for mb, (x, y) in enumerate(batch):
-            route = route_for(mb, cfg.num_stages)[1:-1]
+            route = route_for(mb, cfg.num_stages, cfg.out_of_order)[1:-1]
             with autocast_for(device):
                 loss = model(x.to(device), y.to(device), route)
             (loss / t.microbatches_per_step).backward()

@@ -35,6 +35,14 @@ def add_stage_service(servicer: stage_pb2_grpc.StageServicer, server: grpc.aio.S
             request_deserializer=pb.FetchWeightsRequest.FromString,
             response_serializer=_identity,
         ),
+        "PushReplica": grpc.stream_unary_rpc_method_handler(
+            servicer.PushReplica, request_deserializer=_identity, response_serializer=pb.Ack.SerializeToString
+        ),
+        "FetchReplica": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchReplica,
+            request_deserializer=pb.FetchWeightsRequest.FromString,
+            response_serializer=_identity,
+        ),
     }
     for name, (request, reply) in {
         "Prepare": (pb.PrepareRequest, pb.PrepareReply),
@@ -62,8 +70,16 @@ class StageClient(stage_pb2_grpc.StageStub):
         self.Backward = channel.stream_unary(
             f"/{SERVICE}/Backward", request_serializer=_identity, response_deserializer=pb.Ack.FromString
         )
-        self.FetchWeights = channel.unary_stream(
-            f"/{SERVICE}/FetchWeights",
-            request_serializer=pb.FetchWeightsRequest.SerializeToString,
-            response_deserializer=_identity,
+        self.PushReplica = channel.stream_unary(
+            f"/{SERVICE}/PushReplica", request_serializer=_identity, response_deserializer=pb.Ack.FromString
         )
+        for name in ("FetchWeights", "FetchReplica"):
+            setattr(
+                self,
+                name,
+                channel.unary_stream(
+                    f"/{SERVICE}/{name}",
+                    request_serializer=pb.FetchWeightsRequest.SerializeToString,
+                    response_deserializer=_identity,
+                ),
+            )

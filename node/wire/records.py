@@ -57,6 +57,8 @@ class StageRecord(BaseModel):
     pid: int | None = Field(None, ge=1)
     metrics_port: int | None = Field(None, ge=1, le=65535)
     last_recovery: RecoveryRecord | None = None
+    swap_partner: int | None = Field(None, ge=1, le=4096)  # checkfree+: the stage this one swaps with
+    replica_step: int | None = Field(None, ge=0)  # checkfree+: newest copy of stage 0 held here
 
     def model_post_init(self, _context: Any) -> None:
         if (self.stage is None) != (self.state == StageState.SPARE):
