@@ -88,9 +88,16 @@ def _add_recovery_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("failure detection and recovery")
     g.add_argument(
         "--recovery",
-        choices=["checkfree", "none"],
+        choices=["checkfree", "checkfree+", "none"],
         default="checkfree",
-        help="how a lost stage is rebuilt: checkfree (neighbour average) or none (random weights)",
+        help="how a lost stage is rebuilt: checkfree (neighbour average), checkfree+ (also edge stages and "
+        "stage 0, with the out-of-order pipeline; needs S >= 5) or none (random weights)",
+    )
+    g.add_argument(
+        "--embed-sync-every",
+        type=_positive_int,
+        default=1,
+        help="checkfree+: copy stage 0 to stages 1 and S-1 every K committed steps (default 1: exact)",
     )
     g.add_argument(
         "--lr-scale",
@@ -121,7 +128,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def _build_config(args: argparse.Namespace, num_stages: int) -> Any:
     from node.config import build_config
 
-    overrides: dict[str, Any] = {"num_stages": num_stages}
+    overrides: dict[str, Any] = {"num_stages": num_stages, "out_of_order": args.recovery == "checkfree+"}
     train: dict[str, Any] = {}
     for flag, key in (
         ("seed", "seed"),
@@ -272,6 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         step_timeout=args.step_timeout,
         metrics_port=args.metrics_port,
         recovery=args.recovery,
+        embed_sync_every=args.embed_sync_every,
         lr_scale=args.lr_scale,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
@@ -317,6 +325,8 @@ def cmd_local(args: argparse.Namespace) -> int:
                 str(args.heartbeat_interval),
                 "--heartbeat-timeout",
                 str(args.heartbeat_timeout),
+                "--embed-sync-every",
+                str(args.embed_sync_every),
             ],
         )
     )

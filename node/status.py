@@ -26,12 +26,34 @@ def read_swarm(initial_peers: list[str], swarm: str) -> tuple[list[StageRecord],
 
 def records_table(records: list[StageRecord], title: str = "swarm") -> Table:
     table = Table(title=title)
-    for col in ("stage", "peer", "address", "state", "committed", "pid", "last recovery"):
+    for col in (
+        "stage",
+        "peer",
+        "address",
+        "state",
+        "committed",
+        "pid",
+        "last recovery",
+        "swap partner",
+        "stage-0 copy",
+    ):
         table.add_column(col)
     for r in records:
-        rec = f"{r.last_recovery.method} @ step {r.last_recovery.step}" if r.last_recovery else "-"
+        rec = (
+            f"{r.last_recovery.method} @ step {r.last_recovery.step} ({r.last_recovery.seconds:.1f}s)"
+            if r.last_recovery
+            else "-"
+        )
         table.add_row(
-            str(r.stage), r.peer_id[-12:], r.grpc_address, r.state.value, str(r.committed_step), str(r.pid or "-"), rec
+            "spare" if r.stage is None else str(r.stage),
+            r.peer_id[-12:],
+            r.grpc_address,
+            r.state.value,
+            str(r.committed_step),
+            str(r.pid or "-"),
+            rec,
+            "-" if r.swap_partner is None else str(r.swap_partner),
+            "-" if r.replica_step is None else f"step {r.replica_step}",
         )
     return table
 

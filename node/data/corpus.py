@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pathlib
 import random
@@ -13,14 +14,19 @@ import torch
 
 from node.data.tokenizer import ByteTokenizer
 
+log = logging.getLogger(__name__)
+
 VAL_FRACTION = 0.05
+SUFFIXES = (".txt", ".jsonl")
 
 
 class DataError(ValueError):
     """A corpus that cannot be used; the message is one line naming the path and the problem."""
 
 
-_NUMBERS = [
+# --------------------------------------------------------------------------- the built-in corpus
+
+_NUMBERS = (
     "zero",
     "one",
     "two",
@@ -40,11 +46,25 @@ _NUMBERS = [
     "sixteen",
     "seventeen",
     "eighteen",
-]
-_ANIMALS = ["fox", "cat", "dog", "owl", "horse", "goat", "hen", "mouse", "crow", "bear", "duck", "sheep"]
-_COLOURS = ["red", "brown", "black", "white", "grey", "small", "old", "young", "quiet", "quick"]
-_PLACES = ["barn", "field", "river", "forest", "garden", "house", "hill", "market", "road", "meadow"]
-_PEOPLE = [
+)
+# (singular, plural)
+_ANIMALS = (
+    ("fox", "foxes"),
+    ("cat", "cats"),
+    ("dog", "dogs"),
+    ("owl", "owls"),
+    ("horse", "horses"),
+    ("goat", "goats"),
+    ("hen", "hens"),
+    ("mouse", "mice"),
+    ("crow", "crows"),
+    ("bear", "bears"),
+    ("duck", "ducks"),
+    ("sheep", "sheep"),
+)
+_ADJECTIVES = ("small", "big", "old", "young", "quiet", "quick", "happy", "tired")
+_PLACES = ("barn", "field", "river", "forest", "garden", "house", "hill", "market", "road", "meadow")
+_PEOPLE = (
     "the farmer",
     "the baker",
     "the child",
@@ -55,8 +75,9 @@ _PEOPLE = [
     "the girl",
     "the smith",
     "the shepherd",
-]
-_VERBS = [
+)
+# (present, past)
+_VERBS = (
     ("sees", "saw"),
     ("feeds", "fed"),
     ("follows", "followed"),
@@ -65,113 +86,207 @@ _VERBS = [
     ("watches", "watched"),
     ("helps", "helped"),
     ("carries", "carried"),
-]
-_THINGS = ["bread", "apples", "water", "a basket", "a letter", "some wood", "a lamp", "the key", "a song"]
-_TIMES = ["in the morning", "at noon", "in the evening", "at night", "on monday", "after the rain", "every day"]
+)
+_THINGS = ("bread", "apples", "water", "a basket", "a letter", "some wood", "a lamp", "the key", "a song")
+_TIMES = (
+    "in the morning",
+    "at noon",
+    "in the evening",
+    "at night",
+    "on monday",
+    "after the rain",
+    "every day",
+)
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """Fixed facts of the little world: each animal always has the same colour, home and food."""
+
+    colour: str
+    home: str
+    food: str
+
+
+_WORLD = {
+    "fox": _Facts("red", "forest", "berries"),
+    "cat": _Facts("black", "house", "fish"),
+    "dog": _Facts("brown", "garden", "bread"),
+    "owl": _Facts("grey", "barn", "seeds"),
+    "horse": _Facts("white", "field", "apples"),
+    "goat": _Facts("white", "hill", "grass"),
+    "hen": _Facts("brown", "barn", "corn"),
+    "mouse": _Facts("grey", "house", "corn"),
+    "crow": _Facts("black", "field", "seeds"),
+    "bear": _Facts("brown", "forest", "berries"),
+    "duck": _Facts("yellow", "river", "bread"),
+    "sheep": _Facts("white", "meadow", "grass"),
+}
 
 
 def _sentence(rng: random.Random) -> str:
-    kind = rng.randrange(6)
+    """One sentence (or a question and its answer) ending in punctuation, its first letter lower case."""
+    kind = rng.randrange(10)
+    animal, plural = rng.choice(_ANIMALS)
+    facts = _WORLD[animal]
     if kind == 0:
-        return f"the {rng.choice(_COLOURS)} {rng.choice(_ANIMALS)} is in the {rng.choice(_PLACES)}."
+        return f"the {animal} lives in the {facts.home}."
     if kind == 1:
+        return f"the {animal} is {facts.colour} and eats {facts.food}."
+    if kind == 2:
+        return f"where is the {animal}? The {animal} is in the {facts.home}."
+    if kind == 3:
+        return f"what does the {animal} eat? The {animal} eats {facts.food}."
+    if kind == 4:
         present, past = rng.choice(_VERBS)
         verb = present if rng.random() < 0.5 else past
-        return f"{rng.choice(_PEOPLE)} {verb} the {rng.choice(_ANIMALS)} {rng.choice(_TIMES)}."
-    if kind == 2:
+        return f"{rng.choice(_PEOPLE)} {verb} the {rng.choice(_ADJECTIVES)} {animal} {rng.choice(_TIMES)}."
+    if kind == 5:
+        return f"{rng.choice(_PEOPLE)} brings {rng.choice(_THINGS)} to the {rng.choice(_PLACES)}."
+    if kind == 6:
+        n = rng.randrange(2, 10)
+        return f"{_NUMBERS[n]} {plural} are in the {facts.home}."
+    if kind == 7:
+        person = rng.choice(_PEOPLE)
+        return f"{person} went to the {facts.home} and saw the {facts.colour} {animal}."
+    if kind == 8:
         a, b = rng.randrange(10), rng.randrange(9)
         return f"{_NUMBERS[a]} plus {_NUMBERS[b]} is {_NUMBERS[a + b]}."
-    if kind == 3:
-        return f"{rng.choice(_PEOPLE)} brings {rng.choice(_THINGS)} to the {rng.choice(_PLACES)}."
-    if kind == 4:
-        animal = rng.choice(_ANIMALS)
-        return f"where is the {animal}? the {animal} is near the {rng.choice(_PLACES)}."
     a = rng.randrange(1, 10)
     b = rng.randrange(0, a + 1)
     return f"{_NUMBERS[a]} minus {_NUMBERS[b]} is {_NUMBERS[a - b]}."
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def builtin_text(num_chars: int = 2_000_000, seed: int = 1234) -> str:
-    """A deterministic English-like corpus from a small grammar: simple facts, stories and arithmetic.
+    """A deterministic English-like corpus of exactly ``num_chars`` characters from a small grammar.
 
-    A pure function of its arguments (its own ``random.Random``), so every machine generates the same text.
+    Paragraphs of simple facts about a fixed little world (each animal's colour, home and food), questions
+    with their answers, everyday sentences and small-number arithmetic, separated by blank lines. The
+    vocabulary is about 135 words, so a tiny model learns it visibly within a few hundred steps.
+    A pure function of its arguments (its own ``random.Random``), so every machine generates the same text;
+    cached per process.
     """
+    if num_chars < 0:
+        raise ValueError(f"num_chars must be >= 0, got {num_chars}")
     rng = random.Random(seed)
     parts: list[str] = []
     size = 0
     while size < num_chars:
-        paragraph = " ".join(_sentence(rng) for _ in range(rng.randrange(3, 8)))
-        paragraph = paragraph[0].upper() + paragraph[1:] + "\n\n"
+        sentences = (_sentence(rng) for _ in range(rng.randrange(3, 8)))
+        paragraph = " ".join(s[0].upper() + s[1:] for s in sentences) + "\n\n"
         parts.append(paragraph)
         size += len(paragraph)
     return "".join(parts)[:num_chars]
 
 
+# --------------------------------------------------------------------------- corpora
+
+
 @dataclass(frozen=True)
 class Corpus:
-    """Tokens of a corpus, split into training and held-out validation parts."""
+    """Tokens of a corpus, split into training and held-out validation parts (the last 5%)."""
 
     name: str
     train: torch.Tensor
     val: torch.Tensor
 
     def check_fits(self, seq_len: int) -> None:
-        """Both splits must hold at least one window of ``seq_len + 1`` tokens."""
+        """Raise :class:`DataError` unless both splits hold at least one window of ``seq_len + 1`` tokens."""
         for split, tokens in (("training", self.train), ("validation", self.val)):
             if len(tokens) < seq_len + 1:
                 raise DataError(
-                    f"{self.name}: {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}"
+                    f"{self.name}: {split} split has {len(tokens)} tokens, fewer than"
+                    f" seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len"
                 )
 
 
 def _split(name: str, text: str) -> Corpus:
     tokens = ByteTokenizer().encode(text)
     cut = len(tokens) - max(1, int(len(tokens) * VAL_FRACTION))
-    return Corpus(name, tokens[:cut].clone(), tokens[cut:].clone())
+    corpus = Corpus(name, tokens[:cut].clone(), tokens[cut:].clone())
+    log.info("corpus %s: %d training and %d validation tokens", name, len(corpus.train), len(corpus.val))
+    return corpus
 
 
-def _read_text(path: pathlib.Path) -> str:
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _read_file(path: pathlib.Path) -> str:
+    """Text of one ``.txt`` or ``.jsonl`` file; :class:`DataError` naming the file (and line) otherwise."""
     try:
         raw = path.read_bytes()
     except PermissionError:
         raise DataError(f"{path}: permission denied") from None
     except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    text = raw.decode("utf-8", errors="replace")
-    if path.suffix == ".txt":
+        raise DataError(f"{path}: cannot read it ({_one_line(err.strerror or err)})") from None
+    text = raw.decode("utf-8-sig", errors="replace")  # "-sig": a leading byte-order mark is dropped
+    if path.suffix.lower() == ".txt":
         return text
     texts = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: JSON strings may hold U+2028 and friends, which str.splitlines() would cut at
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise DataError(f"{path}:{lineno}: not valid JSON") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
         texts.append(obj["text"])
     return "\n\n".join(texts)
 
 
+def _data_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """All ``.txt``/``.jsonl`` files under ``root``, recursively (symlinked directories are not followed)."""
+
+    def fail(err: OSError) -> None:
+        where = err.filename or root
+        if isinstance(err, PermissionError):
+            raise DataError(f"{where}: permission denied") from None
+        raise DataError(f"{where}: cannot list it ({_one_line(err.strerror or err)})") from None
+
+    files = []
+    for dirpath, _, filenames in os.walk(root, onerror=fail):
+        for filename in filenames:
+            path = pathlib.Path(dirpath, filename)
+            if path.suffix.lower() in SUFFIXES and path.is_file():
+                files.append(path)
+    return sorted(files)
+
+
 def load_corpus(path: str | os.PathLike[str] | None) -> Corpus:
-    """``None``: the built-in corpus. A ``.txt``/``.jsonl`` file, or a directory of them (recursive,
-    sorted), otherwise. Raises :class:`DataError` naming the path for anything unusable."""
+    """Load and split a corpus.
+
+    ``None`` gives the built-in corpus (name ``"builtin"``). Otherwise ``path`` is a ``.txt`` file (UTF-8,
+    invalid bytes replaced), a ``.jsonl`` file (each non-blank line an object with a string ``text`` field,
+    the texts joined by blank lines) or a directory searched recursively for both, read in sorted path
+    order and joined by blank lines. Anything unusable raises :class:`DataError` with a one-line message
+    naming the path: missing, unreadable, unsupported suffix, bad JSON line, no files, or no text.
+    """
     if path is None:
         return _split("builtin", builtin_text())
     p = pathlib.Path(path)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except OSError as err:  # e.g. a name too long, or a parent directory that cannot be searched
+        raise DataError(f"{p}: cannot access it ({_one_line(err.strerror or err)})") from None
+    if not exists:
         raise DataError(f"{p}: no such file or directory")
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl"))
+        files = _data_files(p)
         if not files:
             raise DataError(f"{p}: directory has no .txt or .jsonl files")
-        text = "\n\n".join(_read_text(f) for f in files)
-    elif p.suffix in (".txt", ".jsonl"):
-        text = _read_text(p)
+        log.debug("corpus %s: reading %d files", p, len(files))
+        text = "\n\n".join(_read_file(f) for f in files)
+    elif p.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{p}: unsupported file type {p.suffix or '(no suffix)'!r}; use .txt or .jsonl")
+    elif not p.is_file():
+        raise DataError(f"{p}: not a regular file")
     else:
-        raise DataError(f"{p}: unsupported file type {p.suffix or '(none)'!r}; use .txt or .jsonl")
+        text = _read_file(p)
     if not text.strip():
         raise DataError(f"{p}: no text in it")
     return _split(str(p), text)

@@ -127,3 +127,37 @@ def test_fault_specs(text, stage, step, phase) -> None:
 def test_bad_fault_specs(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_fault(bad, 4)
+
+
+def test_out_of_order_routes_are_derived_from_s() -> None:
+    from node.stage.schedule import route_for, swap_partner
+
+    assert route_for(0, 7, True) == [0, 1, 2, 3, 4, 5, 6, 0]
+    assert route_for(1, 7, True) == [0, 2, 1, 3, 4, 6, 5, 0]
+    assert route_for(1, 5, True) == [0, 2, 1, 4, 3, 0]
+    assert route_for(1, 5, False) == [0, 1, 2, 3, 4, 0]
+    assert [swap_partner(s, 7, True) for s in range(7)] == [None, 2, 1, None, 6, 5, 4]
+    with pytest.raises(ValueError):
+        route_for(1, 4, True)
+
+
+@pytest.mark.parametrize(
+    ("stage", "live", "method", "sources"),
+    [
+        (1, {0, 2, 3, 4, 5}, Method.PARTNER_COPY, (2,)),
+        (5, {0, 1, 2, 3, 4}, Method.PARTNER_COPY, (4,)),
+        (4, {0, 1, 2, 3, 5}, Method.PARTNER_COPY, (5,)),
+        (3, {0, 1, 2, 4, 5}, Method.CHECKFREE, (2, 4)),  # a middle stage keeps the weighted average
+        (1, {0, 3, 4, 5}, Method.COPY, (3,)),  # partner lost too: nearest live block stage
+    ],
+)
+def test_checkfree_plus_plan(stage, live, method, sources) -> None:
+    plan = plan_recovery(stage, 6, frozenset(live), committed_step=10, strategy="checkfree+")
+    assert (plan.method, plan.sources) == (method, sources)
+
+
+def test_stage0_from_the_freshest_live_copy() -> None:
+    plan = plan_recovery(0, 6, frozenset({1, 2, 3, 4, 5}), 10, "checkfree+", replicas={1: 9, 5: 10})
+    assert (plan.method, plan.sources) == (Method.EMBEDDING_REPLICA, (5,))
+    plan = plan_recovery(0, 6, frozenset({2, 3, 4}), 10, "checkfree+", replicas={1: 10, 5: 10})
+    assert plan.method == Method.UNRECOVERABLE and "no live stage holds a copy" in plan.reason
