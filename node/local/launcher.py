@@ -103,6 +103,7 @@ class LocalSwarm:
         self.node_count = 0
         self.committed_samples: list[dict[str, Any]] = []
         self.final_records: list[StageRecord] = []
+        self.last_seen: dict[int, StageRecord] = {}  # newest serving record of each stage
         self._seen_attempts: set[int] = set()
         self._due_kills: list[tuple[float, int, int, str]] = []  # (due, stage, step, why)
         self._rng = random.Random(opts.seed)
@@ -341,6 +342,9 @@ class LocalSwarm:
                 if time.monotonic() - last_records_at > 0.5:
                     records = self.swarm_records()
                     last_records_at = time.monotonic()
+                    for r in records:
+                        if r.stage is not None and r.state != StageState.OFFLINE:
+                            self.last_seen[r.stage] = r
                     self.committed_samples += [
                         {
                             "time": time.time(),
@@ -435,7 +439,10 @@ class LocalSwarm:
         """The node serving each stage at the end (a replacement, if the original was killed)."""
         info = []
         for stage in range(self.opts.config.num_stages):
-            r = next((r for r in self.final_records if r.stage == stage and r.state != StageState.OFFLINE), None)
+            r = next(
+                (r for r in self.final_records if r.stage == stage and r.state != StageState.OFFLINE),
+                self.last_seen.get(stage),
+            )
             child = self.stage_children.get(stage)
             info.append(
                 {
