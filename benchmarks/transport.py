@@ -34,6 +34,11 @@ D_MODEL = 1024
 BARE_METHOD = "/bench.Bytes/Push"
 
 
+class _Cfg(SimpleNamespace):
+    out_of_order = False
+    train = SimpleNamespace(microbatches_per_step=4)
+
+
 class _AcceptingDaemon(SimpleNamespace):
     """The attributes StageService reads; accepts every validated tensor without computing."""
 
@@ -68,6 +73,8 @@ async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]]) -> None:
             activation_shape=shape,
             max_activation_bytes=4 * shape[1] * D_MODEL,
             metrics=StageMetrics(),
+            runtime=object(),
+            config=_Cfg(),
             rejected_total=0,
             received=0,
         )

@@ -540,7 +540,6 @@ class StageDaemon:
         # (and every K steps its new state) with stages 1 and S-1, so that a rebuilt stage 0 can finish a commit
         # it did not live to send. Commit is idempotent and retried until every stage has it.
         await self.commit(step, attempt, coef)
-        await self.announce()  # replacements compare their sources against stage 0's committed step
         if self.config.out_of_order:
             await self.replicate(step, attempt, global_norm, with_state=(step + 1) % self.opts.embed_sync_every == 0)
         await asyncio.gather(
@@ -577,8 +576,12 @@ class StageDaemon:
         entry["decision"] = (int(meta.step), int(meta.attempt), float(meta.grad_norm))
         if tensors:
             entry["tensors"] = tensors
+        # keep the decisions of the last 3 steps and the 2 newest full copies (with K > 1 most entries are
+        # decisions only, and a full copy must not be pushed out by them)
+        full = sorted(s for s, e in self.replicas.items() if e["tensors"])[-2:]
         for old in sorted(self.replicas)[:-3]:
-            del self.replicas[old]
+            if old not in full:
+                del self.replicas[old]
         self.metrics.replica_bytes_held.set(
             sum(
                 t.numel() * t.element_size()
