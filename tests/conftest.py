@@ -59,3 +59,29 @@ def pid_alive(pid: int) -> bool:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] != "Z"
     return True
+
+
+def run_local(tmp_path, *args: str, stages: int = 4, steps: int = 8, timeout: float = 420):
+    """``swarm-node local`` in ``tmp_path/swarm``; returns (completed process, summary dict or None)."""
+    import json
+    import pathlib
+
+    out = pathlib.Path(tmp_path) / "summary.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "node",
+        "local",
+        "--stages",
+        str(stages),
+        "--steps",
+        str(steps),
+        "--workdir",
+        str(pathlib.Path(tmp_path) / "swarm"),
+        "--json-out",
+        str(out),
+        "--quiet",
+        *args,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc, json.loads(out.read_text()) if out.exists() else None

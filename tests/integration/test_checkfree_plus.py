@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 from node.config import SwarmConfig
 from node.data import load_corpus
 from node.train.reference import train_reference
+from tests import conftest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -20,34 +20,9 @@ pytestmark = pytest.mark.integration
 def run_local(tmp_path: pathlib.Path, *args: str, steps: int, stages: int = 5, timeout: float = 480):
     cfg = tmp_path / "cfg.toml"
     cfg.write_text("[model]\nn_layers = 4\n")  # one block per block stage with 5 stages
-    out = tmp_path / "summary.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node",
-            "local",
-            "--stages",
-            str(stages),
-            "--steps",
-            str(steps),
-            "--config",
-            str(cfg),
-            "--recovery",
-            "checkfree+",
-            "--workdir",
-            str(tmp_path / "swarm"),
-            "--json-out",
-            str(out),
-            "--quiet",
-            *args,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    return conftest.run_local(
+        tmp_path, "--config", str(cfg), "--recovery", "checkfree+", *args, stages=stages, steps=steps, timeout=timeout
     )
-    return proc, json.loads(out.read_text()) if out.exists() else None
 
 
 @pytest.mark.timeout(520)

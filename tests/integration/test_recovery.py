@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
@@ -16,37 +14,9 @@ from safetensors.torch import load_file
 from node.config import SwarmConfig
 from node.data import load_corpus
 from node.train.reference import train_reference
-from tests.conftest import REPO
+from tests.conftest import run_local
 
 pytestmark = pytest.mark.integration
-
-
-def run_local(tmp_path: pathlib.Path, *args: str, steps: int = 8, timeout: float = 420):
-    out = tmp_path / "summary.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node",
-            "local",
-            "--stages",
-            "4",
-            "--steps",
-            str(steps),
-            "--workdir",
-            str(tmp_path / "swarm"),
-            "--json-out",
-            str(out),
-            "--quiet",
-            *args,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    summary = json.loads(out.read_text()) if out.exists() else None
-    return proc, summary
 
 
 def events(tmp_path: pathlib.Path) -> list[dict]:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, pid_alive
+from tests.conftest import pid_alive, run_local
 
 pytestmark = pytest.mark.integration
 
@@ -30,32 +27,9 @@ def processes_mentioning(text: str) -> list[int]:
 
 @pytest.mark.timeout(420)
 def test_four_stage_swarm_trains_and_matches_single_process(tmp_path: pathlib.Path) -> None:
-    out = tmp_path / "summary.json"
     workdir = tmp_path / "swarm"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "node",
-            "local",
-            "--stages",
-            "4",
-            "--steps",
-            "20",
-            "--check-reference",
-            "--json-out",
-            str(out),
-            "--workdir",
-            str(workdir),
-            "--quiet",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    proc, summary = run_local(tmp_path, "--check-reference", steps=20, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(out.read_text())
     assert summary["steps"] == 20
     loss = summary["loss"]
     assert len(loss) == 20 and len(summary["step_seconds"]) == 20
