@@ -61,8 +61,10 @@ class StageRecord(BaseModel):
     replica_step: int | None = Field(None, ge=0)  # checkfree+: newest copy of stage 0 held here
 
     def model_post_init(self, _context: Any) -> None:
-        if (self.stage is None) != (self.state == StageState.SPARE):
-            raise ValueError("a record has no stage exactly when its state is spare")
+        if self.state == StageState.SPARE and self.stage is not None:
+            raise ValueError("a spare record has no stage")
+        if self.stage is None and self.state not in (StageState.SPARE, StageState.OFFLINE):
+            raise ValueError(f"a {self.state.value} record needs a stage")
         if self.stage is not None and self.stage >= self.num_stages:
             raise ValueError(f"stage {self.stage} >= num_stages {self.num_stages}")
         m = _ADDRESS.match(self.grpc_address)
