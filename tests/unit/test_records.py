@@ -75,3 +75,13 @@ def test_pick_peer_prefers_serving_same_config_most_steps() -> None:
     assert pick_peer(rs, 1, fingerprint="abc", num_stages=4).peer_id == "b"
     assert pick_peer(rs, 1, fingerprint="abc", num_stages=4, exclude=frozenset({"b"})).peer_id == "a"
     assert pick_peer(rs, 3, fingerprint="abc", num_stages=4) is None
+
+
+def test_records_without_a_stage() -> None:
+    assert _record(stage=None, state="spare").stage is None
+    assert _record(stage=None, state="offline").stage is None  # a spare leaving
+    for state in ("online", "waiting", "recovering", "joining"):
+        with pytest.raises(ValueError):
+            _record(stage=None, state=state)
+    with pytest.raises(ValueError):
+        _record(stage=2, state="spare")
