@@ -47,7 +47,8 @@ class Unrecoverable(RuntimeError):
 
 async def claim_vacant_stage(d: StageDaemon) -> int:
     """Waits as a spare until a stage is vacant and this node wins the claim; returns the stage."""
-    settle = 2 * d.opts.refresh_seconds
+    settle = d.opts.refresh_seconds  # a rival's claim is one DHT store away: visible within a refresh period
+    poll = min(0.5, d.opts.refresh_seconds)
     while not d.stopping.is_set():
         with contextlib.suppress(Exception):
             await d.refresh_view()
@@ -66,7 +67,7 @@ async def claim_vacant_stage(d: StageDaemon) -> int:
             d.stage = None
         await d.announce(StageState.SPARE)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(d.stopping.wait(), d.opts.refresh_seconds)
+            await asyncio.wait_for(d.stopping.wait(), poll)
     raise asyncio.CancelledError
 
 
@@ -130,6 +131,7 @@ async def _execute(d: StageDaemon, plan: RecoveryPlan, committed: int, started: 
         d.runtime = await d.compute(StageRuntime, cfg, stage, d.device)
         return
     t0 = time.monotonic()
+    d.fetch_seconds = 0.0
     if plan.method == Method.EMBEDDING_REPLICA:
         step, nbytes = await _rebuild_stage0(d, plan.sources[0])
         _finish(d, plan, step, [], nbytes, t0, started, lr_scale=1.0)
@@ -142,6 +144,7 @@ async def _execute(d: StageDaemon, plan: RecoveryPlan, committed: int, started: 
         step, norm, weights, n = await fetch_committed(d, src)
         fetched.append((step, norm, weights))
         nbytes += n
+    d.fetch_seconds = time.monotonic() - t0
     steps = {step for step, _, _ in fetched} | ({committed} if plan.method == Method.RANDOM else set())
     if len(steps) > 1:  # a commit was landing while we fetched: fetch again
         raise ConnectionError(f"sources disagree on the committed step {sorted(steps)}")
@@ -202,6 +205,7 @@ def _finish(
             "source_grad_norms": norms,
             "bytes_fetched": nbytes,
             "rebuild_seconds": rebuild_seconds,
+            "fetch_seconds": d.fetch_seconds,
             "lr_scale": lr_scale,
         }
     )

@@ -175,6 +175,7 @@ class StageDaemon:
         self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
         self._reported_dead: set[str] = set()
         self.last_recovery: RecoveryRecord | None = None
+        self.fetch_seconds = 0.0  # of the last rebuild: fetching the sources' weights
         # checkfree+ holders (stages 1 and S-1): committed step -> {"decision": (step, attempt, norm), "tensors"}
         self.replicas: dict[int, dict[str, Any]] = {}
         # Stage 0 only: futures of the microbatches whose backward has not come home, and their data.
@@ -262,6 +263,15 @@ class StageDaemon:
         self._spawn(self.channels.drop(peer.grpc_address))
         if peer.peer_id not in self._reported_dead:
             self._reported_dead.add(peer.peer_id)
+            # Tombstone: re-store the dead peer's record as offline so that spares see the vacancy now rather
+            # than when the record expires. A peer suspected wrongly overwrites it at its next refresh.
+            self._spawn(
+                self._io(
+                    self.directory.announce,
+                    peer.model_copy(update={"state": StageState.OFFLINE}),
+                    2 * self.opts.refresh_seconds,
+                )
+            )
             logger.warning("stage %s peer %s is unreachable (%s)", peer.stage, peer.peer_id, why)
             self.metrics.failures_detected.inc()
             self.emit(
@@ -729,6 +739,14 @@ class StageDaemon:
                 await asyncio.wait_for(self.stopping.wait(), interval)
 
     # ---- lifecycle --------------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """A spare pays torch's first-use costs (kernels, allocator, AdamW) before it is needed, not during
+        a recovery: one throw-away forward, backward and optimizer step of a block stage."""
+        rt = StageRuntime(self.config, 1, self.device)
+        x = torch.zeros(1, min(8, self.config.train.seq_len), self.config.model.d_model, device=self.device)
+        rt.module(x.requires_grad_(True)).sum().backward()
+        rt.optimizer.step()
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -743,6 +761,7 @@ class StageDaemon:
         exit_code = 0
         try:
             if self.stage is None:
+                await self.compute(self._warm_up)
                 await self.announce(StageState.SPARE)
                 logger.info("spare node %s waiting for a vacant stage", self.peer_id)
                 await claim_vacant_stage(self)
