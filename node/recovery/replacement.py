@@ -1,7 +1,7 @@
 """A node taking over a stage: claim a vacant stage (``--stage auto``), then (re)build its weights.
 
 Claiming has no central arbiter: a spare announces itself ``recovering`` for the lowest vacant stage, waits
-two DHT refresh periods so that rival claims become visible, and keeps the stage only if
+one DHT refresh period so that rival claims become visible, and keeps the stage only if
 :func:`~node.recovery.planner.claim_winner` names it (lowest peer id among claimants); the others go back
 to being spares. Every node, including one started with an explicit ``--stage``, then builds its weights
 by the plan of :func:`~node.recovery.planner.plan_recovery`; a fresh swarm gets the seed's weights.
