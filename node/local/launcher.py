@@ -416,7 +416,7 @@ class LocalSwarm:
         self.events_path.unlink(missing_ok=True)
         try:
             maddrs = self.start_bootstrap()
-            self.console.print(f"bootstrap: {maddrs[0]}")
+            self.console.print(f"bootstrap: {maddrs[0]}", soft_wrap=True)
             for stage in range(self.opts.config.num_stages):
                 self.start_stage(stage)
             started = time.monotonic()
