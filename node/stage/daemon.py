@@ -176,6 +176,8 @@ class StageDaemon:
         self._reported_dead: set[str] = set()
         self.last_recovery: RecoveryRecord | None = None
         self.fetch_seconds = 0.0  # of the last rebuild: fetching the sources' weights
+        self.in_sync: dict[int, str] = {}  # stage 0: stage -> peer that acknowledged the last commit
+        self._called_peer: dict[int, str] = {}
         # checkfree+ holders (stages 1 and S-1): committed step -> {"decision": (step, attempt, norm), "tensors"}
         self.replicas: dict[int, dict[str, Any]] = {}
         # Stage 0 only: futures of the microbatches whose backward has not come home, and their data.
@@ -431,15 +433,23 @@ class StageDaemon:
             os.close(fd)
 
     async def wait_for_swarm(self) -> None:
-        """Blocks (state ``waiting``) until every stage has a serving peer at our committed step."""
+        """Blocks (state ``waiting``) until every stage has a serving peer at our committed step.
+
+        The first check uses the cached view (refreshed every period; dead peers are already excluded by
+        suspicion), so a healthy swarm pays no DHT lookup per step; only a missing stage makes it poll."""
         announced_waiting = False
+        first = True
         while not self.stopping.is_set():
-            with contextlib.suppress(Exception):
-                await self.refresh_view()
+            if not first:
+                with contextlib.suppress(Exception):
+                    await self.refresh_view()
+            first = False
             missing = []
             for s in range(1, self.num_stages):
                 peer = self.peer_of(s)
-                if peer is None or peer.committed_step != self.runtime.committed_step:
+                # a peer that acknowledged our last commit is in step even if its DHT record lags behind
+                in_sync = peer is not None and self.in_sync.get(s) == peer.peer_id
+                if peer is None or (peer.committed_step != self.runtime.committed_step and not in_sync):
                     missing.append(s)
             if not missing:
                 await self.announce(StageState.ONLINE)
@@ -611,6 +621,7 @@ class StageDaemon:
 
     async def _unary(self, stage: int, rpc: str, request: Any, deadline: float) -> Any:
         peer = await self.resolve(stage, deadline)
+        self._called_peer[stage] = peer.peer_id
         stub = self.channels.stub(peer.grpc_address)
         return await getattr(stub, rpc)(
             request, timeout=max(0.1, min(self.opts.rpc_timeout, deadline - time.monotonic()))
@@ -631,6 +642,7 @@ class StageDaemon:
             try:
                 reply = await self._unary(stage, "Commit", request, deadline)
                 if reply.committed_step == step + 1:
+                    self.in_sync[stage] = self._called_peer[stage]
                     return
                 logger.error(
                     "stage %d reports committed step %d after committing %d", stage, reply.committed_step, step
