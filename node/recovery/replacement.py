@@ -20,7 +20,6 @@ import grpc
 import torch
 
 from node.proto import stage_pb2 as pb
-from node.recovery.faults import die_now
 from node.recovery.planner import (
     Method,
     RecoveryPlan,
@@ -287,4 +286,4 @@ async def _rebuild_stage0(d: StageDaemon, holder: int) -> tuple[int, int]:
     return c_max, nbytes
 
 
-__all__ = ["Unrecoverable", "build_stage_runtime", "claim_vacant_stage", "die_now"]
+__all__ = ["Unrecoverable", "build_stage_runtime", "claim_vacant_stage"]

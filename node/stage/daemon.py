@@ -176,6 +176,8 @@ class StageDaemon:
         self._reported_dead: set[str] = set()
         self.last_recovery: RecoveryRecord | None = None
         self.fetch_seconds = 0.0  # of the last rebuild: fetching the sources' weights
+        self._last_global_norm = 0.0  # stage 0: of the last committed step, for the step event
+        self._last_stage_norms: list[float] = []
         self.in_sync: dict[int, str] = {}  # stage 0: stage -> peer that acknowledged the last commit
         self._called_peer: dict[int, str] = {}
         # checkfree+ holders (stages 1 and S-1): committed step -> {"decision": (step, attempt, norm), "tensors"}
@@ -332,7 +334,8 @@ class StageDaemon:
             return
 
     def _forward_on(self, meta: pb.MicrobatchMeta, tensor: torch.Tensor, rpc: str, hop: int) -> None:
-        """Pushes a result to the next hop in the background; failures surface as a step timeout."""
+        """Pushes a result to the next hop in the background. A push that cannot be delivered fails the
+        step in flight on stage 0; elsewhere it is logged, and stage 0 learns of the loss by heartbeat."""
         nxt = pb.MicrobatchMeta()
         nxt.CopyFrom(meta)
         nxt.hop, nxt.sender_stage, nxt.sender_peer = hop, self.stage, self.peer_id
@@ -615,9 +618,6 @@ class StageDaemon:
     def replica_step(self) -> int | None:
         """Committed step of the newest full stage-0 copy held here."""
         return max((s for s, e in self.replicas.items() if e["tensors"]), default=None)
-
-    _last_global_norm: float = 0.0
-    _last_stage_norms: list[float] = []
 
     async def _unary(self, stage: int, rpc: str, request: Any, deadline: float) -> Any:
         peer = await self.resolve(stage, deadline)

@@ -24,26 +24,17 @@ def _identity(message: bytes) -> bytes:
 def add_stage_service(servicer: stage_pb2_grpc.StageServicer, server: grpc.aio.Server) -> None:
     """Registers ``servicer``; its tensor streams see raw message bytes (decode with TensorAssembler)."""
     handlers = {
-        "Forward": grpc.stream_unary_rpc_method_handler(
-            servicer.Forward, request_deserializer=_identity, response_serializer=pb.Ack.SerializeToString
-        ),
-        "Backward": grpc.stream_unary_rpc_method_handler(
-            servicer.Backward, request_deserializer=_identity, response_serializer=pb.Ack.SerializeToString
-        ),
-        "FetchWeights": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchWeights,
-            request_deserializer=pb.FetchWeightsRequest.FromString,
-            response_serializer=_identity,
-        ),
-        "PushReplica": grpc.stream_unary_rpc_method_handler(
-            servicer.PushReplica, request_deserializer=_identity, response_serializer=pb.Ack.SerializeToString
-        ),
-        "FetchReplica": grpc.unary_stream_rpc_method_handler(
-            servicer.FetchReplica,
-            request_deserializer=pb.FetchWeightsRequest.FromString,
-            response_serializer=_identity,
-        ),
+        name: grpc.stream_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=_identity, response_serializer=pb.Ack.SerializeToString
+        )
+        for name in ("Forward", "Backward", "PushReplica")
     }
+    for name in ("FetchWeights", "FetchReplica"):
+        handlers[name] = grpc.unary_stream_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=pb.FetchWeightsRequest.FromString,
+            response_serializer=_identity,
+        )
     for name, (request, reply) in {
         "Prepare": (pb.PrepareRequest, pb.PrepareReply),
         "Commit": (pb.CommitRequest, pb.CommitReply),
