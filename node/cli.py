@@ -48,6 +48,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -84,14 +94,41 @@ def _probability(text: str) -> float:
     return value
 
 
+def _strategies(text: str) -> list[str]:
+    from node.bench import STRATEGIES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy {unknown[0] if unknown else text!r}; choose from {', '.join(STRATEGIES)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _probabilities(text: str) -> list[float]:
+    values = [_probability(v.strip()) for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("no failure rate given")
+    return values
+
+
 def _add_recovery_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("failure detection and recovery")
     g.add_argument(
         "--recovery",
-        choices=["checkfree", "checkfree+", "none"],
+        choices=["checkfree", "checkfree+", "checkpoint", "copy", "random", "none"],
         default="checkfree",
         help="how a lost stage is rebuilt: checkfree (neighbour average), checkfree+ (also edge stages and "
-        "stage 0, with the out-of-order pipeline; needs S >= 5) or none (random weights)",
+        "stage 0, with the out-of-order pipeline; needs S >= 5), checkpoint (every stage writes checkpoints; "
+        "the swarm rolls back to the last common one), copy (one neighbour's weights) or random (fresh random "
+        "weights; 'none' is the same)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=100,
+        help="checkpoint: write a checkpoint every K committed steps (default 100)",
     )
     g.add_argument(
         "--embed-sync-every",
@@ -112,6 +149,26 @@ def _add_recovery_flags(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="a heartbeat slower than this marks the neighbour dead (seconds)",
     )
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation (stage 0)")
+    g.add_argument(
+        "--eval-every",
+        type=_non_negative_int,
+        default=0,
+        help="validation loss on held-out data every E committed steps (default 0: never)",
+    )
+    g.add_argument("--eval-batches", type=_positive_int, default=4, help="held-out microbatches per evaluation")
+
+
+def _check_checkpoint_dir(path: pathlib.Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"--checkpoint-dir {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CliError(f"--checkpoint-dir {path} is not writable")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -146,6 +203,8 @@ def _build_config(args: argparse.Namespace, num_stages: int) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from node.bench import PAPER_REDUNDANT_FACTOR
+
     parser = argparse.ArgumentParser(prog="swarm-node", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"swarm-node {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -162,6 +221,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--announce-maddr", action="append", default=[], help="multiaddr to announce (public address)")
     p.add_argument("--json", action="store_true", help="print {peer_id, maddrs} as JSON")
+    p.add_argument(
+        "--maddr-file",
+        type=pathlib.Path,
+        help="also write the multiaddrs here, one per line (for --initial-peers-file)",
+    )
 
     p = sub.add_parser("run", help="run one stage daemon")
     p.add_argument(
@@ -172,6 +236,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-stages", type=_positive_int, required=True, help="number of pipeline stages S")
     p.add_argument("--initial-peers", type=_maddr, action="append", default=[], help="bootstrap multiaddr (repeatable)")
+    p.add_argument(
+        "--initial-peers-file",
+        type=pathlib.Path,
+        help="read bootstrap multiaddrs from this file (written by `dht --maddr-file`), waiting for it to appear",
+    )
     p.add_argument("--swarm", type=_swarm_name, default="default", help="swarm name (DHT namespace)")
     p.add_argument("--host", default="0.0.0.0", help="address for gRPC and the DHT to listen on")
     p.add_argument("--port", type=_port, default=0, help="gRPC port (0 picks a free one)")
@@ -187,6 +256,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step-timeout", type=_positive_float, default=120.0, help="stage 0: abort a step after this")
     p.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics here (0 picks a free port)")
     _add_recovery_flags(p)
+    p.add_argument(
+        "--checkpoint-dir",
+        type=pathlib.Path,
+        help="checkpoint: storage shared by the swarm's nodes (a replacement restores from it); required then",
+    )
+    _add_eval_flags(p)
     p.add_argument("--fault", action="append", default=[], help=argparse.SUPPRESS)  # tests: STAGE@STEP[:PHASE]
     _add_model_flags(p)
 
@@ -202,7 +277,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=_positive_float, default=1.0, help="DHT refresh period, seconds")
     p.add_argument("--step-timeout", type=_positive_float, default=120.0, help="abort a step after this")
     p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.add_argument(
+        "--metrics", action=argparse.BooleanOptionalAction, default=True, help="serve Prometheus metrics (default on)"
+    )
     _add_recovery_flags(p)
+    p.add_argument("--checkpoint-dir", type=pathlib.Path, help="checkpoint: where (default WORKDIR/checkpoints)")
+    p.add_argument(
+        "--prometheus-dir",
+        type=pathlib.Path,
+        help="write prometheus.yml (the docker compose job, with file discovery) and keep targets.json current "
+        "here: prometheus --config.file DIR/prometheus.yml scrapes this swarm",
+    )
+    _add_eval_flags(p)
     g = p.add_argument_group("fault injection")
     g.add_argument(
         "--kill",
@@ -227,6 +313,55 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--spares", type=_non_negative_int, default=0, help="extra --stage auto nodes waiting as spares")
     _add_model_flags(p)
 
+    p = sub.add_parser("bench", help="compare recovery strategies by wall-clock time to a target validation loss")
+    p.add_argument("--mode", choices=["simulate", "live"], default="simulate", help="one process, or a real swarm")
+    p.add_argument(
+        "--strategies",
+        type=_strategies,
+        default="none,checkfree,checkfree+,checkpoint,copy,random,redundant",
+        help="comma-separated: none, checkfree, checkfree+, checkpoint, copy, random, redundant (default all)",
+    )
+    p.add_argument(
+        "--failure-rates",
+        type=_probabilities,
+        default="0.001,0.003,0.01",
+        help="comma-separated per-stage per-iteration failure probabilities (default 0.001,0.003,0.01)",
+    )
+    p.add_argument("--iterations", type=_positive_int, help="iterations per run (default 300 simulate, 60 live)")
+    p.add_argument("--target-loss", type=_positive_float, help="default: the no-failure run's at ~2/3 of the run")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results"), help="results directory")
+    p.add_argument("--stages", type=_positive_int, default=7, help="pipeline stages (default 7: 6 block stages)")
+    p.add_argument("--seq-len", type=_positive_int, default=64, help="sequence length (default 64)")
+    p.add_argument(
+        "--checkpoint-every", type=_positive_int, default=10, help="checkpoint strategy: every K steps (default 10)"
+    )
+    p.add_argument(
+        "--redundant-factor",
+        type=_positive_float,
+        default=PAPER_REDUNDANT_FACTOR,
+        help="redundant computation: time per iteration × this (default 1.653, the paper's measured ratio)",
+    )
+    p.add_argument(
+        "--failure-overhead-seconds",
+        type=_non_negative_float,
+        default=0.0,
+        help="simulate: seconds added to every failure (detection and replacement start, e.g. from --mode live)",
+    )
+    p.add_argument("--lr-scale", type=_positive_float, default=1.1, help="lr multiplier of a rebuilt stage")
+    p.add_argument("--eval-every", type=_positive_int, help="validation every E iterations (default: ~30 points)")
+    p.add_argument("--eval-batches", type=_positive_int, default=4, help="held-out microbatches per evaluation")
+    p.add_argument("--spares", type=_non_negative_int, default=1, help="live: spare nodes per run (default 1)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads (simulate) or per stage (live)")
+    p.add_argument("--json", action="store_true", help="print results.json to stdout")
+    g = p.add_argument_group("model and training")
+    g.add_argument("--preset", default="tiny", help="model/training preset (default tiny)")
+    g.add_argument("--config", type=pathlib.Path, help="TOML or JSON file overriding the preset")
+    g.add_argument("--data", help="a .txt or .jsonl file (or a directory of them); default: built-in corpus")
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="seed of weights, batches and failures")
+    g.add_argument("--microbatches", type=_positive_int, default=2, help="microbatches per step (default 2)")
+    g.add_argument("--microbatch-size", type=_positive_int, default=4, help="sequences per microbatch (default 4)")
+    g.add_argument("--lr", type=_positive_float, help="AdamW learning rate")
+
     p = sub.add_parser("status", help="show the swarm as the DHT sees it")
     p.add_argument("--initial-peers", type=_maddr, action="append", required=True, help="bootstrap multiaddr")
     p.add_argument("--swarm", type=_swarm_name, default="default", help="swarm name (local swarms use 'local')")
@@ -249,6 +384,32 @@ def _parse_faults(specs: list[str], num_stages: int) -> list:
         raise CliError(f"--kill/--fault {err}") from None
 
 
+def _read_initial_peers(path: pathlib.Path, timeout: float = 120.0) -> list[str]:
+    """Multiaddrs from ``path`` (one per line), waiting up to ``timeout`` for the bootstrap node to write it.
+    Loopback addresses are dropped when others exist: in a container they name the container itself."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise CliError(f"--initial-peers-file {path} did not appear within {timeout:.0f}s")
+        time.sleep(0.5)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"--initial-peers-file {path}: {err}") from None
+    maddrs = []
+    for line in lines:
+        try:
+            maddrs.append(_maddr(line))
+        except argparse.ArgumentTypeError as err:
+            raise CliError(f"--initial-peers-file {path}: {err}") from None
+    if not maddrs:
+        raise CliError(f"--initial-peers-file {path} holds no multiaddr")
+    remote = [m for m in maddrs if not m.startswith(("/ip4/127.", "/ip6/::1/"))]
+    return remote or maddrs
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from node.stage.daemon import DaemonOptions, run_daemon
 
@@ -256,6 +417,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"--stage {args.stage} is outside 0..{args.num_stages - 1} for --num-stages {args.num_stages}")
     cfg = _build_config(args, args.num_stages)
     faults = _parse_faults(args.fault, args.num_stages)
+    initial_peers = list(args.initial_peers)
+    if args.initial_peers_file is not None:
+        initial_peers += _read_initial_peers(args.initial_peers_file)
+    if args.recovery == "checkpoint":
+        if args.checkpoint_dir is None:
+            raise CliError("--recovery checkpoint needs --checkpoint-dir (storage the swarm's nodes share)")
+        _check_checkpoint_dir(args.checkpoint_dir)
     if args.stage in (0, None) and cfg.data is not None:
         from node.data import load_corpus
 
@@ -264,7 +432,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config=cfg,
         stage=args.stage,
         swarm=args.swarm,
-        initial_peers=args.initial_peers,
+        initial_peers=initial_peers,
         host=args.host,
         port=args.port,
         announce_host=args.announce_host,
@@ -284,6 +452,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
         faults=faults,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=args.checkpoint_dir,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
     )
     return run_daemon(opts)
 
@@ -301,6 +473,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     cfg = _build_config(args, args.stages)
 
     load_corpus(cfg.data).check_fits(cfg.train.seq_len)
+    if args.recovery == "checkpoint" and args.checkpoint_dir is not None:
+        _check_checkpoint_dir(args.checkpoint_dir)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.stages)
     swarm = LocalSwarm(
         LocalOptions(
@@ -327,7 +501,16 @@ def cmd_local(args: argparse.Namespace) -> int:
                 str(args.heartbeat_timeout),
                 "--embed-sync-every",
                 str(args.embed_sync_every),
+                "--checkpoint-every",
+                str(args.checkpoint_every),
+                "--eval-every",
+                str(args.eval_every),
+                "--eval-batches",
+                str(args.eval_batches),
             ],
+            checkpoint_dir=args.checkpoint_dir,
+            prometheus_dir=args.prometheus_dir,
+            metrics=args.metrics,
         )
     )
     try:
@@ -353,6 +536,90 @@ def cmd_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from node.bench.results import write_results
+    from node.config import build_config
+
+    train: dict[str, Any] = {
+        "seed": args.seed,
+        "microbatches_per_step": args.microbatches,
+        "microbatch_size": args.microbatch_size,
+        "seq_len": args.seq_len,
+    }
+    if args.lr is not None:
+        train["lr"] = args.lr
+    overrides: dict[str, Any] = {"num_stages": args.stages, "train": train}
+    if args.data is not None:
+        overrides["data"] = args.data
+    cfg = build_config(preset=args.preset, config_file=args.config, overrides=overrides)
+    if "checkfree+" in args.strategies:
+        build_config(preset=args.preset, config_file=args.config, overrides={**overrides, "out_of_order": True})
+    iterations = args.iterations or (300 if args.mode == "simulate" else 60)
+    eval_every = args.eval_every or max(1, iterations // 30)
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        common: dict[str, Any] = {
+            "config": cfg,
+            "strategies": args.strategies,
+            "failure_rates": args.failure_rates,
+            "iterations": iterations,
+            "seed": args.seed,
+            "target_loss": args.target_loss,
+            "checkpoint_every": args.checkpoint_every,
+            "redundant_factor": args.redundant_factor,
+            "lr_scale": args.lr_scale,
+            "eval_every": eval_every,
+            "eval_batches": args.eval_batches,
+        }
+        if args.mode == "simulate":
+            import torch
+
+            from node.bench.simulate import SimulateOptions, run_simulation
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            opts = SimulateOptions(**common, failure_overhead_seconds=args.failure_overhead_seconds)
+            results = run_simulation(opts, progress)
+        else:
+            from node.bench.live import LiveOptions, run_live
+
+            live = LiveOptions(**common, out=args.out, spares=args.spares, threads=args.threads)
+            results = run_live(live, progress)
+    json_path, png_path = write_results(results, args.out)
+    if args.json:
+        print(json_path.read_text(encoding="utf-8"))
+        return 0
+    table = Table(title=f"time to validation loss {results.target_loss:.3f} ({args.mode})")
+    for col in ("strategy", "failure rate", "failures", "iterations", "minutes", "final val loss", "recover s"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in results.runs:
+        table.add_row(
+            r.strategy,
+            f"{r.failure_rate:g}",
+            str(r.failures),
+            "-" if r.iterations_to_target is None else str(r.iterations_to_target),
+            "never" if r.seconds_to_target is None else f"{r.seconds_to_target / 60:.2f}",
+            "-" if r.final_val_loss is None else f"{r.final_val_loss:.3f}",
+            f"{sum(r.recover_seconds) / len(r.recover_seconds):.2f}" if r.recover_seconds else "-",
+        )
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -365,11 +632,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dht":
             from node.dht.bootstrap import run_bootstrap
 
-            return run_bootstrap(args.host, args.port, args.identity, args.json, args.announce_maddr)
+            return run_bootstrap(
+                args.host, args.port, args.identity, args.json, args.announce_maddr, maddr_file=args.maddr_file
+            )
         if args.command == "run":
             return cmd_run(args)
         if args.command == "local":
             return cmd_local(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         if args.command == "status":
             from node.status import print_status, read_swarm
 

@@ -1,4 +1,7 @@
-"""Prometheus metrics of one daemon (prefix ``swarm_node_``; no unbounded label values)."""
+"""Prometheus metrics of one daemon (prefix ``swarm_node_``; no unbounded label values).
+
+Every label takes values from a fixed set (direction, side, reason, method, result), and each series is
+created at start-up with value 0, so that rates and dashboards have data before the first event."""
 
 from __future__ import annotations
 
@@ -14,6 +17,11 @@ class StageMetrics:
         self.committed_step = Gauge("swarm_node_committed_step", "Steps committed on this stage", registry=r)
         self.loss = Gauge(
             "swarm_node_training_loss", "Mean training loss of the last committed step (stage 0)", registry=r
+        )
+        self.validation_loss = Gauge(
+            "swarm_node_validation_loss",
+            "Held-out loss of the committed weights at the last evaluation (stage 0)",
+            registry=r,
         )
         self.microbatches = Counter(
             "swarm_node_microbatches_total", "Microbatches processed", ["direction"], registry=r
@@ -62,6 +70,18 @@ class StageMetrics:
         self.recovery_fetched_bytes = Counter(
             "swarm_node_recovery_fetched_bytes_total", "Bytes of neighbour weights fetched to rebuild", registry=r
         )
+        self.failure_detection_seconds = Histogram(
+            "swarm_node_failure_detection_seconds",
+            "Time from a neighbour's last successful heartbeat or RPC to finding it dead",
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.recovery_seconds = Histogram(
+            "swarm_node_recovery_seconds",
+            "Time for a replacement from claiming a stage to holding its rebuilt weights",
+            registry=r,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+        )
         self.rebuild_seconds = Histogram(
             "swarm_node_rebuild_seconds",
             "Time to fetch and rebuild a stage's weights",
@@ -75,6 +95,49 @@ class StageMetrics:
             "swarm_node_replica_held_bytes", "Bytes of stage-0 copies held (checkfree+, stages 1 and S-1)", registry=r
         )
         self.stages_online = Gauge("swarm_node_stages_online", "Stages with a serving peer in the DHT", registry=r)
+        # Checkpoint strategy (--recovery checkpoint); zero elsewhere.
+        self.checkpoint_writes = Counter(
+            "swarm_node_checkpoint_writes_total", "Checkpoint writes by result", ["result"], registry=r
+        )
+        self.checkpoint_snapshot_seconds = Histogram(
+            "swarm_node_checkpoint_snapshot_seconds",
+            "Time the training path is blocked taking an in-memory checkpoint snapshot",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.checkpoint_write_seconds = Histogram(
+            "swarm_node_checkpoint_write_seconds",
+            "Time to write one checkpoint to disk in the background",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.checkpoint_bytes = Counter(
+            "swarm_node_checkpoint_written_bytes_total", "Bytes of checkpoints written", registry=r
+        )
+        self.checkpoint_step = Gauge(
+            "swarm_node_checkpoint_step", "Step of the latest durable checkpoint on this stage", registry=r
+        )
+        self.rollbacks = Counter("swarm_node_rollbacks_total", "Rollbacks of this stage to a checkpoint", registry=r)
+
+        self._create_series()
+
+    def _create_series(self) -> None:
+        from node.recovery.planner import Method
+        from node.stage.runtime import Reject
+
+        for direction in ("forward", "backward"):
+            for labelled in (self.microbatches, self.compute_seconds, self.transfer_seconds, self.bytes_sent):
+                labelled.labels(direction=direction)
+            self.bytes_received.labels(direction=direction)
+        for side in ("prev", "next"):
+            self.heartbeat_rtt.labels(side=side)
+        for reason in Reject:
+            self.rejected.labels(reason=reason.value)
+        for method in Method:
+            if method != Method.UNRECOVERABLE:
+                self.recoveries.labels(method=method.value)
+        for result in ("ok", "failed"):
+            self.checkpoint_writes.labels(result=result)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the /metrics HTTP server; returns the bound port (``port`` 0 picks a free one)."""

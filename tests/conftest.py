@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -85,3 +88,26 @@ def run_local(tmp_path, *args: str, stages: int = 4, steps: int = 8, timeout: fl
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+def swarm_status(maddr: str, swarm: str = "local") -> list[dict[str, Any]]:
+    """The stage records of ``swarm`` as ``swarm-node status --json`` prints them."""
+    out = subprocess.run(
+        [sys.executable, "-m", "node", "status", "--initial-peers", maddr, "--swarm", swarm, "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout)["stages"]
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5, ignore: tuple[type, ...] = ()
+) -> Any:
+    """Polls ``predicate`` until it returns something truthy (returned); fails the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(*ignore):
+            value = predicate()
+            if value:
+                return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import signal
 import threading
@@ -13,8 +14,16 @@ import hivemind
 logger = logging.getLogger(__name__)
 
 
-def run_bootstrap(host: str, port: int, identity: pathlib.Path, as_json: bool, announce: list[str]) -> int:
-    """Starts the node, prints its multiaddrs (first line of stdout), serves until SIGINT/SIGTERM."""
+def run_bootstrap(
+    host: str,
+    port: int,
+    identity: pathlib.Path,
+    as_json: bool,
+    announce: list[str],
+    maddr_file: pathlib.Path | None = None,
+) -> int:
+    """Starts the node, prints its multiaddrs (first line of stdout), also writes them to ``maddr_file`` (one per
+    line, atomically), and serves until SIGINT/SIGTERM."""
     identity.parent.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -27,6 +36,11 @@ def run_bootstrap(host: str, port: int, identity: pathlib.Path, as_json: bool, a
         await_ready=True,
     )
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
+    if maddr_file is not None:
+        maddr_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = maddr_file.with_name(maddr_file.name + ".tmp")
+        tmp.write_text("".join(f"{m}\n" for m in maddrs), encoding="utf-8")
+        os.replace(tmp, maddr_file)
     if as_json:
         print(json.dumps({"peer_id": str(dht.peer_id), "maddrs": maddrs}), flush=True)
     else:

@@ -74,6 +74,9 @@ class LocalOptions:
     respawn: bool = True
     spares: int = 0
     seed: int = 0
+    checkpoint_dir: pathlib.Path | None = None  # --recovery checkpoint (default WORKDIR/checkpoints)
+    prometheus_dir: pathlib.Path | None = None  # write prometheus.yml + targets.json (file_sd) here
+    metrics: bool = True  # every daemon serves /metrics on a free port
 
 
 class LocalSwarm:
@@ -107,6 +110,7 @@ class LocalSwarm:
         self._seen_attempts: set[int] = set()
         self._due_kills: list[tuple[float, int, int, str]] = []  # (due, stage, step, why)
         self._rng = random.Random(opts.seed)
+        self._prometheus_targets: set[tuple[str, str]] | None = None  # as last written to targets.json
 
     # ---- processes --------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], capture_stdout: bool = False) -> Child:
@@ -166,8 +170,6 @@ class LocalSwarm:
             "127.0.0.1",
             "--port",
             "0",
-            "--metrics-port",
-            "0",
             "--refresh",
             str(o.refresh_seconds),
             "--step-timeout",
@@ -183,6 +185,10 @@ class LocalSwarm:
             "--steps",
             str(o.steps),
         ]
+        if o.metrics:
+            args += ["--metrics-port", "0"]
+        if o.recovery == "checkpoint":
+            args += ["--checkpoint-dir", str(o.checkpoint_dir or self.workdir / "checkpoints")]
         for maddr in self.bootstrap_maddrs:
             args += ["--initial-peers", maddr]
         if o.threads:
@@ -345,6 +351,7 @@ class LocalSwarm:
                     for r in records:
                         if r.stage is not None and r.state != StageState.OFFLINE:
                             self.last_seen[r.stage] = r
+                    self.update_prometheus_targets(records)
                     self.committed_samples += [
                         {
                             "time": time.time(),
@@ -365,6 +372,32 @@ class LocalSwarm:
                 time.sleep(0.1)
         self.final_records = self.swarm_records()
         return events
+
+    def write_prometheus_config(self) -> None:
+        """``--prometheus-dir``: the same scrape job as docker compose's, discovering the local daemons
+        from ``targets.json`` (kept up to date as nodes die and replacements start)."""
+        from node.monitoring import prometheus_config
+
+        directory = self.opts.prometheus_dir
+        assert directory is not None
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "prometheus.yml").write_text(prometheus_config("local"), encoding="utf-8")
+        self.update_prometheus_targets([])
+
+    def update_prometheus_targets(self, records: list[StageRecord]) -> None:
+        if self.opts.prometheus_dir is None:
+            return
+        from node.monitoring import TARGETS_FILE, write_targets
+
+        names = {c.proc.pid: c.name for c in self.children if c.proc.poll() is None}
+        targets = {
+            (names[r.pid], f"127.0.0.1:{r.metrics_port}")
+            for r in records
+            if r.metrics_port and r.pid in names and r.state != StageState.OFFLINE
+        }
+        if targets != self._prometheus_targets:
+            write_targets(self.opts.prometheus_dir / TARGETS_FILE, "local", targets)
+            self._prometheus_targets = targets
 
     def recoveries(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One entry per rebuilt stage, matched to the kill that caused it."""
@@ -414,13 +447,15 @@ class LocalSwarm:
     def run(self) -> dict[str, Any]:
         self.config_path.write_text(self.opts.config.model_dump_json(indent=2), encoding="utf-8")
         self.events_path.unlink(missing_ok=True)
+        if self.opts.prometheus_dir is not None:
+            self.write_prometheus_config()
         try:
             maddrs = self.start_bootstrap()
             self.console.print(f"bootstrap: {maddrs[0]}", soft_wrap=True)
             for stage in range(self.opts.config.num_stages):
                 self.start_stage(stage)
             started = time.monotonic()
-            events = self.watch()
+            self.watch()
             wall = time.monotonic() - started
             stage_info = self._stage_info()
             # stage 0 exits by itself after its last step; the others save their weights on SIGTERM.
@@ -430,7 +465,8 @@ class LocalSwarm:
             if self.dht is not None:
                 self.dht.shutdown()
             self.stop_all()
-        summary = self._summary(events, stage_info, wall)
+        # events written during shutdown (the last checkpoint writes) count too
+        summary = self._summary(self.read_events(), stage_info, wall)
         if self.opts.check_reference:
             summary["reference_max_abs_diff"] = self.reference_diff()
         return summary
@@ -470,6 +506,13 @@ class LocalSwarm:
             "recoveries": self.recoveries(events),
             "kills": [e for e in events if e.get("event") == "killed"] + self.kill_log,
             "committed_samples": self.committed_samples,
+            "rollbacks": [{"step": e["step"], "time": e["time"]} for e in events if e.get("event") == "rolled_back"],
+            "evaluations": [
+                {"step": e["step"], "val_loss": e["val_loss"], "time": e["time"], "seconds": e["seconds"]}
+                for e in events
+                if e.get("event") == "eval"
+            ],
+            "checkpoints": _checkpoint_summary(events),
             "bootstrap": self.bootstrap_maddrs,
             "config": self.opts.config.model_dump(mode="json"),
             "stages": stages,
@@ -500,3 +543,16 @@ class LocalSwarm:
     def cleanup(self) -> None:
         if self._own_workdir is not None:
             self._own_workdir.cleanup()
+
+
+def _checkpoint_summary(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Checkpoint writes of the run (``--recovery checkpoint``): count, bytes and durations."""
+    writes = [e for e in events if e.get("event") == "checkpoint"]
+    snapshots = [e["seconds"] for e in events if e.get("event") == "checkpoint_snapshot"]
+    return {
+        "writes": len(writes),
+        "bytes": sum(e["bytes"] for e in writes),
+        "write_seconds_mean": sum(e["write_seconds"] for e in writes) / len(writes) if writes else None,
+        "snapshot_seconds_mean": sum(snapshots) / len(snapshots) if snapshots else None,
+        "snapshot_seconds_total": sum(snapshots),
+    }

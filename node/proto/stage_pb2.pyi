@@ -33,7 +33,7 @@ class TensorHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class MicrobatchMeta(_message.Message):
-    __slots__ = ("step", "microbatch", "route", "hop", "sender_stage", "sender_peer", "attempt", "grad_norm")
+    __slots__ = ("step", "microbatch", "route", "hop", "sender_stage", "sender_peer", "attempt", "grad_norm", "eval")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class MicrobatchMeta(_message.Message):
     SENDER_PEER_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
     step: int
     microbatch: int
     route: _containers.RepeatedScalarFieldContainer[int]
@@ -50,7 +51,8 @@ class MicrobatchMeta(_message.Message):
     sender_peer: str
     attempt: int
     grad_norm: float
-    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., route: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., attempt: _Optional[int] = ..., grad_norm: _Optional[float] = ...) -> None: ...
+    eval: bool
+    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., route: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., attempt: _Optional[int] = ..., grad_norm: _Optional[float] = ..., eval: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("meta", "header", "data")
@@ -155,7 +157,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage", "peer_id", "state", "committed_step", "last_grad_norm", "rejected_messages", "pid")
+    __slots__ = ("stage", "peer_id", "state", "committed_step", "last_grad_norm", "rejected_messages", "pid", "checkpoint_steps")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +165,7 @@ class StageStatus(_message.Message):
     LAST_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     REJECTED_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEPS_FIELD_NUMBER: _ClassVar[int]
     stage: int
     peer_id: str
     state: str
@@ -170,4 +173,23 @@ class StageStatus(_message.Message):
     last_grad_norm: float
     rejected_messages: int
     pid: int
-    def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ..., last_grad_norm: _Optional[float] = ..., rejected_messages: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    checkpoint_steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ..., last_grad_norm: _Optional[float] = ..., rejected_messages: _Optional[int] = ..., pid: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("step", "attempt", "sender_peer")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SENDER_PEER_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    attempt: int
+    sender_peer: str
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., sender_peer: _Optional[str] = ...) -> None: ...
+
+class RollbackReply(_message.Message):
+    __slots__ = ("stage", "committed_step")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    committed_step: int
+    def __init__(self, stage: _Optional[int] = ..., committed_step: _Optional[int] = ...) -> None: ...

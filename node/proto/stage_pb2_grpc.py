@@ -84,6 +84,11 @@ class StageStub:
                 request_serializer=node_dot_proto_dot_stage__pb2.FetchWeightsRequest.SerializeToString,
                 response_deserializer=node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/swarm_node.v1.Stage/Rollback',
+                request_serializer=node_dot_proto_dot_stage__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=node_dot_proto_dot_stage__pb2.RollbackReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -154,6 +159,13 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """--recovery checkpoint: restore the checkpoint of request.step (weights, AdamW state, data position).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +218,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.FetchReplica,
                     request_deserializer=node_dot_proto_dot_stage__pb2.FetchWeightsRequest.FromString,
                     response_serializer=node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=node_dot_proto_dot_stage__pb2.RollbackRequest.FromString,
+                    response_serializer=node_dot_proto_dot_stage__pb2.RollbackReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +495,33 @@ class Stage:
             '/swarm_node.v1.Stage/FetchReplica',
             node_dot_proto_dot_stage__pb2.FetchWeightsRequest.SerializeToString,
             node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm_node.v1.Stage/Rollback',
+            node_dot_proto_dot_stage__pb2.RollbackRequest.SerializeToString,
+            node_dot_proto_dot_stage__pb2.RollbackReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,10 +10,13 @@ method          when
 ``fresh``       the swarm has not committed any step yet: the seed's initial weights are exact
 ``checkfree``   live block stages on both sides: W = (g₊·W₊ + g₋·W₋)/(g₊ + g₋), ε = 1e-4 on each g
 ``copy``        a live block stage on one side only (first/last block stage, or a lost run at an edge)
-``random``      ``--recovery none``, or no live block stage at all: fresh random weights
+``random``      ``--recovery random`` (or ``none``), or no live block stage at all: fresh random weights
 ``partner_copy``  checkfree+: an edge block stage (1, 2, S-2, S-1) copies its live swap partner
 ``embedding_replica``  checkfree+: stage 0 from the freshest copy of its embedding, final norm, LM head
                 (and AdamW state) held by stages 1 and S-1
+``checkpoint``  ``--recovery checkpoint`` (any stage, also at start-up: a restarted swarm resumes): the
+                stage's newest checkpoint; stage 0 then rolls the whole swarm back to the newest
+                checkpoint every stage has
 ==============  ===========================================================================
 
 Stage 0 (data, embedding, final norm, LM head) cannot be rebuilt from block stages; plain CheckFree reports
@@ -41,6 +44,7 @@ class Method(enum.StrEnum):
     RANDOM = "random"
     PARTNER_COPY = "partner_copy"
     EMBEDDING_REPLICA = "embedding_replica"
+    CHECKPOINT = "checkpoint"
     UNRECOVERABLE = "unrecoverable"
 
 
@@ -108,10 +112,14 @@ def plan_recovery(
 
     ``replicas`` maps each live stage holding a copy of stage 0 to that copy's committed step (checkfree+).
     """
+    if strategy == "checkpoint":
+        return RecoveryPlan(
+            stage, Method.CHECKPOINT, (), "the stage's newest checkpoint; the swarm rolls back to a common one"
+        )
     if committed_step == 0:
         return RecoveryPlan(stage, Method.FRESH, (), "no step committed yet: the seed's initial weights are exact")
-    if strategy == "none":
-        return RecoveryPlan(stage, Method.RANDOM, (), "--recovery none: fresh random weights")
+    if strategy in ("none", "random"):
+        return RecoveryPlan(stage, Method.RANDOM, (), f"--recovery {strategy}: fresh random weights")
     if stage == 0:
         holders = {s: step for s, step in (replicas or {}).items() if s in live}
         if strategy == "checkfree+" and holders:
@@ -125,12 +133,15 @@ def plan_recovery(
             else "plain CheckFree cannot rebuild it from block stages (use --recovery checkfree+)"
         )
         return RecoveryPlan(0, Method.UNRECOVERABLE, (), f"stage 0 holds the data, embedding and LM head; {why}")
+    below, above = nearest_live_block_stages(stage, num_stages, live)
+    if strategy == "copy" and (below is not None or above is not None):  # the paper's ablation baseline
+        src = below if below is not None else above
+        return RecoveryPlan(stage, Method.COPY, (src,), f"--recovery copy: copy of stage {src}")
     partner = swap_partner(stage, num_stages, strategy == "checkfree+")
     if partner is not None and partner in live:
         return RecoveryPlan(
             stage, Method.PARTNER_COPY, (partner,), f"copy of swap partner {partner}, trained on the same positions"
         )
-    below, above = nearest_live_block_stages(stage, num_stages, live)
     if below is not None and above is not None:
         return RecoveryPlan(
             stage, Method.CHECKFREE, (below, above), f"gradient-norm weighted average of stages {below} and {above}"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from node.checkpoint import restore_runtime
 from node.proto import stage_pb2 as pb
 from node.recovery.planner import (
     Method,
@@ -131,6 +132,16 @@ async def _execute(d: StageDaemon, plan: RecoveryPlan, committed: int, started: 
         return
     t0 = time.monotonic()
     d.fetch_seconds = 0.0
+    if plan.method == Method.CHECKPOINT:
+        store = d.open_checkpoints()
+        found = await asyncio.to_thread(store.latest_loadable)
+        step = found[0].step if found is not None else 0
+        d.runtime = await d.compute(restore_runtime, cfg, stage, d.device, found)
+        d.fetch_seconds = time.monotonic() - t0
+        if found is not None or committed > 0:  # not a plain first start
+            nbytes = found[0].size if found is not None else 0
+            _finish(d, plan, step, [], nbytes, t0, started, lr_scale=d.runtime.lr_scale)
+        return
     if plan.method == Method.EMBEDDING_REPLICA:
         step, nbytes = await _rebuild_stage0(d, plan.sources[0])
         _finish(d, plan, step, [], nbytes, t0, started, lr_scale=1.0)
@@ -194,6 +205,7 @@ def _finish(
     d.metrics.recoveries.labels(method=plan.method.value).inc()
     d.metrics.recovery_fetched_bytes.inc(nbytes)
     d.metrics.rebuild_seconds.observe(rebuild_seconds)
+    d.metrics.recovery_seconds.observe(d.last_recovery.seconds)
     d.emit(
         {
             "event": "recovery",

@@ -20,6 +20,17 @@ Step protocol (driven by stage 0; every other stage only reacts to messages):
    is refused, and a newer attempt discards whatever a stage held of the older one. No parameter has
    changed, so the step is applied on every stage or on none.
 
+5. ``--recovery checkpoint`` (the baseline): every ``checkpoint_every`` committed steps each stage snapshots
+   its weights and AdamW state to host memory right after the commit (the only cost on the training path)
+   and writes it in the background (:mod:`node.checkpoint`). A replacement restores its stage's newest
+   checkpoint. Whenever stage 0 finds every stage served but not all at its committed step, it asks every
+   stage for its durable checkpoints, picks the newest step they all have (``rollback_target``; step 0 is
+   the seed's weights) and sends ``Rollback`` to every stage, then restores its own: weights, moments and
+   the data position (batches are a function of the step) go back together. Rollback is idempotent and
+   deletes newer checkpoints, so a rollback interrupted by another failure converges on the next try.
+6. ``eval_every``: after every E-th commit stage 0 sends the held-out batches forward only (``meta.eval``)
+   on the committed weights and logs the validation loss; nothing is kept and no step changes.
+
 Each stage records its committed step and the gradient norm of its last commit: CheckFree recovery needs
 both. The daemon announces itself in the DHT every ``refresh_seconds`` with an expiry of twice that, and
 announces ``offline`` before a clean exit.
@@ -50,8 +61,9 @@ from grpc_reflection.v1alpha import reflection
 from safetensors.torch import save_file
 
 from node import __version__
+from node.checkpoint import BackgroundWriter, CheckpointError, CheckpointStore, restore_runtime, rollback_target
 from node.config import SwarmConfig
-from node.data import batch_for_step, load_corpus
+from node.data import batch_for_step, load_corpus, validation_batches
 from node.dht.directory import SwarmDirectory, pick_peer
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
@@ -136,6 +148,10 @@ class DaemonOptions:
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 1.0
     faults: list[FaultSpec] = field(default_factory=list)
+    checkpoint_every: int = 100
+    checkpoint_dir: pathlib.Path | None = None  # shared storage: a replacement restores from it
+    eval_every: int = 0  # stage 0: validation loss every E committed steps (0: never)
+    eval_batches: int = 4
 
 
 class StageDaemon:
@@ -173,6 +189,7 @@ class StageDaemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.runtime: StageRuntime | None = None  # built (or rebuilt) on the compute thread in run()
         self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
+        self.last_alive: dict[str, float] = {}  # peer id -> its last successful heartbeat (monotonic)
         self._reported_dead: set[str] = set()
         self.last_recovery: RecoveryRecord | None = None
         self.fetch_seconds = 0.0  # of the last rebuild: fetching the sources' weights
@@ -186,6 +203,13 @@ class StageDaemon:
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._targets: dict[int, torch.Tensor] = {}
         self._losses: dict[int, float] = {}
+        # --recovery checkpoint
+        self.checkpoints: CheckpointStore | None = None
+        self.writer: BackgroundWriter | None = None
+        self.durable_steps: frozenset[int] = frozenset()
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._eval_future: asyncio.Future[float] | None = None
+        self._eval_targets: torch.Tensor | None = None
 
     # ---- helpers ----------------------------------------------------------------------------------
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
@@ -278,10 +302,15 @@ class StageDaemon:
             )
             logger.warning("stage %s peer %s is unreachable (%s)", peer.stage, peer.peer_id, why)
             self.metrics.failures_detected.inc()
+            if peer.peer_id in self.last_alive:
+                self.metrics.failure_detection_seconds.observe(time.monotonic() - self.last_alive[peer.peer_id])
             self.emit(
                 {"event": "failure_detected", "stage": peer.stage, "peer": peer.peer_id, "by": self.stage, "why": why}
             )
-        failure = StepFailed(f"stage {peer.stage} ({peer.peer_id}) lost: {why}")
+        self.fail_step_in_flight(StepFailed(f"stage {peer.stage} ({peer.peer_id}) lost: {why}"))
+
+    def fail_step_in_flight(self, failure: StepFailed) -> None:
+        """Stage 0: makes the step in flight (or the evaluation) give up now rather than at its timeout."""
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(failure)
@@ -371,7 +400,26 @@ class StageDaemon:
         self.metrics.microbatches.labels(direction=direction).inc()
         return result
 
+    async def on_eval_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
+        """Evaluation: forward only on the committed weights, outside the step in flight."""
+        rt = self.runtime
+        if meta.step != rt.committed_step:
+            reason = Reject.STALE_STEP if meta.step < rt.committed_step else Reject.UNKNOWN_STEP
+            raise StepError(reason, f"evaluation of step {meta.step}, but this stage has committed {rt.committed_step}")
+        if self.stage == 0:
+            fut, targets = self._eval_future, self._eval_targets
+            if fut is None or fut.done():
+                raise StepError(Reject.BAD_MICROBATCH, "no evaluation is in flight")
+            loss = await self.compute(rt.eval_loss, x, targets)
+            if not fut.done():
+                fut.set_result(loss)
+            return
+        self._forward_on(meta, await self.compute(rt.eval_forward, x), "Forward", meta.hop + 1)
+
     async def on_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
+        if meta.eval:
+            await self.on_eval_forward(meta, x)
+            return
         rt = self.runtime
         if self.stage == 0:  # last hop: loss, and the gradient goes back
             targets = self._targets.get(meta.microbatch)
@@ -394,6 +442,8 @@ class StageDaemon:
         self._forward_on(meta, await self._compute_in_order(meta, "forward", fwd), "Forward", meta.hop + 1)
 
     async def on_backward(self, meta: pb.MicrobatchMeta, grad: torch.Tensor) -> None:
+        if meta.eval:
+            raise StepError(Reject.BAD_STREAM, "evaluation messages only travel forward")
         rt = self.runtime
         if self.stage == 0:  # home: the embedding's gradient
 
@@ -414,9 +464,116 @@ class StageDaemon:
         self._forward_on(meta, await self._compute_in_order(meta, "backward", bwd), "Backward", meta.hop - 1)
 
     async def commit(self, step: int, attempt: int, clip_coef: float) -> int:
+        before = self.runtime.committed_step
         committed = await self.compute(self.runtime.commit, step, attempt, clip_coef)
         self.metrics.committed_step.set(committed)
+        if committed != before and self.writer is not None and committed % self.opts.checkpoint_every == 0:
+            self._checkpoint(committed)
         return committed
+
+    # ---- checkpoint strategy ----------------------------------------------------------------------
+    def open_checkpoints(self) -> CheckpointStore:
+        """The checkpoint store of this node's stage, and its background writer (``--recovery checkpoint``)."""
+        assert self.stage is not None and self.opts.checkpoint_dir is not None
+        if self.checkpoints is None or self.checkpoints.stage != self.stage:
+            self.checkpoints = CheckpointStore(self.opts.checkpoint_dir, self.stage, self.fingerprint)
+            self.writer = BackgroundWriter(self.checkpoints, self.metrics, self._on_durable)
+            self.durable_steps = frozenset(self.checkpoints.steps())
+        return self.checkpoints
+
+    def _on_durable(self, step: int, seconds: float, nbytes: int) -> None:  # on the writer thread
+        assert self.checkpoints is not None
+        self.durable_steps = frozenset(self.checkpoints.steps())
+        self.emit({"event": "checkpoint", "stage": self.stage, "step": step, "write_seconds": seconds, "bytes": nbytes})
+
+    @property
+    def samples_per_step(self) -> int:
+        t = self.config.train
+        return t.microbatches_per_step * t.microbatch_size
+
+    def _checkpoint(self, committed: int) -> None:
+        """Snapshots the state after ``committed`` on the compute thread, submitted now so it runs before the
+        next step can touch a parameter; the write happens on the writer's thread."""
+        rt, writer = self.runtime, self.writer
+        assert writer is not None
+
+        def snapshot() -> tuple[dict[str, torch.Tensor], float, float]:
+            started = time.perf_counter()
+            writer.wait()  # at most one snapshot in memory besides the live state
+            return rt.full_state(), rt.last_grad_norm, time.perf_counter() - started
+
+        future = asyncio.get_running_loop().run_in_executor(self._compute_pool, snapshot)
+
+        async def persist() -> None:
+            tensors, norm, seconds = await future
+            self.metrics.checkpoint_snapshot_seconds.observe(seconds)
+            self.emit({"event": "checkpoint_snapshot", "stage": self.stage, "step": committed, "seconds": seconds})
+            writer.submit(
+                committed,
+                tensors,
+                data_position=committed * self.samples_per_step,
+                lr_scale=rt.lr_scale,
+                grad_norm=norm,
+            )
+
+        self._snapshot_task = self._spawn(persist())
+
+    async def rollback(self, step: int, attempt: int) -> int:
+        """Restores this stage's checkpoint of ``step`` (weights, AdamW state) and forgets newer ones."""
+        if self.checkpoints is None or self.writer is None:
+            raise StepError(Reject.NO_CHECKPOINT, f"stage {self.stage} keeps no checkpoints (no --recovery checkpoint)")
+        if attempt < self.runtime.attempt:
+            raise StepError(Reject.STALE_ATTEMPT, f"rollback attempt {attempt} is older than {self.runtime.attempt}")
+        if self._snapshot_task is not None:
+            with contextlib.suppress(Exception):
+                await self._snapshot_task
+        await asyncio.to_thread(self.writer.wait)  # a write of a newer step must not land after the discard
+        store, before = self.checkpoints, self.runtime.committed_step
+        try:
+            found = None if step == 0 else await asyncio.to_thread(store.load, step)
+            runtime = await self.compute(restore_runtime, self.config, self.stage, self.device, found)
+        except CheckpointError as err:
+            raise StepError(Reject.NO_CHECKPOINT, str(err)) from None
+        runtime.attempt = attempt
+        self.runtime = runtime
+        await asyncio.to_thread(store.discard_after, step)
+        self.durable_steps = frozenset(await asyncio.to_thread(store.steps))
+        self.metrics.rollbacks.inc()
+        self.metrics.committed_step.set(step)
+        self.emit({"event": "rollback", "stage": self.stage, "step": step, "from_step": before, "attempt": attempt})
+        logger.warning("stage %d rolled back from step %d to checkpoint %d", self.stage, before, step)
+        return step
+
+    async def rollback_swarm(self, attempt: int) -> int:
+        """Stage 0: every stage back to the newest checkpoint they all have; returns that step."""
+        deadline = time.monotonic() + self.opts.rpc_timeout
+        try:
+            statuses = await asyncio.gather(
+                *(self._unary(s, "GetStatus", pb.StatusRequest(), deadline) for s in range(1, self.num_stages))
+            )
+        except grpc.aio.AioRpcError as err:
+            raise StepFailed(f"cannot read the stages' checkpoints: {err.code().name}") from None
+        durable = {0: self.durable_steps} | {s: list(st.checkpoint_steps) for s, st in enumerate(statuses, 1)}
+        target = rollback_target(durable, self.num_stages)
+        self.emit({"event": "rollback_start", "step": target, "from_step": self.runtime.committed_step})
+        request = pb.RollbackRequest(step=target, attempt=attempt, sender_peer=self.peer_id)
+
+        async def one(stage: int) -> None:
+            try:
+                reply = await self._unary(stage, "Rollback", request, time.monotonic() + self.opts.rpc_timeout)
+            except grpc.aio.AioRpcError as err:
+                raise StepFailed(f"stage {stage} did not roll back: {err.code().name} {err.details()}") from None
+            self.in_sync[stage] = self._called_peer[stage]
+            if reply.committed_step != target:
+                raise StepFailed(f"stage {stage} rolled back to {reply.committed_step}, not {target}")
+
+        self.in_sync.clear()
+        await asyncio.gather(*(one(s) for s in range(1, self.num_stages)))
+        try:
+            await self.rollback(target, attempt)
+        except StepError as err:
+            raise StepFailed(str(err)) from None
+        return target
 
     def snapshot_committed(self) -> tuple[int, float, dict[str, torch.Tensor]]:
         """(committed step, last gradient norm, weights) — run on the compute thread for a consistent view."""
@@ -435,11 +592,13 @@ class StageDaemon:
         finally:
             os.close(fd)
 
-    async def wait_for_swarm(self) -> None:
+    async def wait_for_swarm(self) -> bool:
         """Blocks (state ``waiting``) until every stage has a serving peer at our committed step.
 
         The first check uses the cached view (refreshed every period; dead peers are already excluded by
-        suspicion), so a healthy swarm pays no DHT lookup per step; only a missing stage makes it poll."""
+        suspicion), so a healthy swarm pays no DHT lookup per step; only a missing stage makes it poll.
+        Under ``--recovery checkpoint`` it returns True as soon as every stage is served but some are at
+        another step: the swarm must roll back."""
         announced_waiting = False
         first = True
         while not self.stopping.is_set():
@@ -447,21 +606,55 @@ class StageDaemon:
                 with contextlib.suppress(Exception):
                     await self.refresh_view()
             first = False
-            missing = []
+            missing, elsewhere = [], []
             for s in range(1, self.num_stages):
                 peer = self.peer_of(s)
                 # a peer that acknowledged our last commit is in step even if its DHT record lags behind
                 in_sync = peer is not None and self.in_sync.get(s) == peer.peer_id
-                if peer is None or (peer.committed_step != self.runtime.committed_step and not in_sync):
+                if peer is None:
                     missing.append(s)
+                elif peer.committed_step != self.runtime.committed_step and not in_sync:
+                    elsewhere.append(s)
+            if self.checkpoints is not None and not missing and elsewhere:
+                logger.warning("stage(s) %s are not at step %d: rolling back", elsewhere, self.runtime.committed_step)
+                return True
+            missing += elsewhere
             if not missing:
                 await self.announce(StageState.ONLINE)
-                return
+                return False
             if not announced_waiting:
                 logger.info("waiting for stage(s) %s", missing)
                 await self.announce(StageState.WAITING)
                 announced_waiting = True
             await asyncio.sleep(min(0.25, self.opts.refresh_seconds))
+        return False
+
+    async def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+        """Stage 0: validation loss of the committed weights over ``batches`` (None if a stage was lost)."""
+        rt, loop = self.runtime, asyncio.get_running_loop()
+        step, started, losses = rt.committed_step, time.perf_counter(), []
+        route = route_for(0, self.num_stages, self.config.out_of_order)  # the in-order model
+        try:
+            for x, y in batches:
+                h = await self.compute(rt.eval_embed, x)
+                fut: asyncio.Future[float] = loop.create_future()
+                self._eval_future, self._eval_targets, self._pending = fut, y, {0: fut}
+                meta = pb.MicrobatchMeta(
+                    step=step, microbatch=0, route=route, hop=0, sender_stage=0, sender_peer=self.peer_id,
+                    attempt=rt.attempt, eval=True,
+                )  # fmt: skip
+                self._forward_on(meta, h, "Forward", 1)
+                losses.append(await asyncio.wait_for(fut, self.opts.step_timeout))
+        except (StepFailed, TimeoutError) as err:
+            logger.warning("evaluation at step %d failed: %s", step, err)
+            return None
+        finally:
+            self._eval_future, self._pending = None, {}
+        val_loss, seconds = sum(losses) / len(losses), time.perf_counter() - started
+        self.metrics.validation_loss.set(val_loss)
+        self.emit({"event": "eval", "step": step, "val_loss": val_loss, "seconds": seconds})
+        logger.info("step %d validation loss %.4f (%.2fs)", step, val_loss, seconds)
+        return val_loss
 
     async def drive(self, steps: int) -> None:
         corpus = await self.compute(load_corpus, self.config.data)
@@ -469,10 +662,40 @@ class StageDaemon:
         # Attempts only grow, across stage-0 incarnations too (a rebuilt stage 0 must outrank its predecessor's
         # attempts, which block stages still remember): start from the wall clock in milliseconds.
         attempt = max(self.runtime.attempt, int(time.time() * 1000) * 1000)
-        while self.runtime.committed_step < steps and not self.stopping.is_set():
-            await self.wait_for_swarm()
+        t, every = self.config.train, self.opts.eval_every
+        val = (
+            validation_batches(
+                corpus.val, num_batches=self.opts.eval_batches, batch_size=t.microbatch_size, seq_len=t.seq_len
+            )
+            if every
+            else []
+        )
+        evaluated: int | None = None  # the committed step last evaluated (forgotten by a rollback)
+        while not self.stopping.is_set():
+            committed = self.runtime.committed_step
+            eval_due = bool(every) and committed % every == 0 and committed != evaluated
+            if committed >= steps and not eval_due:
+                break
+            diverged = await self.wait_for_swarm()
             if self.stopping.is_set():
                 break
+            if diverged:
+                attempt += 1
+                try:
+                    target = await self.rollback_swarm(attempt)
+                except StepFailed as err:
+                    logger.warning("rollback failed: %s; retrying", err)
+                    await asyncio.sleep(min(1.0, self.opts.refresh_seconds))
+                    continue
+                evaluated = None
+                self.emit({"event": "rolled_back", "step": target, "attempt": attempt})
+                continue
+            if eval_due and self.runtime.committed_step == committed:
+                if await self.evaluate(val) is not None:
+                    evaluated = committed
+                else:  # a stage was lost or refused: let the swarm settle before trying again
+                    await asyncio.sleep(min(1.0, self.opts.refresh_seconds))
+                continue  # the swarm may have changed meanwhile
             attempt += 1
             step = self.runtime.committed_step
             started = time.perf_counter()
@@ -649,6 +872,11 @@ class StageDaemon:
                 )
                 return
             except (grpc.aio.AioRpcError, StepFailed) as err:
+                code = err.code() if isinstance(err, grpc.aio.AioRpcError) else None
+                if self.checkpoints is not None and code == grpc.StatusCode.FAILED_PRECONDITION:
+                    # a replacement restored from a checkpoint: the swarm rolls back before the next step
+                    logger.warning("stage %d cannot take the commit of step %d: %s", stage, step, err.details())
+                    return
                 logger.warning("commit of step %d on stage %d not acknowledged (%s); retrying", step, stage, err)
                 await asyncio.sleep(0.5)
 
@@ -723,6 +951,9 @@ class StageDaemon:
         async def ping(stage: int) -> bool:
             peer = self.peer_of(stage)
             if peer is None:
+                # No serving peer left: a neighbour found it dead and re-stored its record as offline before
+                # our own heartbeat could fail. The step in flight cannot finish either way.
+                self.fail_step_in_flight(StepFailed(f"stage {stage} has no serving peer"))
                 return False
             request = pb.HeartbeatRequest(
                 sender_stage=self.stage or 0,
@@ -735,6 +966,7 @@ class StageDaemon:
             except grpc.aio.AioRpcError as err:
                 self.suspect(peer, f"heartbeat: {err.code().name}")
                 return False
+            self.last_alive[peer.peer_id] = time.monotonic()
             side = "prev" if stage == (self.stage - 1) % self.num_stages else "next"
             self.metrics.heartbeat_rtt.labels(side=side).observe(time.perf_counter() - started)
             return True
@@ -751,6 +983,20 @@ class StageDaemon:
                 await asyncio.wait_for(self.stopping.wait(), interval)
 
     # ---- lifecycle --------------------------------------------------------------------------------
+    async def _serving_peer(self, stage: int) -> str | None:
+        """Another live (or rebuilding) peer of this swarm that holds ``stage``, per the DHT."""
+        with contextlib.suppress(Exception):
+            await self.refresh_view()
+        for r in self.swarm_view:
+            if (
+                r.stage == stage
+                and r.peer_id != self.peer_id
+                and r.config_fingerprint == self.fingerprint
+                and r.state in (StageState.ONLINE, StageState.WAITING, StageState.RECOVERING)
+            ):
+                return r.peer_id
+        return None
+
     def _warm_up(self) -> None:
         """A spare pays torch's first-use costs (kernels, allocator, AdamW) before it is needed, not during
         a recovery: one throw-away forward, backward and optimizer step of a block stage."""
@@ -772,6 +1018,10 @@ class StageDaemon:
         self._spawn(self._heartbeats())
         exit_code = 0
         try:
+            if self.stage is not None and (holder := await self._serving_peer(self.stage)) is not None:
+                # e.g. a restarted container whose stage a spare took over meanwhile: become the spare
+                logger.warning("stage %d is already served by %s; waiting as a spare", self.stage, holder)
+                self.stage = None
             if self.stage is None:
                 await self.compute(self._warm_up)
                 await self.announce(StageState.SPARE)
@@ -827,6 +1077,8 @@ class StageDaemon:
             logger.warning("could not announce offline within 5 s")
         for task in list(self._tasks):
             task.cancel()
+        if self.writer is not None:  # the write in progress completes: a clean exit loses no checkpoint
+            await asyncio.to_thread(self.writer.close)
         await self.server.stop(grace=1.0)
         await self.channels.close()
         self._compute_pool.shutdown(wait=False)

@@ -35,6 +35,7 @@ class Reject(enum.StrEnum):
     TRUNCATED = "truncated"
     NOT_READY = "not_ready"
     INCOMPLETE = "incomplete_step"
+    NO_CHECKPOINT = "no_checkpoint"
 
 
 class StepError(Exception):
@@ -190,6 +191,24 @@ class StageRuntime:
         slot.outputs = None  # frees the graph and activations
         if slot.inputs is not None:
             slot.inputs = slot.inputs.detach()
+
+    # ---- evaluation (forward only, on the committed weights; nothing is kept) -----------------------
+    @torch.no_grad()
+    def eval_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self.module, EmbeddingStage)
+        with autocast_for(self.device):
+            return self.module.embed_tokens(tokens.to(self.device)).float()
+
+    @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(self.device):
+            return self.module(x.to(self.device, torch.float32)).float()
+
+    @torch.no_grad()
+    def eval_loss(self, h: torch.Tensor, targets: torch.Tensor) -> float:
+        assert isinstance(self.module, EmbeddingStage)
+        with autocast_for(self.device):
+            return float(self.module.loss(h.to(self.device, torch.float32), targets.to(self.device)))
 
     # ---- two-phase commit --------------------------------------------------------------------------
     def prepare(self, step: int, attempt: int) -> float:

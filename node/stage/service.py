@@ -32,6 +32,7 @@ STATUS_FOR: dict[Reject, grpc.StatusCode] = {
     Reject.STALE_ATTEMPT: grpc.StatusCode.FAILED_PRECONDITION,
     Reject.NOT_READY: grpc.StatusCode.FAILED_PRECONDITION,
     Reject.INCOMPLETE: grpc.StatusCode.FAILED_PRECONDITION,
+    Reject.NO_CHECKPOINT: grpc.StatusCode.FAILED_PRECONDITION,
     Reject.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
     Reject.OVERSIZE: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
@@ -212,4 +213,14 @@ class StageService(stage_pb2_grpc.StageServicer):
             last_grad_norm=rt.last_grad_norm if rt is not None else 0.0,
             rejected_messages=d.rejected_total,
             pid=d.pid,
+            checkpoint_steps=sorted(d.durable_steps),
         )
+
+    async def Rollback(self, request: pb.RollbackRequest, context) -> pb.RollbackReply:
+        if not await self._ready(context):
+            return pb.RollbackReply()
+        try:
+            committed = await self.daemon.rollback(request.step, request.attempt)
+        except StepError as err:
+            await self._reject(context, err.reason, str(err))
+        return pb.RollbackReply(stage=self.daemon.stage, committed_step=committed)

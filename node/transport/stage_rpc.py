@@ -41,6 +41,7 @@ def add_stage_service(servicer: stage_pb2_grpc.StageServicer, server: grpc.aio.S
         "Abort": (pb.AbortRequest, pb.Ack),
         "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatReply),
         "GetStatus": (pb.StatusRequest, pb.StageStatus),
+        "Rollback": (pb.RollbackRequest, pb.RollbackReply),
     }.items():
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name),

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
-import subprocess
-import sys
-import time
 import urllib.request
 
 import grpc
@@ -19,32 +15,10 @@ from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
 from node.transport.channels import GRPC_OPTIONS
 from node.wire.tensors import encode_stream
-from tests.conftest import REPO
+from tests.conftest import swarm_status, wait_for
 
 pytestmark = pytest.mark.integration
 STEPS = 30
-
-
-def swarm_status(maddr: str) -> list[dict]:
-    out = subprocess.run(
-        [sys.executable, "-m", "node", "status", "--initial-peers", maddr, "--swarm", "local", "--json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(out.stdout)["stages"]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -112,6 +86,11 @@ def test_malformed_messages_are_rejected_while_training_continues(running_swarm:
         err = _send(stub, chunks)
         assert err.code() == code, (reason, err.code(), err.details())
         assert err.details().startswith(reason), (reason, err.details())
+    # a rollback asked of a stage that keeps no checkpoints changes nothing
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Rollback(pb.RollbackRequest(step=0, attempt=1 << 62), timeout=20)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details().startswith("no_checkpoint"), info.value.details()
     # a single message above the channel limit never reaches the service
     big = pb.TensorChunk(meta=meta(), data=b"\0" * (5 << 20))
     err = _send(stub, [big])
@@ -124,5 +103,5 @@ def test_malformed_messages_are_rejected_while_training_continues(running_swarm:
     assert [e["step"] for e in steps] == list(range(1, STEPS + 1))
     assert swarm.stage_children[2].proc.poll() is None
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{stage2['metrics_port']}/metrics", timeout=10).read().decode()
-    for reason in cases:
+    for reason in [*cases, "no_checkpoint"]:
         assert f'swarm_node_rejected_messages_total{{reason="{reason}"}} 1.0' in metrics, reason

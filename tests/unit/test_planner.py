@@ -161,3 +161,13 @@ def test_stage0_from_the_freshest_live_copy() -> None:
     assert (plan.method, plan.sources) == (Method.EMBEDDING_REPLICA, (5,))
     plan = plan_recovery(0, 6, frozenset({2, 3, 4}), 10, "checkfree+", replicas={1: 10, 5: 10})
     assert plan.method == Method.UNRECOVERABLE and "no live stage holds a copy" in plan.reason
+
+
+def test_copy_and_random_strategies() -> None:
+    live = frozenset({0, 1, 3, 4, 5})
+    plan = plan_recovery(2, 6, live, 10, "copy")
+    assert (plan.method, plan.sources) == (Method.COPY, (1,))
+    plan = plan_recovery(1, 6, frozenset({0, 3}), 10, "copy")  # nothing below: the nearest live above
+    assert (plan.method, plan.sources) == (Method.COPY, (3,))
+    for strategy in ("random", "none"):
+        assert plan_recovery(2, 6, live, 10, strategy).method == Method.RANDOM

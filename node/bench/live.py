@@ -1,0 +1,181 @@
+"""``swarm-node bench --mode live``: the strategies on a real local swarm with real SIGKILLs.
+
+Each strategy runs ``swarm-node local`` (:class:`~node.local.launcher.LocalSwarm`) with the launcher's
+``failure_rate``: at the start of every step each block stage's node is SIGKILLed with probability p, and
+a spare (plus the respawned node) takes over. Everything is measured from the daemons' event log: step
+times, detection and recovery times, rollbacks, checkpoint snapshots and writes, and the validation loss
+that stage 0 measures through the pipeline every ``eval_every`` committed steps. The clock is the real
+wall-clock of the run, minus the time spent evaluating.
+
+``redundant`` is not a daemon strategy (nodes do not run their neighbour's layers): its curve is the
+no-failure run's with each iteration's time multiplied by ``redundant_factor``, as stated in the output.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.bench import BenchOptions
+from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
+from node.local.launcher import LocalOptions, LocalSwarm, LocalSwarmError
+
+Progress = Callable[[str, int, int], None]
+RECOVERY_FLAG = {"none": "checkfree", "checkfree": "checkfree", "checkfree+": "checkfree+", "checkpoint": "checkpoint",
+                 "copy": "copy", "random": "random"}  # fmt: skip
+
+
+@dataclass
+class LiveOptions(BenchOptions):
+    out: pathlib.Path = pathlib.Path("bench-results")  # each run's swarm workdir goes under out/runs/
+    spares: int = 1
+    threads: int | None = None
+    step_timeout: float = 60.0
+    extra_run_args: list[str] = field(default_factory=list)
+
+
+def curve_from_events(events: list[dict[str, Any]]) -> list[CurvePoint]:
+    """Validation points of a live run: wall-clock since the first evaluation, evaluations excluded."""
+    evals = [e for e in events if e.get("event") == "eval"]
+    if not evals:
+        return []
+    origin = evals[0]["time"]
+    step_times = sorted(e["time"] for e in events if e.get("event") == "step")
+    points, eval_seconds = [], 0.0
+    for e in evals:
+        if e is not evals[0]:
+            eval_seconds += e["seconds"]
+        iteration = sum(t < e["time"] for t in step_times)
+        seconds = max(0.0, e["time"] - origin - eval_seconds)
+        points.append(CurvePoint(iteration=iteration, step=e["step"], seconds=seconds, val_loss=e["val_loss"]))
+    return points
+
+
+def _live_run(opts: LiveOptions, strategy: str, rate: float, progress: Progress | None) -> BenchRun:
+    cfg = opts.config.model_copy(update={"out_of_order": strategy == "checkfree+"})
+    workdir = opts.out / "runs" / f"{strategy}-p{rate:g}"
+    swarm = LocalSwarm(
+        LocalOptions(
+            config=cfg,
+            steps=opts.iterations,
+            workdir=workdir,
+            json_out=workdir / "summary.json",
+            threads=opts.threads,
+            step_timeout=opts.step_timeout,
+            quiet=True,
+            recovery=RECOVERY_FLAG[strategy],
+            lr_scale=opts.lr_scale,
+            failure_rate=rate if strategy != "none" else 0.0,
+            respawn=True,
+            spares=opts.spares if strategy != "none" else 0,
+            seed=opts.seed,
+            extra_run_args=[
+                "--checkpoint-every",
+                str(opts.checkpoint_every),
+                "--eval-every",
+                str(opts.eval_every),
+                "--eval-batches",
+                str(opts.eval_batches),
+                *opts.extra_run_args,
+            ],
+        )
+    )
+    if progress is not None:
+        progress(f"{strategy} p={rate:g}", 0, opts.iterations)
+    try:
+        summary = swarm.run()
+    except LocalSwarmError as err:  # the run is reported as failed; the other strategies still run
+        return BenchRun(
+            strategy=strategy,
+            failure_rate=rate,
+            failures=len(swarm.kill_log),
+            iterations_to_target=None,
+            seconds_to_target=None,
+            final_val_loss=None,
+            step_seconds=0.0,
+            extra={"error": str(err), "workdir": str(workdir)},
+            curve=curve_from_events(swarm.read_events()),
+        )
+    events = swarm.read_events()
+    recoveries = summary["recoveries"]
+    steps = [e["seconds"] for e in events if e.get("event") == "step"]
+    methods: dict[str, int] = {}
+    for r in recoveries:
+        methods[r["method"]] = methods.get(r["method"], 0) + 1
+    extra: dict[str, Any] = {
+        "detect_seconds": [r.get("detect_seconds") for r in recoveries],
+        "rebuild_seconds": [r.get("rebuild_seconds") for r in recoveries],
+        "rollbacks": len(summary["rollbacks"]),
+        "aborted_steps": summary["aborted_steps"],
+        "tokens_per_second": summary["tokens_per_second"],
+        "wall_seconds": summary["wall_seconds"],
+        "workdir": str(workdir),
+    }
+    if strategy == "checkpoint":
+        extra["checkpoints"] = summary["checkpoints"]
+    if progress is not None:
+        progress(f"{strategy} p={rate:g}", opts.iterations, opts.iterations)
+    return BenchRun(
+        strategy=strategy,
+        failure_rate=rate if strategy != "none" else 0.0,
+        failures=len(summary["kills"]),
+        iterations_to_target=None,
+        seconds_to_target=None,
+        final_val_loss=None,
+        step_seconds=statistics.median(steps) if steps else 0.0,
+        recover_seconds=[r["recover_seconds"] for r in recoveries if r.get("recover_seconds") is not None],
+        methods=methods,
+        extra=extra,
+        curve=curve_from_events(events),
+    )
+
+
+def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResults:
+    """Runs the no-failure swarm (it gives the default target), then every strategy at every rate."""
+    baseline = _live_run(opts, "none", 0.0, progress)
+    runs = [baseline] if "none" in opts.strategies else []
+    for rate in opts.failure_rates:
+        for strategy in opts.strategies:
+            if strategy == "none":
+                continue
+            if strategy == "redundant":
+                run = baseline.model_copy(deep=True, update={"strategy": "redundant", "failure_rate": rate})
+                run.step_seconds *= opts.redundant_factor
+                for point in run.curve:
+                    point.seconds *= opts.redundant_factor
+                run.extra = {"derived_from": "the no-failure live run, time × redundant_factor"}
+                runs.append(run)
+                continue
+            runs.append(_live_run(opts, strategy, rate, progress))
+    if opts.target_loss is not None:
+        target, source = opts.target_loss, "given (--target-loss)"
+    else:
+        target = default_target(baseline.curve, opts.iterations)
+        source = f"validation loss of the no-failure live run at about 2/3 of its {opts.iterations} steps"
+    return BenchResults(
+        mode="live",
+        config=opts.config.model_dump(mode="json"),
+        iterations=opts.iterations,
+        seed=opts.seed,
+        target_loss=target,
+        target_source=source,
+        costs={
+            "clock": "real wall-clock of each run from its first evaluation, evaluation time excluded",
+            "step_seconds_source": "median of the run's committed step times (stage 0's step events)",
+            "recover_seconds_source": "per recovery, from the SIGKILL to the next committed step (launcher)",
+            "redundant_factor": opts.redundant_factor,
+            "redundant_source": "not a daemon strategy: the no-failure run with time × redundant_factor",
+            "checkpoint_every": opts.checkpoint_every,
+            "failure_model": "the launcher SIGKILLs each block stage's node with probability p at the start "
+            "of each step; a spare and the respawned node replace it",
+            "spares": opts.spares,
+            "eval": f"{opts.eval_batches} held-out microbatches every {opts.eval_every} committed steps",
+        },
+        runs=[finish_run(r, target) for r in runs],
+    )
+
+
+__all__ = ["LiveOptions", "curve_from_events", "run_live"]

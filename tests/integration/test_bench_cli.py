@@ -1,0 +1,44 @@
+"""``swarm-node bench --mode simulate`` end to end: two strategies, a few iterations, JSON and PNG."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from node.bench.results import BenchResults
+from tests.conftest import REPO
+
+
+@pytest.mark.timeout(300)
+def test_simulate_writes_results_and_figure(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "node", "bench", "--mode", "simulate", "--strategies", "checkfree,checkpoint",
+        "--failure-rates", "0.2", "--iterations", "6", "--checkpoint-every", "2", "--eval-every", "2",
+        "--seq-len", "32", "--out", str(out), "--json",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = BenchResults.model_validate_json((out / "results.json").read_text())
+    assert BenchResults.model_validate_json(proc.stdout) == results  # --json prints the same document
+    assert results.mode == "simulate" and results.iterations == 6
+    assert [(r.strategy, r.failure_rate) for r in results.runs] == [("checkfree", 0.2), ("checkpoint", 0.2)]
+    checkfree, checkpoint = results.runs
+    # the same seeded failures hit both strategies, and every one was recovered and timed
+    assert checkfree.failures == checkpoint.failures > 0
+    assert len(checkfree.recover_seconds) == checkfree.failures
+    assert sum(checkfree.methods.values()) == checkfree.failures
+    assert 0 < len(checkpoint.recover_seconds) <= checkpoint.failures
+    assert checkpoint.extra["checkpoints"] >= 1
+    for run in results.runs:
+        assert [p.iteration for p in run.curve] == [0, 2, 4, 6]
+        assert all(a.seconds < b.seconds for a, b in zip(run.curve, run.curve[1:], strict=False))
+        assert run.final_val_loss == run.curve[-1].val_loss
+        assert (run.iterations_to_target is None) == (run.seconds_to_target is None)
+    assert results.costs["step_seconds"] > 0
+    image = matplotlib.image.imread(out / "loss_vs_time.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100

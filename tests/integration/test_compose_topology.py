@@ -1,0 +1,65 @@
+"""The docker-compose swarm, as plain processes (no Docker engine here): the bootstrap node publishes its
+multiaddrs in a file, stages read it, a killed stage is taken over by the spare, and the restarted
+"container" (the same ``--stage N`` command) finds its stage served and becomes the spare."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+
+import pytest
+
+from tests.conftest import Procs, swarm_status, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _records(maddr_file: pathlib.Path) -> list[dict]:
+    return swarm_status(maddr_file.read_text().split()[0], swarm="compose")
+
+
+@pytest.mark.timeout(420)
+def test_compose_topology_as_processes(tmp_path: pathlib.Path, procs: Procs) -> None:
+    shared, events = tmp_path / "shared" / "bootstrap.maddrs", tmp_path / "events.jsonl"
+    procs.start("dht", "--host", "127.0.0.1", "--port", "0", "--identity", str(tmp_path / "dht.key"),
+                "--maddr-file", str(shared))  # fmt: skip
+
+    def node(stage: str, *extra: str) -> subprocess.Popen[bytes]:
+        return procs.start(
+            "run", f"--stage={stage}", "--num-stages=4", "--swarm=compose", f"--initial-peers-file={shared}",
+            "--host=127.0.0.1", "--metrics-port=0", "--steps=60", "--threads=1", f"--events-file={events}", *extra,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    stages = {s: node(str(s)) for s in range(4)}  # they wait for the maddr file like the compose services
+    spare = node("auto")
+
+    def steps() -> list[dict]:
+        if not events.exists():
+            return []
+        lines = [json.loads(line) for line in events.read_text().splitlines()]
+        return [e for e in lines if e["event"] == "step"]
+
+    wait_for(lambda: len(steps()) >= 5, 180, "training through the file-discovered bootstrap node")
+    # stage 2's machine is preempted: the spare takes over its stage
+    os.killpg(stages[2].pid, signal.SIGKILL)
+    stages[2].wait(timeout=10)
+    wait_for(
+        lambda: any(r["stage"] == 2 and r["pid"] == spare.pid and r["state"] == "online" for r in _records(shared)),
+        120,
+        "the spare to serve stage 2",
+    )
+    # the restart policy brings "stage2" back with the same command: it must not become a second stage 2
+    restarted = node("2")
+    wait_for(
+        lambda: any(r["pid"] == restarted.pid and r["state"] == "spare" for r in _records(shared)),
+        120,
+        "the restarted stage-2 node to wait as a spare",
+    )
+    wait_for(lambda: any(json.loads(line)["event"] == "done" for line in events.read_text().splitlines()), 240, "done")
+    serving2 = [r for r in _records(shared) if r["stage"] == 2 and r["state"] in ("online", "waiting")]
+    assert [r["pid"] for r in serving2] == [spare.pid]
+    assert [e["step"] for e in steps()][-1] == 60
