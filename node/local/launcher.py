@@ -323,6 +323,10 @@ class LocalSwarm:
                 continue
             if child.name == "stage0" and code == 0:
                 continue
+            if code == -signal.SIGKILL and child.proc.pid not in killed_pids:
+                # a daemon writes its "killed" event and then dies: the death we just saw may be newer than
+                # the events read above, so read them again before calling it an error
+                killed_pids |= {e["pid"] for e in self.read_events() if e.get("event") == "killed"}
             if code == -signal.SIGKILL and child.proc.pid in killed_pids:
                 self.handled_deaths.add(child.proc.pid)
                 if self.opts.respawn:
