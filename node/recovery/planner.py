@@ -157,6 +157,16 @@ def replica_holders(num_stages: int) -> tuple[int, ...]:
     return (1, num_stages - 1)
 
 
+def heartbeat_side(stage: int, other: int, num_stages: int) -> str | None:
+    """Which route neighbour ``other`` is to ``stage`` (the ``side`` label of the heartbeat RTT): ``prev`` or
+    ``next``; ``None`` for a stage stage 0 watches without being its neighbour."""
+    if other == (stage - 1) % num_stages:
+        return "prev"
+    if other == (stage + 1) % num_stages:
+        return "next"
+    return None
+
+
 def neighbour_stages(stage: int, num_stages: int) -> tuple[int, ...]:
     """The stages a stage heartbeats: its route neighbours; stage 0 watches every stage (it drives steps)."""
     if stage == 0:

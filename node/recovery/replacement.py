@@ -101,7 +101,7 @@ async def fetch_committed(d: StageDaemon, stage: int) -> tuple[int, float, dict[
 async def build_stage_runtime(d: StageDaemon) -> None:
     """Builds ``d.runtime`` for ``d.stage``: fresh at step 0, otherwise by the recovery plan, retrying with
     whoever is alive when a source dies mid-fetch."""
-    died_at = time.monotonic()
+    claimed_at = time.monotonic()
     while not d.stopping.is_set():
         with contextlib.suppress(Exception):
             await d.refresh_view()
@@ -117,7 +117,7 @@ async def build_stage_runtime(d: StageDaemon) -> None:
         if plan.method == Method.UNRECOVERABLE:
             raise Unrecoverable(f"stage {d.stage} cannot be rebuilt: {plan.reason}")
         try:
-            await _execute(d, plan, committed, died_at)
+            await _execute(d, plan, committed, claimed_at)
             return
         except ConnectionError as err:
             logger.warning("recovery of stage %d by %s failed (%s); re-planning", d.stage, plan.method, err)

@@ -68,7 +68,7 @@ from node.dht.directory import SwarmDirectory, pick_peer
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
 from node.recovery.faults import FaultSpec, die_now
-from node.recovery.planner import neighbour_stages, replica_holders
+from node.recovery.planner import heartbeat_side, neighbour_stages, replica_holders
 from node.recovery.replacement import Unrecoverable, build_stage_runtime, claim_vacant_stage
 from node.stage.runtime import Reject, StageRuntime, StepError
 from node.stage.schedule import route_for, swap_partner
@@ -581,6 +581,19 @@ class StageDaemon:
         return rt.committed_step, rt.last_grad_norm, {k: v.to("cpu").clone() for k, v in rt.committed_state().items()}
 
     # ---- stage 0: the driver ----------------------------------------------------------------------
+    def publish_identity(self) -> None:
+        """``swarm_node_stage_info``: which stage this node serves (empty and role ``spare`` while it waits), so
+        dashboards can put a stage on every per-node series."""
+        self.metrics.info.info(
+            {
+                "stage": "" if self.stage is None else str(self.stage),
+                "role": "spare" if self.stage is None else "embedding" if self.stage == 0 else "blocks",
+                "version": __version__,
+                "recovery": self.opts.recovery,
+                "device": self.device.type,
+            }
+        )
+
     def emit(self, event: dict[str, Any]) -> None:
         """Appends one JSON line to the events file (one O_APPEND write, so daemons sharing it don't mix)."""
         if self.opts.events_file is None:
@@ -967,8 +980,8 @@ class StageDaemon:
                 self.suspect(peer, f"heartbeat: {err.code().name}")
                 return False
             self.last_alive[peer.peer_id] = time.monotonic()
-            side = "prev" if stage == (self.stage - 1) % self.num_stages else "next"
-            self.metrics.heartbeat_rtt.labels(side=side).observe(time.perf_counter() - started)
+            if (side := heartbeat_side(self.stage, stage, self.num_stages)) is not None:
+                self.metrics.heartbeat_rtt.labels(side=side).observe(time.perf_counter() - started)
             return True
 
         while not self.stopping.is_set():
@@ -1024,21 +1037,14 @@ class StageDaemon:
                 self.stage = None
             if self.stage is None:
                 await self.compute(self._warm_up)
+                self.publish_identity()
                 await self.announce(StageState.SPARE)
                 logger.info("spare node %s waiting for a vacant stage", self.peer_id)
                 await claim_vacant_stage(self)
             else:
                 await self.announce(StageState.JOINING)
             await build_stage_runtime(self)
-            self.metrics.info.info(
-                {
-                    "stage": str(self.stage),
-                    "role": "embedding" if self.stage == 0 else "blocks",
-                    "version": __version__,
-                    "recovery": self.opts.recovery,
-                    "device": self.device.type,
-                }
-            )
+            self.publish_identity()
             self.metrics.committed_step.set(self.runtime.committed_step)
             logger.info(
                 "stage %d serving on %s (peer %s, device %s)", self.stage, self.grpc_address, self.peer_id, self.device

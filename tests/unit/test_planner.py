@@ -7,6 +7,7 @@ from node.recovery.faults import parse_fault
 from node.recovery.planner import (
     Method,
     claim_winner,
+    heartbeat_side,
     live_stages,
     nearest_live_block_stages,
     neighbour_stages,
@@ -90,6 +91,13 @@ def test_neighbours() -> None:
     assert neighbour_stages(0, 4) == (1, 2, 3)
     assert neighbour_stages(1, 4) == (0, 2)
     assert neighbour_stages(3, 4) == (0, 2)
+
+
+def test_heartbeat_side_labels_only_route_neighbours() -> None:
+    # stage 0 watches every stage but only its route neighbours have a side: no "next" RTT from stage 2
+    assert [heartbeat_side(0, s, 4) for s in neighbour_stages(0, 4)] == ["next", None, "prev"]
+    assert [heartbeat_side(2, s, 4) for s in neighbour_stages(2, 4)] == ["prev", "next"]
+    assert [heartbeat_side(3, s, 4) for s in neighbour_stages(3, 4)] == ["next", "prev"]  # stage 0 follows 3
 
 
 def test_checkfree_average_is_the_weighted_formula() -> None:
