@@ -25,6 +25,10 @@ def run_bootstrap(
     """Starts the node, prints its multiaddrs (first line of stdout), also writes them to ``maddr_file`` (one per
     line, atomically), and serves until SIGINT/SIGTERM."""
     identity.parent.mkdir(parents=True, exist_ok=True)
+    if maddr_file is not None:
+        # a file left by an earlier run may name addresses that are gone (a container's new IP): nodes
+        # waiting for it must see the new one only
+        maddr_file.unlink(missing_ok=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
