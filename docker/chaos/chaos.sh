@@ -1,12 +1,12 @@
 #!/bin/sh
 # The `chaos` profile: every CHAOS_INTERVAL seconds (default 180), SIGKILL the daemon of one random
-# block-stage container (label swarm-node.chaos=victim), as if its spot VM had been preempted. The
-# container exits with 137 and its `restart: on-failure` policy brings it back as a replacement node;
-# meanwhile the spare takes over the stage. (`docker kill` would count as a manual stop, and Docker does
+# block-stage or spare container (label swarm-node.chaos=victim; the spare may be serving a stage by
+# now), as if its spot VM had been preempted. The container exits with 137 and its `restart: on-failure`
+# policy brings it back as a replacement node; meanwhile a waiting node takes over the stage. (`docker kill` would count as a manual stop, and Docker does
 # not restart manually stopped containers; killing the process inside does not.)
 set -eu
 interval="${CHAOS_INTERVAL:-180}"
-echo "chaos: SIGKILL one block-stage daemon every ${interval}s"
+echo "chaos: SIGKILL one block-stage or spare daemon every ${interval}s"
 while true; do
   sleep "${interval}"
   victims=$(docker ps -q --filter "label=swarm-node.chaos=victim")
