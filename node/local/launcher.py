@@ -506,6 +506,7 @@ class LocalSwarm:
             "step_seconds": [e["seconds"] for e in steps],
             "tokens_per_second": tokens / seconds if seconds else 0.0,
             "wall_seconds": wall,
+            "threads_per_stage": self.opts.threads,  # a reference run needs the same count to match bit for bit
             "aborted_steps": sum(e.get("event") == "abort" for e in events),
             "recoveries": self.recoveries(events),
             "kills": [e for e in events if e.get("event") == "killed"] + self.kill_log,
@@ -533,7 +534,7 @@ class LocalSwarm:
         cfg = self.opts.config
         corpus = load_corpus(cfg.data)
         self.console.print("training the single-process reference ...")
-        ref = train_reference(cfg, corpus.train, self.opts.steps)
+        ref = train_reference(cfg, corpus.train, self.opts.steps, threads=self.opts.threads)
         worst = 0.0
         for stage in range(cfg.num_stages):
             path = self.save_dir / f"stage{stage}.safetensors"

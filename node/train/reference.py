@@ -36,10 +36,30 @@ def train_reference(
     steps: int,
     device: torch.device | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    threads: int | None = None,
 ) -> ReferenceRun:
     """Trains ``steps`` steps exactly as the swarm does (per-stage AdamW is per-parameter, so one optimizer
-    over the whole model is the same math)."""
-    device = device or torch.device("cpu")
+    over the whole model is the same math).
+
+    ``threads``: torch CPU threads for this run (restored afterwards). Pass the stages' count to compare bit for
+    bit: MKL splits a weight gradient's reduction across threads on some CPUs (AVX-512), so the order of the
+    sums, and the last bits, depend on the thread count."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train(cfg, tokens, steps, device or torch.device("cpu"), on_step)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    cfg: SwarmConfig,
+    tokens: torch.Tensor,
+    steps: int,
+    device: torch.device,
+    on_step: Callable[[int, float], None] | None,
+) -> ReferenceRun:
     t = cfg.train
     model = FullModel(cfg).to(device)
     optimizer = make_optimizer(model, t)

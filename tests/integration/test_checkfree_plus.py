@@ -38,7 +38,7 @@ def test_stage0_rebuilt_exactly_from_its_copy_and_out_of_order_matches_one_proce
     assert summary["reference_max_abs_diff"] == 0.0
     cfg = SwarmConfig.model_validate_json((tmp_path / "swarm" / "config.json").read_text())
     assert cfg.out_of_order
-    ref = train_reference(cfg, load_corpus(None).train, 6)
+    ref = train_reference(cfg, load_corpus(None).train, 6, threads=summary["threads_per_stage"])
     assert summary["loss"] == ref.losses  # step 3 was trained on the batch the dead stage 0 would have fed
 
 

@@ -51,7 +51,7 @@ def test_middle_stage_killed_mid_step_is_rebuilt_exactly_by_checkfree(tmp_path: 
     step3 = next(e for e in events(tmp_path) if e["event"] == "step" and e["step"] == 3)
     g1, g3 = step3["stage_grad_norms"][1], step3["stage_grad_norms"][3]
     assert rec["source_grad_norms"] == [g1, g3]
-    ref = train_reference(cfg, load_corpus(None).train, 3)
+    ref = train_reference(cfg, load_corpus(None).train, 3, threads=summary["threads_per_stage"])
     w1, w3 = ref.stage_state(1), ref.stage_state(3)
     rebuilt = load_file(str(tmp_path / "swarm" / "weights" / "stage2.recovered-step3.safetensors"))
     assert rebuilt.keys() == w1.keys()
