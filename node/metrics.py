@@ -36,7 +36,7 @@ class StageMetrics:
         )
         self.transfer_seconds = Histogram(
             "swarm_node_transfer_seconds",
-            "Time to send one tensor stream to a neighbour",
+            "Time to receive one tensor stream from a neighbour (call start to last chunk decoded)",
             ["direction"],
             registry=r,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
@@ -47,7 +47,7 @@ class StageMetrics:
         )
         self.step_seconds = Histogram(
             "swarm_node_step_seconds",
-            "Wall-clock time of committed steps (stage 0)",
+            "Time between this stage's consecutive commits (its step time, gaps between steps included)",
             registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
         )
@@ -119,6 +119,9 @@ class StageMetrics:
         )
         self.rollbacks = Counter("swarm_node_rollbacks_total", "Rollbacks of this stage to a checkpoint", registry=r)
 
+        # not measured on this node (yet): NaN, so that a dashboard shows no line instead of a loss of 0
+        self.loss.set(float("nan"))
+        self.validation_loss.set(float("nan"))
         self._create_series()
 
     def _create_series(self) -> None:
@@ -139,7 +142,7 @@ class StageMetrics:
         for result in ("ok", "failed"):
             self.checkpoint_writes.labels(result=result)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+    def serve(self, port: int, host: str) -> int:
         """Starts the /metrics HTTP server; returns the bound port (``port`` 0 picks a free one)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_port)

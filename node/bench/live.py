@@ -13,7 +13,9 @@ no-failure run's with each iteration's time multiplied by ``redundant_factor``, 
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,13 +59,17 @@ def curve_from_events(events: list[dict[str, Any]]) -> list[CurvePoint]:
 def _live_run(opts: LiveOptions, strategy: str, rate: float, progress: Progress | None) -> BenchRun:
     cfg = opts.config.model_copy(update={"out_of_order": strategy == "checkfree+"})
     workdir = opts.out / "runs" / f"{strategy}-p{rate:g}"
+    # a fresh start: the checkpoint strategy would otherwise resume from an earlier bench's checkpoints
+    shutil.rmtree(workdir, ignore_errors=True)
+    # one share of the cores per process (stages and spares), as `swarm-node local` does
+    threads = opts.threads or max(1, (os.cpu_count() or 1) // (cfg.num_stages + opts.spares))
     swarm = LocalSwarm(
         LocalOptions(
             config=cfg,
             steps=opts.iterations,
             workdir=workdir,
             json_out=workdir / "summary.json",
-            threads=opts.threads,
+            threads=threads,
             step_timeout=opts.step_timeout,
             quiet=True,
             recovery=RECOVERY_FLAG[strategy],
@@ -136,6 +142,11 @@ def _live_run(opts: LiveOptions, strategy: str, rate: float, progress: Progress 
 def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResults:
     """Runs the no-failure swarm (it gives the default target), then every strategy at every rate."""
     baseline = _live_run(opts, "none", 0.0, progress)
+    if opts.target_loss is None and not baseline.curve:
+        raise LocalSwarmError(
+            f"the no-failure run gave no validation loss ({baseline.extra.get('error', 'no eval events')}); "
+            "it sets the default --target-loss"
+        )
     runs = [baseline] if "none" in opts.strategies else []
     for rate in opts.failure_rates:
         for strategy in opts.strategies:

@@ -168,6 +168,10 @@ class CheckpointStore:
         for s in self.steps()[: -self.keep]:
             self._remove(s)
 
+    def discard(self, step: int) -> None:
+        """Deletes the checkpoint of ``step`` (found corrupt on load: it must stop being offered)."""
+        self._remove(step)
+
     def _remove(self, step: int) -> None:
         for path in reversed(self._paths(step)):  # manifest first: the checkpoint stops existing at once
             with contextlib.suppress(FileNotFoundError):

@@ -107,7 +107,8 @@ class LocalSwarm:
         self.committed_samples: list[dict[str, Any]] = []
         self.final_records: list[StageRecord] = []
         self.last_seen: dict[int, StageRecord] = {}  # newest serving record of each stage
-        self._seen_attempts: set[int] = set()
+        self._seen_attempts: set[int] = set()  # steps started
+        self._drawn_attempts: set[tuple[int, int]] = set()  # (step, attempt) already given their fault draws
         self._due_kills: list[tuple[float, int, int, str]] = []  # (due, stage, step, why)
         self._rng = random.Random(opts.seed)
         self._prometheus_targets: set[tuple[str, str]] | None = None  # as last written to targets.json
@@ -279,8 +280,10 @@ class LocalSwarm:
     def inject_faults(self, events: list[dict[str, Any]], records: list[StageRecord]) -> None:
         """Launcher-side faults: ``--failure-rate`` and ``spare@STEP`` kills, at the start of each step."""
         for e in events:
-            if e.get("event") != "attempt" or e["step"] in self._seen_attempts:
+            # every attempt is an iteration that can fail, replays after an abort or a rollback included
+            if e.get("event") != "attempt" or (key := (e["step"], e.get("attempt", 0))) in self._drawn_attempts:
                 continue
+            self._drawn_attempts.add(key)
             self._seen_attempts.add(e["step"])
             for spec in self.opts.kills:
                 if spec.phase == "start" and spec.step == e["step"] and str(spec) not in self.fired:

@@ -110,6 +110,12 @@ class MicrobatchOrder:
                     self._cond.wait_for(lambda: self._key != key or self._next.get(direction, 0) >= mb), timeout
                 )
 
+    async def reset(self) -> None:
+        """Forgets the step in flight (after a rollback the next step is an older one); releases waiters."""
+        async with self._cond:
+            self._key, self._next = (-1, -1), {}
+            self._cond.notify_all()
+
     async def advance(self, step: int, attempt: int, direction: str, mb: int) -> None:
         async with self._cond:
             if (step, attempt) == self._key:
@@ -185,6 +191,7 @@ class StageDaemon:
         self.wire_dtype = WIRE_DTYPES.get(self.config.wire_dtype or "")
         self._compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.order = MicrobatchOrder()
+        self._last_commit_at: float | None = None  # monotonic time of this node's last commit (step_seconds)
         self._io_pool = ThreadPoolExecutor(2, thread_name_prefix="dht")
         self._tasks: set[asyncio.Task[Any]] = set()
         self.runtime: StageRuntime | None = None  # built (or rebuilt) on the compute thread in run()
@@ -341,7 +348,6 @@ class StageDaemon:
                 raise StepFailed(f"step {meta.step} attempt {meta.attempt} was superseded")
             peer = await self.resolve(target, deadline)
             stub = self.channels.stub(peer.grpc_address)
-            started = time.perf_counter()
             try:
                 await getattr(stub, rpc)(
                     encode_stream(meta, [("", payload)]),
@@ -358,7 +364,6 @@ class StageDaemon:
                 raise StepFailed(
                     f"{rpc} step {meta.step} mb {meta.microbatch} to stage {target}: {err.code().name} {err.details()}"
                 ) from None
-            self.metrics.transfer_seconds.labels(direction=direction).observe(time.perf_counter() - started)
             self.metrics.bytes_sent.labels(direction=direction).inc(nbytes)
             return
 
@@ -467,6 +472,11 @@ class StageDaemon:
         before = self.runtime.committed_step
         committed = await self.compute(self.runtime.commit, step, attempt, clip_coef)
         self.metrics.committed_step.set(committed)
+        if committed != before:
+            now = time.monotonic()
+            if self._last_commit_at is not None:
+                self.metrics.step_seconds.observe(now - self._last_commit_at)
+            self._last_commit_at = now
         if committed != before and self.writer is not None and committed % self.opts.checkpoint_every == 0:
             self._checkpoint(committed)
         return committed
@@ -533,9 +543,15 @@ class StageDaemon:
             found = None if step == 0 else await asyncio.to_thread(store.load, step)
             runtime = await self.compute(restore_runtime, self.config, self.stage, self.device, found)
         except CheckpointError as err:
+            # corrupt although complete-looking (e.g. bit rot): stop offering it, so that stage 0's next
+            # rollback picks an older common step instead of asking for this one forever
+            await asyncio.to_thread(store.discard, step)
+            self.durable_steps = frozenset(await asyncio.to_thread(store.steps))
             raise StepError(Reject.NO_CHECKPOINT, str(err)) from None
         runtime.attempt = attempt
         self.runtime = runtime
+        await self.order.reset()  # steps up to the old committed step run again, in microbatch order
+        self._last_commit_at = None
         await asyncio.to_thread(store.discard_after, step)
         self.durable_steps = frozenset(await asyncio.to_thread(store.steps))
         self.metrics.rollbacks.inc()
@@ -725,7 +741,6 @@ class StageDaemon:
             tokens = self.tokens_per_step
             self.metrics.loss.set(loss)
             self.metrics.tokens.inc(tokens)
-            self.metrics.step_seconds.observe(seconds)
             self.emit(
                 {
                     "event": "step",
@@ -1025,7 +1040,8 @@ class StageDaemon:
         if self.opts.threads:
             torch.set_num_threads(self.opts.threads)
         if self.opts.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.opts.metrics_port)
+            # on the gRPC server's interface: a loopback daemon does not expose its metrics to the network
+            self.metrics_port = self.metrics.serve(self.opts.metrics_port, host=self.opts.host)
         await self.start_server()
         periodic = self._spawn(self._periodic())
         self._spawn(self._heartbeats())
@@ -1081,6 +1097,9 @@ class StageDaemon:
             await asyncio.wait_for(self.announce(StageState.OFFLINE), timeout=5.0)
         except TimeoutError:
             logger.warning("could not announce offline within 5 s")
+        if self._snapshot_task is not None:  # a snapshot still waiting for the writer is handed to it first
+            with contextlib.suppress(Exception):
+                await self._snapshot_task
         for task in list(self._tasks):
             task.cancel()
         if self.writer is not None:  # the write in progress completes: a clean exit loses no checkpoint

@@ -9,6 +9,7 @@ code, is counted in ``swarm_node_rejected_messages_total{reason=...}``, and chan
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -69,6 +70,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         if not await self._ready(context):
             return None
         limit = d.max_activation_bytes
+        started = time.perf_counter()
         try:
             meta, tensors = await decode_stream(request_iterator, max_tensor_bytes=limit, max_stream_bytes=limit)
         except WireError as err:
@@ -100,6 +102,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         if not all_finite(x):
             await self._reject(context, Reject.NON_FINITE, "tensor holds NaN or Inf")
             return None
+        # timed here and not by the sender, whose call lasts until this node has also queued and computed
+        d.metrics.transfer_seconds.labels(direction=direction).observe(time.perf_counter() - started)
         d.metrics.bytes_received.labels(direction=direction).inc(x.numel() * x.element_size())
         return meta, x
 

@@ -52,6 +52,11 @@ def test_corrupt_payload_of_the_right_size_fails_the_checksum(tmp_path: pathlib.
     with pytest.raises(CheckpointError, match="does not match its manifest"):
         store.load(4)
     assert store.latest_loadable() is None
+    # its size is right, so it is still listed until a load finds it corrupt and discards it (as a
+    # rollback does): then stage 0's next rollback target skips it
+    assert store.steps() == [4]
+    store.discard(4)
+    assert store.steps() == []
 
 
 def test_an_interrupted_write_leaves_no_checkpoint(tmp_path: pathlib.Path) -> None:
