@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class StageTaken(RuntimeError):
+    """The stage this node was to build turned out to be served by another peer: it waits as a spare."""
+
+
 class Unrecoverable(RuntimeError):
     """The stage cannot be rebuilt with the chosen strategy; training cannot go on."""
 
@@ -50,9 +54,13 @@ async def claim_vacant_stage(d: StageDaemon) -> int:
     settle = d.opts.refresh_seconds  # a rival's claim is one DHT store away: visible within a refresh period
     poll = min(0.5, d.opts.refresh_seconds)
     while not d.stopping.is_set():
-        with contextlib.suppress(Exception):
+        try:
             await d.refresh_view()
-        vacant = vacant_stages(d.swarm_view, fingerprint=d.fingerprint, num_stages=d.num_stages, suspects=d.suspected())
+            vacant = vacant_stages(
+                d.swarm_view, fingerprint=d.fingerprint, num_stages=d.num_stages, suspects=d.suspected()
+            )
+        except Exception:  # no view this round: claim nothing on a stale one
+            vacant = []
         if vacant:
             d.stage = vacant[0]
             await d.announce(StageState.RECOVERING)
@@ -115,6 +123,8 @@ async def build_stage_runtime(d: StageDaemon) -> None:
         }
         plan = plan_recovery(d.stage, d.num_stages, live - {d.stage}, committed, d.opts.recovery, replicas)
         if plan.method == Method.UNRECOVERABLE:
+            if await _served_by_another(d):
+                raise StageTaken(f"stage {d.stage} is served by another peer after all")
             raise Unrecoverable(f"stage {d.stage} cannot be rebuilt: {plan.reason}")
         try:
             await _execute(d, plan, committed, claimed_at)
@@ -122,6 +132,23 @@ async def build_stage_runtime(d: StageDaemon) -> None:
         except ConnectionError as err:
             logger.warning("recovery of stage %d by %s failed (%s); re-planning", d.stage, plan.method, err)
             await asyncio.sleep(0.2)
+
+
+async def _served_by_another(d: StageDaemon) -> bool:
+    """Before calling a stage unrecoverable: is it served after all? A view taken just after start can miss
+    records (a DHT lookup that found nothing yet), and a served stage's record shows up within one record
+    lifetime (2 refresh periods), so a node never stops the swarm over a stage that is alive."""
+    deadline = time.monotonic() + 3 * d.opts.refresh_seconds
+    while not d.stopping.is_set():
+        with contextlib.suppress(Exception):
+            await d.refresh_view()
+        others = [r for r in d.swarm_view if r.peer_id != d.peer_id]
+        if d.stage in live_stages(others, fingerprint=d.fingerprint, num_stages=d.num_stages, suspects=d.suspected()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(min(0.5, d.opts.refresh_seconds))
+    return False
 
 
 async def _execute(d: StageDaemon, plan: RecoveryPlan, committed: int, started: float) -> None:
@@ -298,4 +325,4 @@ async def _rebuild_stage0(d: StageDaemon, holder: int) -> tuple[int, int]:
     return c_max, nbytes
 
 
-__all__ = ["Unrecoverable", "build_stage_runtime", "claim_vacant_stage"]
+__all__ = ["StageTaken", "Unrecoverable", "build_stage_runtime", "claim_vacant_stage"]

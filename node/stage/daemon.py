@@ -69,7 +69,7 @@ from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
 from node.recovery.faults import FaultSpec, die_now
 from node.recovery.planner import heartbeat_side, neighbour_stages, replica_holders
-from node.recovery.replacement import Unrecoverable, build_stage_runtime, claim_vacant_stage
+from node.recovery.replacement import StageTaken, Unrecoverable, build_stage_runtime, claim_vacant_stage
 from node.stage.runtime import Reject, StageRuntime, StepError
 from node.stage.schedule import route_for, swap_partner
 from node.stage.service import StageService
@@ -255,6 +255,8 @@ class StageDaemon:
     async def announce(self, state: StageState | None = None) -> None:
         if state is not None:
             self.state = state
+        if self.stage is None and self.state == StageState.JOINING:
+            return  # a --stage auto node has no record until it is a spare (a joining record needs a stage)
         try:
             await self._io(self.directory.announce, self.record(), 2 * self.opts.refresh_seconds)
         except Exception:  # the DHT is best effort; the next refresh tries again
@@ -1051,15 +1053,24 @@ class StageDaemon:
                 # e.g. a restarted container whose stage a spare took over meanwhile: become the spare
                 logger.warning("stage %d is already served by %s; waiting as a spare", self.stage, holder)
                 self.stage = None
-            if self.stage is None:
-                await self.compute(self._warm_up)
-                self.publish_identity()
-                await self.announce(StageState.SPARE)
-                logger.info("spare node %s waiting for a vacant stage", self.peer_id)
-                await claim_vacant_stage(self)
-            else:
-                await self.announce(StageState.JOINING)
-            await build_stage_runtime(self)
+            warmed = False
+            while True:
+                if self.stage is None:
+                    if not warmed:
+                        await self.compute(self._warm_up)
+                        warmed = True
+                    self.publish_identity()
+                    await self.announce(StageState.SPARE)
+                    logger.info("spare node %s waiting for a vacant stage", self.peer_id)
+                    await claim_vacant_stage(self)
+                else:
+                    await self.announce(StageState.JOINING)
+                try:
+                    await build_stage_runtime(self)
+                    break
+                except StageTaken as err:  # our view had missed its serving peer
+                    logger.warning("%s; waiting as a spare", err)
+                    self.stage = None
             self.publish_identity()
             self.metrics.committed_step.set(self.runtime.committed_step)
             logger.info(
