@@ -252,6 +252,19 @@ class StageDaemon:
             replica_step=self.replica_step,
         )
 
+    def publish_identity(self) -> None:
+        """``swarm_node_stage_info``: which stage this node serves (empty and role ``spare`` while it waits), so
+        dashboards can put a stage on every per-node series."""
+        self.metrics.info.info(
+            {
+                "stage": "" if self.stage is None else str(self.stage),
+                "role": "spare" if self.stage is None else "embedding" if self.stage == 0 else "blocks",
+                "version": __version__,
+                "recovery": self.opts.recovery,
+                "device": self.device.type,
+            }
+        )
+
     async def announce(self, state: StageState | None = None) -> None:
         if state is not None:
             self.state = state
@@ -599,19 +612,6 @@ class StageDaemon:
         return rt.committed_step, rt.last_grad_norm, {k: v.to("cpu").clone() for k, v in rt.committed_state().items()}
 
     # ---- stage 0: the driver ----------------------------------------------------------------------
-    def publish_identity(self) -> None:
-        """``swarm_node_stage_info``: which stage this node serves (empty and role ``spare`` while it waits), so
-        dashboards can put a stage on every per-node series."""
-        self.metrics.info.info(
-            {
-                "stage": "" if self.stage is None else str(self.stage),
-                "role": "spare" if self.stage is None else "embedding" if self.stage == 0 else "blocks",
-                "version": __version__,
-                "recovery": self.opts.recovery,
-                "device": self.device.type,
-            }
-        )
-
     def emit(self, event: dict[str, Any]) -> None:
         """Appends one JSON line to the events file (one O_APPEND write, so daemons sharing it don't mix)."""
         if self.opts.events_file is None:
