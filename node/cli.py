@@ -411,7 +411,7 @@ def _read_initial_peers(path: pathlib.Path, timeout: float = 120.0) -> list[str]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from node.stage.daemon import DaemonOptions, run_daemon
+    from node.stage.daemon import run_daemon
 
     if args.stage is not None and args.stage >= args.num_stages:
         raise CliError(f"--stage {args.stage} is outside 0..{args.num_stages - 1} for --num-stages {args.num_stages}")
@@ -428,34 +428,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         from node.data import load_corpus
 
         load_corpus(cfg.data).check_fits(cfg.train.seq_len)  # fail now, with the file named
-    opts = DaemonOptions(
-        config=cfg,
-        stage=args.stage,
-        swarm=args.swarm,
-        initial_peers=initial_peers,
-        host=args.host,
-        port=args.port,
-        announce_host=args.announce_host,
-        dht_port=args.dht_port,
-        refresh_seconds=args.refresh,
-        steps=args.steps,
-        events_file=args.events_file,
-        save_dir=args.save_dir,
-        device=args.device,
-        threads=args.threads,
-        rpc_timeout=args.rpc_timeout,
-        step_timeout=args.step_timeout,
-        metrics_port=args.metrics_port,
-        recovery=args.recovery,
-        embed_sync_every=args.embed_sync_every,
-        lr_scale=args.lr_scale,
-        heartbeat_interval=args.heartbeat_interval,
-        heartbeat_timeout=args.heartbeat_timeout,
-        faults=faults,
-        checkpoint_every=args.checkpoint_every,
-        checkpoint_dir=args.checkpoint_dir,
-        eval_every=args.eval_every,
-        eval_batches=args.eval_batches,
+    from node.options import NodeOptions
+
+    opts = NodeOptions.model_validate(
+        {
+            "config": cfg,
+            "stage": args.stage,
+            "swarm": args.swarm,
+            "initial_peers": initial_peers,
+            "host": args.host,
+            "port": args.port,
+            "announce_host": args.announce_host,
+            "dht_port": args.dht_port,
+            "steps": args.steps,
+            "events_file": args.events_file,
+            "save_dir": args.save_dir,
+            "device": args.device,
+            "threads": args.threads,
+            "metrics_port": args.metrics_port,
+            "faults": [str(f) for f in faults],
+            "timing": {
+                "refresh_seconds": args.refresh,
+                "rpc_timeout": args.rpc_timeout,
+                "step_timeout": args.step_timeout,
+                "heartbeat_interval": args.heartbeat_interval,
+                "heartbeat_timeout": args.heartbeat_timeout,
+            },
+            "recovery": {
+                "strategy": args.recovery,
+                "lr_scale": args.lr_scale,
+                "embed_sync_every": args.embed_sync_every,
+                "checkpoint_every": args.checkpoint_every,
+                "checkpoint_dir": args.checkpoint_dir,
+            },
+            "eval": {"every": args.eval_every, "batches": args.eval_batches},
+        }
     )
     return run_daemon(opts)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from node.config import TrainConfig
+
 _SEED_MIX = 1_000_003
 _SEED_MOD = 1 << 63
 
@@ -48,6 +50,18 @@ def batch_for_step(
     starts = torch.randint(0, len(tokens) - seq_len, (count,), generator=gen)
     inputs, targets = _windows(tokens, starts, seq_len)
     return list(zip(inputs.split(microbatch_size), targets.split(microbatch_size), strict=True))
+
+
+def training_batch(tokens: torch.Tensor, train: TrainConfig, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`batch_for_step` with the sizes and seed of ``train``: the batch of step ``step`` (from 0)."""
+    return batch_for_step(
+        tokens,
+        seed=train.seed,
+        step=step,
+        num_microbatches=train.microbatches_per_step,
+        microbatch_size=train.microbatch_size,
+        seq_len=train.seq_len,
+    )
 
 
 def validation_batches(

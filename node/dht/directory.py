@@ -8,12 +8,9 @@ from collections.abc import Iterable
 import hivemind
 from hivemind.utils import get_dht_time
 
-from node.wire.records import StageRecord, StageState, parse_stage_records, stages_key
+from node.wire.records import SERVING_STATES, StageRecord, parse_stage_records, same_swarm, stages_key
 
 logger = logging.getLogger(__name__)
-
-SERVING_STATES = frozenset({StageState.ONLINE, StageState.WAITING})
-
 
 class SwarmDirectory:
     """Blocking DHT access for one swarm (run it off the event loop)."""
@@ -48,12 +45,10 @@ def pick_peer(
     """The peer to talk to for ``stage``: serving, same config, most committed steps, then lowest peer id."""
     candidates = [
         r
-        for r in records
+        for r in same_swarm(
+            records, fingerprint=fingerprint, num_stages=num_stages, states=SERVING_STATES, exclude=exclude
+        )
         if r.stage == stage
-        and r.state in SERVING_STATES
-        and r.config_fingerprint == fingerprint
-        and r.num_stages == num_stages
-        and r.peer_id not in exclude
     ]
     if not candidates:
         return None

@@ -11,10 +11,16 @@ whole process group: the machine vanishes with its DHT helper, as a spot preempt
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from node.events import EventLog, KilledEvent
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("forward", "backward", "fetch", "start", "idle")
 _SPEC = re.compile(r"^(?P<stage>\d+|spare)@(?P<step>\d+)(?::(?P<phase>[a-z]+))?$")
@@ -53,3 +59,31 @@ def die_now() -> None:
         if os.getpgrp() == os.getpid():
             os.killpg(os.getpgrp(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultInjector:
+    """Dies at the first matching fault spec (tests, ``swarm-node local --kill``), after writing a ``killed``
+    event. A microbatch-level phase fires on the middle microbatch of the step, so the step is mid-flight."""
+
+    def __init__(
+        self,
+        specs: list[FaultSpec],
+        events: EventLog,
+        microbatches_per_step: int,
+        recovered_at: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.specs, self.events = specs, events
+        self.microbatch = microbatches_per_step // 2
+        self.recovered_at = recovered_at  # committed step this node's stage was rebuilt at, if it was
+
+    def check(self, phase: str, *, stage: int | None, step: int, microbatch: int | None = None) -> None:
+        if not self.specs or (microbatch is not None and microbatch != self.microbatch):
+            return
+        recovered = self.recovered_at()
+        # a replacement replays the step its predecessor died in: that kill has already happened
+        replayed = phase != "fetch" and recovered is not None and step <= recovered + 1
+        for spec in self.specs:
+            if spec.stage == stage and spec.step == step and spec.phase == phase and not replayed:
+                self.events.emit(KilledEvent(stage=stage, step=step, phase=phase))
+                logger.warning("fault injection: dying in %s of step %d", phase, step)
+                die_now()

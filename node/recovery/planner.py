@@ -29,11 +29,11 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from node.stage.schedule import swap_partner
-from node.wire.records import StageRecord, StageState
+from node.options import RecoveryStrategy
+from node.topology import nearest_live_block_stages, swap_partner
+from node.wire.records import SERVING_STATES, StageRecord, StageState, same_swarm
 
-LIVE_STATES = frozenset({StageState.ONLINE, StageState.WAITING})
-OCCUPYING_STATES = LIVE_STATES | {StageState.RECOVERING}
+OCCUPYING_STATES = SERVING_STATES | {StageState.RECOVERING}
 EPSILON = 1e-4
 
 
@@ -56,18 +56,16 @@ class RecoveryPlan:
     reason: str
 
 
-def _same_swarm(records: Iterable[StageRecord], fingerprint: str, num_stages: int) -> list[StageRecord]:
-    return [r for r in records if r.config_fingerprint == fingerprint and r.num_stages == num_stages]
-
-
 def live_stages(
     records: Iterable[StageRecord], *, fingerprint: str, num_stages: int, suspects: frozenset[str] = frozenset()
 ) -> frozenset[int]:
     """Stages with at least one serving peer not under suspicion."""
     return frozenset(
         r.stage
-        for r in _same_swarm(records, fingerprint, num_stages)
-        if r.state in LIVE_STATES and r.stage is not None and r.peer_id not in suspects
+        for r in same_swarm(
+            records, fingerprint=fingerprint, num_stages=num_stages, states=SERVING_STATES, exclude=suspects
+        )
+        if r.stage is not None
     )
 
 
@@ -77,27 +75,22 @@ def vacant_stages(
     """Stages that nobody serves or is rebuilding, lowest first."""
     occupied = {
         r.stage
-        for r in _same_swarm(records, fingerprint, num_stages)
-        if r.state in OCCUPYING_STATES and r.stage is not None and r.peer_id not in suspects
+        for r in same_swarm(
+            records, fingerprint=fingerprint, num_stages=num_stages, states=OCCUPYING_STATES, exclude=suspects
+        )
+        if r.stage is not None
     }
     return [s for s in range(num_stages) if s not in occupied]
 
 
 def claim_winner(records: Iterable[StageRecord], stage: int, *, fingerprint: str, num_stages: int) -> str | None:
     """The peer that owns ``stage`` among claimants: a live peer if any, else the lowest-id rebuilder."""
-    same = [r for r in _same_swarm(records, fingerprint, num_stages) if r.stage == stage]
-    live = sorted(r.peer_id for r in same if r.state in LIVE_STATES)
+    same = [r for r in same_swarm(records, fingerprint=fingerprint, num_stages=num_stages) if r.stage == stage]
+    live = sorted(r.peer_id for r in same if r.state in SERVING_STATES)
     if live:
         return live[0]
     rebuilding = sorted(r.peer_id for r in same if r.state == StageState.RECOVERING)
     return rebuilding[0] if rebuilding else None
-
-
-def nearest_live_block_stages(stage: int, num_stages: int, live: frozenset[int]) -> tuple[int | None, int | None]:
-    """The nearest live block stage below and above ``stage`` (stage 0 is not a block stage)."""
-    below = next((s for s in range(stage - 1, 0, -1) if s in live), None)
-    above = next((s for s in range(stage + 1, num_stages) if s in live), None)
-    return below, above
 
 
 def plan_recovery(
@@ -105,39 +98,40 @@ def plan_recovery(
     num_stages: int,
     live: frozenset[int],
     committed_step: int,
-    strategy: str = "checkfree",
+    strategy: RecoveryStrategy = RecoveryStrategy.CHECKFREE,
     replicas: Mapping[int, int] | None = None,
 ) -> RecoveryPlan:
     """How to rebuild ``stage`` given the live stages and the swarm's committed step.
 
     ``replicas`` maps each live stage holding a copy of stage 0 to that copy's committed step (checkfree+).
     """
-    if strategy == "checkpoint":
+    strategy = RecoveryStrategy(strategy)
+    if strategy is RecoveryStrategy.CHECKPOINT:
         return RecoveryPlan(
             stage, Method.CHECKPOINT, (), "the stage's newest checkpoint; the swarm rolls back to a common one"
         )
     if committed_step == 0:
         return RecoveryPlan(stage, Method.FRESH, (), "no step committed yet: the seed's initial weights are exact")
-    if strategy in ("none", "random"):
+    if strategy in (RecoveryStrategy.NONE, RecoveryStrategy.RANDOM):
         return RecoveryPlan(stage, Method.RANDOM, (), f"--recovery {strategy}: fresh random weights")
     if stage == 0:
         holders = {s: step for s, step in (replicas or {}).items() if s in live}
-        if strategy == "checkfree+" and holders:
+        if strategy is RecoveryStrategy.CHECKFREE_PLUS and holders:
             src = min(holders, key=lambda s: (-holders[s], s))
             return RecoveryPlan(
                 0, Method.EMBEDDING_REPLICA, (src,), f"copy of stage 0 held by stage {src} (step {holders[src]})"
             )
         why = (
             "no live stage holds a copy of stage 0"
-            if strategy == "checkfree+"
+            if strategy is RecoveryStrategy.CHECKFREE_PLUS
             else "plain CheckFree cannot rebuild it from block stages (use --recovery checkfree+)"
         )
         return RecoveryPlan(0, Method.UNRECOVERABLE, (), f"stage 0 holds the data, embedding and LM head; {why}")
     below, above = nearest_live_block_stages(stage, num_stages, live)
-    if strategy == "copy" and (below is not None or above is not None):  # the paper's ablation baseline
+    if strategy is RecoveryStrategy.COPY and (below is not None or above is not None):  # the ablation baseline
         src = below if below is not None else above
         return RecoveryPlan(stage, Method.COPY, (src,), f"--recovery copy: copy of stage {src}")
-    partner = swap_partner(stage, num_stages, strategy == "checkfree+")
+    partner = swap_partner(stage, num_stages, strategy.out_of_order)
     if partner is not None and partner in live:
         return RecoveryPlan(
             stage, Method.PARTNER_COPY, (partner,), f"copy of swap partner {partner}, trained on the same positions"
@@ -150,25 +144,3 @@ def plan_recovery(
         src = below if below is not None else above
         return RecoveryPlan(stage, Method.COPY, (src,), f"only one live block neighbour: copy of stage {src}")
     return RecoveryPlan(stage, Method.RANDOM, (), "no live block stage to rebuild from")
-
-
-def replica_holders(num_stages: int) -> tuple[int, ...]:
-    """Stages that keep a copy of stage 0 under checkfree+: its two route neighbours, 1 and S-1."""
-    return (1, num_stages - 1)
-
-
-def heartbeat_side(stage: int, other: int, num_stages: int) -> str | None:
-    """Which route neighbour ``other`` is to ``stage`` (the ``side`` label of the heartbeat RTT): ``prev`` or
-    ``next``; ``None`` for a stage stage 0 watches without being its neighbour."""
-    if other == (stage - 1) % num_stages:
-        return "prev"
-    if other == (stage + 1) % num_stages:
-        return "next"
-    return None
-
-
-def neighbour_stages(stage: int, num_stages: int) -> tuple[int, ...]:
-    """The stages a stage heartbeats: its route neighbours; stage 0 watches every stage (it drives steps)."""
-    if stage == 0:
-        return tuple(range(1, num_stages))
-    return tuple(sorted({stage - 1, (stage + 1) % num_stages}))

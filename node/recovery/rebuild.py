@@ -1,15 +1,50 @@
-"""The CheckFree rebuild itself: a gradient-norm weighted average of neighbouring stages' weights.
+"""Carrying out a recovery plan as pure functions: the sources' committed state in, a rebuild spec out.
 
-The gradient norms are each stage's L2 norm of its accumulated gradient at its last committed step, taken
+The daemon (over the network) and ``bench --mode simulate`` (in one process) both turn a
+:class:`~node.recovery.planner.RecoveryPlan` and what they fetched into a :class:`RebuildSpec` here, and
+build the stage's runtime from it with :func:`build_runtime`, so both rebuild by the same formula.
+
+The CheckFree average weights each neighbour by its gradient norm at its last committed step, taken
 *before* clipping (the reference simulator takes it after clipping to 1.0, where it saturates and the
 average degenerates to 0.5/0.5).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 
-from node.recovery.planner import EPSILON
+from node.config import SwarmConfig
+from node.recovery.planner import EPSILON, Method, RecoveryPlan
+from node.stage.runtime import StageRuntime
+
+
+class SourcesDisagree(ValueError):
+    """The sources are at different committed steps (a commit landed while fetching): fetch again."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One source stage's committed state."""
+
+    stage: int
+    step: int
+    grad_norm: float
+    weights: dict[str, torch.Tensor]
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class RebuildSpec:
+    """Everything a rebuilt stage starts from; its optimizer is always fresh, at lr × ``lr_scale``."""
+
+    committed_step: int
+    weights: dict[str, torch.Tensor] | None  # None: ``random_seed``'s fresh weights
+    grad_norm: float
+    lr_scale: float
+    random_seed: int | None = None
 
 
 def checkfree_average(
@@ -26,3 +61,41 @@ def checkfree_average(
             raise ValueError(f"{name}: shapes {tuple(w_lo.shape)} and {tuple(w_hi.shape)} differ")
         out[name] = (g_hi * w_hi.double() + g_lo * w_lo.double()).div(g_hi + g_lo).to(w_lo.dtype)
     return out
+
+
+def rebuild_spec(
+    plan: RecoveryPlan, fetched: Sequence[Fetched], committed: int, lr_scale: float, random_seed: int
+) -> RebuildSpec:
+    """The spec of a ``checkfree``, ``copy``, ``partner_copy`` or ``random`` plan over its fetched sources.
+
+    ``committed`` is the swarm's committed step (a random rebuild fetches nothing and starts there);
+    ``random_seed`` is used by ``random`` only. Raises :class:`SourcesDisagree` when the sources are at
+    different steps."""
+    steps = {f.step for f in fetched} | ({committed} if plan.method == Method.RANDOM else set())
+    if len(steps) > 1:
+        raise SourcesDisagree(f"sources disagree on the committed step {sorted(steps)}")
+    step = steps.pop() if steps else committed
+    if plan.method == Method.CHECKFREE:
+        lo, hi = fetched
+        weights = checkfree_average(lo.weights, lo.grad_norm, hi.weights, hi.grad_norm)
+        return RebuildSpec(step, weights, (lo.grad_norm + hi.grad_norm) / 2, lr_scale)
+    if plan.method in (Method.COPY, Method.PARTNER_COPY):
+        (src,) = fetched
+        return RebuildSpec(step, src.weights, src.grad_norm, lr_scale)
+    if plan.method == Method.RANDOM:
+        return RebuildSpec(step, None, 0.0, lr_scale, random_seed=random_seed)
+    raise ValueError(f"{plan.method} is not rebuilt from neighbours' weights")
+
+
+def build_runtime(cfg: SwarmConfig, stage: int, device: torch.device, spec: RebuildSpec) -> StageRuntime:
+    """The stage's runtime from ``spec`` (run it on the compute thread)."""
+    return StageRuntime(
+        cfg,
+        stage,
+        device,
+        lr_scale=spec.lr_scale,
+        weights=spec.weights,
+        committed_step=spec.committed_step,
+        last_grad_norm=spec.grad_norm,
+        random_seed=spec.random_seed,
+    )

@@ -15,6 +15,7 @@ import torch
 from node.config import SwarmConfig
 from node.model import build_stage
 from node.model.llama import EmbeddingStage, init_module
+from node.train.commit import apply_update
 from node.train.optim import autocast_for, grad_norm_sq, make_optimizer
 
 
@@ -44,6 +45,11 @@ class StepError(Exception):
     def __init__(self, reason: Reject, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class StepFailed(Exception):
+    """The step in flight cannot complete (a peer was lost, refused or timed out); stage 0 aborts and
+    replays it."""
 
 
 @dataclass
@@ -229,11 +235,7 @@ class StageRuntime:
             raise StepError(Reject.NOT_READY, f"step {step} was not prepared on stage {self.stage}")
         if not (math.isfinite(clip_coef) and 0 < clip_coef <= 1):
             raise StepError(Reject.NON_FINITE, f"clip coefficient {clip_coef} outside (0, 1]")
-        if clip_coef < 1.0:
-            for p in self.module.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(clip_coef)
-        self.optimizer.step()
+        apply_update(self.module, self.optimizer, clip_coef)
         self.last_grad_norm = math.sqrt(self._prepared_norm_sq)
         self.committed_step += 1
         self._reset()
@@ -266,3 +268,12 @@ class StageRuntime:
     def committed_state(self) -> dict[str, torch.Tensor]:
         """The last committed weights (valid between commits: parameters only change in commit)."""
         return {k: v.detach() for k, v in self.module.state_dict().items()}
+
+
+def warm_up(cfg: SwarmConfig, device: torch.device) -> None:
+    """Pays torch's first-use costs (kernels, allocator, AdamW) with one throw-away forward, backward and
+    optimizer step of a block stage, so that a spare does not pay them during a recovery."""
+    rt = StageRuntime(cfg, 1, device)
+    x = torch.zeros(1, min(8, cfg.train.seq_len), cfg.model.d_model, device=device)
+    rt.module(x.requires_grad_(True)).sum().backward()
+    rt.optimizer.step()

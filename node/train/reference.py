@@ -6,7 +6,6 @@ efficiency benchmark uses its throughput as the baseline.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from node.config import SwarmConfig
-from node.data import batch_for_step
+from node.data import training_batch
 from node.model import FullModel
-from node.stage.schedule import route_for
-from node.train.optim import autocast_for, clip_coefficient, grad_norm_sq, make_optimizer
+from node.topology import route_for
+from node.train.commit import apply_update, decide_commit
+from node.train.optim import autocast_for, grad_norm_sq, make_optimizer
 
 
 @dataclass
@@ -66,14 +66,7 @@ def _train(
     run = ReferenceRun(model)
     for step in range(steps):
         started = time.perf_counter()
-        batch = batch_for_step(
-            tokens,
-            seed=t.seed,
-            step=step,
-            num_microbatches=t.microbatches_per_step,
-            microbatch_size=t.microbatch_size,
-            seq_len=t.seq_len,
-        )
+        batch = training_batch(tokens, t, step)
         losses = []
         for mb, (x, y) in enumerate(batch):
             route = route_for(mb, cfg.num_stages, cfg.out_of_order)[1:-1]
@@ -81,13 +74,11 @@ def _train(
                 loss = model(x.to(device), y.to(device), route)
             (loss / t.microbatches_per_step).backward()
             losses.append(float(loss.detach()))
-        coef = clip_coefficient(math.sqrt(grad_norm_sq(model)), t.grad_clip)
-        if coef < 1.0:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        norms = {s: grad_norm_sq(stage) for s, stage in enumerate(model.stages)}
+        decision = decide_commit(norms, cfg.num_stages, t.grad_clip)
+        if not decision.commit:
+            raise FloatingPointError(f"reference step {step + 1}: {decision.reason}")
+        apply_update(model, optimizer, decision.clip_coef)
         run.losses.append(sum(losses) / len(losses))
         run.step_seconds.append(time.perf_counter() - started)
         if on_step is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,6 +28,9 @@ class StageState(enum.StrEnum):
     RECOVERING = "recovering"  # rebuilding its weights
     SPARE = "spare"  # a replacement node waiting for a vacant stage
     OFFLINE = "offline"  # exited cleanly
+
+
+SERVING_STATES = frozenset({StageState.ONLINE, StageState.WAITING})  # a peer that takes the swarm's traffic
 
 
 class RecoveryRecord(BaseModel):
@@ -86,6 +90,26 @@ class StageRecord(BaseModel):
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "record"
             raise RecordError(f"{where}: {first['msg']}") from None
+
+
+def same_swarm(
+    records: Iterable[StageRecord],
+    *,
+    fingerprint: str,
+    num_stages: int,
+    states: frozenset[StageState] | None = None,
+    exclude: frozenset[str] = frozenset(),
+) -> list[StageRecord]:
+    """The records of this swarm's configuration (and of ``states``, if given), without the peers in
+    ``exclude`` (this node itself, peers under suspicion)."""
+    return [
+        r
+        for r in records
+        if r.config_fingerprint == fingerprint
+        and r.num_stages == num_stages
+        and (states is None or r.state in states)
+        and r.peer_id not in exclude
+    ]
 
 
 def stages_key(swarm: str) -> str:

@@ -1,4 +1,8 @@
-"""Microbatch routes through the pipeline: pure functions of the swarm's shape.
+"""Pipeline topology: routes, swap partners, route neighbours and stage-0 copy holders.
+
+Pure functions of the swarm's shape (S stages, in-order or CheckFree+ out-of-order), shared by the stages,
+the recovery planner, the single-process reference and the simulator. Nothing here imports another
+``node`` module.
 
 Plain pipeline: 0 → 1 → … → S-1 → 0. With the CheckFree+ out-of-order pipeline, odd microbatches swap the
 first two block stages and the last two (0 → 2 → 1 → 3 … → S-1 → S-2 → 0), so each edge stage also learns
@@ -42,3 +46,32 @@ def check_route(
     if not 0 <= hop < len(route) or route[hop] != stage:
         return f"hop {hop} of route {list(route)} is not stage {stage}"
     return None
+
+
+def copy_holders(num_stages: int) -> tuple[int, ...]:
+    """Stages that keep a copy of stage 0 under checkfree+: its two route neighbours, 1 and S-1."""
+    return (1, num_stages - 1)
+
+
+def neighbour_stages(stage: int, num_stages: int) -> tuple[int, ...]:
+    """The stages a stage heartbeats: its route neighbours; stage 0 watches every stage (it drives steps)."""
+    if stage == 0:
+        return tuple(range(1, num_stages))
+    return tuple(sorted({stage - 1, (stage + 1) % num_stages}))
+
+
+def heartbeat_side(stage: int, other: int, num_stages: int) -> str | None:
+    """Which route neighbour ``other`` is to ``stage`` (the ``side`` label of the heartbeat RTT): ``prev`` or
+    ``next``; ``None`` for a stage stage 0 watches without being its neighbour."""
+    if other == (stage - 1) % num_stages:
+        return "prev"
+    if other == (stage + 1) % num_stages:
+        return "next"
+    return None
+
+
+def nearest_live_block_stages(stage: int, num_stages: int, live: frozenset[int]) -> tuple[int | None, int | None]:
+    """The nearest live block stage below and above ``stage`` (stage 0 is not a block stage)."""
+    below = next((s for s in range(stage - 1, 0, -1) if s in live), None)
+    above = next((s for s in range(stage + 1, num_stages) if s in live), None)
+    return below, above

@@ -1,0 +1,270 @@
+"""Every event a daemon (or ``swarm-node local``) writes to ``--events-file``, as typed models.
+
+An events file is JSON lines, one event per line, each with ``event`` (its kind), ``time`` (Unix seconds)
+and ``pid`` (the writer). Daemons sharing one file append whole lines with one ``O_APPEND`` write each, so
+lines never mix. Readers (``local``, ``bench``, the tests) parse lines back into these models with
+:func:`read_events`; a line that does not parse is skipped and counted, never trusted.
+
+``python -m node.events`` prints the table of events and fields that the README shows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Iterable
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    time: float = Field(default_factory=time.time, description="Unix time it was written")
+    pid: int = Field(default_factory=os.getpid, description="process that wrote it")
+
+
+class AttemptEvent(_Event):
+    """Stage 0 starts an attempt at a step (a replay is a new attempt of the same step)."""
+
+    event: Literal["attempt"] = "attempt"
+    step: int = Field(description="the step being attempted, counted from 1")
+    attempt: int
+
+
+class StepEvent(_Event):
+    """Stage 0 committed a step on every stage."""
+
+    event: Literal["step"] = "step"
+    step: int = Field(description="committed step, counted from 1")
+    loss: float = Field(description="mean training loss of the step's microbatches")
+    seconds: float = Field(description="from the attempt's start to the commit")
+    tokens: int
+    attempt: int
+    grad_norm: float = Field(description="global gradient norm before clipping")
+    stage_grad_norms: list[float] = Field(description="each stage's gradient norm before clipping")
+
+
+class AbortEvent(_Event):
+    """Stage 0 aborted an attempt; the step is replayed with a higher attempt on the same data."""
+
+    event: Literal["abort"] = "abort"
+    step: int = Field(description="committed step the aborted attempt started from")
+    attempt: int
+    reason: str
+
+
+class DoneEvent(_Event):
+    """Stage 0 reached ``--steps``."""
+
+    event: Literal["done"] = "done"
+    step: int
+
+
+class FailureDetectedEvent(_Event):
+    """A node found a peer dead (a failed RPC or heartbeat)."""
+
+    event: Literal["failure_detected"] = "failure_detected"
+    stage: int | None = Field(description="the dead peer's stage")
+    peer: str = Field(description="the dead peer's id")
+    by: int | None = Field(description="the stage that noticed")
+    why: str
+
+
+class RecoveryEvent(_Event):
+    """A node took over a stage; ``method`` says how its state was rebuilt."""
+
+    event: Literal["recovery"] = "recovery"
+    stage: int
+    step: int = Field(description="committed step the rebuilt stage starts from")
+    method: str = Field(description="fresh, checkfree, copy, random, partner_copy, embedding_replica, checkpoint")
+    sources: list[int] = Field(description="stages whose state was fetched")
+    source_grad_norms: list[float]
+    bytes_fetched: int
+    rebuild_seconds: float
+    fetch_seconds: float
+    lr_scale: float = Field(description="learning-rate multiplier of the rebuilt stage's optimizer")
+
+
+class UnrecoverableEvent(_Event):
+    """A stage cannot be rebuilt with the chosen strategy; training stops."""
+
+    event: Literal["unrecoverable"] = "unrecoverable"
+    stage: int | None
+    reason: str
+
+
+class CheckpointEvent(_Event):
+    """A checkpoint became durable (``--recovery checkpoint``)."""
+
+    event: Literal["checkpoint"] = "checkpoint"
+    stage: int
+    step: int
+    write_seconds: float
+    bytes: int
+
+
+class CheckpointSnapshotEvent(_Event):
+    """A stage copied its state to host memory for a checkpoint (the part that blocks training)."""
+
+    event: Literal["checkpoint_snapshot"] = "checkpoint_snapshot"
+    stage: int
+    step: int
+    seconds: float
+
+
+class RollbackStartEvent(_Event):
+    """Stage 0 starts rolling the swarm back to the newest checkpoint every stage has."""
+
+    event: Literal["rollback_start"] = "rollback_start"
+    step: int = Field(description="the common checkpoint step")
+    from_step: int
+
+
+class RollbackEvent(_Event):
+    """One stage restored its checkpoint of ``step``."""
+
+    event: Literal["rollback"] = "rollback"
+    stage: int
+    step: int
+    from_step: int
+    attempt: int
+
+
+class RolledBackEvent(_Event):
+    """Every stage rolled back; training resumes from ``step``."""
+
+    event: Literal["rolled_back"] = "rolled_back"
+    step: int
+    attempt: int
+
+
+class EvalEvent(_Event):
+    """Stage 0 measured the validation loss of the committed weights."""
+
+    event: Literal["eval"] = "eval"
+    step: int
+    val_loss: float
+    seconds: float
+
+
+class KilledEvent(_Event):
+    """Fault injection: a node is about to be SIGKILLed (by itself, ``phase``; or by ``local``, ``by``)."""
+
+    event: Literal["killed"] = "killed"
+    stage: int | None = Field(description="None: an idle spare")
+    step: int
+    phase: str | None = Field(None, description="forward, backward or fetch: the daemon killed itself there")
+    by: str | None = Field(None, description="start, failure-rate or spare: local killed it")
+
+
+Event = Annotated[
+    AttemptEvent
+    | StepEvent
+    | AbortEvent
+    | DoneEvent
+    | FailureDetectedEvent
+    | RecoveryEvent
+    | UnrecoverableEvent
+    | CheckpointEvent
+    | CheckpointSnapshotEvent
+    | RollbackStartEvent
+    | RollbackEvent
+    | RolledBackEvent
+    | EvalEvent
+    | KilledEvent,
+    Field(discriminator="event"),
+]
+EVENT_TYPES: tuple[type[_Event], ...] = (
+    AttemptEvent,
+    StepEvent,
+    AbortEvent,
+    DoneEvent,
+    FailureDetectedEvent,
+    RecoveryEvent,
+    UnrecoverableEvent,
+    CheckpointEvent,
+    CheckpointSnapshotEvent,
+    RollbackStartEvent,
+    RollbackEvent,
+    RolledBackEvent,
+    EvalEvent,
+    KilledEvent,
+)
+_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+E = TypeVar("E", bound=_Event)
+
+
+class EventLog:
+    """Appends events to a JSON-lines file (or nowhere, when ``path`` is None)."""
+
+    def __init__(self, path: pathlib.Path | None) -> None:
+        self.path = path
+
+    def emit(self, event: _Event) -> None:
+        """One ``O_APPEND`` write per event, so processes sharing the file never interleave lines."""
+        if self.path is None:
+            return
+        line = event.model_dump_json() + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def parse_event(line: str) -> Event:
+    """One line of an events file; raises ``ValueError`` when it is not a known, well-formed event."""
+    try:
+        return _ADAPTER.validate_json(line)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ValueError(f"{'.'.join(str(p) for p in first['loc']) or 'event'}: {first['msg']}") from None
+
+
+def read_events(path: pathlib.Path) -> list[Event]:
+    """Every well-formed event of ``path`` in file order ([] when it does not exist yet). A malformed or
+    half-written line is skipped: a reader polls the file while daemons append to it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            events.append(parse_event(line))
+        except ValueError as err:
+            logger.debug("skipped an events line: %s", err)
+    return events
+
+
+def of_type(events: Iterable[object], kind: type[E]) -> list[E]:
+    """The events of one kind, in order."""
+    return [e for e in events if isinstance(e, kind)]
+
+
+def dump(event: _Event) -> dict:
+    """An event as the plain dict of its JSON line (for run summaries)."""
+    return json.loads(event.model_dump_json())
+
+
+def markdown_table() -> str:
+    """The README's table of events: kind, meaning and fields (beyond ``time`` and ``pid``)."""
+    rows = ["| event | when | fields |", "|---|---|---|"]
+    for cls in EVENT_TYPES:
+        kind = cls.model_fields["event"].default
+        fields = ", ".join(f"`{name}`" for name in cls.model_fields if name not in ("event", "time", "pid"))
+        rows.append(f"| `{kind}` | {(cls.__doc__ or '').strip()} | {fields} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,125 @@
+"""What a node is told to do: one typed model of ``swarm-node run``'s options, every default written once.
+
+``swarm-node run`` fills :class:`NodeOptions` from its flags (``node.cli`` takes each flag's default and
+help text from here); ``swarm-node local`` writes one :class:`NodeOptions` per child as a JSON file and
+starts the child with ``run --options FILE``. The groups are handed to the parts that need them only:
+:class:`TimingOptions` to presence, the participant and the driver; :class:`RecoveryOptions` to the
+recovery methods; :class:`EvalOptions` to the stage-0 driver.
+"""
+
+from __future__ import annotations
+
+import enum
+import pathlib
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from node.config import SwarmConfig
+
+
+class RecoveryStrategy(enum.StrEnum):
+    """How a lost stage is rebuilt (``--recovery``)."""
+
+    CHECKFREE = "checkfree"  # gradient-norm weighted average of the two neighbouring block stages
+    CHECKFREE_PLUS = "checkfree+"  # also edge stages (swap partners) and stage 0 (copies on stages 1, S-1)
+    CHECKPOINT = "checkpoint"  # newest checkpoint; the swarm rolls back to the newest common one
+    COPY = "copy"  # one neighbour's weights (the paper's ablation baseline)
+    RANDOM = "random"  # fresh random weights (ablation baseline)
+    NONE = "none"  # the same as random
+
+    @property
+    def out_of_order(self) -> bool:
+        """CheckFree+ trains with the out-of-order pipeline (it changes the math: part of the config)."""
+        return self is RecoveryStrategy.CHECKFREE_PLUS
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimingOptions(_Group):
+    """Periods and deadlines (seconds)."""
+
+    refresh_seconds: float = Field(1.0, gt=0, description="DHT refresh period; a record lives twice as long")
+    rpc_timeout: float = Field(30.0, gt=0, description="deadline of one RPC")
+    step_timeout: float = Field(120.0, gt=0, description="stage 0: abort a step after this")
+    heartbeat_interval: float = Field(0.5, gt=0, description="seconds between heartbeats")
+    heartbeat_timeout: float = Field(1.0, gt=0, description="a heartbeat slower than this marks the neighbour dead")
+
+
+class RecoveryOptions(_Group):
+    """Failure recovery."""
+
+    strategy: RecoveryStrategy = RecoveryStrategy.CHECKFREE
+    lr_scale: float = Field(1.1, gt=0, description="learning-rate multiplier of a rebuilt stage's fresh optimizer")
+    embed_sync_every: int = Field(
+        1, ge=1, description="checkfree+: copy stage 0 to stages 1 and S-1 every K committed steps (1: exact)"
+    )
+    checkpoint_every: int = Field(100, ge=1, description="checkpoint: write a checkpoint every K committed steps")
+    checkpoint_dir: pathlib.Path | None = Field(
+        None, description="checkpoint: storage shared by the swarm's nodes (a replacement restores from it)"
+    )
+
+    @model_validator(mode="after")
+    def _checkpoint_needs_dir(self) -> RecoveryOptions:
+        if self.strategy is RecoveryStrategy.CHECKPOINT and self.checkpoint_dir is None:
+            raise ValueError("--recovery checkpoint needs --checkpoint-dir (storage the swarm's nodes share)")
+        return self
+
+
+class EvalOptions(_Group):
+    """Validation on held-out data (stage 0)."""
+
+    every: int = Field(0, ge=0, description="validation loss every E committed steps (0: never)")
+    batches: int = Field(4, ge=1, description="held-out microbatches per evaluation")
+
+
+class NodeOptions(BaseModel):
+    """Everything ``swarm-node run`` configures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    config: SwarmConfig
+    stage: int | None = Field(description="None: --stage auto (take a vacant stage, or wait as a spare)")
+    swarm: str = Field("default", description="swarm name (DHT namespace)")
+    initial_peers: list[str] = Field(default_factory=list)
+    host: str = Field("0.0.0.0", description="address for gRPC and the DHT to listen on")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    announce_host: str | None = Field(None, description="host name/IP that other stages use to reach this one")
+    dht_port: int = Field(0, ge=0, le=65535, description="DHT port (0 picks a free one)")
+    steps: int | None = Field(None, ge=1, description="stage 0: train until this many steps are committed")
+    events_file: pathlib.Path | None = Field(None, description="append one JSON line per event here")
+    save_dir: pathlib.Path | None = Field(None, description="write this stage's weights here on exit (safetensors)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="compute device")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics here (0: any)")
+    faults: list[str] = Field(default_factory=list, description="fault injection specs STAGE@STEP[:PHASE] (tests)")
+    timing: TimingOptions = TimingOptions()
+    recovery: RecoveryOptions = RecoveryOptions()
+    eval: EvalOptions = EvalOptions()
+
+    @model_validator(mode="after")
+    def _stage_exists(self) -> NodeOptions:
+        if self.stage is not None and not 0 <= self.stage < self.config.num_stages:
+            raise ValueError(
+                f"--stage {self.stage} is outside 0..{self.config.num_stages - 1} "
+                f"for --num-stages {self.config.num_stages}"
+            )
+        if self.config.out_of_order != self.recovery.strategy.out_of_order:
+            raise ValueError("the out-of-order pipeline is used by --recovery checkfree+ and only by it")
+        return self
+
+    @property
+    def num_stages(self) -> int:
+        return self.config.num_stages
+
+
+def default(model: type[BaseModel], name: str) -> Any:
+    """The default of ``model.name``, for a flag's help text (so a default is written only here)."""
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
+def describe(model: type[BaseModel], name: str) -> str:
+    """``model.name``'s description, for a flag's help text."""
+    return model.model_fields[name].description or ""

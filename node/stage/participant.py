@@ -1,0 +1,326 @@
+"""A stage's part in the pipeline: microbatch order, the Forward/Backward handlers, pushing results on,
+and the local side of the two-phase commit.
+
+Every handler runs its torch work on the stage's compute thread, admitted in microbatch order per
+direction (:class:`MicrobatchOrder`), so gradients accumulate exactly as in the single-process run
+whatever order the network delivers in. The step protocol is described in ``docs/ARCHITECTURE.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+import torch
+
+from node.config import SwarmConfig
+from node.metrics import StageMetrics
+from node.options import TimingOptions
+from node.proto import stage_pb2 as pb
+from node.recovery.faults import FaultInjector
+from node.stage.compute import Background, Compute
+from node.stage.presence import Presence
+from node.stage.runtime import Reject, StageRuntime, StepError, StepFailed
+from node.stage.seat import Seat
+from node.transport.channels import ChannelPool
+from node.wire.tensors import encode_stream
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MicrobatchOrder:
+    """Admits the microbatches of the step in flight to the compute thread in index order, per direction.
+
+    Messages that are not for the step in flight (stale, ahead, older attempt) are not held back: the
+    runtime refuses them. A newer attempt of the step releases everyone waiting on the older one.
+    """
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._key: tuple[int, int] = (-1, -1)
+        self._next: dict[str, int] = {}
+
+    async def turn(self, step: int, attempt: int, direction: str, mb: int, committed: int, timeout: float) -> None:
+        async with self._cond:
+            if step != committed or (step, attempt) < self._key:
+                return
+            if (step, attempt) > self._key:
+                self._key, self._next = (step, attempt), {}
+                self._cond.notify_all()
+            key = self._key
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._cond.wait_for(lambda: self._key != key or self._next.get(direction, 0) >= mb), timeout
+                )
+
+    async def reset(self) -> None:
+        """Forgets the step in flight (after a rollback the next step is an older one); releases waiters."""
+        async with self._cond:
+            self._key, self._next = (-1, -1), {}
+            self._cond.notify_all()
+
+    async def advance(self, step: int, attempt: int, direction: str, mb: int) -> None:
+        async with self._cond:
+            if (step, attempt) == self._key:
+                self._next[direction] = max(self._next.get(direction, 0), mb + 1)
+                self._cond.notify_all()
+
+
+class StepInFlight:
+    """Stage 0's side of the step (or evaluation) in flight: a future per microbatch that resolves when its
+    backward pass is home (or, for an evaluation, with its loss), the targets and the losses."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, asyncio.Future[None]] = {}
+        self.targets: dict[int, torch.Tensor] = {}
+        self.losses: dict[int, float] = {}
+        self.eval_future: asyncio.Future[float] | None = None
+        self.eval_targets: torch.Tensor | None = None
+
+    def start(self, targets: dict[int, torch.Tensor]) -> None:
+        loop = asyncio.get_running_loop()
+        self.pending = {mb: loop.create_future() for mb in targets}
+        self.targets, self.losses = targets, {}
+
+    def start_eval(self, targets: torch.Tensor) -> asyncio.Future[float]:
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.eval_future, self.eval_targets, self.pending = fut, targets, {0: fut}  # type: ignore[dict-item]
+        return fut
+
+    def finish_eval(self) -> None:
+        self.eval_future, self.pending = None, {}
+
+    def resolve(self, mb: int) -> None:
+        fut = self.pending.get(mb)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def fail(self, failure: Exception, mb: int | None = None) -> None:
+        """Makes the step in flight (or one microbatch of it) give up now rather than at its timeout."""
+        futures = self.pending.values() if mb is None else [f for m, f in self.pending.items() if m == mb]
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(failure)
+
+    def cancel_rest(self) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.cancel()
+
+
+class PipelineParticipant:
+    """Receives microbatches, computes them in order, pushes results on, and prepares/commits/aborts."""
+
+    def __init__(
+        self,
+        seat: Seat,
+        compute: Compute,
+        presence: Presence,
+        channels: ChannelPool,
+        config: SwarmConfig,
+        timing: TimingOptions,
+        metrics: StageMetrics,
+        faults: FaultInjector,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.seat, self.compute, self.presence, self.channels = seat, compute, presence, channels
+        self.config, self.timing, self.metrics, self.faults, self.stopping = config, timing, metrics, faults, stopping
+        t = config.train
+        self.activation_shape = (t.microbatch_size, t.seq_len, config.model.d_model)
+        self.max_activation_bytes = math.prod(self.activation_shape) * 4
+        self.wire_dtype = WIRE_DTYPES.get(config.wire_dtype or "")
+        self.order = MicrobatchOrder()
+        self.inflight = StepInFlight()
+        self.after_commit: list[Callable[[int], None]] = []  # called with each newly committed step
+        self._last_commit_at: float | None = None  # monotonic time of this node's last commit (step_seconds)
+        self._background = Background()
+        presence.on_peer_lost.append(self.inflight.fail)
+
+    @property
+    def runtime(self) -> StageRuntime:
+        rt = self.seat.runtime
+        if rt is None:
+            raise StepError(Reject.NOT_READY, "this node holds no stage yet (spare or rebuilding)")
+        return rt
+
+    @property
+    def committed_step(self) -> int:
+        return self.seat.committed_step
+
+    # ---- sending ----------------------------------------------------------------------------------
+    async def send_tensor(
+        self, rpc: str, target: int, meta: pb.MicrobatchMeta, tensor: torch.Tensor, deadline: float
+    ) -> None:
+        """Streams ``tensor`` to stage ``target``; retries another/new peer on transport errors."""
+        payload = tensor if self.wire_dtype is None else tensor.to(self.wire_dtype)
+        nbytes = payload.numel() * payload.element_size()
+        while True:
+            rt = self.seat.runtime
+            if rt is not None and (rt.committed_step > meta.step or rt.attempt > meta.attempt):
+                raise StepFailed(f"step {meta.step} attempt {meta.attempt} was superseded")
+            peer = await self.presence.resolve(target, deadline, self.stopping)
+            stub = self.channels.stub(peer.grpc_address)
+            try:
+                await getattr(stub, rpc)(
+                    encode_stream(meta, [("", payload)]),
+                    timeout=max(0.1, min(self.timing.rpc_timeout, deadline - time.monotonic())),
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() in RETRYABLE and time.monotonic() < deadline and not self.stopping.is_set():
+                    if err.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.presence.suspect(peer, f"{rpc} failed: {err.code().name}")
+                    await asyncio.sleep(0.1)
+                    await self.presence.try_refresh()
+                    continue
+                raise StepFailed(
+                    f"{rpc} step {meta.step} mb {meta.microbatch} to stage {target}: {err.code().name} {err.details()}"
+                ) from None
+            self.metrics.bytes_sent.labels(direction=rpc.lower()).inc(nbytes)
+            return
+
+    def push(self, meta: pb.MicrobatchMeta, tensor: torch.Tensor, rpc: str, hop: int) -> None:
+        """Pushes a result to ``meta.route[hop]`` in the background. A push that cannot be delivered fails
+        the step in flight on stage 0; elsewhere it is logged, and stage 0 learns of the loss by heartbeat."""
+        nxt = pb.MicrobatchMeta()
+        nxt.CopyFrom(meta)
+        nxt.hop, nxt.sender_stage, nxt.sender_peer = hop, self.seat.stage, self.presence.me.peer_id
+        deadline = time.monotonic() + self.timing.step_timeout
+
+        async def send() -> None:
+            try:
+                await self.send_tensor(rpc, meta.route[hop], nxt, tensor, deadline)
+            except StepFailed as err:
+                logger.warning("%s", err)
+                self.inflight.fail(err, meta.microbatch)
+
+        self._background.spawn(send())
+
+    # ---- message handlers (called by the service after validation) ---------------------------------
+    async def _compute_in_order(self, meta: pb.MicrobatchMeta, direction: str, fn: Callable[[], T]) -> T:
+        """Runs ``fn`` on the compute thread after every lower microbatch of this step went the same way."""
+        self.faults.check(direction, stage=self.seat.stage, step=meta.step + 1, microbatch=meta.microbatch)
+        await self.order.turn(
+            meta.step, meta.attempt, direction, meta.microbatch, self.runtime.committed_step, self.timing.step_timeout
+        )
+        started = time.perf_counter()
+        future = self.compute.submit(fn)
+        await self.order.advance(meta.step, meta.attempt, direction, meta.microbatch)
+        result = await future
+        self.metrics.compute_seconds.labels(direction=direction).observe(time.perf_counter() - started)
+        self.metrics.microbatches.labels(direction=direction).inc()
+        return result
+
+    async def on_eval_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
+        """Evaluation: forward only on the committed weights, outside the step in flight."""
+        rt = self.runtime
+        if meta.step != rt.committed_step:
+            reason = Reject.STALE_STEP if meta.step < rt.committed_step else Reject.UNKNOWN_STEP
+            raise StepError(reason, f"evaluation of step {meta.step}, but this stage has committed {rt.committed_step}")
+        if self.seat.stage == 0:
+            fut, targets = self.inflight.eval_future, self.inflight.eval_targets
+            if fut is None or fut.done():
+                raise StepError(Reject.BAD_MICROBATCH, "no evaluation is in flight")
+            loss = await self.compute.run(rt.eval_loss, x, targets)
+            if not fut.done():
+                fut.set_result(loss)
+            return
+        self.push(meta, await self.compute.run(rt.eval_forward, x), "Forward", meta.hop + 1)
+
+    async def on_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
+        if meta.eval:
+            await self.on_eval_forward(meta, x)
+            return
+        rt = self.runtime
+        if self.seat.stage == 0:  # last hop: loss, and the gradient goes back
+            targets = self.inflight.targets.get(meta.microbatch)
+
+            def head() -> tuple[float, torch.Tensor]:
+                rt.check_step(meta.step, meta.attempt)
+                if targets is None:
+                    raise StepError(Reject.BAD_MICROBATCH, f"microbatch {meta.microbatch} is not in flight")
+                return rt.head(meta.microbatch, x, targets)
+
+            loss, grad = await self._compute_in_order(meta, "forward", head)
+            self.inflight.losses[meta.microbatch] = loss
+            self.push(meta, grad, "Backward", meta.hop - 1)
+            return
+
+        def forward() -> torch.Tensor:
+            rt.check_step(meta.step, meta.attempt)
+            return rt.forward(meta.microbatch, x)
+
+        self.push(meta, await self._compute_in_order(meta, "forward", forward), "Forward", meta.hop + 1)
+
+    async def on_backward(self, meta: pb.MicrobatchMeta, grad: torch.Tensor) -> None:
+        if meta.eval:
+            raise StepError(Reject.BAD_STREAM, "evaluation messages only travel forward")
+        rt = self.runtime
+        if self.seat.stage == 0:  # home: the embedding's gradient
+
+            def embedding_backward() -> None:
+                rt.check_step(meta.step, meta.attempt)
+                rt.embed_backward(meta.microbatch, grad)
+
+            await self._compute_in_order(meta, "backward", embedding_backward)
+            self.inflight.resolve(meta.microbatch)
+            return
+
+        def backward() -> torch.Tensor:
+            rt.check_step(meta.step, meta.attempt)
+            return rt.backward(meta.microbatch, grad)
+
+        self.push(meta, await self._compute_in_order(meta, "backward", backward), "Backward", meta.hop - 1)
+
+    # ---- the local side of the two-phase commit ----------------------------------------------------
+    async def prepare(self, step: int, attempt: int) -> float:
+        """Phase 1: every microbatch's backward is in; the squared gradient norm before clipping."""
+        return await self.compute.run(self.runtime.prepare, step, attempt)
+
+    async def commit(self, step: int, attempt: int, clip_coef: float) -> int:
+        """Phase 2: clip and apply AdamW (idempotent); returns the committed step."""
+        rt = self.runtime
+        before = rt.committed_step
+        committed = await self.compute.run(rt.commit, step, attempt, clip_coef)
+        self.metrics.committed_step.set(committed)
+        if committed != before:
+            now = time.monotonic()
+            if self._last_commit_at is not None:
+                self.metrics.step_seconds.observe(now - self._last_commit_at)
+            self._last_commit_at = now
+            for hook in self.after_commit:
+                hook(committed)
+        return committed
+
+    async def abort(self, step: int, attempt: int) -> None:
+        """Discards the step in flight (parameters untouched)."""
+        await self.compute.run(self.runtime.abort, step, attempt)
+
+    async def install(self, runtime: StageRuntime) -> None:
+        """Serves ``runtime`` from now on (a rollback): the steps after its committed step run again."""
+        self.seat.runtime = runtime
+        await self.order.reset()
+        self._last_commit_at = None
+        self.metrics.committed_step.set(runtime.committed_step)
+
+    async def snapshot_committed(self) -> tuple[int, float, dict[str, torch.Tensor]]:
+        """(committed step, last gradient norm, weights cloned to CPU): a consistent view, taken between
+        steps on the compute thread."""
+        rt = self.runtime
+
+        def snapshot() -> tuple[int, float, dict[str, torch.Tensor]]:
+            state = {k: v.to("cpu").clone() for k, v in rt.committed_state().items()}
+            return rt.committed_step, rt.last_grad_norm, state
+
+        return await self.compute.run(snapshot)
+
+    def close(self) -> None:
+        self._background.cancel_all()

@@ -1,0 +1,57 @@
+"""The commit coordinator's peer RPCs over gRPC: each call goes to the stage's serving peer per the DHT."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+
+from node.options import TimingOptions
+from node.proto import stage_pb2 as pb
+from node.stage.coordinator import PeerError
+from node.stage.presence import Presence
+from node.transport.channels import ChannelPool
+
+ABORT_SECONDS = 2.0  # an abort is best effort: a stage that misses it refuses the old attempt later
+
+
+class GrpcPeers:
+    """:class:`~node.stage.coordinator.PeerRPC` over the Stage service."""
+
+    def __init__(self, presence: Presence, channels: ChannelPool, timing: TimingOptions) -> None:
+        self.presence, self.channels, self.timing = presence, channels, timing
+
+    async def _call(self, stage: int, rpc: str, request: Any, seconds: float | None = None) -> tuple[Any, str]:
+        deadline = time.monotonic() + (seconds or self.timing.rpc_timeout)
+        peer = await self.presence.resolve(stage, deadline)
+        stub = self.channels.stub(peer.grpc_address)
+        try:
+            reply = await getattr(stub, rpc)(request, timeout=max(0.1, deadline - time.monotonic()))
+        except grpc.aio.AioRpcError as err:
+            refused = err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            raise PeerError(stage, f"{rpc}: {err.code().name} {err.details()}", refused=refused) from None
+        return reply, peer.peer_id
+
+    async def prepare(self, stage: int, step: int, attempt: int) -> float:
+        reply, _ = await self._call(stage, "Prepare", pb.PrepareRequest(step=step, attempt=attempt))
+        return reply.grad_norm_sq
+
+    async def commit(
+        self, stage: int, step: int, attempt: int, global_norm: float, clip_coef: float
+    ) -> tuple[int, str]:
+        request = pb.CommitRequest(step=step, attempt=attempt, global_grad_norm=global_norm, clip_coef=clip_coef)
+        reply, peer = await self._call(stage, "Commit", request)
+        return reply.committed_step, peer
+
+    async def abort(self, stage: int, step: int, attempt: int) -> None:
+        await self._call(stage, "Abort", pb.AbortRequest(step=step, attempt=attempt, reason="replay"), ABORT_SECONDS)
+
+    async def rollback(self, stage: int, step: int, attempt: int) -> tuple[int, str]:
+        request = pb.RollbackRequest(step=step, attempt=attempt, sender_peer=self.presence.me.peer_id)
+        reply, peer = await self._call(stage, "Rollback", request)
+        return reply.committed_step, peer
+
+    async def checkpoint_steps(self, stage: int) -> list[int]:
+        reply, _ = await self._call(stage, "GetStatus", pb.StatusRequest())
+        return list(reply.checkpoint_steps)

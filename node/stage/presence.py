@@ -1,0 +1,255 @@
+"""A node's presence in the swarm: its DHT record, its view of the others, suspicion and heartbeats.
+
+The node announces itself every ``refresh_seconds`` with an expiry of twice that, and reads the whole
+swarm back with the same period. A peer whose RPC or heartbeat fails is *suspected* at once: it is left
+out of every choice for 3 refresh periods (by then its record has expired if it is really dead), its
+record is re-stored as ``offline`` (a tombstone, so spares see the vacancy now), and whoever waits on the
+step in flight is told (``on_peer_lost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+
+from node import __version__
+from node.dht.directory import pick_peer
+from node.events import EventLog, FailureDetectedEvent
+from node.metrics import StageMetrics
+from node.options import TimingOptions
+from node.proto import stage_pb2 as pb
+from node.stage.compute import Background, BlockingIO
+from node.stage.runtime import StepFailed
+from node.stage.seat import Seat
+from node.topology import heartbeat_side, neighbour_stages, swap_partner
+from node.transport.channels import ChannelPool
+from node.wire.records import SERVING_STATES, StageRecord, StageState, same_swarm
+
+logger = logging.getLogger(__name__)
+OCCUPYING = SERVING_STATES | {StageState.RECOVERING}
+
+
+class Directory(Protocol):
+    """Blocking access to the swarm's records (:class:`node.dht.directory.SwarmDirectory`)."""
+
+    malformed_seen: int
+
+    def announce(self, record: StageRecord, ttl: float) -> bool: ...
+
+    def records(self) -> list[StageRecord]: ...
+
+
+@dataclass
+class NodeIdentity:
+    """What this node's record says about where it is (filled in as the servers start)."""
+
+    peer_id: str
+    fingerprint: str
+    num_stages: int
+    out_of_order: bool
+    grpc_address: str = ""
+    metrics_port: int | None = None
+    pid: int = field(default_factory=os.getpid)
+    host: str = field(default_factory=socket.gethostname)
+
+
+class Presence:
+    """This node's record, the swarm view, suspicion of dead peers, heartbeats and peer resolution."""
+
+    def __init__(
+        self,
+        directory: Directory,
+        io: BlockingIO,
+        seat: Seat,
+        me: NodeIdentity,
+        timing: TimingOptions,
+        channels: ChannelPool,
+        metrics: StageMetrics,
+        events: EventLog,
+        replica_step: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.directory, self.io, self.seat, self.me = directory, io, seat, me
+        self.timing, self.channels, self.metrics, self.events = timing, channels, metrics, events
+        self.replica_step = replica_step
+        self.state = StageState.JOINING
+        self.view: list[StageRecord] = []
+        self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
+        self.last_alive: dict[str, float] = {}  # peer id -> its last successful heartbeat (monotonic)
+        self.on_peer_lost: list[Callable[[StepFailed], None]] = []
+        self._reported_dead: set[str] = set()
+        self._background = Background()
+
+    # ---- this node's record -----------------------------------------------------------------------
+    def record(self, state: StageState | None = None) -> StageRecord:
+        stage, me = self.seat.stage, self.me
+        return StageRecord(
+            stage=stage,
+            num_stages=me.num_stages,
+            peer_id=me.peer_id,
+            grpc_address=me.grpc_address,
+            state=state or self.state,
+            committed_step=self.seat.committed_step,
+            config_fingerprint=me.fingerprint,
+            version=__version__,
+            host=me.host,
+            pid=me.pid,
+            metrics_port=me.metrics_port,
+            last_recovery=self.seat.last_recovery,
+            swap_partner=None if stage is None else swap_partner(stage, me.num_stages, me.out_of_order),
+            replica_step=self.replica_step(),
+        )
+
+    async def announce(self, state: StageState | None = None) -> None:
+        """Stores this node's record (in ``state``, which becomes the node's state); best effort."""
+        if state is not None:
+            self.state = state
+        if self.seat.stage is None and self.state == StageState.JOINING:
+            return  # a --stage auto node has no record until it is a spare (a joining record needs a stage)
+        try:
+            await self.io.run(self.directory.announce, self.record(), self.record_ttl)
+        except Exception:  # the DHT is best effort; the next refresh tries again
+            logger.exception("DHT announce failed")
+
+    @property
+    def record_ttl(self) -> float:
+        return 2 * self.timing.refresh_seconds
+
+    async def refresh(self) -> list[StageRecord]:
+        """Reads the swarm's records into :attr:`view`."""
+        before = self.directory.malformed_seen
+        self.view = await self.io.run(self.directory.records)
+        self.metrics.malformed_records.inc(self.directory.malformed_seen - before)
+        online = {r.stage for r in self.view if r.state in SERVING_STATES}
+        self.metrics.stages_online.set(len(online))
+        return self.view
+
+    async def try_refresh(self) -> None:
+        """:meth:`refresh`, keeping the old view when the DHT does not answer."""
+        with contextlib.suppress(Exception):
+            await self.refresh()
+
+    async def run_periodic(self, stopping: asyncio.Event) -> None:
+        """Announce and refresh every period until ``stopping``."""
+        while not stopping.is_set():
+            await self.announce()
+            await self.try_refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.timing.refresh_seconds)
+
+    # ---- the others -------------------------------------------------------------------------------
+    def members(self, states: frozenset[StageState] | None = SERVING_STATES) -> list[StageRecord]:
+        """Other peers of this swarm in ``states`` (serving, by default), suspects left out."""
+        me = self.me
+        return same_swarm(
+            self.view,
+            fingerprint=me.fingerprint,
+            num_stages=me.num_stages,
+            states=states,
+            exclude=self.suspected() | {me.peer_id},
+        )
+
+    def suspected(self) -> frozenset[str]:
+        """Peers found dead recently; forgiven after 3 refresh periods, by when a dead peer's record expired."""
+        now = time.monotonic()
+        for peer, since in list(self.suspects.items()):
+            if now - since > 3 * self.timing.refresh_seconds:
+                del self.suspects[peer]
+        return frozenset(self.suspects)
+
+    def peer_of(self, stage: int) -> StageRecord | None:
+        """The peer to talk to for ``stage``: serving, most committed steps, then lowest peer id."""
+        me = self.me
+        exclude = self.suspected() | {me.peer_id}
+        return pick_peer(self.view, stage, fingerprint=me.fingerprint, num_stages=me.num_stages, exclude=exclude)
+
+    def swarm_committed(self) -> int:
+        """The highest committed step any other live peer of this swarm announces."""
+        return max((r.committed_step for r in self.members()), default=0)
+
+    async def serving_peer(self, stage: int) -> str | None:
+        """Another live (or rebuilding) peer that holds ``stage``, per a fresh read of the DHT."""
+        await self.try_refresh()
+        return next((r.peer_id for r in self.members(OCCUPYING) if r.stage == stage), None)
+
+    def suspect(self, peer: StageRecord, why: str) -> None:
+        """Marks ``peer`` dead at once (the DHT expiry confirms it) and fails the step in flight."""
+        if peer.peer_id in self.suspects:
+            return
+        self.suspects[peer.peer_id] = time.monotonic()
+        self._background.spawn(self.channels.drop(peer.grpc_address))
+        if peer.peer_id not in self._reported_dead:
+            self._reported_dead.add(peer.peer_id)
+            # Tombstone: re-store the dead peer's record as offline so that spares see the vacancy now rather
+            # than when the record expires. A peer suspected wrongly overwrites it at its next refresh.
+            tombstone = peer.model_copy(update={"state": StageState.OFFLINE})
+            self._background.spawn(self.io.run(self.directory.announce, tombstone, self.record_ttl))
+            logger.warning("stage %s peer %s is unreachable (%s)", peer.stage, peer.peer_id, why)
+            self.metrics.failures_detected.inc()
+            if peer.peer_id in self.last_alive:
+                self.metrics.failure_detection_seconds.observe(time.monotonic() - self.last_alive[peer.peer_id])
+            self.events.emit(FailureDetectedEvent(stage=peer.stage, peer=peer.peer_id, by=self.seat.stage, why=why))
+        self.peer_lost(StepFailed(f"stage {peer.stage} ({peer.peer_id}) lost: {why}"))
+
+    def peer_lost(self, failure: StepFailed) -> None:
+        for callback in self.on_peer_lost:
+            callback(failure)
+
+    async def resolve(self, stage: int, deadline: float, stopping: asyncio.Event | None = None) -> StageRecord:
+        """The serving peer of ``stage``, waiting for one (re-reading the DHT) until ``deadline``."""
+        while True:
+            peer = self.peer_of(stage)
+            if peer is not None:
+                return peer
+            if time.monotonic() >= deadline or (stopping is not None and stopping.is_set()):
+                raise StepFailed(f"no serving peer for stage {stage}")
+            await asyncio.sleep(min(0.2, self.timing.refresh_seconds))
+            await self.try_refresh()
+
+    # ---- heartbeats -------------------------------------------------------------------------------
+    async def ping(self, stage: int) -> bool:
+        """One heartbeat to ``stage``'s peer; a failed or late reply makes it suspect."""
+        peer = self.peer_of(stage)
+        if peer is None:
+            # No serving peer left: a neighbour found it dead and re-stored its record as offline before
+            # our own heartbeat could fail. The step in flight cannot finish either way.
+            self.peer_lost(StepFailed(f"stage {stage} has no serving peer"))
+            return False
+        request = pb.HeartbeatRequest(
+            sender_stage=self.seat.stage or 0, sender_peer=self.me.peer_id, committed_step=self.seat.committed_step
+        )
+        started = time.perf_counter()
+        try:
+            await self.channels.stub(peer.grpc_address).Heartbeat(request, timeout=self.timing.heartbeat_timeout)
+        except grpc.aio.AioRpcError as err:
+            self.suspect(peer, f"heartbeat: {err.code().name}")
+            return False
+        self.last_alive[peer.peer_id] = time.monotonic()
+        if self.seat.stage is not None and (side := heartbeat_side(self.seat.stage, stage, self.me.num_stages)):
+            self.metrics.heartbeat_rtt.labels(side=side).observe(time.perf_counter() - started)
+        return True
+
+    async def run_heartbeats(self, stopping: asyncio.Event) -> None:
+        """Pings the route neighbours (stage 0: every stage) every ``heartbeat_interval``. A block stage with
+        a neighbour missing announces ``waiting``, and ``online`` again once both answer."""
+        while not stopping.is_set():
+            stage = self.seat.stage
+            if stage is not None and self.seat.ready:
+                alive = await asyncio.gather(*(self.ping(s) for s in neighbour_stages(stage, self.me.num_stages)))
+                if stage != 0 and self.state in SERVING_STATES:
+                    wanted = StageState.ONLINE if all(alive) else StageState.WAITING
+                    if wanted != self.state:
+                        await self.announce(wanted)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.timing.heartbeat_interval)
+
+    def close(self) -> None:
+        self._background.cancel_all()
