@@ -5,7 +5,8 @@ and ``pid`` (the writer). Daemons sharing one file append whole lines with one `
 lines never mix. Readers (``local``, ``bench``, the tests) parse lines back into these models with
 :func:`read_events`; a line that does not parse is skipped and counted, never trusted.
 
-``python -m node.events`` prints the table of events and fields that the README shows.
+``python -m node.events`` prints the table of events and fields that the README shows;
+``python -m node.events --write-readme`` puts it into README.md between its ``events`` markers.
 """
 
 from __future__ import annotations
@@ -266,5 +267,21 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+README_BEGIN, README_END = "<!-- events:begin -->\n", "<!-- events:end -->"
+
+
+def write_readme(path: pathlib.Path) -> None:
+    """Replaces what stands between README.md's ``events:begin`` and ``events:end`` marker lines."""
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    path.write_text(head + README_BEGIN + markdown_table() + "\n" + README_END + tail, encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+
+    if sys.argv[1:] == ["--write-readme"]:
+        write_readme(pathlib.Path(__file__).resolve().parents[1] / "README.md")
+    else:
+        print(markdown_table())

@@ -2,7 +2,7 @@
 
 A method is a plug-in: it names the planner's :class:`~node.recovery.planner.Method` values it carries
 out and turns a plan into a runtime for the stage. Adding a method is a new module that implements
-:class:`RecoveryMethod` and is handed to :func:`node.recovery.replacement.build_stage_runtime`; the
+:class:`RecoveryMethod` and is handed to :class:`node.recovery.replacement.StageBuilder`; the
 planner decides when it is used.
 """
 

@@ -58,7 +58,7 @@ async def check_not_behind_stage0(ctx: RecoveryContext, step: int) -> None:
 
 
 class NeighbourRebuild:
-    """CheckFree and its ablation baselines (a plug-in for :func:`~node.recovery.replacement.build_stage_runtime`)."""
+    """CheckFree and its ablation baselines (a plug-in for :class:`~node.recovery.replacement.StageBuilder`)."""
 
     methods = frozenset({Method.CHECKFREE, Method.COPY, Method.PARTNER_COPY, Method.RANDOM})
 

@@ -4,17 +4,9 @@ import pytest
 import torch
 
 from node.recovery.faults import parse_fault
-from node.recovery.planner import (
-    Method,
-    claim_winner,
-    heartbeat_side,
-    live_stages,
-    nearest_live_block_stages,
-    neighbour_stages,
-    plan_recovery,
-    vacant_stages,
-)
+from node.recovery.planner import Method, claim_winner, live_stages, plan_recovery, vacant_stages
 from node.recovery.rebuild import checkfree_average
+from node.topology import heartbeat_side, nearest_live_block_stages, neighbour_stages, route_for, swap_partner
 from node.wire.records import StageRecord
 
 
@@ -138,8 +130,6 @@ def test_bad_fault_specs(bad: str) -> None:
 
 
 def test_out_of_order_routes_are_derived_from_s() -> None:
-    from node.stage.schedule import route_for, swap_partner
-
     assert route_for(0, 7, True) == [0, 1, 2, 3, 4, 5, 6, 0]
     assert route_for(1, 7, True) == [0, 2, 1, 3, 4, 6, 5, 0]
     assert route_for(1, 5, True) == [0, 2, 1, 4, 3, 0]

@@ -1,0 +1,159 @@
+"""Presence against a fake directory and fake channels: suspicion, tombstones, vacancy, resolve, heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from node.events import EventLog, FailureDetectedEvent, read_events
+from node.metrics import StageMetrics
+from node.options import TimingOptions
+from node.recovery.planner import vacant_stages
+from node.stage.compute import BlockingIO
+from node.stage.presence import NodeIdentity, Presence
+from node.stage.runtime import StepFailed
+from node.stage.seat import Seat
+from node.wire.records import StageRecord, StageState
+
+FP, N = "fp", 4
+
+
+def rec(stage, peer, state="online", step=5, fp=FP) -> StageRecord:
+    return StageRecord(
+        stage=stage, num_stages=N, peer_id=peer, grpc_address=f"127.0.0.1:{1000 + 100 * len(peer) + ord(peer[0])}",
+        state=state, committed_step=step, config_fingerprint=fp, version="0",
+    )  # fmt: skip
+
+
+class FakeDirectory:
+    """The swarm key of the DHT: one record per peer, last store wins."""
+
+    def __init__(self, records: list[StageRecord]) -> None:
+        self.by_peer = {r.peer_id: r for r in records}
+        self.malformed_seen = 0
+        self.stored: list[StageRecord] = []
+
+    def announce(self, record: StageRecord, ttl: float) -> bool:
+        self.stored.append(record)
+        self.by_peer[record.peer_id] = record
+        return True
+
+    def records(self) -> list[StageRecord]:
+        return list(self.by_peer.values())
+
+
+class FakeStub:
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    async def Heartbeat(self, request, timeout):
+        if self.fail:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "connection refused")
+        return None
+
+
+class FakeChannels:
+    def __init__(self) -> None:
+        self.down: set[str] = set()
+        self.dropped: list[str] = []
+
+    def stub(self, address: str) -> FakeStub:
+        return FakeStub(address in self.down)
+
+    async def drop(self, address: str) -> None:
+        self.dropped.append(address)
+
+
+@pytest.fixture
+def parts(tmp_path):
+    directory = FakeDirectory([rec(0, "a"), rec(1, "b"), rec(2, "c"), rec(3, "d"), rec(2, "x", fp="other")])
+    seat = Seat(stage=1)
+    me = NodeIdentity(peer_id="b", fingerprint=FP, num_stages=N, out_of_order=False, grpc_address="127.0.0.1:9")
+    channels = FakeChannels()
+    presence = Presence(
+        directory, BlockingIO(), seat, me, TimingOptions(refresh_seconds=0.05, heartbeat_interval=0.01), channels,
+        StageMetrics(), EventLog(tmp_path / "events.jsonl"),
+    )  # fmt: skip
+    yield presence, directory, channels, tmp_path
+    presence.close()
+
+
+async def test_view_peer_choice_and_committed_step_ignore_other_swarms_and_self(parts) -> None:
+    presence, directory, _, _ = parts
+    directory.by_peer["c2"] = rec(2, "c2", step=6)
+    await presence.refresh()
+    assert presence.peer_of(2).peer_id == "c2"  # most committed steps wins
+    assert presence.peer_of(1) is None  # this node does not talk to itself
+    assert presence.swarm_committed() == 6
+
+
+async def test_a_suspected_peer_is_left_out_tombstoned_and_fails_the_step(parts) -> None:
+    presence, directory, channels, tmp_path = parts
+    await presence.refresh()
+    lost: list[StepFailed] = []
+    presence.on_peer_lost.append(lost.append)
+    presence.suspect(presence.peer_of(2), "heartbeat: UNAVAILABLE")
+    presence.suspect(presence.view[2], "again")  # reported once
+    await asyncio.sleep(0.05)
+    assert presence.peer_of(2) is None and len(lost) == 1 and "stage 2" in str(lost[0])
+    assert channels.dropped == [rec(2, "c").grpc_address]
+    assert [r.state for r in directory.stored if r.peer_id == "c"] == [StageState.OFFLINE]
+    [event] = [e for e in read_events(tmp_path / "events.jsonl") if isinstance(e, FailureDetectedEvent)]
+    assert (event.stage, event.peer, event.by) == (2, "c", 1)
+    # the tombstone makes the stage vacant for spares at once
+    await presence.refresh()
+    assert vacant_stages(presence.view, fingerprint=FP, num_stages=N) == [2]
+
+
+async def test_suspicion_is_forgiven_after_three_refresh_periods(parts) -> None:
+    presence, _, _, _ = parts
+    await presence.refresh()
+    presence.suspects["c"] = time.monotonic() - 3 * presence.timing.refresh_seconds - 0.01
+    assert "c" not in presence.suspected() and presence.peer_of(2).peer_id == "c"
+
+
+async def test_resolve_waits_for_a_serving_peer_and_gives_up_at_the_deadline(parts) -> None:
+    presence, directory, _, _ = parts
+    del directory.by_peer["d"]
+    await presence.refresh()
+
+    async def appear() -> None:
+        await asyncio.sleep(0.1)
+        directory.by_peer["d2"] = rec(3, "d2")
+
+    task = asyncio.create_task(appear())
+    assert (await presence.resolve(3, time.monotonic() + 5)).peer_id == "d2"
+    await task
+    del directory.by_peer["c"]
+    await presence.refresh()
+    with pytest.raises(StepFailed, match="no serving peer for stage 2"):
+        await presence.resolve(2, time.monotonic() + 0.2)
+
+
+async def test_a_failed_heartbeat_suspects_the_neighbour_and_the_stage_announces_waiting(parts) -> None:
+    presence, directory, channels, _ = parts
+    await presence.refresh()
+    presence.seat.runtime = SimpleNamespace(committed_step=5)  # heartbeats only run for a node holding a stage
+    presence.state = StageState.ONLINE
+    channels.down.add(rec(2, "c").grpc_address)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(presence.run_heartbeats(stopping))
+    await asyncio.sleep(0.1)
+    stopping.set()
+    await task
+    assert "c" in presence.suspected() and "a" not in presence.suspected()
+    assert presence.state == StageState.WAITING
+    assert directory.by_peer["b"].state == StageState.WAITING
+
+
+async def test_the_record_says_what_the_seat_holds(parts) -> None:
+    presence, _, _, _ = parts
+    record = presence.record(StageState.ONLINE)
+    assert (record.stage, record.peer_id, record.committed_step, record.state) == (1, "b", 0, StageState.ONLINE)
+    presence.seat.stage = None
+    await presence.announce(StageState.JOINING)  # a --stage auto node has no record before it is a spare
+    assert presence.directory.stored == []
