@@ -12,18 +12,16 @@ held-out validation loss after N steps. No failures are injected: this is the co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 
 import torch
+from _common import RESULTS, write_results
 
 from node.config import build_config
 from node.data import load_corpus, validation_batches
 from node.stage.runtime import StageRuntime
 from node.train.reference import train_reference
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def stage_bytes(module: torch.nn.Module) -> int:
@@ -41,7 +39,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=5)
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/results/checkfree_plus.json")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "checkfree_plus.json")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     base = {"num_stages": args.stages, "model": {"n_layers": args.n_layers}}
@@ -91,9 +89,7 @@ def main() -> None:
     for name, r in runs.items():
         print(f"{name:>13}: train loss (last 10) {r['final_train_loss']:.4f}, validation loss {r['val_loss']:.4f}")
     print(f"price of swaps after {args.steps} steps: {result['val_loss_price']:+.4f} validation loss")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

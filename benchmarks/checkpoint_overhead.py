@@ -12,23 +12,14 @@ is off the training path; only the in-memory snapshot is on it).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
-import subprocess
-import sys
-import tempfile
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from _common import RESULTS, run_local, write_results
 
 
 def run(steps: int, flags: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "node", "local", "--stages", "4", "--steps", str(steps), "--quiet",
-               "--workdir", str(pathlib.Path(tmp) / "swarm"), "--json-out", str(out), *flags]  # fmt: skip
-        subprocess.run(cmd, cwd=REPO, check=True, timeout=900)
-        summary = json.loads(out.read_text())
+    summary = run_local(["--stages", "4", "--steps", str(steps), *flags], timeout=900)
     steps_s = summary["step_seconds"][5:]  # past start-up
     return {
         "step_seconds_median": statistics.median(steps_s),
@@ -42,7 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", default="10,1", help="checkpoint intervals K to measure")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/results/checkpoint_overhead.json")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "checkpoint_overhead.json")
     args = parser.parse_args()
     variants = {"off": ["--recovery", "checkfree"]}
     for k in args.every.split(","):
@@ -72,9 +63,7 @@ def main() -> None:
             f"snapshot {row['snapshot_seconds_mean'] * 1e3:.1f} ms, write {row['write_seconds_mean'] * 1e3:.0f} ms "
             f"(background), {row['bytes_per_checkpoint_all_stages'] / 2**20:.1f} MiB per checkpoint"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, report)
 
 
 if __name__ == "__main__":

@@ -14,43 +14,21 @@ import argparse
 import json
 import pathlib
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from _common import RESULTS, LocalSwarm, local_swarm, write_results
 
 
 def run(steps: int, metrics: bool, scrapes: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out, prom = pathlib.Path(tmp) / "summary.json", pathlib.Path(tmp) / "prom"
-        cmd = [sys.executable, "-m", "node", "local", "--stages", "4", "--steps", str(steps), "--quiet",
-               "--workdir", str(pathlib.Path(tmp) / "swarm"), "--json-out", str(out),
-               "--metrics" if metrics else "--no-metrics", "--prometheus-dir", str(prom)]  # fmt: skip
-        proc = subprocess.Popen(cmd, cwd=REPO)
-        latencies, sizes = [], []
-        if metrics:
-            targets: list[str] = []
-            deadline = time.monotonic() + 180
-            while len(targets) < 4 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(1)
-                path = prom / "targets.json"
-                if path.exists():
-                    targets = [t for entry in json.loads(path.read_text()) for t in entry["targets"]]
-            for _ in range(scrapes):
-                for target in targets:
-                    started = time.perf_counter()
-                    try:
-                        body = urllib.request.urlopen(f"http://{target}/metrics", timeout=5).read()
-                    except OSError:
-                        continue
-                    latencies.append(time.perf_counter() - started)
-                    sizes.append(len(body))
-                time.sleep(0.05)
-        proc.wait(timeout=900)
-        summary = json.loads(out.read_text())
+        prom = pathlib.Path(tmp) / "prom"
+        flags = ["--stages", "4", "--steps", str(steps), "--metrics" if metrics else "--no-metrics",
+                 "--prometheus-dir", str(prom)]  # fmt: skip
+        with local_swarm(flags) as swarm:
+            latencies, sizes = scrape(swarm, prom, scrapes) if metrics else ([], [])
+            summary = swarm.summary(timeout=900)
     return {
         "tokens_per_second": summary["tokens_per_second"],
         "step_seconds_median": statistics.median(summary["step_seconds"][5:]),
@@ -59,12 +37,35 @@ def run(steps: int, metrics: bool, scrapes: int) -> dict:
     }
 
 
+def scrape(swarm: LocalSwarm, prom: pathlib.Path, scrapes: int) -> tuple[list[float], list[int]]:
+    """Scrapes every daemon listed in ``prom``/targets.json ``scrapes`` times: (latencies, body sizes)."""
+    latencies, sizes = [], []
+    targets: list[str] = []
+    deadline = time.monotonic() + 180
+    while len(targets) < 4 and time.monotonic() < deadline and swarm.running():
+        time.sleep(1)
+        path = prom / "targets.json"
+        if path.exists():
+            targets = [t for entry in json.loads(path.read_text()) for t in entry["targets"]]
+    for _ in range(scrapes):
+        for target in targets:
+            started = time.perf_counter()
+            try:
+                body = urllib.request.urlopen(f"http://{target}/metrics", timeout=5).read()
+            except OSError:
+                continue
+            latencies.append(time.perf_counter() - started)
+            sizes.append(len(body))
+        time.sleep(0.05)
+    return latencies, sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--scrapes", type=int, default=100, help="scrapes of every daemon per metrics-on run")
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/results/metrics_overhead.json")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "metrics_overhead.json")
     args = parser.parse_args()
     on, off = [], []
     for _ in range(args.repeats):
@@ -93,9 +94,7 @@ def main() -> None:
         f"throughput: metrics on {report['tokens_per_second_metrics_on']} vs off "
         f"{report['tokens_per_second_metrics_off']} tokens/s (on/off {report['throughput_on_over_off']:.3f})"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, report)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,16 @@ the median step time. Goal: ≥ 0.8.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
-import subprocess
-import sys
-import tempfile
 
 import torch
+from _common import RESULTS, run_local, write_results
 
 from node.config import build_config
 from node.data import load_corpus
 from node.train.reference import train_reference
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -34,7 +29,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--microbatches", type=int, default=None)
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/results/pipeline_efficiency.json")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "pipeline_efficiency.json")
     args = parser.parse_args()
     overrides: dict = {"num_stages": args.stages}
     extra = []
@@ -44,29 +39,7 @@ def main() -> None:
     cfg = build_config(preset=args.preset, overrides=overrides)
     tokens_per_step = cfg.train.microbatches_per_step * cfg.train.microbatch_size * cfg.train.seq_len
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "summary.json"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "node",
-                "local",
-                "--stages",
-                str(args.stages),
-                "--steps",
-                str(args.steps),
-                "--preset",
-                args.preset,
-                "--json-out",
-                str(out),
-                "--quiet",
-                *extra,
-            ],
-            cwd=REPO,
-            check=True,
-        )
-        swarm = json.loads(out.read_text())
+    swarm = run_local(["--stages", str(args.stages), "--steps", str(args.steps), "--preset", args.preset, *extra])
     swarm_step = statistics.median(swarm["step_seconds"][args.warmup :])
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -93,9 +66,7 @@ def main() -> None:
     )
     print(f"single : {result['single_tokens_per_second']:,.0f} tokens/s ({single_step:.3f} s/step, 1 process)")
     print(f"pipeline efficiency: {result['efficiency']:.2f} (goal >= 0.8)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

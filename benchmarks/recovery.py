@@ -15,13 +15,11 @@ import json
 import pathlib
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from _common import RESULTS, run_local, write_results
 
 
 def loopback_bandwidth(nbytes: int = 256 << 20) -> float:
@@ -56,32 +54,9 @@ def run_size(d_model: int, kill_step: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = pathlib.Path(tmp) / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
-        out = pathlib.Path(tmp) / "summary.json"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "node",
-                "local",
-                "--stages",
-                "4",
-                "--steps",
-                str(steps),
-                "--config",
-                str(cfg_path),
-                "--spares",
-                "1",
-                "--kill",
-                f"2@{kill_step}",
-                "--json-out",
-                str(out),
-                "--quiet",
-            ],
-            cwd=REPO,
-            check=True,
-            timeout=1800,
-        )
-        summary = json.loads(out.read_text())
+        flags = ["--stages", "4", "--steps", str(steps), "--config", str(cfg_path), "--spares", "1",
+                 "--kill", f"2@{kill_step}"]  # fmt: skip
+        summary = run_local(flags, timeout=1800)
     [rec] = summary["recoveries"]
     step_time = statistics.median(summary["step_seconds"])
     return {
@@ -101,7 +76,7 @@ def main() -> None:
     parser.add_argument("--d-models", default="128,384")
     parser.add_argument("--kill-step", type=int, default=10)
     parser.add_argument("--steps", type=int, default=14)
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks/results/recovery.json")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "recovery.json")
     args = parser.parse_args()
     bandwidth = loopback_bandwidth()
     rows = []
@@ -123,11 +98,7 @@ def main() -> None:
             f"{r['rebuild_seconds']:>10.2f} {r['transfer_bound_seconds']:>8.3f} {r['rebuild_over_bound']:>14.1f} "
             f"{r['recover_seconds']:>10.2f} {r['goal_seconds']:>7.2f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"benchmark": "recovery", "loopback_bytes_per_second": bandwidth, "rows": rows}, indent=2)
-    )
-    print(f"wrote {args.out}")
+    write_results(args.out, {"benchmark": "recovery", "loopback_bytes_per_second": bandwidth, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
+import os
 import pathlib
 import statistics
 import time
@@ -22,10 +22,11 @@ from types import SimpleNamespace
 
 import grpc
 import torch
+from _common import RESULTS, write_results
 
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
-from node.stage.service import StageService
+from node.stage.service import NodeStatus, StageService
 from node.transport.channels import GRPC_OPTIONS, SERVER_OPTIONS
 from node.transport.stage_rpc import StageClient, add_stage_service
 from node.wire.tensors import CHUNK_BYTES, encode_stream
@@ -34,16 +35,22 @@ D_MODEL = 1024
 BARE_METHOD = "/bench.Bytes/Push"
 
 
-class _Cfg(SimpleNamespace):
-    out_of_order = False
-    train = SimpleNamespace(microbatches_per_step=4)
+class _AcceptingParticipant:
+    """What StageService reads of the pipeline participant; accepts every validated tensor without computing."""
 
-
-class _AcceptingDaemon(SimpleNamespace):
-    """The attributes StageService reads; accepts every validated tensor without computing."""
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.seat = SimpleNamespace(stage=1, ready=True, committed_step=0)
+        self.config = SimpleNamespace(out_of_order=False, num_stages=4, train=SimpleNamespace(microbatches_per_step=4))
+        self.activation_shape = shape
+        self.max_activation_bytes = 4 * shape[1] * D_MODEL
+        self.received = 0
 
     async def on_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
         self.received += x.numel()
+
+
+def _status() -> NodeStatus:
+    return NodeStatus(stage=1, peer_id="bench", state="serving", pid=os.getpid())
 
 
 def _shape_for(mib: int) -> tuple[int, int, int]:
@@ -53,7 +60,7 @@ def _shape_for(mib: int) -> tuple[int, int, int]:
 
 async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]]) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    daemons = {}
+    participants = {}
 
     async def push(request_iterator, context) -> bytes:
         total = 0
@@ -67,21 +74,11 @@ async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]]) -> None:
     ports = {}
     for shape in shapes:
         s = grpc.aio.server(options=SERVER_OPTIONS)
-        d = _AcceptingDaemon(
-            stage=1,
-            num_stages=4,
-            activation_shape=shape,
-            max_activation_bytes=4 * shape[1] * D_MODEL,
-            metrics=StageMetrics(),
-            runtime=object(),
-            config=_Cfg(),
-            rejected_total=0,
-            received=0,
-        )
-        add_stage_service(StageService(d), s)
+        p = _AcceptingParticipant(shape)
+        add_stage_service(StageService(p, None, None, _status, StageMetrics()), s)  # type: ignore[arg-type]
         ports[shape] = s.add_insecure_port("127.0.0.1:0")
         await s.start()
-        daemons[shape] = (s, d)
+        participants[shape] = (s, p)
     bare_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     port_q.put((bare_port, ports))
@@ -137,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", default="1,4,16,64")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/transport.json"))
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "transport.json")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes_mib.split(",")]
     shapes = [_shape_for(m) for m in sizes]
@@ -156,21 +153,17 @@ def main() -> None:
         print(f"{r['mib']:>5} {r['bare_gib_per_s']:>11.2f} {r['stage_gib_per_s']:>12.2f} {r['ratio']:>11.2f}")
     overall = min(r["ratio"] for r in rows)
     print(f"worst stage/bare ratio: {overall:.2f} (goal >= 0.8)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "transport",
-                "rows": rows,
-                "worst_ratio": overall,
-                "goal": 0.8,
-                "torch": torch.__version__,
-                "grpc": grpc.__version__,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out,
+        {
+            "benchmark": "transport",
+            "rows": rows,
+            "worst_ratio": overall,
+            "goal": 0.8,
+            "torch": torch.__version__,
+            "grpc": grpc.__version__,
+        },
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 As in the CheckFree paper's experiments, each block stage fails independently with probability p at the
 start of every iteration (a seeded schedule, the same for every strategy at a given p; stage 0 holds the
 data and does not fail, as in the paper's CheckFree runs). The model, batches, clipping and AdamW are
-the swarm's (:class:`~node.stage.runtime.StageRuntime` per stage), and a lost stage is rebuilt with the
-daemon's own planner and formula:
+the swarm's (:class:`~node.stage.runtime.StageRuntime` per stage, :func:`~node.data.batches.training_batch`,
+and the commit decision :func:`~node.train.commit.decide_commit` applied by
+:func:`~node.train.commit.apply_update`), and a lost stage is rebuilt with the daemon's own planner and
+rebuild spec (:func:`~node.recovery.rebuild.rebuild_spec`, :func:`~node.recovery.rebuild.build_runtime`):
 
 - ``none``: no failures (the reference curve; also the default target);
 - ``checkfree`` / ``checkfree+``: :func:`~node.recovery.planner.plan_recovery` (checkfree+ trains with
@@ -25,7 +27,6 @@ and ``failure_overhead_seconds`` per failure (detection and replacement start-up
 
 from __future__ import annotations
 
-import math
 import pathlib
 import random
 import statistics
@@ -40,13 +41,16 @@ from node.bench import BenchOptions
 from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
 from node.checkpoint import BackgroundWriter, CheckpointStore, restore_runtime, rollback_target
 from node.config import SwarmConfig
-from node.data import batch_for_step, load_corpus, validation_batches
+from node.data import load_corpus, validation_batches
+from node.data.batches import training_batch
 from node.metrics import StageMetrics
+from node.options import RecoveryStrategy
 from node.recovery.planner import Method, RecoveryPlan, plan_recovery
-from node.recovery.rebuild import checkfree_average
+from node.recovery.rebuild import Fetched, build_runtime, rebuild_spec
 from node.stage.runtime import StageRuntime
-from node.stage.schedule import route_for
-from node.train.optim import autocast_for, clip_coefficient, grad_norm_sq
+from node.topology import route_for
+from node.train.commit import apply_update, decide_commit
+from node.train.optim import autocast_for, grad_norm_sq
 
 Progress = Callable[[str, int, int], None]  # (run label, iterations done, iterations of the run)
 
@@ -76,32 +80,21 @@ class _Swarm:
 
     def train_step(self, tokens: torch.Tensor) -> None:
         t, cfg = self.cfg.train, self.cfg
-        batch = batch_for_step(
-            tokens,
-            seed=t.seed,
-            step=self.committed,
-            num_microbatches=t.microbatches_per_step,
-            microbatch_size=t.microbatch_size,
-            seq_len=t.seq_len,
-        )
         embed = self.stages[0].module
-        for mb, (x, y) in enumerate(batch):
+        for mb, (x, y) in enumerate(training_batch(tokens, t, self.committed)):
             with autocast_for(self.device):
                 h = embed.embed_tokens(x.to(self.device))
                 for s in route_for(mb, cfg.num_stages, cfg.out_of_order)[1:-1]:
                     h = self.stages[s].module(h)
                 loss = embed.loss(h, y.to(self.device))
             (loss / t.microbatches_per_step).backward()
-        norms_sq = [grad_norm_sq(rt.module) for rt in self.stages]
-        coef = clip_coefficient(math.sqrt(sum(norms_sq)), t.grad_clip)
-        for rt, norm_sq in zip(self.stages, norms_sq, strict=True):
-            if coef < 1.0:
-                for p in rt.module.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
-            rt.optimizer.step()
-            rt.optimizer.zero_grad(set_to_none=True)
-            rt.last_grad_norm = math.sqrt(norm_sq)  # before clipping, as the daemon records it
+        norms_sq = {s: grad_norm_sq(rt.module) for s, rt in enumerate(self.stages)}
+        decision = decide_commit(norms_sq, cfg.num_stages, t.grad_clip)
+        if not decision.commit:  # a non-finite norm: the daemon would abort and replay, to the same result
+            raise FloatingPointError(f"simulated step {self.committed + 1}: {decision.reason}")
+        for rt, norm in zip(self.stages, decision.stage_norms, strict=True):
+            apply_update(rt.module, rt.optimizer, decision.clip_coef)
+            rt.last_grad_norm = norm  # before clipping, as the daemon records it
             rt.committed_step += 1
         self.committed += 1
 
@@ -118,28 +111,11 @@ class _Swarm:
 
     def rebuild(self, plan: RecoveryPlan, lr_scale: float, rng: random.Random) -> None:
         """Replaces stage ``plan.stage`` as the daemon's replacement node would (fresh optimizer)."""
-        src = [self.stages[s] for s in plan.sources]
-        weights, norm, seed = None, 0.0, None
-        if plan.method == Method.CHECKFREE:
-            lo, hi = src
-            weights = checkfree_average(
-                lo.committed_state(), lo.last_grad_norm, hi.committed_state(), hi.last_grad_norm
-            )
-            norm = (lo.last_grad_norm + hi.last_grad_norm) / 2
-        elif plan.method in (Method.COPY, Method.PARTNER_COPY):
-            weights, norm = {k: v.clone() for k, v in src[0].committed_state().items()}, src[0].last_grad_norm
-        else:
-            seed = rng.getrandbits(62)
-        self.stages[plan.stage] = StageRuntime(
-            self.cfg,
-            plan.stage,
-            self.device,
-            lr_scale=lr_scale,
-            weights=weights,
-            committed_step=self.committed,
-            last_grad_norm=norm,
-            random_seed=seed,
-        )
+        sources = [self.stages[s] for s in plan.sources]
+        fetched = [Fetched(rt.stage, rt.committed_step, rt.last_grad_norm, rt.committed_state()) for rt in sources]
+        seed = rng.getrandbits(62) if plan.method == Method.RANDOM else 0  # draws only for a random rebuild
+        spec = rebuild_spec(plan, fetched, self.committed, lr_scale, seed)
+        self.stages[plan.stage] = build_runtime(self.cfg, plan.stage, self.device, spec)
 
 
 def _roll_back(
@@ -206,7 +182,7 @@ def _simulate_run(
                     live = frozenset(range(1, cfg.num_stages)) - set(failed)
                     for stage in failed:
                         started = time.perf_counter()
-                        plan = plan_recovery(stage, cfg.num_stages, live, 1, strategy)
+                        plan = plan_recovery(stage, cfg.num_stages, live, 1, RecoveryStrategy(strategy))
                         swarm.rebuild(plan, opts.lr_scale, rng)
                         run.methods[plan.method.value] = run.methods.get(plan.method.value, 0) + 1
                         run.recover_seconds.append(time.perf_counter() - started + opts.failure_overhead_seconds)

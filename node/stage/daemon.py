@@ -9,7 +9,7 @@ starts them and shuts them down:
   :mod:`node.checkpoint.keeper`) and :class:`~node.recovery.replacement.StageBuilder`;
 - :class:`~node.stage.service.StageService` behind :class:`~node.transport.server.StageServer`.
 
-The step protocol and the recovery paths are described in ``docs/ARCHITECTURE.md``.
+The step protocol is described in ``docs/PROTOCOL.md``, the recovery paths in ``docs/RECOVERY.md``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ and the local side of the two-phase commit.
 
 Every handler runs its torch work on the stage's compute thread, admitted in microbatch order per
 direction (:class:`MicrobatchOrder`), so gradients accumulate exactly as in the single-process run
-whatever order the network delivers in. The step protocol is described in ``docs/ARCHITECTURE.md``.
+whatever order the network delivers in. The step protocol is described in ``docs/PROTOCOL.md``.
 """
 
 from __future__ import annotations
