@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from node.local import local_argv, node_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +27,7 @@ class Procs:
 
     def start(self, *args: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node", *args],
+            node_argv(*args),
             stdout=stdout,
             stderr=stderr,
             stdin=subprocess.DEVNULL,
@@ -66,26 +68,10 @@ def pid_alive(pid: int) -> bool:
 
 def run_local(tmp_path, *args: str, stages: int = 4, steps: int = 8, timeout: float = 420):
     """``swarm-node local`` in ``tmp_path/swarm``; returns (completed process, summary dict or None)."""
-    import json
-    import pathlib
-
     out = pathlib.Path(tmp_path) / "summary.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "node",
-        "local",
-        "--stages",
-        str(stages),
-        "--steps",
-        str(steps),
-        "--workdir",
-        str(pathlib.Path(tmp_path) / "swarm"),
-        "--json-out",
-        str(out),
-        "--quiet",
-        *args,
-    ]
+    cmd = local_argv(
+        "--stages", str(stages), "--steps", str(steps), *args, workdir=pathlib.Path(tmp_path) / "swarm", json_out=out
+    )
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     return proc, json.loads(out.read_text()) if out.exists() else None
 
@@ -93,7 +79,7 @@ def run_local(tmp_path, *args: str, stages: int = 4, steps: int = 8, timeout: fl
 def swarm_status(maddr: str, swarm: str = "local") -> list[dict[str, Any]]:
     """The stage records of ``swarm`` as ``swarm-node status --json`` prints them."""
     out = subprocess.run(
-        [sys.executable, "-m", "node", "status", "--initial-peers", maddr, "--swarm", swarm, "--json"],
+        node_argv("status", "--initial-peers", maddr, "--swarm", swarm, "--json"),
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return json.loads(out.stdout)["stages"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from node.config import SwarmConfig
+from node.options import EvalOptions, RecoveryOptions, default
 
 STRATEGIES = ("none", "checkfree", "checkfree+", "checkpoint", "copy", "random", "redundant")
 PAPER_REDUNDANT_FACTOR = 151.04 / 91.35  # the paper's s/iteration, redundant computation over checkpointing
@@ -17,7 +18,7 @@ PAPER_REDUNDANT_FACTOR = 151.04 / 91.35  # the paper's s/iteration, redundant co
 
 @dataclass
 class BenchOptions:
-    """What both modes take (see ``swarm-node bench --help``)."""
+    """What both modes take (see ``swarm-node bench --help``, whose defaults are these)."""
 
     config: SwarmConfig  # out_of_order is set per strategy
     strategies: list[str]
@@ -27,6 +28,6 @@ class BenchOptions:
     target_loss: float | None = None
     checkpoint_every: int = 10
     redundant_factor: float = PAPER_REDUNDANT_FACTOR
-    lr_scale: float = 1.1
+    lr_scale: float = default(RecoveryOptions, "lr_scale")
     eval_every: int = 10
-    eval_batches: int = 4
+    eval_batches: int = default(EvalOptions, "batches")

@@ -18,16 +18,16 @@ import pathlib
 import shutil
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from node.bench import BenchOptions
 from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
+from node.events import EvalEvent, Event, StepEvent, of_type
 from node.local.launcher import LocalOptions, LocalSwarm, LocalSwarmError
+from node.options import EvalOptions, RecoveryOptions, RecoveryStrategy, TimingOptions
 
 Progress = Callable[[str, int, int], None]
-RECOVERY_FLAG = {"none": "checkfree", "checkfree": "checkfree", "checkfree+": "checkfree+", "checkpoint": "checkpoint",
-                 "copy": "copy", "random": "random"}  # fmt: skip
 
 
 @dataclass
@@ -36,59 +36,57 @@ class LiveOptions(BenchOptions):
     spares: int = 1
     threads: int | None = None
     step_timeout: float = 60.0
-    extra_run_args: list[str] = field(default_factory=list)
 
 
-def curve_from_events(events: list[dict[str, Any]]) -> list[CurvePoint]:
+def curve_from_events(events: list[Event]) -> list[CurvePoint]:
     """Validation points of a live run: wall-clock since the first evaluation, evaluations excluded."""
-    evals = [e for e in events if e.get("event") == "eval"]
+    evals = of_type(events, EvalEvent)
     if not evals:
         return []
-    origin = evals[0]["time"]
-    step_times = sorted(e["time"] for e in events if e.get("event") == "step")
+    origin = evals[0].time
+    step_times = sorted(e.time for e in of_type(events, StepEvent))
     points, eval_seconds = [], 0.0
     for e in evals:
         if e is not evals[0]:
-            eval_seconds += e["seconds"]
-        iteration = sum(t < e["time"] for t in step_times)
-        seconds = max(0.0, e["time"] - origin - eval_seconds)
-        points.append(CurvePoint(iteration=iteration, step=e["step"], seconds=seconds, val_loss=e["val_loss"]))
+            eval_seconds += e.seconds
+        iteration = sum(t < e.time for t in step_times)
+        seconds = max(0.0, e.time - origin - eval_seconds)
+        points.append(CurvePoint(iteration=iteration, step=e.step, seconds=seconds, val_loss=e.val_loss))
     return points
 
 
+def local_options(opts: LiveOptions, strategy: str, rate: float, workdir: pathlib.Path) -> LocalOptions:
+    """The local swarm of one run: ``strategy`` (``none``: no failures, plain CheckFree) at failure rate ``rate``."""
+    failing = strategy != "none"
+    recovery = RecoveryStrategy(strategy) if failing else RecoveryStrategy.CHECKFREE
+    checkpoint_dir = workdir / "checkpoints" if recovery is RecoveryStrategy.CHECKPOINT else None
+    cfg = opts.config.model_copy(update={"out_of_order": recovery.out_of_order})
+    return LocalOptions(
+        config=cfg,
+        steps=opts.iterations,
+        workdir=workdir,
+        # one share of the cores per process (stages and spares), as `swarm-node local` does
+        threads=opts.threads or max(1, (os.cpu_count() or 1) // (cfg.num_stages + opts.spares)),
+        quiet=True,
+        timing=TimingOptions(step_timeout=opts.step_timeout),
+        recovery=RecoveryOptions(
+            strategy=recovery,
+            lr_scale=opts.lr_scale,
+            checkpoint_every=opts.checkpoint_every,
+            checkpoint_dir=checkpoint_dir,
+        ),
+        eval=EvalOptions(every=opts.eval_every, batches=opts.eval_batches),
+        failure_rate=rate if failing else 0.0,
+        spares=opts.spares if failing else 0,
+        seed=opts.seed,
+    )
+
+
 def _live_run(opts: LiveOptions, strategy: str, rate: float, progress: Progress | None) -> BenchRun:
-    cfg = opts.config.model_copy(update={"out_of_order": strategy == "checkfree+"})
     workdir = opts.out / "runs" / f"{strategy}-p{rate:g}"
     # a fresh start: the checkpoint strategy would otherwise resume from an earlier bench's checkpoints
     shutil.rmtree(workdir, ignore_errors=True)
-    # one share of the cores per process (stages and spares), as `swarm-node local` does
-    threads = opts.threads or max(1, (os.cpu_count() or 1) // (cfg.num_stages + opts.spares))
-    swarm = LocalSwarm(
-        LocalOptions(
-            config=cfg,
-            steps=opts.iterations,
-            workdir=workdir,
-            json_out=workdir / "summary.json",
-            threads=threads,
-            step_timeout=opts.step_timeout,
-            quiet=True,
-            recovery=RECOVERY_FLAG[strategy],
-            lr_scale=opts.lr_scale,
-            failure_rate=rate if strategy != "none" else 0.0,
-            respawn=True,
-            spares=opts.spares if strategy != "none" else 0,
-            seed=opts.seed,
-            extra_run_args=[
-                "--checkpoint-every",
-                str(opts.checkpoint_every),
-                "--eval-every",
-                str(opts.eval_every),
-                "--eval-batches",
-                str(opts.eval_batches),
-                *opts.extra_run_args,
-            ],
-        )
-    )
+    swarm = LocalSwarm(local_options(opts, strategy, rate, workdir))
     if progress is not None:
         progress(f"{strategy} p={rate:g}", 0, opts.iterations)
     try:
@@ -107,7 +105,7 @@ def _live_run(opts: LiveOptions, strategy: str, rate: float, progress: Progress 
         )
     events = swarm.read_events()
     recoveries = summary["recoveries"]
-    steps = [e["seconds"] for e in events if e.get("event") == "step"]
+    steps = [e.seconds for e in of_type(events, StepEvent)]
     methods: dict[str, int] = {}
     for r in recoveries:
         methods[r["method"]] = methods.get(r["method"], 0) + 1
@@ -189,4 +187,4 @@ def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResult
     )
 
 
-__all__ = ["LiveOptions", "curve_from_events", "run_live"]
+__all__ = ["LiveOptions", "curve_from_events", "local_options", "run_live"]

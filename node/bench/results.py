@@ -8,7 +8,6 @@ import pathlib
 import platform
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from node import __version__
@@ -61,6 +60,8 @@ class BenchResults(BaseModel):
 
 
 def machine_info() -> dict[str, Any]:
+    import torch  # not at the top: every `swarm-node` start imports this module (for the bench defaults)
+
     return {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),

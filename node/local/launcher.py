@@ -1,22 +1,21 @@
 """``swarm-node local``: a bootstrap DHT node and S stage daemons as separate OS processes on loopback.
 
 Every child runs in its own process group with a parent-death signal, and every exit path (done, failure,
-Ctrl-C, SIGTERM) kills those groups, so no process outlives the launcher.
+Ctrl-C, SIGTERM) kills those groups, so no process outlives the launcher. Each stage daemon is started as
+``swarm-node run --options WORKDIR/options/<name>.json``: the :class:`~node.options.NodeOptions` the
+launcher wrote for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import pathlib
 import random
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +24,17 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from node import events as ev
 from node.config import SwarmConfig
+from node.local import node_argv
+from node.options import EvalOptions, NodeOptions, RecoveryOptions, TimingOptions
 from node.recovery.faults import FaultSpec
 from node.wire.records import StageRecord, StageState
 
 logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+SWARM = "local"  # the swarm name (DHT namespace) of every local swarm
+HOST = "127.0.0.1"
 
 
 class LocalSwarmError(RuntimeError):
@@ -41,6 +45,11 @@ def _child_setup() -> None:  # runs in the child between fork and exec
     os.setsid()
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _present(records: list[StageRecord]) -> list[StageRecord]:
+    """The records of nodes that have not gone offline."""
+    return [r for r in records if r.state != StageState.OFFLINE]
 
 
 @dataclass
@@ -56,25 +65,23 @@ class Child:
 
 @dataclass
 class LocalOptions:
+    """The swarm to run; ``timing``, ``recovery`` and ``eval`` are handed to every node unchanged."""
+
     config: SwarmConfig
     steps: int
-    workdir: pathlib.Path | None = None
-    json_out: pathlib.Path | None = None
+    workdir: pathlib.Path  # logs, events, options, weights (and checkpoints, unless recovery says where)
     check_reference: bool = False
-    threads: int | None = None
-    refresh_seconds: float = 1.0
-    step_timeout: float = 120.0
+    threads: int | None = None  # torch threads per node
     startup_timeout: float = 180.0
     quiet: bool = False
-    extra_run_args: list[str] = field(default_factory=list)
-    recovery: str = "checkfree"
-    lr_scale: float = 1.1
+    timing: TimingOptions = field(default_factory=TimingOptions)
+    recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+    eval: EvalOptions = field(default_factory=EvalOptions)
     kills: list[FaultSpec] = field(default_factory=list)
     failure_rate: float = 0.0
     respawn: bool = True
     spares: int = 0
     seed: int = 0
-    checkpoint_dir: pathlib.Path | None = None  # --recovery checkpoint (default WORKDIR/checkpoints)
     prometheus_dir: pathlib.Path | None = None  # write prometheus.yml + targets.json (file_sd) here
     metrics: bool = True  # every daemon serves /metrics on a free port
 
@@ -88,19 +95,15 @@ class LocalSwarm:
         self.children: list[Child] = []
         self.stage_children: dict[int, Child] = {}
         self.bootstrap_maddrs: list[str] = []
-        self._own_workdir: tempfile.TemporaryDirectory[str] | None = None
-        if opts.workdir is None:
-            self._own_workdir = tempfile.TemporaryDirectory(prefix="swarm-node-local-")
-            self.workdir = pathlib.Path(self._own_workdir.name)
-        else:
-            self.workdir = opts.workdir
-            self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = opts.workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.events_path = self.workdir / "events.jsonl"
         self.save_dir = self.workdir / "weights"
         self.config_path = self.workdir / "config.json"
+        self.options_dir = self.workdir / "options"
         self.dht = None
         self.fired: set[str] = set()  # fault specs already carried out
-        self.kill_log: list[dict[str, Any]] = []  # kills done by the launcher itself (failure rate, spares)
+        self.kill_log: list[ev.KilledEvent] = []  # kills done by the launcher itself (failure rate, spares)
         self.auto_children: list[Child] = []
         self.handled_deaths: set[int] = set()
         self.node_count = 0
@@ -118,7 +121,7 @@ class LocalSwarm:
         log_path = self.workdir / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node", *args],
+            node_argv(*args),
             stdout=subprocess.PIPE if capture_stdout else log,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -133,7 +136,7 @@ class LocalSwarm:
     def start_bootstrap(self) -> list[str]:
         child = self._spawn(
             "dht",
-            ["dht", "--host", "127.0.0.1", "--port", "0", "--identity", str(self.workdir / "dht.key")],
+            ["dht", "--host", HOST, "--port", "0", "--identity", str(self.workdir / "dht.key")],
             capture_stdout=True,
         )
         assert child.proc.stdout is not None
@@ -154,52 +157,35 @@ class LocalSwarm:
         self.bootstrap_maddrs = line.split(b"\n", 1)[0].decode().split()
         return self.bootstrap_maddrs
 
-    def start_stage(self, stage: int | None, extra: list[str] | None = None) -> Child:
-        """Starts a daemon for ``stage`` (None: ``--stage auto``, a spare or replacement node)."""
+    def node_options(self, stage: int | None) -> NodeOptions:
+        """What a node started now for ``stage`` (None: ``--stage auto``) is told to do."""
         o = self.opts
-        args = [
-            "run",
-            "--stage",
-            "auto" if stage is None else str(stage),
-            "--num-stages",
-            str(o.config.num_stages),
-            "--config",
-            str(self.config_path),
-            "--swarm",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--refresh",
-            str(o.refresh_seconds),
-            "--step-timeout",
-            str(o.step_timeout),
-            "--save-dir",
-            str(self.save_dir),
-            "--events-file",
-            str(self.events_path),
-            "--recovery",
-            o.recovery,
-            "--lr-scale",
-            str(o.lr_scale),
-            "--steps",
-            str(o.steps),
-        ]
-        if o.metrics:
-            args += ["--metrics-port", "0"]
-        if o.recovery == "checkpoint":
-            args += ["--checkpoint-dir", str(o.checkpoint_dir or self.workdir / "checkpoints")]
-        for maddr in self.bootstrap_maddrs:
-            args += ["--initial-peers", maddr]
-        if o.threads:
-            args += ["--threads", str(o.threads)]
-        for spec in o.kills:  # a replacement only gets the faults that have not happened yet
-            if spec.stage is not None and spec.phase != "start" and str(spec) not in self.fired:
-                args += ["--fault", str(spec)]
-        args += o.extra_run_args + (extra or [])
+        return NodeOptions(
+            config=o.config,
+            stage=stage,
+            swarm=SWARM,
+            initial_peers=self.bootstrap_maddrs,
+            host=HOST,
+            steps=o.steps,
+            events_file=self.events_path,
+            save_dir=self.save_dir,
+            threads=o.threads,
+            metrics_port=0 if o.metrics else None,
+            # a replacement only gets the faults that have not happened yet
+            faults=[str(s) for s in o.kills if s.stage is not None and s.phase != "start" and str(s) not in self.fired],
+            timing=o.timing,
+            recovery=o.recovery,
+            eval=o.eval,
+        )
+
+    def start_stage(self, stage: int | None) -> Child:
+        """Starts a daemon for ``stage`` (None: ``--stage auto``, a spare or replacement node)."""
         self.node_count += 1
-        child = self._spawn(f"stage{stage}" if stage is not None else f"node{self.node_count}", args)
+        name = f"stage{stage}" if stage is not None else f"node{self.node_count}"
+        self.options_dir.mkdir(exist_ok=True)
+        options_file = self.options_dir / f"{name}.json"
+        options_file.write_text(self.node_options(stage).model_dump_json(indent=2), encoding="utf-8")
+        child = self._spawn(name, ["run", "--options", str(options_file)])
         if stage is not None:
             self.stage_children[stage] = child
         else:
@@ -224,14 +210,8 @@ class LocalSwarm:
                 child.proc.wait(timeout=5)
 
     # ---- watching ---------------------------------------------------------------------------------
-    def read_events(self) -> list[dict[str, Any]]:
-        if not self.events_path.exists():
-            return []
-        events = []
-        for line in self.events_path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                events.append(json.loads(line))
-        return events
+    def read_events(self) -> list[ev.Event]:
+        return ev.read_events(self.events_path)
 
     def swarm_records(self) -> list[StageRecord]:
         if self.dht is None:
@@ -239,12 +219,12 @@ class LocalSwarm:
         from node.dht.directory import SwarmDirectory
 
         try:
-            return SwarmDirectory(self.dht, "local").records()
+            return SwarmDirectory(self.dht, SWARM).records()
         except Exception:  # progress display only
             return []
 
-    def _view(self, events: list[dict[str, Any]], records: list[StageRecord]) -> Table:
-        steps = [e for e in events if e.get("event") == "step"]
+    def _view(self, events: list[ev.Event], records: list[StageRecord]) -> Table:
+        steps = ev.of_type(events, ev.StepEvent)
         table = Table(
             title=f"swarm-node local: {self.opts.config.num_stages} stages, bootstrap {self.bootstrap_maddrs[0]}"
         )
@@ -255,8 +235,8 @@ class LocalSwarm:
             table.add_column(f"stage {s}")
         if steps:
             last = steps[-1]
-            tps = last["tokens"] / max(last["seconds"], 1e-9)
-            row = [f"{last['step']}/{self.opts.steps}", f"{last['loss']:.4f}", f"{tps:,.0f}"]
+            tps = last.tokens / max(last.seconds, 1e-9)
+            row = [f"{last.step}/{self.opts.steps}", f"{last.loss:.4f}", f"{tps:,.0f}"]
         else:
             row = [f"0/{self.opts.steps}", "-", "-"]
         by_stage: dict[int, str] = {}
@@ -268,32 +248,30 @@ class LocalSwarm:
 
     def pid_of_stage(self, records: list[StageRecord], stage: int) -> Child | None:
         """Our child process serving ``stage`` now, according to the DHT."""
-        pids = {r.pid for r in records if r.stage == stage and r.state != StageState.OFFLINE}
+        pids = {r.pid for r in _present(records) if r.stage == stage}
         return next((c for c in self.children if c.proc.pid in pids and c.proc.poll() is None), None)
 
     def _kill(self, child: Child, stage: int | None, reason: str, step: int) -> None:
-        self.kill_log.append(
-            {"event": "killed", "stage": stage, "step": step, "time": time.time(), "by": reason, "pid": child.proc.pid}
-        )
+        self.kill_log.append(ev.KilledEvent(stage=stage, step=step, by=reason, pid=child.proc.pid))
         child.kill_group(signal.SIGKILL)
 
-    def inject_faults(self, events: list[dict[str, Any]], records: list[StageRecord]) -> None:
+    def inject_faults(self, events: list[ev.Event], records: list[StageRecord]) -> None:
         """Launcher-side faults: ``--failure-rate`` and ``spare@STEP`` kills, at the start of each step."""
-        for e in events:
-            # every attempt is an iteration that can fail, replays after an abort or a rollback included
-            if e.get("event") != "attempt" or (key := (e["step"], e.get("attempt", 0))) in self._drawn_attempts:
+        # every attempt is an iteration that can fail, replays after an abort or a rollback included
+        for e in ev.of_type(events, ev.AttemptEvent):
+            if (key := (e.step, e.attempt)) in self._drawn_attempts:
                 continue
             self._drawn_attempts.add(key)
-            self._seen_attempts.add(e["step"])
+            self._seen_attempts.add(e.step)
             for spec in self.opts.kills:
-                if spec.phase == "start" and spec.step == e["step"] and str(spec) not in self.fired:
+                if spec.phase == "start" and spec.step == e.step and str(spec) not in self.fired:
                     self.fired.add(str(spec))
-                    self._due_kills.append((time.monotonic() + 0.2, spec.stage, e["step"], "start"))
+                    self._due_kills.append((time.monotonic() + 0.2, spec.stage, e.step, "start"))
             for stage in range(1, self.opts.config.num_stages):
                 if self.opts.failure_rate and self._rng.random() < self.opts.failure_rate:
                     # mid-step: after a random part of a typical step
                     delay = self._rng.uniform(0.1, 0.5)
-                    self._due_kills.append((time.monotonic() + delay, stage, e["step"], "failure-rate"))
+                    self._due_kills.append((time.monotonic() + delay, stage, e.step, "failure-rate"))
         # spare@STEP: the first idle spare seen once step STEP has started
         reached = max(self._seen_attempts, default=0)
         for spec in self.opts.kills:
@@ -312,14 +290,14 @@ class LocalSwarm:
             if child is not None:
                 self._kill(child, item[1], item[3], item[2])
 
-    def check_children(self, events: list[dict[str, Any]]) -> None:
+    def check_children(self, events: list[ev.Event]) -> None:
         """Reacts to dead children: killed nodes are replaced (``--respawn``), anything else is an error."""
         for e in events:
-            if e.get("event") == "killed":
-                self.fired.add(f"{e['stage']}@{e['step']}:{e['phase']}")
-            if e.get("event") == "unrecoverable":
-                raise LocalSwarmError(f"stage {e['stage']} was lost and {e['reason']}; training stopped")
-        killed_pids = {k["pid"] for k in self.kill_log} | {e["pid"] for e in events if e.get("event") == "killed"}
+            if isinstance(e, ev.KilledEvent):
+                self.fired.add(f"{e.stage}@{e.step}:{e.phase}")
+            if isinstance(e, ev.UnrecoverableEvent):
+                raise LocalSwarmError(f"stage {e.stage} was lost and {e.reason}; training stopped")
+        killed_pids = {k.pid for k in self.kill_log} | {e.pid for e in ev.of_type(events, ev.KilledEvent)}
         for child in list(self.children):
             code = child.proc.poll()
             if code is None or child.proc.pid in self.handled_deaths:
@@ -329,7 +307,7 @@ class LocalSwarm:
             if code == -signal.SIGKILL and child.proc.pid not in killed_pids:
                 # a daemon writes its "killed" event and then dies: the death we just saw may be newer than
                 # the events read above, so read them again before calling it an error
-                killed_pids |= {e["pid"] for e in self.read_events() if e.get("event") == "killed"}
+                killed_pids |= {e.pid for e in ev.of_type(self.read_events(), ev.KilledEvent)}
             if code == -signal.SIGKILL and child.proc.pid in killed_pids:
                 self.handled_deaths.add(child.proc.pid)
                 if self.opts.respawn:
@@ -337,27 +315,27 @@ class LocalSwarm:
                 continue
             raise LocalSwarmError(f"{child.name} exited with code {code}: see {child.log_path}")
 
-    def watch(self) -> list[dict[str, Any]]:
+    def watch(self) -> list[ev.Event]:
         """Shows live progress until stage 0 reports done (or a process fails)."""
         import hivemind
 
         self.dht = hivemind.DHT(initial_peers=self.bootstrap_maddrs, client_mode=True, start=True, await_ready=True)
-        events: list[dict[str, Any]] = []
+        events: list[ev.Event] = []
         last_records_at = 0.0
         records: list[StageRecord] = []
         spares_started = False
         with Live(self._view(events, records), console=self.console, refresh_per_second=4, transient=False) as live:
             while True:
                 events = self.read_events()
-                if any(e.get("event") == "done" for e in events):
+                if ev.of_type(events, ev.DoneEvent):
                     live.update(self._view(events, records))
                     break
                 if time.monotonic() - last_records_at > 0.5:
                     records = self.swarm_records()
                     last_records_at = time.monotonic()
-                    for r in records:
-                        if r.stage is not None and r.state != StageState.OFFLINE:
-                            self.last_seen[r.stage] = r
+                    serving = [r for r in _present(records) if r.stage is not None]
+                    for r in serving:
+                        self.last_seen[r.stage] = r
                     self.update_prometheus_targets(records)
                     self.committed_samples += [
                         {
@@ -366,11 +344,10 @@ class LocalSwarm:
                             "peer_id": r.peer_id,
                             "committed_step": r.committed_step,
                         }
-                        for r in records
-                        if r.stage is not None and r.state != StageState.OFFLINE
+                        for r in serving
                     ]
                 self.check_children(events)
-                if not spares_started and any(e.get("event") == "step" for e in events):
+                if not spares_started and ev.of_type(events, ev.StepEvent):
                     for _ in range(self.opts.spares):  # spares join once the swarm trains
                         self.start_stage(None)
                     spares_started = True
@@ -388,7 +365,7 @@ class LocalSwarm:
         directory = self.opts.prometheus_dir
         assert directory is not None
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "prometheus.yml").write_text(prometheus_config("local"), encoding="utf-8")
+        (directory / "prometheus.yml").write_text(prometheus_config(SWARM), encoding="utf-8")
         self.update_prometheus_targets([])
 
     def update_prometheus_targets(self, records: list[StageRecord]) -> None:
@@ -398,54 +375,48 @@ class LocalSwarm:
 
         names = {c.proc.pid: c.name for c in self.children if c.proc.poll() is None}
         targets = {
-            (names[r.pid], f"127.0.0.1:{r.metrics_port}")
-            for r in records
-            if r.metrics_port and r.pid in names and r.state != StageState.OFFLINE
+            (names[r.pid], f"{HOST}:{r.metrics_port}") for r in _present(records) if r.metrics_port and r.pid in names
         }
         if targets != self._prometheus_targets:
-            write_targets(self.opts.prometheus_dir / TARGETS_FILE, "local", targets)
+            write_targets(self.opts.prometheus_dir / TARGETS_FILE, SWARM, targets)
             self._prometheus_targets = targets
 
-    def recoveries(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def recoveries(self, events: list[ev.Event]) -> list[dict[str, Any]]:
         """One entry per rebuilt stage, matched to the kill that caused it."""
         kills = sorted(
-            [e for e in events if e.get("event") == "killed" and e.get("phase") != "fetch"]
-            + [k for k in self.kill_log if k["stage"] is not None],
-            key=lambda k: k["time"],
+            [e for e in ev.of_type(events, ev.KilledEvent) if e.phase != "fetch"]
+            + [k for k in self.kill_log if k.stage is not None],
+            key=lambda k: k.time,
         )
-        steps = [e for e in events if e.get("event") == "step"]
-        detections = [e for e in events if e.get("event") == "failure_detected"]
+        steps = ev.of_type(events, ev.StepEvent)
+        detections = ev.of_type(events, ev.FailureDetectedEvent)
         out, used = [], set()
-        for r in (e for e in events if e.get("event") == "recovery"):
+        for r in ev.of_type(events, ev.RecoveryEvent):
             kill = next(
-                (
-                    k
-                    for k in reversed(kills)
-                    if k["stage"] == r["stage"] and k["time"] <= r["time"] and id(k) not in used
-                ),
+                (k for k in reversed(kills) if k.stage == r.stage and k.time <= r.time and id(k) not in used),
                 None,
             )
             if kill is None:
                 continue
-            used.add(id(k := kill))
-            death = k["time"]
-            detected = next((d["time"] for d in detections if d["stage"] == r["stage"] and d["time"] >= death), None)
-            after = next((s for s in steps if s["time"] > r["time"]), None)
-            before = next((s for s in reversed(steps) if s["time"] < death), None)
+            used.add(id(kill))
+            death = kill.time
+            detected = next((d.time for d in detections if d.stage == r.stage and d.time >= death), None)
+            after = next((s for s in steps if s.time > r.time), None)
+            before = next((s for s in reversed(steps) if s.time < death), None)
             out.append(
                 {
-                    "stage": r["stage"],
-                    "step": r["step"],
-                    "method": r["method"],
-                    "sources": r["sources"],
-                    "killed_in": kill.get("phase", kill.get("by")),
+                    "stage": r.stage,
+                    "step": r.step,
+                    "method": r.method,
+                    "sources": r.sources,
+                    "killed_in": kill.phase if kill.by is None else kill.by,
                     "detect_seconds": None if detected is None else detected - death,
-                    "recover_seconds": None if after is None else after["time"] - death,
-                    "rebuild_seconds": r["rebuild_seconds"],
-                    "bytes_fetched": r["bytes_fetched"],
-                    "source_grad_norms": r["source_grad_norms"],
-                    "loss_before": before["loss"] if before else None,
-                    "loss_after": after["loss"] if after else None,
+                    "recover_seconds": None if after is None else after.time - death,
+                    "rebuild_seconds": r.rebuild_seconds,
+                    "bytes_fetched": r.bytes_fetched,
+                    "source_grad_norms": r.source_grad_norms,
+                    "loss_before": before.loss if before else None,
+                    "loss_after": after.loss if after else None,
                 }
             )
         return out
@@ -482,10 +453,7 @@ class LocalSwarm:
         """The node serving each stage at the end (a replacement, if the original was killed)."""
         info = []
         for stage in range(self.opts.config.num_stages):
-            r = next(
-                (r for r in self.final_records if r.stage == stage and r.state != StageState.OFFLINE),
-                self.last_seen.get(stage),
-            )
+            r = next((r for r in _present(self.final_records) if r.stage == stage), self.last_seen.get(stage))
             child = self.stage_children.get(stage)
             info.append(
                 {
@@ -499,26 +467,26 @@ class LocalSwarm:
             )
         return info
 
-    def _summary(self, events: list[dict[str, Any]], stages: list[dict[str, Any]], wall: float) -> dict[str, Any]:
-        steps = [e for e in events if e.get("event") == "step"]
-        tokens = sum(e["tokens"] for e in steps)
-        seconds = sum(e["seconds"] for e in steps)
+    def _summary(self, events: list[ev.Event], stages: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+        steps = ev.of_type(events, ev.StepEvent)
+        tokens = sum(e.tokens for e in steps)
+        seconds = sum(e.seconds for e in steps)
         return {
             "steps": len(steps),
-            "loss": [e["loss"] for e in steps],
-            "step_seconds": [e["seconds"] for e in steps],
+            "loss": [e.loss for e in steps],
+            "step_seconds": [e.seconds for e in steps],
             "tokens_per_second": tokens / seconds if seconds else 0.0,
             "wall_seconds": wall,
             "threads_per_stage": self.opts.threads,  # a reference run needs the same count to match bit for bit
-            "aborted_steps": sum(e.get("event") == "abort" for e in events),
+            "aborted_steps": len(ev.of_type(events, ev.AbortEvent)),
             "recoveries": self.recoveries(events),
-            "kills": [e for e in events if e.get("event") == "killed"] + self.kill_log,
+            "kills": [ev.dump(e) for e in ev.of_type(events, ev.KilledEvent)]
+            + [_launcher_kill(k) for k in self.kill_log],
             "committed_samples": self.committed_samples,
-            "rollbacks": [{"step": e["step"], "time": e["time"]} for e in events if e.get("event") == "rolled_back"],
+            "rollbacks": [{"step": e.step, "time": e.time} for e in ev.of_type(events, ev.RolledBackEvent)],
             "evaluations": [
-                {"step": e["step"], "val_loss": e["val_loss"], "time": e["time"], "seconds": e["seconds"]}
-                for e in events
-                if e.get("event") == "eval"
+                {"step": e.step, "val_loss": e.val_loss, "time": e.time, "seconds": e.seconds}
+                for e in ev.of_type(events, ev.EvalEvent)
             ],
             "checkpoints": _checkpoint_summary(events),
             "bootstrap": self.bootstrap_maddrs,
@@ -548,19 +516,20 @@ class LocalSwarm:
                 worst = max(worst, float((swarm[name].float() - ref_tensor.float()).abs().max()))
         return worst
 
-    def cleanup(self) -> None:
-        if self._own_workdir is not None:
-            self._own_workdir.cleanup()
+
+def _launcher_kill(kill: ev.KilledEvent) -> dict[str, Any]:
+    """A kill of the launcher's own, as the run summary lists it: ``by`` says why; it has no ``phase``."""
+    return {key: value for key, value in ev.dump(kill).items() if key != "phase"}
 
 
-def _checkpoint_summary(events: list[dict[str, Any]]) -> dict[str, Any]:
+def _checkpoint_summary(events: list[ev.Event]) -> dict[str, Any]:
     """Checkpoint writes of the run (``--recovery checkpoint``): count, bytes and durations."""
-    writes = [e for e in events if e.get("event") == "checkpoint"]
-    snapshots = [e["seconds"] for e in events if e.get("event") == "checkpoint_snapshot"]
+    writes = ev.of_type(events, ev.CheckpointEvent)
+    snapshots = [e.seconds for e in ev.of_type(events, ev.CheckpointSnapshotEvent)]
     return {
         "writes": len(writes),
-        "bytes": sum(e["bytes"] for e in writes),
-        "write_seconds_mean": sum(e["write_seconds"] for e in writes) / len(writes) if writes else None,
+        "bytes": sum(e.bytes for e in writes),
+        "write_seconds_mean": sum(e.write_seconds for e in writes) / len(writes) if writes else None,
         "snapshot_seconds_mean": sum(snapshots) / len(snapshots) if snapshots else None,
         "snapshot_seconds_total": sum(snapshots),
     }

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from node.config import build_config
+from node.events import DoneEvent, StepEvent, of_type
 from node.local.launcher import LocalOptions, LocalSwarm
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
@@ -25,7 +26,6 @@ STEPS = 30
 def running_swarm(tmp_path: pathlib.Path):
     cfg = build_config(overrides={"num_stages": 4})
     swarm = LocalSwarm(LocalOptions(config=cfg, steps=STEPS, workdir=tmp_path, threads=1, quiet=True))
-    swarm.config_path.write_text(cfg.model_dump_json())
     try:
         swarm.start_bootstrap()
         for stage in range(4):
@@ -45,7 +45,7 @@ def _send(stub, chunks) -> grpc.RpcError:
 def test_malformed_messages_are_rejected_while_training_continues(running_swarm: LocalSwarm) -> None:
     swarm = running_swarm
     maddr = swarm.bootstrap_maddrs[0]
-    wait_for(lambda: len([e for e in swarm.read_events() if e["event"] == "step"]) >= 2, 180, "training to start")
+    wait_for(lambda: len(of_type(swarm.read_events(), StepEvent)) >= 2, 180, "training to start")
     records = swarm_status(maddr)
     assert sorted(r["stage"] for r in records) == [0, 1, 2, 3]
     assert {r["pid"] for r in records} == {c.proc.pid for c in swarm.stage_children.values()}
@@ -98,9 +98,9 @@ def test_malformed_messages_are_rejected_while_training_continues(running_swarm:
     channel.close()
 
     # the swarm trains to the end, with stage 2 still the same process
-    wait_for(lambda: any(e["event"] == "done" for e in swarm.read_events()), 240, "training to finish")
-    steps = [e for e in swarm.read_events() if e["event"] == "step"]
-    assert [e["step"] for e in steps] == list(range(1, STEPS + 1))
+    wait_for(lambda: of_type(swarm.read_events(), DoneEvent), 240, "training to finish")
+    steps = of_type(swarm.read_events(), StepEvent)
+    assert [e.step for e in steps] == list(range(1, STEPS + 1))
     assert swarm.stage_children[2].proc.poll() is None
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{stage2['metrics_port']}/metrics", timeout=10).read().decode()
     for reason in [*cases, "no_checkpoint"]:

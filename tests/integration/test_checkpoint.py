@@ -7,21 +7,20 @@ for bit. Any part of the state not restored (a moment, the step counter, the dat
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import pytest
 
 from node.checkpoint import CheckpointStore
 from node.config import build_config
+from node.events import Event, RecoveryEvent, RollbackEvent, StepEvent, of_type, read_events
 from tests.conftest import run_local
 
 pytestmark = pytest.mark.integration
 
 
-def _events(tmp_path: pathlib.Path, workdir: str = "swarm") -> list[dict]:
-    lines = (tmp_path / workdir / "events.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+def _events(tmp_path: pathlib.Path, workdir: str = "swarm") -> list[Event]:
+    return read_events(tmp_path / workdir / "events.jsonl")
 
 
 @pytest.mark.timeout(420)
@@ -36,14 +35,14 @@ def test_lost_stage_rolls_every_stage_back_to_the_checkpoint(tmp_path: pathlib.P
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = _events(tmp_path)
     # stage 2 died in step 8 (7 committed, newest checkpoint 6); its replacement restored checkpoint 6
-    [recovery] = [e for e in events if e["event"] == "recovery"]
-    assert (recovery["stage"], recovery["method"], recovery["step"]) == (2, "checkpoint", 6)
+    [recovery] = of_type(events, RecoveryEvent)
+    assert (recovery.stage, recovery.method, recovery.step) == (2, "checkpoint", 6)
     # every stage went back to 6, the survivors from 7
-    rollbacks = {e["stage"]: (e["from_step"], e["step"]) for e in events if e["event"] == "rollback"}
+    rollbacks = {e.stage: (e.from_step, e.step) for e in of_type(events, RollbackEvent)}
     assert rollbacks == {0: (7, 6), 1: (7, 6), 2: (6, 6), 3: (7, 6)}
     assert [r["step"] for r in summary["rollbacks"]] == [6]
     # step 7 was trained twice, on the same batch from the same state: the same loss
-    step7 = [e["loss"] for e in events if e["event"] == "step" and e["step"] == 7]
+    step7 = [e.loss for e in of_type(events, StepEvent) if e.step == 7]
     assert len(step7) == 2 and step7[0] == step7[1]
     # weights, moments and data position were all restored: the swarm ends exactly where one process does
     assert summary["reference_max_abs_diff"] == 0.0
@@ -70,8 +69,8 @@ def test_restart_resumes_and_never_loads_a_checkpoint_cut_short(tmp_path: pathli
     second, summary = run_local(tmp_path / "second", *flags, "--check-reference", steps=9)
     assert second.returncode == 0, second.stderr[-3000:]
     events = _events(tmp_path / "second")
-    restored = {e["stage"]: e["step"] for e in events if e["event"] == "recovery"}
+    restored = {e.stage: e.step for e in of_type(events, RecoveryEvent)}
     assert restored == {0: 6, 1: 6, 2: 3, 3: 6}
-    assert {e["stage"]: e["step"] for e in events if e["event"] == "rollback"} == {0: 3, 1: 3, 2: 3, 3: 3}
-    assert [e["step"] for e in events if e["event"] == "step"] == list(range(4, 10))
+    assert {e.stage: e.step for e in of_type(events, RollbackEvent)} == {0: 3, 1: 3, 2: 3, 3: 3}
+    assert [e.step for e in of_type(events, StepEvent)] == list(range(4, 10))
     assert summary["reference_max_abs_diff"] == 0.0

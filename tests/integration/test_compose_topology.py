@@ -4,7 +4,6 @@ multiaddrs in a file, stages read it, a killed stage is taken over by the spare,
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import signal
@@ -12,6 +11,7 @@ import subprocess
 
 import pytest
 
+from node.events import DoneEvent, StepEvent, of_type, read_events
 from tests.conftest import Procs, swarm_status, wait_for
 
 pytestmark = pytest.mark.integration
@@ -37,11 +37,8 @@ def test_compose_topology_as_processes(tmp_path: pathlib.Path, procs: Procs) -> 
     stages = {s: node(str(s)) for s in range(4)}  # they wait for the maddr file like the compose services
     spare = node("auto")
 
-    def steps() -> list[dict]:
-        if not events.exists():
-            return []
-        lines = [json.loads(line) for line in events.read_text().splitlines()]
-        return [e for e in lines if e["event"] == "step"]
+    def steps() -> list[StepEvent]:
+        return of_type(read_events(events), StepEvent)
 
     wait_for(lambda: len(steps()) >= 5, 180, "training through the file-discovered bootstrap node")
     # stage 2's machine is preempted: the spare takes over its stage
@@ -59,7 +56,7 @@ def test_compose_topology_as_processes(tmp_path: pathlib.Path, procs: Procs) -> 
         120,
         "the restarted stage-2 node to wait as a spare",
     )
-    wait_for(lambda: any(json.loads(line)["event"] == "done" for line in events.read_text().splitlines()), 240, "done")
+    wait_for(lambda: of_type(read_events(events), DoneEvent), 240, "done")
     serving2 = [r for r in _records(shared) if r["stage"] == 2 and r["state"] in ("online", "waiting")]
     assert [r["pid"] for r in serving2] == [spare.pid]
-    assert [e["step"] for e in steps()][-1] == 60
+    assert [e.step for e in steps()][-1] == 60

@@ -3,7 +3,6 @@ training finishes without losing a committed step."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections import defaultdict
 
@@ -13,14 +12,15 @@ from safetensors.torch import load_file
 
 from node.config import SwarmConfig
 from node.data import load_corpus
+from node.events import Event, KilledEvent, StepEvent, of_type, read_events
 from node.train.reference import train_reference
 from tests.conftest import run_local
 
 pytestmark = pytest.mark.integration
 
 
-def events(tmp_path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "swarm" / "events.jsonl").read_text().splitlines()]
+def events(tmp_path: pathlib.Path) -> list[Event]:
+    return read_events(tmp_path / "swarm" / "events.jsonl")
 
 
 def assert_committed_never_goes_back(summary: dict) -> None:
@@ -36,7 +36,7 @@ def assert_committed_never_goes_back(summary: dict) -> None:
 def test_middle_stage_killed_mid_step_is_rebuilt_exactly_by_checkfree(tmp_path: pathlib.Path, phase: str) -> None:
     proc, summary = run_local(tmp_path, "--kill", f"2@4:{phase}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert summary["steps"] == 8 and [e["step"] for e in events(tmp_path) if e["event"] == "step"] == list(range(1, 9))
+    assert summary["steps"] == 8 and [e.step for e in of_type(events(tmp_path), StepEvent)] == list(range(1, 9))
     assert summary["aborted_steps"] >= 1  # the step in flight was discarded and replayed
     [rec] = summary["recoveries"]
     assert (rec["stage"], rec["step"], rec["method"], rec["sources"]) == (2, 3, "checkfree", [1, 3])
@@ -48,8 +48,8 @@ def test_middle_stage_killed_mid_step_is_rebuilt_exactly_by_checkfree(tmp_path: 
     # The rebuilt weights are exactly the formula over the neighbours' committed weights and norms at step 3.
     # Those are recomputed independently: the swarm is bit-identical to one process until the failure.
     cfg = SwarmConfig.model_validate_json((tmp_path / "swarm" / "config.json").read_text())
-    step3 = next(e for e in events(tmp_path) if e["event"] == "step" and e["step"] == 3)
-    g1, g3 = step3["stage_grad_norms"][1], step3["stage_grad_norms"][3]
+    step3 = next(e for e in of_type(events(tmp_path), StepEvent) if e.step == 3)
+    g1, g3 = step3.stage_grad_norms[1], step3.stage_grad_norms[3]
     assert rec["source_grad_norms"] == [g1, g3]
     ref = train_reference(cfg, load_corpus(None).train, 3, threads=summary["threads_per_stage"])
     w1, w3 = ref.stage_state(1), ref.stage_state(3)
@@ -71,7 +71,7 @@ def test_two_stages_at_once_spare_killed_idle_and_replacement_killed_while_fetch
     kills = summary["kills"]
     assert any(k.get("by") == "spare" for k in kills)
     assert {k["stage"] for k in kills if k.get("by") == "start"} == {1, 2}
-    assert any(e["event"] == "killed" and e["phase"] == "fetch" and e["stage"] == 3 for e in evs)
+    assert any(e.phase == "fetch" and e.stage == 3 for e in of_type(evs, KilledEvent))
     rebuilt = {(r["stage"], r["step"]): r for r in summary["recoveries"]}
     # stages 1 and 2 died together in step 10: each was rebuilt from the nearest live stages
     assert rebuilt[(1, 9)]["method"] in ("copy", "checkfree") and rebuilt[(2, 9)]["method"] in ("copy", "checkfree")

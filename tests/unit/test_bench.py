@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from node.bench.live import curve_from_events
+from node.bench.live import LiveOptions, curve_from_events, local_options
 from node.bench.results import CurvePoint, default_target, time_to_target
 from node.bench.simulate import failure_schedule
+from node.config import build_config
+from node.events import EvalEvent, RolledBackEvent, StepEvent
+from node.options import EvalOptions, RecoveryStrategy
 
 
 def test_failure_schedule_is_seeded_and_spares_stage_0() -> None:
@@ -29,15 +32,21 @@ def test_time_to_target_is_the_first_point_at_or_below() -> None:
     assert default_target(curve, 40) == 3.5
 
 
+def _step(time: float, step: int) -> StepEvent:
+    return StepEvent(
+        time=time, step=step, seconds=1.0, loss=3.0, tokens=64, attempt=step, grad_norm=1.0, stage_grad_norms=[1.0]
+    )
+
+
 def test_live_curve_excludes_evaluation_time() -> None:
     events = [
-        {"event": "eval", "time": 100.0, "step": 0, "val_loss": 5.0, "seconds": 1.0},
-        {"event": "step", "time": 101.0, "step": 1, "seconds": 1.0},
-        {"event": "step", "time": 102.0, "step": 2, "seconds": 1.0},
-        {"event": "eval", "time": 103.5, "step": 2, "val_loss": 4.0, "seconds": 1.5},
-        {"event": "step", "time": 104.5, "step": 3, "seconds": 1.0},
-        {"event": "rolled_back", "time": 105.0, "step": 2},
-        {"event": "eval", "time": 106.5, "step": 2, "val_loss": 4.0, "seconds": 0.5},
+        EvalEvent(time=100.0, step=0, val_loss=5.0, seconds=1.0),
+        _step(101.0, 1),
+        _step(102.0, 2),
+        EvalEvent(time=103.5, step=2, val_loss=4.0, seconds=1.5),
+        _step(104.5, 3),
+        RolledBackEvent(time=105.0, step=2, attempt=4),
+        EvalEvent(time=106.5, step=2, val_loss=4.0, seconds=0.5),
     ]
     curve = curve_from_events(events)
     assert [(p.iteration, p.step) for p in curve] == [(0, 0), (2, 2), (3, 2)]
@@ -48,3 +57,18 @@ def test_higher_rates_fail_where_lower_rates_do() -> None:
     low, high = failure_schedule(3, 0.01, 400, 7), failure_schedule(3, 0.05, 400, 7)
     assert all(set(a) <= set(b) for a, b in zip(low, high, strict=True))
     assert sum(map(len, low)) < sum(map(len, high))
+
+
+def test_live_runs_give_the_local_swarm_their_strategy(tmp_path) -> None:
+    cfg = build_config(overrides={"num_stages": 7})
+    opts = LiveOptions(config=cfg, strategies=["checkfree"], failure_rates=[0.1], iterations=6, eval_every=2)
+    none = local_options(opts, "none", 0.0, tmp_path / "none")
+    assert none.recovery.strategy is RecoveryStrategy.CHECKFREE and (none.failure_rate, none.spares) == (0.0, 0)
+    ckpt = local_options(opts, "checkpoint", 0.1, tmp_path / "ckpt")
+    assert ckpt.recovery.checkpoint_dir == tmp_path / "ckpt" / "checkpoints"
+    assert (ckpt.recovery.checkpoint_every, ckpt.recovery.lr_scale) == (opts.checkpoint_every, opts.lr_scale)
+    assert (ckpt.failure_rate, ckpt.spares, ckpt.steps, ckpt.workdir) == (0.1, 1, 6, tmp_path / "ckpt")
+    assert ckpt.timing.step_timeout == opts.step_timeout and ckpt.eval == EvalOptions(every=2, batches=4)
+    plus = local_options(opts, "checkfree+", 0.1, tmp_path / "plus")
+    assert plus.recovery.strategy is RecoveryStrategy.CHECKFREE_PLUS and plus.config.out_of_order
+    assert not none.config.out_of_order
