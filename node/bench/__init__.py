@@ -7,12 +7,37 @@ paper did); ``live`` runs a real local swarm with real SIGKILLs. Both write ``re
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from node.config import SwarmConfig
-from node.options import EvalOptions, RecoveryOptions, default
+from node.options import EvalOptions, RecoveryOptions, RecoveryStrategy, default
 
-STRATEGIES = ("none", "checkfree", "checkfree+", "checkpoint", "copy", "random", "redundant")
+
+class BenchStrategy(enum.StrEnum):
+    """What a bench run compares: the daemon's recovery strategies, plus ``none`` (no failures: the reference
+    curve) and ``redundant`` (no progress lost, every iteration dearer)."""
+
+    NONE = "none"
+    CHECKFREE = "checkfree"
+    CHECKFREE_PLUS = "checkfree+"
+    CHECKPOINT = "checkpoint"
+    COPY = "copy"
+    RANDOM = "random"
+    REDUNDANT = "redundant"
+
+    @property
+    def fails(self) -> bool:
+        """Whether this run sees the failure draws (``none`` and ``redundant`` never lose a stage)."""
+        return self not in (BenchStrategy.NONE, BenchStrategy.REDUNDANT)
+
+    @property
+    def recovery(self) -> RecoveryStrategy:
+        """The daemon strategy it runs with (plain CheckFree when it never loses a stage)."""
+        return RecoveryStrategy(self.value) if self.fails else RecoveryStrategy.CHECKFREE
+
+
+STRATEGIES = tuple(BenchStrategy)
 PAPER_REDUNDANT_FACTOR = 151.04 / 91.35  # the paper's s/iteration, redundant computation over checkpointing
 
 
@@ -21,7 +46,7 @@ class BenchOptions:
     """What both modes take (see ``swarm-node bench --help``, whose defaults are these)."""
 
     config: SwarmConfig  # out_of_order is set per strategy
-    strategies: list[str]
+    strategies: list[BenchStrategy]
     failure_rates: list[float]
     iterations: int
     seed: int = 0
@@ -31,3 +56,6 @@ class BenchOptions:
     lr_scale: float = default(RecoveryOptions, "lr_scale")
     eval_every: int = 10
     eval_batches: int = default(EvalOptions, "batches")
+
+    def __post_init__(self) -> None:
+        self.strategies = [BenchStrategy(s) for s in self.strategies]

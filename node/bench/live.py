@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from node.bench import BenchOptions
+from node.bench import BenchOptions, BenchStrategy
 from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
 from node.events import EvalEvent, Event, StepEvent, of_type
 from node.local.launcher import LocalOptions, LocalSwarm, LocalSwarmError
@@ -55,10 +55,9 @@ def curve_from_events(events: list[Event]) -> list[CurvePoint]:
     return points
 
 
-def local_options(opts: LiveOptions, strategy: str, rate: float, workdir: pathlib.Path) -> LocalOptions:
+def local_options(opts: LiveOptions, strategy: BenchStrategy, rate: float, workdir: pathlib.Path) -> LocalOptions:
     """The local swarm of one run: ``strategy`` (``none``: no failures, plain CheckFree) at failure rate ``rate``."""
-    failing = strategy != "none"
-    recovery = RecoveryStrategy(strategy) if failing else RecoveryStrategy.CHECKFREE
+    failing, recovery = strategy.fails, strategy.recovery
     checkpoint_dir = workdir / "checkpoints" if recovery is RecoveryStrategy.CHECKPOINT else None
     cfg = opts.config.model_copy(update={"out_of_order": recovery.out_of_order})
     return LocalOptions(
@@ -82,7 +81,7 @@ def local_options(opts: LiveOptions, strategy: str, rate: float, workdir: pathli
     )
 
 
-def _live_run(opts: LiveOptions, strategy: str, rate: float, progress: Progress | None) -> BenchRun:
+def _live_run(opts: LiveOptions, strategy: BenchStrategy, rate: float, progress: Progress | None) -> BenchRun:
     workdir = opts.out / "runs" / f"{strategy}-p{rate:g}"
     # a fresh start: the checkpoint strategy would otherwise resume from an earlier bench's checkpoints
     shutil.rmtree(workdir, ignore_errors=True)
@@ -118,13 +117,13 @@ def _live_run(opts: LiveOptions, strategy: str, rate: float, progress: Progress 
         "wall_seconds": summary["wall_seconds"],
         "workdir": str(workdir),
     }
-    if strategy == "checkpoint":
+    if strategy is BenchStrategy.CHECKPOINT:
         extra["checkpoints"] = summary["checkpoints"]
     if progress is not None:
         progress(f"{strategy} p={rate:g}", opts.iterations, opts.iterations)
     return BenchRun(
         strategy=strategy,
-        failure_rate=rate if strategy != "none" else 0.0,
+        failure_rate=rate if strategy.fails else 0.0,
         failures=len(summary["kills"]),
         iterations_to_target=None,
         seconds_to_target=None,
@@ -139,19 +138,19 @@ def _live_run(opts: LiveOptions, strategy: str, rate: float, progress: Progress 
 
 def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResults:
     """Runs the no-failure swarm (it gives the default target), then every strategy at every rate."""
-    baseline = _live_run(opts, "none", 0.0, progress)
+    baseline = _live_run(opts, BenchStrategy.NONE, 0.0, progress)
     if opts.target_loss is None and not baseline.curve:
         raise LocalSwarmError(
             f"the no-failure run gave no validation loss ({baseline.extra.get('error', 'no eval events')}); "
             "it sets the default --target-loss"
         )
-    runs = [baseline] if "none" in opts.strategies else []
+    runs = [baseline] if BenchStrategy.NONE in opts.strategies else []
     for rate in opts.failure_rates:
         for strategy in opts.strategies:
-            if strategy == "none":
+            if strategy is BenchStrategy.NONE:
                 continue
-            if strategy == "redundant":
-                run = baseline.model_copy(deep=True, update={"strategy": "redundant", "failure_rate": rate})
+            if strategy is BenchStrategy.REDUNDANT:
+                run = baseline.model_copy(deep=True, update={"strategy": strategy, "failure_rate": rate})
                 run.step_seconds *= opts.redundant_factor
                 for point in run.curve:
                     point.seconds *= opts.redundant_factor

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from node import __version__
-from node.bench import STRATEGIES
+from node.bench import STRATEGIES, BenchStrategy
 
 
 class CurvePoint(BaseModel):
@@ -28,7 +28,7 @@ class BenchRun(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: str
+    strategy: BenchStrategy
     failure_rate: float
     failures: int
     iterations_to_target: int | None
@@ -112,15 +112,16 @@ def plot(results: BenchResults, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = sorted({r.failure_rate for r in results.runs if r.strategy not in ("none",)}) or [0.0]
+    rates = sorted({r.failure_rate for r in results.runs if r.strategy is not BenchStrategy.NONE}) or [0.0]
     fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 4.2), squeeze=False, sharey=True)
     colours = dict(zip(_ORDER, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for ax, rate in zip(axes[0], rates, strict=True):
         for run in sorted(results.runs, key=lambda r: _ORDER.index(r.strategy) if r.strategy in _ORDER else 99):
-            if run.failure_rate != rate and run.strategy != "none":
+            if run.failure_rate != rate and run.strategy is not BenchStrategy.NONE:
                 continue
             xs = [p.seconds / 60 for p in run.curve]
-            label = f"{run.strategy} ({run.failures} failures)" if run.strategy != "none" else "none (no failures)"
+            none = run.strategy is BenchStrategy.NONE
+            label = "none (no failures)" if none else f"{run.strategy} ({run.failures} failures)"
             ax.plot(xs, [p.val_loss for p in run.curve], label=label, color=colours.get(run.strategy))
         ax.axhline(results.target_loss, color="grey", linestyle=":", linewidth=1)
         ax.set_yscale("log")  # the end of training, where the strategies differ, stays readable

@@ -37,14 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
-from node.bench import BenchOptions
+from node.bench import BenchOptions, BenchStrategy
 from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
 from node.checkpoint import BackgroundWriter, CheckpointStore, restore_runtime, rollback_target
 from node.config import SwarmConfig
 from node.data import load_corpus, validation_batches
 from node.data.batches import training_batch
 from node.metrics import StageMetrics
-from node.options import RecoveryStrategy
 from node.recovery.planner import Method, RecoveryPlan, plan_recovery
 from node.recovery.rebuild import Fetched, build_runtime, rebuild_spec
 from node.stage.runtime import StageRuntime
@@ -133,7 +132,7 @@ def _roll_back(
 
 def _simulate_run(
     opts: SimulateOptions,
-    strategy: str,
+    strategy: BenchStrategy,
     rate: float,
     schedule: list[list[int]],
     tokens: torch.Tensor,
@@ -142,13 +141,13 @@ def _simulate_run(
 ) -> tuple[BenchRun, list[float]]:
     """Trains one strategy; returns the run (clock not yet applied: curve seconds are extra costs so far)
     and the measured iteration times."""
-    cfg = opts.config.model_copy(update={"out_of_order": strategy == "checkfree+"})
+    cfg = opts.config.model_copy(update={"out_of_order": strategy.recovery.out_of_order})
     device = torch.device(opts.device)
     swarm = _Swarm(cfg, device)
     rng = random.Random(f"{opts.seed}:{strategy}:{rate!r}")
     run = BenchRun(
         strategy=strategy,
-        failure_rate=rate if strategy != "none" else 0.0,
+        failure_rate=rate if strategy is not BenchStrategy.NONE else 0.0,
         failures=0,
         iterations_to_target=None,
         seconds_to_target=None,
@@ -159,7 +158,7 @@ def _simulate_run(
     extra = 0.0  # measured costs beyond the iterations themselves
     snapshots: list[float] = []
     written: list[tuple[float, int]] = []  # (seconds, bytes) of each background write
-    tmp = tempfile.TemporaryDirectory(prefix="swarm-node-bench-") if strategy == "checkpoint" else None
+    tmp = tempfile.TemporaryDirectory(prefix="swarm-node-bench-") if strategy is BenchStrategy.CHECKPOINT else None
     writers: list[BackgroundWriter] = []
     stores: list[CheckpointStore] = []
     if tmp is not None:
@@ -170,10 +169,10 @@ def _simulate_run(
     try:
         run.curve.append(CurvePoint(iteration=0, step=0, seconds=0.0, val_loss=swarm.val_loss(val)))
         for it in range(opts.iterations):
-            failed = schedule[it] if strategy not in ("none", "redundant") else []
+            failed = schedule[it] if strategy.fails else []
             if failed:
                 run.failures += len(failed)
-                if strategy == "checkpoint":  # one rollback, however many stages were lost
+                if strategy is BenchStrategy.CHECKPOINT:  # one rollback, however many stages were lost
                     started = time.perf_counter()
                     _roll_back(swarm, stores, writers, device)
                     run.methods["checkpoint"] = run.methods.get("checkpoint", 0) + 1
@@ -182,7 +181,7 @@ def _simulate_run(
                     live = frozenset(range(1, cfg.num_stages)) - set(failed)
                     for stage in failed:
                         started = time.perf_counter()
-                        plan = plan_recovery(stage, cfg.num_stages, live, 1, RecoveryStrategy(strategy))
+                        plan = plan_recovery(stage, cfg.num_stages, live, 1, strategy.recovery)
                         swarm.rebuild(plan, opts.lr_scale, rng)
                         run.methods[plan.method.value] = run.methods.get(plan.method.value, 0) + 1
                         run.recover_seconds.append(time.perf_counter() - started + opts.failure_overhead_seconds)
@@ -236,15 +235,15 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
         corpus.val, num_batches=opts.eval_batches, batch_size=cfg.train.microbatch_size, seq_len=cfg.train.seq_len
     )
     runs: list[tuple[BenchRun, list[float]]] = []
-    baseline, base_times = _simulate_run(opts, "none", 0.0, [], corpus.train, val, progress)
+    baseline, base_times = _simulate_run(opts, BenchStrategy.NONE, 0.0, [], corpus.train, val, progress)
     runs.append((baseline, base_times))
     for rate in opts.failure_rates:
         schedule = failure_schedule(opts.seed, rate, opts.iterations, cfg.num_stages)
         for strategy in opts.strategies:
-            if strategy == "none":
+            if strategy is BenchStrategy.NONE:
                 continue
-            if strategy == "redundant":
-                redundant = baseline.model_copy(deep=True, update={"strategy": "redundant", "failure_rate": rate})
+            if strategy is BenchStrategy.REDUNDANT:
+                redundant = baseline.model_copy(deep=True, update={"strategy": strategy, "failure_rate": rate})
                 redundant.failures = sum(len(f) for f in schedule)
                 runs.append((redundant, base_times))
                 if progress is not None:
@@ -254,10 +253,10 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
     # the clock: iterations × one measured step time, plus each run's measured extra costs
     step_seconds = statistics.median(t for _, times in runs for t in times)
     for run, _ in runs:
-        factor = opts.redundant_factor if run.strategy == "redundant" else 1.0
-        run.step_seconds = step_seconds * factor
+        redundant = run.strategy is BenchStrategy.REDUNDANT
+        run.step_seconds = step_seconds * (opts.redundant_factor if redundant else 1.0)
         for point in run.curve:
-            point.seconds = point.iteration * run.step_seconds + (0.0 if run.strategy == "redundant" else point.seconds)
+            point.seconds = point.iteration * run.step_seconds + (0.0 if redundant else point.seconds)
     if opts.target_loss is not None:
         target, source = opts.target_loss, "given (--target-loss)"
     else:

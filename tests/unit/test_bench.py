@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from node.bench import BenchStrategy
 from node.bench.live import LiveOptions, curve_from_events, local_options
 from node.bench.results import CurvePoint, default_target, time_to_target
 from node.bench.simulate import failure_schedule
@@ -62,13 +63,13 @@ def test_higher_rates_fail_where_lower_rates_do() -> None:
 def test_live_runs_give_the_local_swarm_their_strategy(tmp_path) -> None:
     cfg = build_config(overrides={"num_stages": 7})
     opts = LiveOptions(config=cfg, strategies=["checkfree"], failure_rates=[0.1], iterations=6, eval_every=2)
-    none = local_options(opts, "none", 0.0, tmp_path / "none")
+    none = local_options(opts, BenchStrategy.NONE, 0.0, tmp_path / "none")
     assert none.recovery.strategy is RecoveryStrategy.CHECKFREE and (none.failure_rate, none.spares) == (0.0, 0)
-    ckpt = local_options(opts, "checkpoint", 0.1, tmp_path / "ckpt")
+    ckpt = local_options(opts, BenchStrategy.CHECKPOINT, 0.1, tmp_path / "ckpt")
     assert ckpt.recovery.checkpoint_dir == tmp_path / "ckpt" / "checkpoints"
     assert (ckpt.recovery.checkpoint_every, ckpt.recovery.lr_scale) == (opts.checkpoint_every, opts.lr_scale)
     assert (ckpt.failure_rate, ckpt.spares, ckpt.steps, ckpt.workdir) == (0.1, 1, 6, tmp_path / "ckpt")
     assert ckpt.timing.step_timeout == opts.step_timeout and ckpt.eval == EvalOptions(every=2, batches=4)
-    plus = local_options(opts, "checkfree+", 0.1, tmp_path / "plus")
+    plus = local_options(opts, BenchStrategy.CHECKFREE_PLUS, 0.1, tmp_path / "plus")
     assert plus.recovery.strategy is RecoveryStrategy.CHECKFREE_PLUS and plus.config.out_of_order
     assert not none.config.out_of_order
