@@ -1,0 +1,284 @@
+"""What each ``swarm-node`` subcommand does with its parsed flags: ``dht``, ``run``, ``local``, ``bench``,
+``status``.
+
+``run`` builds its :class:`~node.options.NodeOptions` from flags or from ``--options FILE``; ``local`` builds
+the launcher's :class:`~node.local.launcher.LocalOptions` from the same flags. A user error raises
+:class:`~node.cli.flags.CliError`; ``main`` turns it into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from node.cli.flags import (
+    _FLAG_OF,
+    _NODE,
+    CliError,
+    _build_config,
+    _check_checkpoint_dir,
+    _given,
+    _maddr,
+    _one_line,
+    _strategy,
+    _validate,
+)
+from node.cli.parser import _BENCH_EVAL_POINTS, _BENCH_ITERATIONS
+from node.options import EvalOptions, NodeOptions, RecoveryOptions, RecoveryStrategy, TimingOptions
+
+if TYPE_CHECKING:
+    from node.local.launcher import LocalOptions
+
+
+def cmd_dht(args: argparse.Namespace) -> int:
+    from node.dht.bootstrap import run_bootstrap
+
+    return run_bootstrap(
+        args.host, args.port, args.identity, args.json, args.announce_maddr, maddr_file=args.maddr_file
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from node.status import print_status, read_swarm
+
+    records, malformed = read_swarm(args.initial_peers, args.swarm)
+    print_status(records, malformed, args.json)
+    return 0
+
+
+def _parse_faults(specs: list[str], num_stages: int) -> list:
+    from node.recovery.faults import parse_fault
+
+    try:
+        return [parse_fault(spec, num_stages) for spec in specs]
+    except ValueError as err:
+        raise CliError(f"--kill/--fault {err}") from None
+
+
+def _read_initial_peers(path: pathlib.Path, timeout: float = 120.0) -> list[str]:
+    """Multiaddrs from ``path`` (one per line), waiting up to ``timeout`` for the bootstrap node to write it.
+    Loopback addresses are dropped when others exist: in a container they name the container itself."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise CliError(f"--initial-peers-file {path} did not appear within {timeout:.0f}s")
+        time.sleep(0.5)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"--initial-peers-file {path}: {err}") from None
+    maddrs = []
+    for line in lines:
+        try:
+            maddrs.append(_maddr(line))
+        except argparse.ArgumentTypeError as err:
+            raise CliError(f"--initial-peers-file {path}: {err}") from None
+    if not maddrs:
+        raise CliError(f"--initial-peers-file {path} holds no multiaddr")
+    remote = [m for m in maddrs if not m.startswith(("/ip4/127.", "/ip6/::1/"))]
+    return remote or maddrs
+
+
+_RUN_SOURCES = frozenset({"command", "verbose", "options", "initial_peers_file"})  # allowed with --options
+
+
+def _options_from_flags(args: argparse.Namespace) -> NodeOptions:
+    """``run``'s NodeOptions from its flags."""
+    required = (("--stage", _NODE + "stage"), ("--num-stages", "num_stages"))
+    missing = [flag for flag, dest in required if dest not in args]
+    if missing:
+        raise CliError(f"the following arguments are required: {', '.join(missing)} (or --options FILE)")
+    given = _given(args)
+    cfg = _build_config(args, args.num_stages, out_of_order=_strategy(given).out_of_order)
+    given["faults"] = [str(f) for f in _parse_faults(given.get("faults", []), args.num_stages)]
+    return _validate(NodeOptions, {**given, "config": cfg})
+
+
+def _options_from_file(args: argparse.Namespace) -> NodeOptions:
+    """``run --options FILE``: the complete NodeOptions in FILE (no option flag beside it)."""
+    path: pathlib.Path = args.options
+    flags = [
+        _FLAG_OF[dest.removeprefix(_NODE)] if dest.startswith(_NODE) else "--" + dest.replace("_", "-")
+        for dest in vars(args)
+        if dest not in _RUN_SOURCES
+    ]
+    if flags:
+        raise CliError(f"--options {path} holds every option; drop {', '.join(flags)}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise CliError(f"--options {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise CliError(f"--options {path}: {err}") from None
+    try:
+        opts = NodeOptions.model_validate_json(text)
+    except ValidationError as err:
+        raise CliError(f"--options {path}: {_one_line(err, flags=False)}") from None
+    _parse_faults(opts.faults, opts.num_stages)
+    return opts
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from node.stage.daemon import run_daemon
+
+    opts = _options_from_file(args) if args.options is not None else _options_from_flags(args)
+    if args.initial_peers_file is not None:
+        peers = [*opts.initial_peers, *_read_initial_peers(args.initial_peers_file)]
+        opts = opts.model_copy(update={"initial_peers": peers})
+    if opts.recovery.checkpoint_dir is not None and opts.recovery.strategy is RecoveryStrategy.CHECKPOINT:
+        _check_checkpoint_dir(opts.recovery.checkpoint_dir)
+    if opts.stage in (0, None) and opts.config.data is not None:
+        from node.data import load_corpus
+
+        load_corpus(opts.config.data).check_fits(opts.config.train.seq_len)  # fail now, with the file named
+    return run_daemon(opts)
+
+
+def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOptions:
+    """``local``'s swarm from its flags; its files go to ``workdir``."""
+    from node.data import load_corpus
+    from node.local.launcher import LocalOptions
+
+    given = _given(args)
+    strategy = _strategy(given)
+    cfg = _build_config(args, args.stages, out_of_order=strategy.out_of_order)
+    load_corpus(cfg.data).check_fits(cfg.train.seq_len)
+    recovery = given.get("recovery", {})
+    if strategy is RecoveryStrategy.CHECKPOINT:
+        if "checkpoint_dir" in recovery:
+            _check_checkpoint_dir(recovery["checkpoint_dir"])
+        else:
+            recovery = {**recovery, "checkpoint_dir": workdir / "checkpoints"}
+    return LocalOptions(
+        config=cfg,
+        steps=args.steps,
+        workdir=workdir,
+        check_reference=args.check_reference,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // args.stages),
+        quiet=args.quiet,
+        timing=_validate(TimingOptions, given.get("timing", {}), at="timing"),
+        recovery=_validate(RecoveryOptions, recovery, at="recovery"),
+        eval=_validate(EvalOptions, given.get("eval", {}), at="eval"),
+        kills=_parse_faults(args.kill, args.stages),
+        failure_rate=args.failure_rate,
+        respawn=args.respawn,
+        spares=args.spares,
+        seed=cfg.train.seed,
+        prometheus_dir=args.prometheus_dir,
+        metrics=args.metrics,
+    )
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    import signal
+    import tempfile
+
+    from node.local.launcher import LocalSwarm
+
+    def _terminate(*_: object) -> None:
+        raise KeyboardInterrupt  # runs the launcher's clean-up, like Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminate)
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir
+        if workdir is None:  # a temporary one, deleted at exit
+            workdir = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="swarm-node-local-")))
+        swarm = LocalSwarm(_local_options(args, workdir))
+        summary = swarm.run()
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    loss = summary["loss"]
+    line = (
+        (
+            f"done: {summary['steps']} steps, loss {loss[0]:.4f} -> {loss[-1]:.4f}, "
+            f"{summary['tokens_per_second']:,.0f} tokens/s"
+        )
+        if loss
+        else "done: no steps"
+    )
+    if "reference_max_abs_diff" in summary:
+        line += f", reference_max_abs_diff {summary['reference_max_abs_diff']:.3g}"
+    swarm.console.print(line)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from node.bench.results import write_results
+
+    cfg = _build_config(args, args.stages, out_of_order=False, seq_len=args.seq_len)
+    if "checkfree+" in args.strategies:
+        _build_config(args, args.stages, out_of_order=True, seq_len=args.seq_len)
+    iterations = args.iterations or _BENCH_ITERATIONS[args.mode]
+    eval_every = args.eval_every or max(1, iterations // _BENCH_EVAL_POINTS)
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        common: dict[str, Any] = {
+            "config": cfg,
+            "strategies": args.strategies,
+            "failure_rates": args.failure_rates,
+            "iterations": iterations,
+            "seed": args.seed,
+            "target_loss": args.target_loss,
+            "checkpoint_every": args.checkpoint_every,
+            "redundant_factor": args.redundant_factor,
+            "lr_scale": args.lr_scale,
+            "eval_every": eval_every,
+            "eval_batches": args.eval_batches,
+        }
+        if args.mode == "simulate":
+            import torch
+
+            from node.bench.simulate import SimulateOptions, run_simulation
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            if "failure_overhead_seconds" in args:
+                common["failure_overhead_seconds"] = args.failure_overhead_seconds
+            results = run_simulation(SimulateOptions(**common), progress)
+        else:
+            from node.bench.live import LiveOptions, run_live
+
+            live = LiveOptions(**common, out=args.out, spares=args.spares, threads=args.threads)
+            results = run_live(live, progress)
+    json_path, png_path = write_results(results, args.out)
+    if args.json:
+        print(json_path.read_text(encoding="utf-8"))
+        return 0
+    table = Table(title=f"time to validation loss {results.target_loss:.3f} ({args.mode})")
+    for col in ("strategy", "failure rate", "failures", "iterations", "minutes", "final val loss", "recover s"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in results.runs:
+        table.add_row(
+            r.strategy,
+            f"{r.failure_rate:g}",
+            str(r.failures),
+            "-" if r.iterations_to_target is None else str(r.iterations_to_target),
+            "never" if r.seconds_to_target is None else f"{r.seconds_to_target / 60:.2f}",
+            "-" if r.final_val_loss is None else f"{r.final_val_loss:.3f}",
+            f"{sum(r.recover_seconds) / len(r.recover_seconds):.2f}" if r.recover_seconds else "-",
+        )
+    Console().print(table)
+    Console().print(f"wrote {json_path} and {png_path}")
+    return 0

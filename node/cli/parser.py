@@ -1,0 +1,280 @@
+"""The argparse tree of the ``swarm-node`` command line: one builder per subcommand.
+
+Every flag's type is a validator from :mod:`node.cli.flags`, so a bad value ends the program before anything
+starts; the flags that configure a node take their defaults and help text from :mod:`node.options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+from typing import Any
+
+from node import __version__
+from node.cli.flags import (
+    _add_eval_flags,
+    _add_model_flags,
+    _add_recovery_flags,
+    _add_timing_flags,
+    _dataclass_default,
+    _flag_of_field,
+    _maddr,
+    _non_negative_float,
+    _non_negative_int,
+    _option,
+    _port,
+    _positive_float,
+    _positive_int,
+    _probabilities,
+    _probability,
+    _stage_arg,
+    _strategies,
+    _swarm_name,
+)
+from node.options import NodeOptions, default
+
+DESCRIPTION = "The ``swarm-node`` command line: ``dht``, ``run``, ``local``, ``status``."
+_BENCH_ITERATIONS = {"simulate": 300, "live": 60}  # default --iterations of each mode
+_BENCH_EVAL_POINTS = 30  # default --eval-every: about this many validation points per run
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm-node", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"swarm-node {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_dht, _add_run, _add_local, _add_bench, _add_status):
+        add(sub)
+    return parser
+
+
+def _add_dht(sub: Any) -> None:
+    """``dht``: a bootstrap DHT node."""
+    p = sub.add_parser("dht", help="run a bootstrap DHT node; prints its multiaddr")
+    p.add_argument(
+        "--host", default=default(NodeOptions, "host"), help="IPv4 address to listen on (default %(default)s)"
+    )
+    p.add_argument("--port", type=_port, default=31337, help="TCP port (default %(default)s; 0 picks one)")
+    p.add_argument(
+        "--identity",
+        type=pathlib.Path,
+        default=pathlib.Path.home() / ".swarm-node" / "dht.key",
+        help="private key file; created on first start, reused after (keeps the multiaddr stable)",
+    )
+    p.add_argument("--announce-maddr", action="append", default=[], help="multiaddr to announce (public address)")
+    p.add_argument("--json", action="store_true", help="print {peer_id, maddrs} as JSON")
+    p.add_argument(
+        "--maddr-file",
+        type=pathlib.Path,
+        help="also write the multiaddrs here, one per line (for --initial-peers-file)",
+    )
+
+
+def _add_run(sub: Any) -> None:
+    """``run``: one stage daemon, its flags filling NodeOptions."""
+    p = sub.add_parser("run", help="run one stage daemon")
+    p.add_argument(
+        "--options",
+        type=pathlib.Path,
+        help="take every option from this JSON file (NodeOptions, as `local` writes one for each of its nodes); "
+        "then no other option flag is given",
+    )
+    _option(
+        p,
+        "--stage",
+        "stage",
+        type=_stage_arg,
+        help="pipeline stage (0 = embedding + head), or 'auto': take a vacant stage or wait as a spare "
+        "(required without --options)",
+    )
+    p.add_argument(
+        "--num-stages",
+        type=_positive_int,
+        default=argparse.SUPPRESS,
+        help="number of pipeline stages S (required without --options)",
+    )
+    _option(
+        p, "--initial-peers", "initial_peers", type=_maddr, action="append", help="bootstrap multiaddr (repeatable)"
+    )
+    p.add_argument(
+        "--initial-peers-file",
+        type=pathlib.Path,
+        help="read bootstrap multiaddrs from this file (written by `dht --maddr-file`), waiting for it to appear",
+    )
+    _option(p, "--swarm", "swarm", type=_swarm_name)
+    _option(p, "--host", "host")
+    _option(p, "--port", "port", type=_port)
+    _option(p, "--announce-host", "announce_host")
+    _option(p, "--dht-port", "dht_port", type=_port)
+    _option(p, "--steps", "steps", type=_positive_int)
+    _option(p, "--events-file", "events_file", type=pathlib.Path)
+    _option(p, "--save-dir", "save_dir", type=pathlib.Path)
+    _option(p, "--device", "device", choices=["auto", "cpu", "cuda"])
+    _option(p, "--threads", "threads", type=_positive_int)
+    _add_timing_flags(p)
+    _option(p, "--rpc-timeout", "timing.rpc_timeout", type=_positive_float)
+    _option(p, "--metrics-port", "metrics_port", type=_port)
+    _add_recovery_flags(p)
+    _option(p, "--checkpoint-dir", "recovery.checkpoint_dir", type=pathlib.Path)
+    _add_eval_flags(p)
+    _option(p, "--fault", "faults", action="append", help=argparse.SUPPRESS)  # tests: STAGE@STEP[:PHASE]
+    _add_model_flags(p)
+
+
+def _add_local(sub: Any) -> None:
+    """``local``: a whole swarm on this machine."""
+    from node.local.launcher import LocalOptions
+
+    p = sub.add_parser("local", help="run a whole swarm on this machine")
+    p.add_argument("--stages", type=_positive_int, default=4, help="pipeline stages (default %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=300, help="training steps (default %(default)s)")
+    p.add_argument("--json-out", type=pathlib.Path, help="write the run summary here")
+    p.add_argument(
+        "--check-reference", action="store_true", help="also train in one process and report reference_max_abs_diff"
+    )
+    p.add_argument("--workdir", type=pathlib.Path, help="keep logs, events and weights here")
+    p.add_argument("--threads", type=_positive_int, help="torch threads per stage (default: cores / stages)")
+    _add_timing_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no live progress")
+    _flag_of_field(
+        p,
+        "--metrics",
+        LocalOptions,
+        action=argparse.BooleanOptionalAction,
+        help="serve Prometheus metrics (default on)",
+    )
+    _add_recovery_flags(p)
+    _option(p, "--checkpoint-dir", "recovery.checkpoint_dir", help="checkpoint: where (default WORKDIR/checkpoints)",
+            type=pathlib.Path)  # fmt: skip
+    p.add_argument(
+        "--prometheus-dir",
+        type=pathlib.Path,
+        help="write prometheus.yml (the docker compose job, with file discovery) and keep targets.json current "
+        "here: prometheus --config.file DIR/prometheus.yml scrapes this swarm",
+    )
+    _add_eval_flags(p)
+    g = p.add_argument_group("fault injection")
+    g.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="STAGE@STEP[:PHASE]",
+        help="SIGKILL that stage's node during that step (phase forward|backward|fetch; "
+        "spare@STEP kills an idle spare); repeatable",
+    )
+    _flag_of_field(
+        g,
+        "--failure-rate",
+        LocalOptions,
+        type=_probability,
+        help="each block stage fails independently with this probability per step",
+    )
+    _flag_of_field(
+        g,
+        "--respawn",
+        LocalOptions,
+        action=argparse.BooleanOptionalAction,
+        help="restart a killed node as --stage auto, like a spot replacement (default on)",
+    )
+    _flag_of_field(
+        g, "--spares", LocalOptions, type=_non_negative_int, help="extra --stage auto nodes waiting as spares"
+    )
+    _add_model_flags(p)
+
+
+def _add_bench(sub: Any) -> None:
+    """``bench``: recovery strategies compared by time to a target validation loss."""
+    from node.bench import STRATEGIES, BenchOptions
+    from node.bench.live import LiveOptions
+
+    p = sub.add_parser("bench", help="compare recovery strategies by wall-clock time to a target validation loss")
+    p.add_argument("--mode", choices=list(_BENCH_ITERATIONS), default="simulate", help="one process, or a real swarm")
+    p.add_argument(
+        "--strategies",
+        type=_strategies,
+        default=",".join(STRATEGIES),
+        help=f"comma-separated: {', '.join(STRATEGIES)} (default all)",
+    )
+    p.add_argument(
+        "--failure-rates",
+        type=_probabilities,
+        default="0.001,0.003,0.01",
+        help="comma-separated per-stage per-iteration failure probabilities (default %(default)s)",
+    )
+    p.add_argument(
+        "--iterations",
+        type=_positive_int,
+        help="iterations per run (default " + ", ".join(f"{n} {mode}" for mode, n in _BENCH_ITERATIONS.items()) + ")",
+    )
+    p.add_argument("--target-loss", type=_positive_float, help="default: the no-failure run's at ~2/3 of the run")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results"), help="results directory")
+    p.add_argument(
+        "--stages", type=_positive_int, default=7, help="pipeline stages (default %(default)s: 6 block stages)"
+    )
+    p.add_argument("--seq-len", type=_positive_int, default=64, help="sequence length (default %(default)s)")
+    _flag_of_field(
+        p,
+        "--checkpoint-every",
+        BenchOptions,
+        type=_positive_int,
+        help="checkpoint strategy: every K steps (default %(default)s)",
+    )
+    _flag_of_field(
+        p,
+        "--redundant-factor",
+        BenchOptions,
+        type=_positive_float,
+        help="redundant computation: time per iteration × this (default %(default).3f, the paper's measured ratio)",
+    )
+    p.add_argument(
+        "--failure-overhead-seconds",
+        type=_non_negative_float,
+        default=argparse.SUPPRESS,
+        help="simulate: seconds added to every failure (detection and replacement start, e.g. from --mode live)",
+    )
+    _flag_of_field(
+        p,
+        "--lr-scale",
+        BenchOptions,
+        type=_positive_float,
+        help="lr multiplier of a rebuilt stage (default %(default)s)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        help=f"validation every E iterations (default: ~{_BENCH_EVAL_POINTS} points)",
+    )
+    _flag_of_field(
+        p,
+        "--eval-batches",
+        BenchOptions,
+        type=_positive_int,
+        help="held-out microbatches per evaluation (default %(default)s)",
+    )
+    _flag_of_field(
+        p, "--spares", LiveOptions, type=_non_negative_int, help="live: spare nodes per run (default %(default)s)"
+    )
+    p.add_argument("--threads", type=_positive_int, help="torch threads (simulate) or per stage (live)")
+    p.add_argument("--json", action="store_true", help="print results.json to stdout")
+    _add_model_flags(
+        p,
+        "model and training",
+        seed=_dataclass_default(BenchOptions, "seed"),
+        microbatches=2,
+        microbatch_size=4,
+    )
+
+
+def _add_status(sub: Any) -> None:
+    """``status``: the swarm as the DHT sees it."""
+    from node.local.launcher import SWARM as LOCAL_SWARM
+
+    p = sub.add_parser("status", help="show the swarm as the DHT sees it")
+    p.add_argument("--initial-peers", type=_maddr, action="append", required=True, help="bootstrap multiaddr")
+    p.add_argument(
+        "--swarm",
+        type=_swarm_name,
+        default=default(NodeOptions, "swarm"),
+        help=f"swarm name (default %(default)s; local swarms use {LOCAL_SWARM!r})",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,0 +1,177 @@
+"""The run summary of a local swarm (what ``swarm-node local --json-out`` writes), from the events log and
+what the launcher saw: each recovery matched to the kill that caused it, checkpoint figures, the node serving
+each stage at the end (:class:`StageLog`), and the single-process reference comparison.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any
+
+from rich.console import Console
+
+from node import events as ev
+from node.config import SwarmConfig
+from node.local.children import LocalSwarmError, present
+from node.wire.records import StageRecord
+
+
+class StageLog:
+    """What the launcher saw of the swarm in the DHT: each stage's committed step over time, the newest serving
+    record of each stage, and the records at the end."""
+
+    def __init__(self) -> None:
+        self.committed_samples: list[dict[str, Any]] = []
+        self.last_seen: dict[int, StageRecord] = {}  # newest serving record of each stage
+        self.final_records: list[StageRecord] = []
+
+    def observe(self, records: list[StageRecord]) -> None:
+        serving = [r for r in present(records) if r.stage is not None]
+        for r in serving:
+            self.last_seen[r.stage] = r
+        self.committed_samples += [
+            {"time": time.time(), "stage": r.stage, "peer_id": r.peer_id, "committed_step": r.committed_step}
+            for r in serving
+        ]
+
+    def stage_info(self, num_stages: int, first_pids: dict[int, int]) -> list[dict[str, Any]]:
+        """The node serving each stage at the end (a replacement, if the original was killed); without a record,
+        the pid of the node first started for it (``first_pids``)."""
+        info = []
+        for stage in range(num_stages):
+            r = next((r for r in present(self.final_records) if r.stage == stage), self.last_seen.get(stage))
+            info.append(
+                {
+                    "stage": stage,
+                    "pid": r.pid if r else first_pids.get(stage),
+                    "grpc_address": r.grpc_address if r else None,
+                    "metrics_port": r.metrics_port if r else None,
+                    "peer_id": r.peer_id if r else None,
+                    "last_recovery": r.last_recovery.model_dump() if r and r.last_recovery else None,
+                }
+            )
+        return info
+
+
+def recoveries(events: list[ev.Event], launcher_kills: list[ev.KilledEvent]) -> list[dict[str, Any]]:
+    """One entry per rebuilt stage, matched to the kill that caused it."""
+    kills = sorted(
+        [e for e in ev.of_type(events, ev.KilledEvent) if e.phase != "fetch"]
+        + [k for k in launcher_kills if k.stage is not None],
+        key=lambda k: k.time,
+    )
+    steps = ev.of_type(events, ev.StepEvent)
+    detections = ev.of_type(events, ev.FailureDetectedEvent)
+    out, used = [], set()
+    for r in ev.of_type(events, ev.RecoveryEvent):
+        kill = next(
+            (k for k in reversed(kills) if k.stage == r.stage and k.time <= r.time and id(k) not in used),
+            None,
+        )
+        if kill is None:
+            continue
+        used.add(id(kill))
+        death = kill.time
+        detected = next((d.time for d in detections if d.stage == r.stage and d.time >= death), None)
+        after = next((s for s in steps if s.time > r.time), None)
+        before = next((s for s in reversed(steps) if s.time < death), None)
+        out.append(
+            {
+                "stage": r.stage,
+                "step": r.step,
+                "method": r.method,
+                "sources": r.sources,
+                "killed_in": kill.phase if kill.by is None else kill.by,
+                "detect_seconds": None if detected is None else detected - death,
+                "recover_seconds": None if after is None else after.time - death,
+                "rebuild_seconds": r.rebuild_seconds,
+                "bytes_fetched": r.bytes_fetched,
+                "source_grad_norms": r.source_grad_norms,
+                "loss_before": before.loss if before else None,
+                "loss_after": after.loss if after else None,
+            }
+        )
+    return out
+
+
+def run_summary(
+    events: list[ev.Event],
+    *,
+    stages: list[dict[str, Any]],
+    wall: float,
+    launcher_kills: list[ev.KilledEvent],
+    committed_samples: list[dict[str, Any]],
+    config: SwarmConfig,
+    threads: int | None,
+    bootstrap: list[str],
+    workdir: pathlib.Path,
+) -> dict[str, Any]:
+    """The run summary: ``stages`` from :meth:`StageLog.stage_info`, ``wall`` the seconds of the run."""
+    steps = ev.of_type(events, ev.StepEvent)
+    tokens = sum(e.tokens for e in steps)
+    seconds = sum(e.seconds for e in steps)
+    return {
+        "steps": len(steps),
+        "loss": [e.loss for e in steps],
+        "step_seconds": [e.seconds for e in steps],
+        "tokens_per_second": tokens / seconds if seconds else 0.0,
+        "wall_seconds": wall,
+        "threads_per_stage": threads,  # a reference run needs the same count to match bit for bit
+        "aborted_steps": len(ev.of_type(events, ev.AbortEvent)),
+        "recoveries": recoveries(events, launcher_kills),
+        "kills": [ev.dump(e) for e in ev.of_type(events, ev.KilledEvent)] + [launcher_kill(k) for k in launcher_kills],
+        "committed_samples": committed_samples,
+        "rollbacks": [{"step": e.step, "time": e.time} for e in ev.of_type(events, ev.RolledBackEvent)],
+        "evaluations": [
+            {"step": e.step, "val_loss": e.val_loss, "time": e.time, "seconds": e.seconds}
+            for e in ev.of_type(events, ev.EvalEvent)
+        ],
+        "checkpoints": checkpoint_summary(events),
+        "bootstrap": bootstrap,
+        "config": config.model_dump(mode="json"),
+        "stages": stages,
+        "workdir": str(workdir),
+    }
+
+
+def launcher_kill(kill: ev.KilledEvent) -> dict[str, Any]:
+    """A kill of the launcher's own, as the run summary lists it: ``by`` says why; it has no ``phase``."""
+    return {key: value for key, value in ev.dump(kill).items() if key != "phase"}
+
+
+def checkpoint_summary(events: list[ev.Event]) -> dict[str, Any]:
+    """Checkpoint writes of the run (``--recovery checkpoint``): count, bytes and durations."""
+    writes = ev.of_type(events, ev.CheckpointEvent)
+    snapshots = [e.seconds for e in ev.of_type(events, ev.CheckpointSnapshotEvent)]
+    return {
+        "writes": len(writes),
+        "bytes": sum(e.bytes for e in writes),
+        "write_seconds_mean": sum(e.write_seconds for e in writes) / len(writes) if writes else None,
+        "snapshot_seconds_mean": sum(snapshots) / len(snapshots) if snapshots else None,
+        "snapshot_seconds_total": sum(snapshots),
+    }
+
+
+def reference_diff(
+    config: SwarmConfig, steps: int, threads: int | None, save_dir: pathlib.Path, console: Console
+) -> float:
+    """Largest |swarm - single-process| parameter difference after the same number of steps: the stages' saved
+    weights in ``save_dir`` against a reference trained here with the same ``threads``."""
+    from safetensors.torch import load_file
+
+    from node.data import load_corpus
+    from node.train.reference import train_reference
+
+    corpus = load_corpus(config.data)
+    console.print("training the single-process reference ...")
+    ref = train_reference(config, corpus.train, steps, threads=threads)
+    worst = 0.0
+    for stage in range(config.num_stages):
+        path = save_dir / f"stage{stage}.safetensors"
+        if not path.exists():
+            raise LocalSwarmError(f"stage {stage} saved no weights at {path}")
+        swarm = load_file(str(path))
+        for name, ref_tensor in ref.stage_state(stage).items():
+            worst = max(worst, float((swarm[name].float() - ref_tensor.float()).abs().max()))
+    return worst
