@@ -21,10 +21,16 @@ from node.stage.compute import Compute
 from node.stage.presence import Presence
 from node.stage.runtime import StageRuntime
 from node.transport.channels import ChannelPool
+from node.wire.records import StageRecord
 
 
 class SourceLost(ConnectionError):
-    """A source of the recovery died, disagreed or sent bad data: plan again with whoever is alive."""
+    """A source of the recovery died, disagreed or sent bad data: plan again with whoever is alive.
+    ``bad_peer``: a peer that sent state this stage cannot use; it is not asked again."""
+
+    def __init__(self, message: str, bad_peer: str | None = None) -> None:
+        super().__init__(message)
+        self.bad_peer = bad_peer
 
 
 @dataclass
@@ -39,6 +45,11 @@ class RecoveryContext:
     channels: ChannelPool
     timing: TimingOptions
     faults: FaultInjector
+    distrusted: set[str] = field(default_factory=set)  # peers that sent bad state during this recovery
+
+    def peer_of(self, stage: int) -> StageRecord | None:
+        """The peer to fetch ``stage``'s state from, never one that already sent bad state."""
+        return self.presence.peer_of(stage, exclude=frozenset(self.distrusted))
 
 
 @dataclass

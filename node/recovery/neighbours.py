@@ -11,16 +11,28 @@ import grpc
 from node.proto import stage_pb2 as pb
 from node.recovery.methods import Recovered, RecoveryContext, SourceLost
 from node.recovery.planner import Method, RecoveryPlan
-from node.recovery.rebuild import Fetched, SourcesDisagree, build_runtime, rebuild_spec
-from node.wire.tensors import TensorAssembler
+from node.recovery.rebuild import (
+    BadSource,
+    Fetched,
+    SourcesDisagree,
+    TensorSpec,
+    build_runtime,
+    check_source,
+    expected_state,
+    rebuild_spec,
+    state_bytes,
+)
+from node.wire.tensors import TensorAssembler, WireError
 
 
-async def fetch_committed(ctx: RecoveryContext, source: int) -> Fetched:
-    """Stage ``source``'s committed step, gradient norm and weights, from its serving peer (FetchWeights)."""
-    peer = ctx.presence.peer_of(source)
+async def fetch_committed(ctx: RecoveryContext, source: int, spec: TensorSpec) -> Fetched:
+    """Stage ``source``'s committed step, gradient norm and weights, from its serving peer (FetchWeights),
+    checked against ``spec`` (names, shapes, dtypes, finite values; no more bytes than the stage has)."""
+    peer = ctx.peer_of(source)
     if peer is None:
         raise SourceLost(f"no live peer for stage {source}")
-    asm = TensorAssembler(max_tensor_bytes=1 << 36, max_stream_bytes=1 << 38)
+    limit = state_bytes(spec)
+    asm = TensorAssembler(max_tensor_bytes=limit, max_stream_bytes=limit)
     nbytes = 0
     try:
         call = ctx.channels.stub(peer.grpc_address).FetchWeights(
@@ -31,14 +43,21 @@ async def fetch_committed(ctx: RecoveryContext, source: int) -> Fetched:
             asm.feed(message)
             nbytes += len(message)
             ctx.faults.check("fetch", stage=ctx.stage, step=ctx.presence.swarm_committed() + 1)
+        tensors = asm.finish()
     except grpc.aio.AioRpcError as err:
         if err.code() == grpc.StatusCode.UNAVAILABLE:
             ctx.presence.suspect(peer, f"FetchWeights failed: {err.code().name}")
         raise SourceLost(f"fetching stage {source} from {peer.peer_id}: {err.code().name}") from None
-    tensors = asm.finish()
+    except WireError as err:
+        raise SourceLost(f"stage {source} ({peer.peer_id}) sent a bad weight stream: {err}", peer.peer_id) from None
     if asm.meta is None:
-        raise SourceLost(f"stage {source} sent a weight stream without its step and gradient norm")
-    return Fetched(source, int(asm.meta.step), float(asm.meta.grad_norm), tensors, nbytes)
+        raise SourceLost(f"stage {source} sent a weight stream without its step and gradient norm", peer.peer_id)
+    fetched = Fetched(source, int(asm.meta.step), float(asm.meta.grad_norm), tensors, nbytes)
+    try:
+        check_source(fetched, spec)
+    except BadSource as err:
+        raise SourceLost(str(err), peer.peer_id) from None
+    return fetched
 
 
 async def check_not_behind_stage0(ctx: RecoveryContext, step: int) -> None:
@@ -67,7 +86,8 @@ class NeighbourRebuild:
 
     async def recover(self, plan: RecoveryPlan, ctx: RecoveryContext, committed: int) -> Recovered:
         started = time.monotonic()
-        fetched = [await fetch_committed(ctx, source) for source in plan.sources]
+        shapes = expected_state(ctx.config, ctx.stage)  # block stages hold tensors of the same names and shapes
+        fetched = [await fetch_committed(ctx, source, shapes) for source in plan.sources]
         fetch_seconds = time.monotonic() - started
         seed = int.from_bytes(os.urandom(7), "little")
         try:

@@ -11,14 +11,20 @@ average degenerates to 0.5/0.5).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from node.config import SwarmConfig
+from node.model import build_stage
 from node.recovery.planner import EPSILON, Method, RecoveryPlan
 from node.stage.runtime import StageRuntime
+
+
+class BadSource(ValueError):
+    """A source sent state that cannot be this stage's: wrong names, shapes or dtypes, or non-finite values."""
 
 
 class SourcesDisagree(ValueError):
@@ -45,6 +51,46 @@ class RebuildSpec:
     grad_norm: float
     lr_scale: float
     random_seed: int | None = None
+
+
+TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def expected_state(cfg: SwarmConfig, stage: int) -> TensorSpec:
+    """Name -> (shape, dtype) of stage ``stage``'s weights, from a module built on the meta device (no memory)."""
+    with torch.device("meta"):
+        module = build_stage(cfg, stage)
+    return {name: (tuple(t.shape), t.dtype) for name, t in module.state_dict().items()}
+
+
+def state_bytes(spec: TensorSpec) -> int:
+    """Bytes of a state of this spec."""
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in spec.values())
+
+
+def check_weights(weights: dict[str, torch.Tensor], spec: TensorSpec, source: str) -> None:
+    """Raises :class:`BadSource` unless ``weights`` has exactly the names, shapes and dtypes of ``spec`` and only
+    finite values."""
+    if weights.keys() != spec.keys():
+        odd = sorted(weights.keys() ^ spec.keys())
+        raise BadSource(f"{source} sent tensors {odd[:3]} that do not match the stage's ({len(odd)} differ)")
+    for name, (shape, dtype) in spec.items():
+        t = weights[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise BadSource(f"{source}: {name} is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BadSource(f"{source}: {name} holds NaN or Inf")
+
+
+def check_source(fetched: Fetched, spec: TensorSpec) -> None:
+    """A neighbour's committed state is usable: its weights fit ``spec`` and its gradient norm is a finite,
+    non-negative number (the CheckFree weights are made of it)."""
+    source = f"stage {fetched.stage}"
+    if not (math.isfinite(fetched.grad_norm) and fetched.grad_norm >= 0):
+        raise BadSource(f"{source} sent a gradient norm of {fetched.grad_norm}")
+    if fetched.step < 0:
+        raise BadSource(f"{source} sent committed step {fetched.step}")
+    check_weights(fetched.weights, spec, source)
 
 
 def checkfree_average(

@@ -90,7 +90,7 @@ class StageBuilder:
         claimed_at = time.monotonic()
         while not self.stopping.is_set():
             await presence.try_refresh()
-            others = presence.members(None)
+            others = [r for r in presence.members(None) if r.peer_id not in ctx.distrusted]
             me = presence.me
             live = live_stages(others, fingerprint=me.fingerprint, num_stages=me.num_stages)
             committed = presence.swarm_committed()
@@ -111,6 +111,8 @@ class StageBuilder:
                 recovered = await method.recover(plan, ctx, committed)
             except SourceLost as err:
                 logger.warning("recovery of stage %d by %s failed (%s); re-planning", ctx.stage, plan.method, err)
+                if err.bad_peer is not None:  # never ask it again: another source, or another plan
+                    ctx.distrusted.add(err.bad_peer)
                 await asyncio.sleep(0.2)
                 continue
             self.seat.runtime = recovered.runtime

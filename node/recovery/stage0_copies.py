@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from node.options import TimingOptions
 from node.proto import stage_pb2 as pb
 from node.recovery.methods import Recovered, RecoveryContext, SourceLost
 from node.recovery.planner import Method, RecoveryPlan
+from node.recovery.rebuild import BadSource, TensorSpec, check_weights, expected_state
 from node.stage.compute import Compute
 from node.stage.presence import Presence
 from node.stage.runtime import StageRuntime
@@ -30,7 +32,7 @@ from node.topology import copy_holders
 from node.train.optim import clip_coefficient
 from node.transport.channels import ChannelPool
 from node.wire.records import SERVING_STATES
-from node.wire.tensors import TensorAssembler, encode_stream
+from node.wire.tensors import TensorAssembler, WireError, encode_stream
 
 logger = logging.getLogger(__name__)
 FinishCommit = Callable[[int, int, int, float, float], Awaitable[None]]  # (stage, step, attempt, norm, coef)
@@ -50,6 +52,23 @@ def max_copy_bytes(cfg: SwarmConfig) -> int:
     """Size limit of a stage-0 copy: fp32 weights and two AdamW moments, plus step counters."""
     m = cfg.model
     return (2 * m.vocab_size * m.d_model + m.d_model) * 4 * 3 + (1 << 20)
+
+
+def check_copy(
+    meta: pb.MicrobatchMeta | None, tensors: dict[str, torch.Tensor], spec: TensorSpec, source: str
+) -> None:
+    """A stage-0 copy is usable: its weights (``w.*``) fit stage 0's spec, its optimizer state is finite, and
+    the decision it carries has a finite, non-negative gradient norm."""
+    if meta is None:
+        raise BadSource(f"{source} sent a stage-0 copy without its step")
+    if not (math.isfinite(meta.grad_norm) and meta.grad_norm >= 0):
+        raise BadSource(f"{source} sent a stage-0 copy with gradient norm {meta.grad_norm}")
+    check_weights({k[2:]: v for k, v in tensors.items() if k.startswith("w.")}, spec, source)
+    for name, t in tensors.items():
+        if not name.startswith(("w.", "opt.")):
+            raise BadSource(f"{source} sent an unknown tensor {name!r} in a stage-0 copy")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BadSource(f"{source}: {name} holds NaN or Inf")
 
 
 class Stage0Copies:
@@ -150,7 +169,7 @@ class Stage0Copies:
             raise SourceLost("no live block stage")
         c_max = max(r.committed_step for r in block)
         holder = plan.sources[0]
-        peer = ctx.presence.peer_of(holder)
+        peer = ctx.peer_of(holder)
         if peer is None:
             raise SourceLost(f"replica holder stage {holder} is gone")
         asm = TensorAssembler(max_tensor_bytes=self.max_bytes, max_stream_bytes=self.max_bytes)
@@ -163,11 +182,15 @@ class Stage0Copies:
             async for message in call:
                 asm.feed(message)
                 nbytes += len(message)
+            tensors, meta = asm.finish(), asm.meta
         except grpc.aio.AioRpcError as err:
             raise SourceLost(f"fetching the stage-0 copy from stage {holder}: {err.code().name}") from None
-        tensors, meta = asm.finish(), asm.meta
-        if meta is None:
-            raise SourceLost(f"stage {holder} sent a stage-0 copy without its step")
+        except WireError as err:
+            raise SourceLost(f"stage {holder} sent a bad stage-0 copy: {err}", peer.peer_id) from None
+        try:
+            check_copy(meta, tensors, expected_state(ctx.config, 0), f"stage {holder}")
+        except BadSource as err:
+            raise SourceLost(str(err), peer.peer_id) from None
         fetch_seconds = time.monotonic() - started
 
         def build() -> StageRuntime:
@@ -175,7 +198,10 @@ class Stage0Copies:
             runtime.load_full_state(tensors)
             return runtime
 
-        runtime = await ctx.compute.run(build)
+        try:
+            runtime = await ctx.compute.run(build)
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. optimizer state of the wrong shape
+            raise SourceLost(f"the stage-0 copy from stage {holder} cannot be loaded: {err}", peer.peer_id) from None
         if meta.step != c_max:
             logger.warning(
                 "stage-0 copy is of step %d, the swarm is at %d: embedding and head are %d step(s) stale "

@@ -25,7 +25,7 @@ from node.stage.compute import Compute
 from node.stage.coordinator import CommitCoordinator
 from node.stage.participant import PipelineParticipant
 from node.stage.presence import Presence
-from node.stage.runtime import StageRuntime, StepFailed
+from node.stage.runtime import StageRuntime, StepError, StepFailed
 from node.topology import route_for
 from node.wire.records import StageState
 
@@ -117,7 +117,7 @@ class Stage0Driver:
         self.events.emit(AttemptEvent(step=step + 1, attempt=attempt))
         try:
             loss, decision = await self.train_step(tokens, step, attempt)
-        except StepFailed as err:
+        except (StepFailed, StepError) as err:  # StepError: this stage refused, e.g. a stale attempt
             logger.warning("step %d attempt %d failed: %s; aborting and replaying", step, attempt, err)
             self.metrics.steps_aborted.inc()
             self.events.emit(AbortEvent(step=step, attempt=attempt, reason=str(err)))

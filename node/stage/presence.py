@@ -165,10 +165,11 @@ class Presence:
                 del self.suspects[peer]
         return frozenset(self.suspects)
 
-    def peer_of(self, stage: int) -> StageRecord | None:
-        """The peer to talk to for ``stage``: serving, most committed steps, then lowest peer id."""
+    def peer_of(self, stage: int, exclude: frozenset[str] = frozenset()) -> StageRecord | None:
+        """The peer to talk to for ``stage``: serving, most committed steps, then lowest peer id (never this
+        node, a suspect or a peer in ``exclude``)."""
         me = self.me
-        exclude = self.suspected() | {me.peer_id}
+        exclude = exclude | self.suspected() | {me.peer_id}
         return pick_peer(self.view, stage, fingerprint=me.fingerprint, num_stages=me.num_stages, exclude=exclude)
 
     def swarm_committed(self) -> int:

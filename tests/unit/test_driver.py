@@ -159,3 +159,21 @@ async def test_the_driver_waits_while_a_stage_has_no_serving_peer(tmp_path, miss
     presence.peer_of = real
     await asyncio.wait_for(task, 10)
     assert [c[0] for c in coord.log] == ["prepare", "commit"]
+
+
+async def test_a_step_error_on_stage0_itself_is_a_failed_step_not_an_exit(tmp_path) -> None:
+    driver, _, coord, _ = make(tmp_path)
+    commit = coord.commit_all
+
+    async def forged_abort_lands(step, attempt, decision, after_local=None) -> None:
+        await commit(step, attempt, decision, after_local)
+        driver.runtime.attempt = 2**63  # e.g. a forged Abort raised stage 0's attempt past the driver's
+
+    coord.commit_all = forged_abort_lands
+    task = asyncio.create_task(driver.drive(3))
+    await asyncio.sleep(0.3)
+    assert not task.done()  # it keeps aborting and replaying; the daemon does not exit
+    aborts = [e for e in read_events(tmp_path / "events.jsonl") if isinstance(e, AbortEvent)]
+    assert aborts and "superseded" in aborts[0].reason and ("abort", 1, aborts[0].attempt) in coord.log
+    driver.stopping.set()
+    await asyncio.wait_for(task, 5)

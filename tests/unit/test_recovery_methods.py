@@ -17,7 +17,17 @@ from node.options import RecoveryStrategy, TimingOptions
 from node.proto import stage_pb2 as pb
 from node.recovery.methods import Recovered, RecoveryContext, SourceLost
 from node.recovery.planner import Method, RecoveryPlan
-from node.recovery.rebuild import Fetched, SourcesDisagree, build_runtime, checkfree_average, rebuild_spec
+from node.recovery.rebuild import (
+    BadSource,
+    Fetched,
+    SourcesDisagree,
+    build_runtime,
+    check_source,
+    checkfree_average,
+    expected_state,
+    rebuild_spec,
+    state_bytes,
+)
 from node.recovery.replacement import StageBuilder, Unrecoverable
 from node.recovery.stage0_copies import Stage0Copies
 from node.stage.compute import Compute
@@ -179,3 +189,46 @@ async def test_checkpoints_after_every_k_commits_then_rollback_and_restore(tmp_p
     assert recovered.step == 2 and recovered.report and not recovered.audit
     await keeper.close()
     compute.close()
+
+
+# ---- bad sources ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda w: w.pop(next(iter(w))),  # a tensor missing
+        lambda w: w.update({"extra.weight": torch.zeros(1)}),  # a tensor too many
+        lambda w: w.update({k: torch.zeros(3) for k in list(w)[:1]}),  # wrong shape
+        lambda w: w.update({k: v.double() for k, v in list(w.items())[:1]}),  # wrong dtype
+        lambda w: w.update({k: torch.full_like(v, float("nan")) for k, v in list(w.items())[:1]}),  # NaN
+    ],
+)
+def test_a_source_with_state_that_cannot_be_this_stage_is_refused(spoil) -> None:
+    shapes = expected_state(CFG, 2)
+    good = Fetched(1, 3, 0.5, weights(1, 0.1))
+    check_source(good, shapes)
+    bad = Fetched(1, 3, 0.5, dict(good.weights))
+    spoil(bad.weights)
+    with pytest.raises(BadSource):
+        check_source(bad, shapes)
+
+
+@pytest.mark.parametrize("norm", [float("nan"), float("inf"), -1.0])
+def test_a_source_with_a_bad_gradient_norm_is_refused(norm: float) -> None:
+    with pytest.raises(BadSource, match="gradient norm"):
+        check_source(Fetched(1, 3, norm, weights(1, 0.1)), expected_state(CFG, 2))
+    assert state_bytes(expected_state(CFG, 2)) == sum(t.numel() * 4 for t in weights(2, 0).values())
+
+
+async def test_a_peer_that_sent_bad_state_is_never_asked_again(tmp_path) -> None:
+    class Poisoned(ScriptedMethod):
+        async def recover(self, plan, ctx, committed) -> Recovered:
+            self.plans.append(plan)
+            if 3 in plan.sources:
+                raise SourceLost("stage 3 sent NaN", bad_peer="p3")
+            return Recovered(StageRuntime(CFG, ctx.stage, DEV, committed_step=committed), committed, 1.1)
+
+    method = Poisoned(0)
+    b, _ = builder(2, [record(0, "p0", 8), record(1, "p1", 8), record(3, "p3", 8)], [method], tmp_path)
+    await b.build()
+    assert [(p.method, p.sources) for p in method.plans] == [(Method.CHECKFREE, (1, 3)), (Method.COPY, (1,))]
+    assert b.ctx.distrusted == {"p3"}
