@@ -101,6 +101,16 @@ class UnrecoverableEvent(_Event):
     reason: str
 
 
+class FencedEvent(_Event):
+    """A node saw its stage claimed by a newer epoch (it had been declared dead) and stopped serving it."""
+
+    event: Literal["fenced"] = "fenced"
+    stage: int
+    epoch: int = Field(description="the claim this node held the stage by")
+    by: str = Field(description="the peer that holds the stage now")
+    by_epoch: int
+
+
 class CheckpointEvent(_Event):
     """A checkpoint became durable (``--recovery checkpoint``)."""
 
@@ -173,6 +183,7 @@ Event = Annotated[
     | FailureDetectedEvent
     | RecoveryEvent
     | UnrecoverableEvent
+    | FencedEvent
     | CheckpointEvent
     | CheckpointSnapshotEvent
     | RollbackStartEvent
@@ -190,6 +201,7 @@ EVENT_TYPES: tuple[type[_Event], ...] = (
     FailureDetectedEvent,
     RecoveryEvent,
     UnrecoverableEvent,
+    FencedEvent,
     CheckpointEvent,
     CheckpointSnapshotEvent,
     RollbackStartEvent,

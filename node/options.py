@@ -45,7 +45,10 @@ class TimingOptions(_Group):
     rpc_timeout: float = Field(30.0, gt=0, description="deadline of one RPC")
     step_timeout: float = Field(120.0, gt=0, description="stage 0: abort a step after this")
     heartbeat_interval: float = Field(0.5, gt=0, description="seconds between heartbeats")
-    heartbeat_timeout: float = Field(1.0, gt=0, description="a heartbeat slower than this marks the neighbour dead")
+    heartbeat_timeout: float = Field(1.0, gt=0, description="a heartbeat slower than this is missed")
+    suspect_after: int = Field(
+        2, ge=1, description="missed heartbeats in a row before a neighbour is suspected dead (a stall is not a death)"
+    )
 
 
 class RecoveryOptions(_Group):
@@ -75,6 +78,21 @@ class EvalOptions(_Group):
     batches: int = Field(4, ge=1, description="held-out microbatches per evaluation")
 
 
+class SecurityOptions(_Group):
+    """Swarm membership (see the README's threat model)."""
+
+    keys: pathlib.Path | None = Field(None, description="this node's key bundle (made by swarm-node keys issue)")
+    insecure: bool = Field(
+        False,
+        description="run without keys: cleartext gRPC and an open DHT, so anyone who can reach this node's ports "
+        "can stop or poison training",
+    )
+    reflection: bool = Field(False, description="serve gRPC server reflection (for grpcurl and the like)")
+    metrics_tls: bool = Field(
+        False, description="serve metrics over HTTPS with the node's certificate, to scrapers with a swarm certificate"
+    )
+
+
 class NodeOptions(BaseModel):
     """Everything ``swarm-node run`` configures."""
 
@@ -94,10 +112,12 @@ class NodeOptions(BaseModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="compute device")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics here (0: any)")
+    metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint listens on")
     faults: list[str] = Field(default_factory=list, description="fault injection specs STAGE@STEP[:PHASE] (tests)")
     timing: TimingOptions = TimingOptions()
     recovery: RecoveryOptions = RecoveryOptions()
     eval: EvalOptions = EvalOptions()
+    security: SecurityOptions = SecurityOptions()
 
     @model_validator(mode="after")
     def _stage_exists(self) -> NodeOptions:
@@ -106,6 +126,15 @@ class NodeOptions(BaseModel):
                 f"--stage {self.stage} is outside 0..{self.config.num_stages - 1} "
                 f"for --num-stages {self.config.num_stages}"
             )
+        if self.security.keys is None and not self.security.insecure:
+            raise ValueError(
+                "a node needs its keys (--keys BUNDLE, made by swarm-node keys issue); to run without them, "
+                "where anyone who can reach its ports can stop or poison training, pass --insecure"
+            )
+        if self.security.keys is not None and self.security.insecure:
+            raise ValueError("--keys and --insecure exclude each other")
+        if self.security.metrics_tls and self.security.keys is None:
+            raise ValueError("--metrics-tls serves with the node's certificate: it needs --keys")
         if self.config.out_of_order != self.recovery.strategy.out_of_order:
             raise ValueError("the out-of-order pipeline is used by --recovery checkfree+ and only by it")
         return self

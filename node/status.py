@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import hivemind
 from rich.console import Console
 from rich.table import Table
 
 from node.dht.directory import SwarmDirectory
+from node.dht.factory import make_dht
+from node.security.keys import NodeCredentials
 from node.wire.records import StageRecord
 
 
-def read_swarm(initial_peers: list[str], swarm: str) -> tuple[list[StageRecord], int]:
-    """Joins the DHT as a client, reads every stage record of ``swarm``; returns (records, malformed)."""
-    dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True, await_ready=True)
+def read_swarm(
+    initial_peers: list[str], swarm: str, credentials: NodeCredentials | None = None
+) -> tuple[list[StageRecord], int]:
+    """Joins the DHT as a client (a member's, with ``credentials``), reads every stage record of ``swarm``;
+    returns (records, malformed)."""
+    dht = make_dht(initial_peers, None, credentials, client_mode=True)
     try:
-        directory = SwarmDirectory(dht, swarm)
+        directory = SwarmDirectory(dht, swarm, credentials)
         records = directory.records()
         return records, directory.malformed_seen
     finally:
@@ -62,7 +66,7 @@ def records_table(records: list[StageRecord], title: str = "swarm") -> Table:
 
 def print_status(records: list[StageRecord], malformed: int, as_json: bool) -> None:
     if as_json:
-        out: dict[str, Any] = {"stages": [r.to_wire() for r in records], "malformed_records": malformed}
+        out: dict[str, Any] = {"stages": [r.to_json() for r in records], "malformed_records": malformed}
         print(json.dumps(out, indent=2))
         return
     console = Console()

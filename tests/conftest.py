@@ -76,10 +76,12 @@ def run_local(tmp_path, *args: str, stages: int = 4, steps: int = 8, timeout: fl
     return proc, json.loads(out.read_text()) if out.exists() else None
 
 
-def swarm_status(maddr: str, swarm: str = "local") -> list[dict[str, Any]]:
-    """The stage records of ``swarm`` as ``swarm-node status --json`` prints them."""
+def swarm_status(maddr: str, swarm: str = "local", keys: os.PathLike | None = None) -> list[dict[str, Any]]:
+    """The stage records of ``swarm`` as ``swarm-node status --json`` prints them (with the bundle ``keys``, or
+    on an open DHT)."""
+    security = ["--keys", str(keys)] if keys is not None else ["--insecure"]
     out = subprocess.run(
-        node_argv("status", "--initial-peers", maddr, "--swarm", swarm, "--json"),
+        node_argv("status", "--initial-peers", maddr, "--swarm", swarm, "--json", *security),
         cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     return json.loads(out.stdout)["stages"]

@@ -49,7 +49,10 @@ class CheckpointKeeper:
         install: Callable[[StageRuntime], Awaitable[None]],
         metrics: StageMetrics,
         events: EventLog,
+        secret: bytes | None = None,
     ) -> None:
+        """``secret``: the swarm secret; manifests then carry an HMAC and one without it is never loaded."""
+        self.secret = secret
         self.root, self.every, self.seat, self.config, self.device = root, every, seat, config, device
         self.compute, self.install, self.metrics, self.events = compute, install, metrics, events
         self.fingerprint = config.fingerprint()
@@ -66,7 +69,7 @@ class CheckpointKeeper:
         if self.store is None or self.store.stage != stage:
             if self.writer is not None:
                 self.writer.close()
-            self.store = CheckpointStore(self.root, stage, self.fingerprint)
+            self.store = CheckpointStore(self.root, stage, self.fingerprint, secret=self.secret)
             self.writer = BackgroundWriter(self.store, self.metrics, self._on_durable)
             self.durable_steps = frozenset(self.store.steps())
         return self.store

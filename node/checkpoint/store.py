@@ -6,6 +6,16 @@ config fingerprint). Both are written to a temporary name, fsynced and renamed, 
 checkpoint exists only once it is complete: a crash mid-write leaves at most a ``.tmp`` file, which is
 ignored, and a payload that does not match its manifest (cut short, bit rot) is never loaded.
 
+With the swarm secret (``secret``), every manifest also carries an HMAC-SHA256 over its other fields (the
+payload's SHA-256 among them), keyed with a key derived from the secret for this purpose only. A store
+with a secret never offers or loads a manifest whose HMAC is missing or wrong: whoever can write to the
+shared storage but does not hold the secret can neither forge a checkpoint nor alter one (its step, data
+position or learning-rate scale) nor bring one from another swarm. Without a secret, manifests are not
+authenticated (an ``hmac`` field is then ignored).
+
+A write that fails (a full disk, a file-size limit) leaves nothing behind: no ``.tmp`` file, and no payload
+without its manifest.
+
 The directory must outlive the machine that writes it (a shared volume, NFS or a mounted bucket): the
 node that replaces a lost stage restores that stage's checkpoint from it.
 """
@@ -14,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
+import json
 import logging
 import os
 import pathlib
@@ -27,6 +39,7 @@ from safetensors.torch import load, save
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
+_KEY_LABEL = b"swarm-node checkpoint manifest hmac v1"
 
 
 class CheckpointError(RuntimeError):
@@ -36,7 +49,7 @@ class CheckpointError(RuntimeError):
 class CheckpointInfo(BaseModel):
     """The manifest of one checkpoint (written after its payload)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     stage: int = Field(ge=0)
     step: int = Field(ge=0)
@@ -46,6 +59,21 @@ class CheckpointInfo(BaseModel):
     data_position: int = Field(ge=0, description="samples of the training stream consumed before step+1")
     lr_scale: float = Field(gt=0)
     last_grad_norm: float = Field(ge=0)
+    hmac: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="with the swarm secret")
+
+    def signed_bytes(self) -> bytes:
+        """What the HMAC covers: every other field, in a canonical encoding."""
+        fields = self.model_dump(exclude={"hmac"})
+        return _KEY_LABEL + b"\0" + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def manifest_key(secret: bytes) -> bytes:
+    """The key of manifest HMACs, derived from the swarm secret (which keys nothing else directly)."""
+    return hmac.new(secret, _KEY_LABEL, hashlib.sha256).digest()
+
+
+def manifest_hmac(key: bytes, info: CheckpointInfo) -> str:
+    return hmac.new(key, info.signed_bytes(), hashlib.sha256).hexdigest()
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -58,22 +86,33 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    """``data`` at ``path``, complete or not at all: written to a temporary file, fsynced and renamed; the
+    temporary file is removed when any of it fails (ENOSPC, EFBIG, EIO...)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 class CheckpointStore:
-    """Checkpoints of one stage under ``root/stage<i>``; keeps the newest ``keep``."""
+    """Checkpoints of one stage under ``root/stage<i>``; keeps the newest ``keep``. With ``secret`` (the
+    swarm secret) manifests are authenticated."""
 
-    def __init__(self, root: pathlib.Path, stage: int, fingerprint: str, keep: int = 3) -> None:
+    def __init__(
+        self, root: pathlib.Path, stage: int, fingerprint: str, keep: int = 3, secret: bytes | None = None
+    ) -> None:
         self.dir = pathlib.Path(root) / f"stage{stage}"
         self.stage = stage
         self.fingerprint = fingerprint
         self.keep = max(2, keep)  # the previous one must survive while the next is written
+        self._key = manifest_key(secret) if secret is not None else None
 
     def _paths(self, step: int) -> tuple[pathlib.Path, pathlib.Path]:
         return self.dir / f"step-{step:08d}.safetensors", self.dir / f"step-{step:08d}.json"
@@ -86,6 +125,24 @@ class CheckpointStore:
         payload = save({k: v.contiguous() for k, v in tensors.items()}, {"stage": str(self.stage), "step": str(step)})
         data_path, manifest_path = self._paths(step)
         _write_atomically(data_path, payload)
+        try:
+            self._write_manifest(step, manifest_path, payload, data_position, lr_scale, grad_norm)
+        except BaseException:
+            self._remove(step)  # a payload without its manifest is no checkpoint, and must not fill the disk
+            raise
+        _fsync_dir(self.dir)
+        self.prune()
+        return len(payload)
+
+    def _write_manifest(
+        self,
+        step: int,
+        path: pathlib.Path,
+        payload: bytes,
+        data_position: int,
+        lr_scale: float,
+        grad_norm: float,
+    ) -> None:
         info = CheckpointInfo(
             stage=self.stage,
             step=step,
@@ -96,10 +153,9 @@ class CheckpointStore:
             lr_scale=lr_scale,
             last_grad_norm=grad_norm,
         )
-        _write_atomically(manifest_path, info.model_dump_json().encode())
-        _fsync_dir(self.dir)
-        self.prune()
-        return len(payload)
+        if self._key is not None:
+            info = info.model_copy(update={"hmac": manifest_hmac(self._key, info)})
+        _write_atomically(path, info.model_dump_json().encode())
 
     def manifest(self, step: int) -> CheckpointInfo:
         data_path, manifest_path = self._paths(step)
@@ -109,6 +165,13 @@ class CheckpointStore:
             raise CheckpointError(f"stage {self.stage} has no checkpoint of step {step}") from None
         except (OSError, ValidationError) as err:
             raise CheckpointError(f"manifest {manifest_path} is unreadable: {err}") from None
+        if self._key is not None:
+            if info.hmac is None:
+                raise CheckpointError(f"manifest {manifest_path} carries no HMAC; this swarm requires one")
+            if not hmac.compare_digest(info.hmac, manifest_hmac(self._key, info)):
+                raise CheckpointError(
+                    f"manifest {manifest_path} fails its HMAC check (another swarm's secret, or altered)"
+                )
         if info.stage != self.stage or info.step != step:
             raise CheckpointError(f"manifest {manifest_path} is of stage {info.stage} step {info.step}")
         if info.config_fingerprint != self.fingerprint:

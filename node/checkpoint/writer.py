@@ -3,7 +3,9 @@
 The training path only pays for the *snapshot*: a copy of the weights and AdamW state to host memory, taken
 on the stage's compute thread right after a commit, before the next step can change a parameter. A single
 background thread serializes and writes it. A snapshot due while the previous write is still running waits
-for it, so at most one snapshot is held in memory besides the live state.
+for it, so at most one snapshot is held in memory besides the live state. A write that fails (a full disk,
+say) is counted and logged, leaves no partial file (:mod:`node.checkpoint.store`), and the writer goes on
+with the next snapshot: training never waits on, or stops for, a checkpoint.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class BackgroundWriter:
                 nbytes = self.store.write(
                     step, tensors, data_position=data_position, lr_scale=lr_scale, grad_norm=grad_norm
                 )
+            except OSError as err:  # ENOSPC, EFBIG, EIO...: the storage's problem, not a bug
+                self.metrics.checkpoint_writes.labels(result="failed").inc()
+                logger.error("checkpoint of step %d on stage %d failed: %s", step, self.store.stage, err)
+                return
             except Exception:
                 self.metrics.checkpoint_writes.labels(result="failed").inc()
                 logger.exception("checkpoint of step %d on stage %d failed", step, self.store.stage)

@@ -25,6 +25,7 @@ from node.cli.commands import (
     _options_from_flags,
     cmd_bench,
     cmd_dht,
+    cmd_keys,
     cmd_local,
     cmd_run,
     cmd_status,
@@ -56,6 +57,7 @@ __all__ = [  # main, and what tests reach as ``cli.<name>``
 ]
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "keys": cmd_keys,
     "dht": cmd_dht,
     "run": cmd_run,
     "local": cmd_local,

@@ -36,18 +36,69 @@ if TYPE_CHECKING:
     from node.local.launcher import LocalOptions
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``keys init DIR`` / ``keys issue DIR NAME``."""
+    from node.security.keys import CredentialsError, NodeCredentials, init_authority, issue_node
+
+    try:
+        if args.keys_command == "init":
+            if not (args.if_missing and (args.dir / "ca.key").exists()):
+                init_authority(args.dir)
+            for name in filter(None, (args.nodes or "").split(",")):
+                if not (args.if_missing and (args.dir / "nodes" / name / "node.pem").exists()):
+                    issue_node(args.dir, name.strip())
+            print(f"swarm authority in {args.dir}; issue each node's bundle with: swarm-node keys issue "
+                  f"{args.dir} NAME")  # fmt: skip
+            return 0
+        bundle = issue_node(args.dir, args.name, args.out)
+        creds = NodeCredentials.load(bundle)
+    except CredentialsError as err:
+        raise CliError(str(err)) from None
+    if args.json:
+        print(json.dumps({"name": creds.name, "bundle": str(bundle), "fingerprint": creds.fingerprint}))
+    else:
+        print(f"{bundle}  (node {creds.name}, certificate {creds.fingerprint[:16]}…): run it with --keys {bundle}")
+    return 0
+
+
+def load_credentials(bundle: pathlib.Path | None):
+    """The node bundle at ``bundle`` (None: --insecure), checked; a bad bundle is a one-line error."""
+    if bundle is None:
+        return None
+    from node.security.keys import CredentialsError, NodeCredentials
+
+    try:
+        return NodeCredentials.load(bundle)
+    except CredentialsError as err:
+        raise CliError(f"--keys {err}") from None
+
+
+def _security_of(args: argparse.Namespace):
+    """``--keys`` / ``--insecure`` of a command that joins a swarm's DHT (dht, status): its credentials."""
+    if args.keys is None and not args.insecure:
+        raise CliError(
+            "joining a swarm needs a key bundle (--keys BUNDLE, made by swarm-node keys issue); to use an open "
+            "DHT that anyone can join and write, pass --insecure"
+        )
+    if args.keys is not None and args.insecure:
+        raise CliError("--keys and --insecure exclude each other")
+    return load_credentials(args.keys)
+
+
 def cmd_dht(args: argparse.Namespace) -> int:
     from node.dht.bootstrap import run_bootstrap
 
+    creds = _security_of(args)
     return run_bootstrap(
-        args.host, args.port, args.identity, args.json, args.announce_maddr, maddr_file=args.maddr_file
-    )
+        args.host, args.port, args.identity, args.json, args.announce_maddr, maddr_file=args.maddr_file,
+        credentials=creds,
+    )  # fmt: skip
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from node.status import print_status, read_swarm
 
-    records, malformed = read_swarm(args.initial_peers, args.swarm)
+    records, malformed = read_swarm(args.initial_peers, args.swarm, _security_of(args))
     print_status(records, malformed, args.json)
     return 0
 
@@ -139,6 +190,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from node.data import load_corpus
 
         load_corpus(opts.config.data).check_fits(opts.config.train.seq_len)  # fail now, with the file named
+    load_credentials(opts.security.keys)  # fail now, with the file named
     return run_daemon(opts)
 
 
@@ -174,6 +226,7 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
         seed=cfg.train.seed,
         prometheus_dir=args.prometheus_dir,
         metrics=args.metrics,
+        insecure=args.insecure,
     )
 
 

@@ -186,6 +186,7 @@ def _add_recovery_flags(p: argparse.ArgumentParser) -> None:
     _option(g, "--lr-scale", "recovery.lr_scale", type=_positive_float)
     _option(g, "--heartbeat-interval", "timing.heartbeat_interval", type=_positive_float)
     _option(g, "--heartbeat-timeout", "timing.heartbeat_timeout", type=_positive_float)
+    _option(g, "--suspect-after", "timing.suspect_after", type=_positive_int)
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:

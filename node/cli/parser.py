@@ -31,7 +31,7 @@ from node.cli.flags import (
     _strategies,
     _swarm_name,
 )
-from node.options import NodeOptions, default
+from node.options import NodeOptions, SecurityOptions, default, describe
 
 DESCRIPTION = "The ``swarm-node`` command line: ``dht``, ``run``, ``local``, ``status``."
 _BENCH_ITERATIONS = {"simulate": 300, "live": 60}  # default --iterations of each mode
@@ -43,9 +43,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"swarm-node {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_dht, _add_run, _add_local, _add_bench, _add_status):
+    for add in (_add_keys, _add_dht, _add_run, _add_local, _add_bench, _add_status):
         add(sub)
     return parser
+
+
+def _add_keys(sub: Any) -> None:
+    """``keys``: the swarm authority and node bundles."""
+    p = sub.add_parser("keys", help="create a swarm authority, or issue a node's certificate, key and DHT token")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("init", help="create a swarm authority (CA, token signing key, swarm secret) in DIR")
+    k.add_argument("dir", type=pathlib.Path, help="directory for the authority; keep it off the nodes")
+    k.add_argument("--nodes", help="also issue these nodes' bundles (comma-separated names) into DIR/nodes")
+    k.add_argument(
+        "--if-missing", action="store_true", help="keep an authority (and bundles) that DIR already holds"
+    )
+    k = keys.add_parser("issue", help="issue node NAME's bundle (certificate, key, DHT token) from the authority")
+    k.add_argument("dir", type=pathlib.Path, help="the authority's directory (from keys init)")
+    k.add_argument("name", help="node name: lowercase letters, digits, '.' and '-' (it is the certificate's CN)")
+    k.add_argument("--out", type=pathlib.Path, help="bundle directory (default DIR/nodes/NAME)")
+    k.add_argument("--json", action="store_true", help="print {name, bundle, fingerprint} as JSON")
+
+
+def _add_security_flags(p: Any, *, node_flags: bool = True) -> None:
+    """--keys and --insecure (every command that joins a swarm), and for a node also --reflection."""
+    g = p.add_argument_group("security")
+    if node_flags:
+        _option(g, "--keys", "security.keys", type=pathlib.Path)
+        _option(g, "--insecure", "security.insecure", action="store_const", const=True)
+        _option(g, "--reflection", "security.reflection", action="store_const", const=True)
+        _option(g, "--metrics-tls", "security.metrics_tls", action="store_const", const=True)
+    else:
+        g.add_argument("--keys", type=pathlib.Path, help=describe(SecurityOptions, "keys"))
+        g.add_argument("--insecure", action="store_true", help=describe(SecurityOptions, "insecure"))
 
 
 def _add_dht(sub: Any) -> None:
@@ -68,6 +98,7 @@ def _add_dht(sub: Any) -> None:
         type=pathlib.Path,
         help="also write the multiaddrs here, one per line (for --initial-peers-file)",
     )
+    _add_security_flags(p, node_flags=False)
 
 
 def _add_run(sub: Any) -> None:
@@ -114,6 +145,8 @@ def _add_run(sub: Any) -> None:
     _add_timing_flags(p)
     _option(p, "--rpc-timeout", "timing.rpc_timeout", type=_positive_float)
     _option(p, "--metrics-port", "metrics_port", type=_port)
+    _option(p, "--metrics-host", "metrics_host")
+    _add_security_flags(p)
     _add_recovery_flags(p)
     _option(p, "--checkpoint-dir", "recovery.checkpoint_dir", type=pathlib.Path)
     _add_eval_flags(p)
@@ -142,6 +175,11 @@ def _add_local(sub: Any) -> None:
         LocalOptions,
         action=argparse.BooleanOptionalAction,
         help="serve Prometheus metrics (default on)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run without keys (by default local makes a throw-away swarm authority in WORKDIR/keys)",
     )
     _add_recovery_flags(p)
     _option(p, "--checkpoint-dir", "recovery.checkpoint_dir", help="checkpoint: where (default WORKDIR/checkpoints)",
@@ -278,3 +316,4 @@ def _add_status(sub: Any) -> None:
         help=f"swarm name (default %(default)s; local swarms use {LOCAL_SWARM!r})",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_security_flags(p, node_flags=False)

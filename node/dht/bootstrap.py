@@ -9,7 +9,8 @@ import pathlib
 import signal
 import threading
 
-import hivemind
+from node.dht.factory import make_dht
+from node.security.keys import NodeCredentials
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +22,14 @@ def run_bootstrap(
     as_json: bool,
     announce: list[str],
     maddr_file: pathlib.Path | None = None,
+    credentials: NodeCredentials | None = None,
 ) -> int:
     """Starts the node, prints its multiaddrs (first line of stdout), also writes them to ``maddr_file`` (one per
-    line, atomically), and serves until SIGINT/SIGTERM."""
+    line, atomically), and serves until SIGINT/SIGTERM.
+
+    With ``credentials`` (a bundle issued for the bootstrap node) it answers token holders only and keeps only
+    signed swarm records, like every member (:func:`node.dht.factory.make_dht`); its peer id still comes from
+    ``identity``."""
     identity.parent.mkdir(parents=True, exist_ok=True)
     if maddr_file is not None:
         # a file left by an earlier run may name addresses that are gone (a container's new IP): nodes
@@ -32,12 +38,12 @@ def run_bootstrap(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    dht = hivemind.DHT(
-        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+    dht = make_dht(
+        None,
+        [f"/ip4/{host}/tcp/{port}"],
+        credentials,
         announce_maddrs=announce or None,
         identity_path=str(identity),
-        start=True,
-        await_ready=True,
     )
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
     if maddr_file is not None:

@@ -14,6 +14,7 @@ unplanned deaths), :mod:`.summary` (the run summary), :mod:`.view` (the live tab
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import pathlib
 import subprocess
@@ -32,8 +33,9 @@ from node.local.faults import LauncherFaults
 from node.local.prometheus import PrometheusTargets
 from node.local.summary import StageLog, reference_diff, run_summary
 from node.local.view import progress_table
-from node.options import EvalOptions, NodeOptions, RecoveryOptions, TimingOptions
+from node.options import EvalOptions, NodeOptions, RecoveryOptions, SecurityOptions, TimingOptions
 from node.recovery.faults import FaultSpec
+from node.security.keys import NodeCredentials, init_authority, issue_node
 from node.wire.records import StageRecord
 
 __all__ = ["HOST", "SWARM", "Child", "LocalOptions", "LocalSwarm", "LocalSwarmError"]
@@ -62,6 +64,7 @@ class LocalOptions:
     seed: int = 0
     prometheus_dir: pathlib.Path | None = None  # write prometheus.yml + targets.json (file_sd) here
     metrics: bool = True  # every daemon serves /metrics on a free port
+    insecure: bool = False  # no keys: cleartext gRPC and an open DHT (default: a throw-away swarm authority)
 
 
 class LocalSwarm:
@@ -103,15 +106,36 @@ class LocalSwarm:
         return child
 
     def start_bootstrap(self) -> list[str]:
+        keys = self.credentials("dht").keys
+        security = ["--insecure"] if keys is None else ["--keys", str(keys)]
         child = self._spawn(
             "dht",
-            ["dht", "--host", HOST, "--port", "0", "--identity", str(self.workdir / "dht.key")],
+            ["dht", "--host", HOST, "--port", "0", "--identity", str(self.workdir / "dht.key"), *security],
             capture_stdout=True,
         )
         self.bootstrap_maddrs = read_maddrs(child, self.opts.startup_timeout)
         return self.bootstrap_maddrs
 
-    def node_options(self, stage: int | None) -> NodeOptions:
+    def credentials(self, name: str) -> SecurityOptions:
+        """Node ``name``'s keys: a bundle from this swarm's own throw-away authority (``WORKDIR/keys``), made
+        on first use; ``--insecure``: none."""
+        if self.opts.insecure:
+            return SecurityOptions(insecure=True)
+        authority = self.workdir / "keys"
+        if not (authority / "ca.key").exists():
+            init_authority(authority, name="local")
+        bundle = authority / "nodes" / name
+        if not (bundle / "node.pem").exists():
+            issue_node(authority, name, bundle)
+        return SecurityOptions(keys=bundle)
+
+    @functools.cached_property
+    def own_credentials(self) -> NodeCredentials | None:
+        """The launcher's own bundle (it reads the DHT as a client), None with ``--insecure``."""
+        keys = self.credentials("local").keys
+        return None if keys is None else NodeCredentials.load(keys)
+
+    def node_options(self, stage: int | None, name: str | None = None) -> NodeOptions:
         """What a node started now for ``stage`` (None: ``--stage auto``) is told to do."""
         o = self.opts
         return NodeOptions(
@@ -129,6 +153,7 @@ class LocalSwarm:
             timing=o.timing,
             recovery=o.recovery,
             eval=o.eval,
+            security=self.credentials(name or (f"stage{stage}" if stage is not None else "node")),
         )
 
     def start_stage(self, stage: int | None) -> Child:
@@ -137,7 +162,7 @@ class LocalSwarm:
         name = f"stage{stage}" if stage is not None else f"node{self.node_count}"
         self.options_dir.mkdir(exist_ok=True)
         options_file = self.options_dir / f"{name}.json"
-        options_file.write_text(self.node_options(stage).model_dump_json(indent=2), encoding="utf-8")
+        options_file.write_text(self.node_options(stage, name).model_dump_json(indent=2), encoding="utf-8")
         child = self._spawn(name, ["run", "--options", str(options_file)])
         if stage is not None:
             self.stage_children[stage] = child
@@ -159,7 +184,7 @@ class LocalSwarm:
         from node.dht.directory import SwarmDirectory
 
         try:
-            return SwarmDirectory(self.dht, SWARM).records()
+            return SwarmDirectory(self.dht, SWARM, self.own_credentials).records()
         except Exception:  # progress display only
             return []
 
@@ -177,9 +202,9 @@ class LocalSwarm:
 
     def watch(self) -> list[ev.Event]:
         """Shows live progress until stage 0 reports done (or a process fails)."""
-        import hivemind
+        from node.dht.factory import make_dht
 
-        self.dht = hivemind.DHT(initial_peers=self.bootstrap_maddrs, client_mode=True, start=True, await_ready=True)
+        self.dht = make_dht(self.bootstrap_maddrs, None, self.own_credentials, client_mode=True)
         events: list[ev.Event] = []
         last_records_at = 0.0
         records: list[StageRecord] = []

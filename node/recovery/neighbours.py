@@ -35,7 +35,7 @@ async def fetch_committed(ctx: RecoveryContext, source: int, spec: TensorSpec) -
     asm = TensorAssembler(max_tensor_bytes=limit, max_stream_bytes=limit)
     nbytes = 0
     try:
-        call = ctx.channels.stub(peer.grpc_address).FetchWeights(
+        call = ctx.channels.stub(peer).FetchWeights(
             pb.FetchWeightsRequest(requester_stage=ctx.stage, requester_peer=ctx.presence.me.peer_id),
             timeout=max(ctx.timing.rpc_timeout, 60.0),
         )
@@ -67,7 +67,7 @@ async def check_not_behind_stage0(ctx: RecoveryContext, step: int) -> None:
     if peer is None:
         return
     try:
-        status = await ctx.channels.stub(peer.grpc_address).GetStatus(
+        status = await ctx.channels.stub(peer).GetStatus(
             pb.StatusRequest(), timeout=ctx.timing.rpc_timeout
         )
     except grpc.aio.AioRpcError:

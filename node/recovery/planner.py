@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from node.options import RecoveryStrategy
-from node.topology import nearest_live_block_stages, swap_partner
+from node.topology import nearest_live_block_stages, neighbour_stages, swap_partner
 from node.wire.records import SERVING_STATES, StageRecord, StageState, same_swarm
 
 OCCUPYING_STATES = SERVING_STATES | {StageState.RECOVERING}
@@ -81,6 +81,31 @@ def vacant_stages(
         if r.stage is not None
     }
     return [s for s in range(num_stages) if s not in occupied]
+
+
+def declared_dead(
+    records: Iterable[StageRecord], suspicions: Mapping[str, set[str]], num_stages: int
+) -> frozenset[str]:
+    """Peers that a live route neighbour reports dead (stage 0 watches every stage): their records are
+    ignored until they expire, so a spare sees the vacancy without waiting for that."""
+    by_peer = {r.peer_id: r for r in records}
+    dead = set()
+    for peer, observers in suspicions.items():
+        suspect = by_peer.get(peer)
+        if suspect is None or suspect.stage is None:
+            continue
+        for observer in observers:
+            o = by_peer.get(observer)
+            if (
+                o is not None
+                and o.state in SERVING_STATES
+                and o.stage is not None
+                and o.peer_id not in suspicions
+                and suspect.stage in neighbour_stages(o.stage, num_stages)
+            ):
+                dead.add(peer)
+                break
+    return frozenset(dead)
 
 
 def claim_winner(records: Iterable[StageRecord], stage: int, *, fingerprint: str, num_stages: int) -> str | None:

@@ -51,7 +51,7 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
         except Exception:  # no view this round: claim nothing on a stale one
             vacant = []
         if vacant:
-            seat.stage = vacant[0]
+            seat.stage, seat.epoch = vacant[0], presence.claim_epoch(vacant[0])
             await presence.announce(StageState.RECOVERING)
             logger.info("claiming vacant stage %d", seat.stage)
             await asyncio.sleep(settle)

@@ -151,7 +151,7 @@ class Stage0Copies:
             if peer is None:
                 return
             try:
-                await self.channels.stub(peer.grpc_address).PushReplica(
+                await self.channels.stub(peer).PushReplica(
                     encode_stream(meta, tensors.items()), timeout=self.timing.rpc_timeout
                 )
                 self.metrics.replica_bytes_sent.inc(nbytes)
@@ -175,7 +175,7 @@ class Stage0Copies:
         asm = TensorAssembler(max_tensor_bytes=self.max_bytes, max_stream_bytes=self.max_bytes)
         nbytes = 0
         try:
-            call = ctx.channels.stub(peer.grpc_address).FetchReplica(
+            call = ctx.channels.stub(peer).FetchReplica(
                 pb.FetchWeightsRequest(requester_stage=0, requester_peer=ctx.presence.me.peer_id, step=c_max),
                 timeout=ctx.timing.rpc_timeout,
             )

@@ -15,11 +15,13 @@ The step protocol is described in ``docs/PROTOCOL.md``, the recovery paths in ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pathlib
 import signal
 
+import grpc
 import hivemind
 import torch
 from safetensors.torch import save_file
@@ -27,27 +29,31 @@ from safetensors.torch import save_file
 from node import __version__
 from node.checkpoint.keeper import CheckpointKeeper
 from node.dht.directory import SwarmDirectory
-from node.events import EventLog, UnrecoverableEvent
-from node.metrics import StageMetrics
+from node.dht.factory import dht_rejections, make_dht
+from node.events import EventLog, FencedEvent, UnrecoverableEvent
+from node.metrics import LogLimiter, StageMetrics
 from node.options import NodeOptions, RecoveryStrategy
 from node.recovery.faults import FaultInjector, parse_fault
 from node.recovery.methods import RecoveryContext, RecoveryMethod
 from node.recovery.neighbours import NeighbourRebuild
 from node.recovery.replacement import StageBuilder, StageTaken, Unrecoverable, claim_vacant_stage
 from node.recovery.stage0_copies import Stage0Copies
+from node.security.authz import MemberInterceptor, ViewCheck
+from node.security.keys import NodeCredentials
+from node.security.tls import channel_credentials, server_credentials
 from node.stage.compute import Background, BlockingIO, Compute
 from node.stage.coordinator import CommitCoordinator
 from node.stage.driver import Stage0Driver
 from node.stage.participant import PipelineParticipant
 from node.stage.peers import GrpcPeers
 from node.stage.presence import NodeIdentity, Presence
-from node.stage.runtime import warm_up
+from node.stage.runtime import Reject, warm_up
 from node.stage.seat import Seat
 from node.stage.service import NodeStatus, StageService
 from node.train.optim import pick_device
 from node.transport.channels import ChannelPool
-from node.transport.server import StageServer
-from node.wire.records import StageState
+from node.transport.server import ServerLimits, StageServer
+from node.wire.records import StageRecord, StageState
 
 logger = logging.getLogger(__name__)
 OFFLINE_SECONDS = 5.0  # a clean exit waits this long at most to announce ``offline``
@@ -56,26 +62,34 @@ OFFLINE_SECONDS = 5.0  # a clean exit waits this long at most to announce ``offl
 class StageDaemon:
     """One node: builds its parts, takes a stage (or waits as a spare for one), serves it until stopped."""
 
-    def __init__(self, opts: NodeOptions, dht: hivemind.DHT) -> None:
+    def __init__(self, opts: NodeOptions, dht: hivemind.DHT, credentials: NodeCredentials | None = None) -> None:
         self.opts, cfg = opts, opts.config
         self.stopping = asyncio.Event()
+        self.fenced = asyncio.Event()  # another peer claimed this node's stage with a newer epoch
+        self.newer_claim: StageRecord | None = None
         self.metrics = StageMetrics()
         self.events = EventLog(opts.events_file)
         self.device = pick_device(opts.device)
         self.seat = Seat(opts.stage)
-        self.compute, self.io, self.channels = Compute(), BlockingIO(), ChannelPool()
+        self.credentials = creds = credentials
+        self.dht = dht
+        self.refusal_log = LogLimiter(logger)
+        self.compute, self.io = Compute(), BlockingIO()
+        self.channels = ChannelPool(channel_credentials(creds) if creds is not None else None)
         self.background = Background()
         self.me = NodeIdentity(
             peer_id=str(dht.peer_id),
             fingerprint=cfg.fingerprint(),
             num_stages=cfg.num_stages,
             out_of_order=cfg.out_of_order,
+            node=creds.name if creds is not None else str(dht.peer_id),
         )
         timing, strategy = opts.timing, opts.recovery.strategy
         self.presence = Presence(
-            SwarmDirectory(dht, opts.swarm), self.io, self.seat, self.me, timing, self.channels, self.metrics,
+            SwarmDirectory(dht, opts.swarm, creds), self.io, self.seat, self.me, timing, self.channels, self.metrics,
             self.events, replica_step=lambda: self.copies.replica_step,
         )  # fmt: skip
+        self.presence.on_fenced.append(self._on_fenced)
         self.faults = FaultInjector(
             [parse_fault(spec, cfg.num_stages) for spec in opts.faults],
             self.events,
@@ -104,13 +118,43 @@ class StageDaemon:
             self.checkpoints = CheckpointKeeper(
                 opts.recovery.checkpoint_dir, opts.recovery.checkpoint_every, self.seat, cfg, self.device,
                 self.compute, self.participant.install, self.metrics, self.events,
+                secret=creds.secret if creds is not None else None,
             )  # fmt: skip
             self.participant.after_commit.append(self.checkpoints.after_commit)
         self.methods: list[RecoveryMethod] = [NeighbourRebuild(opts.recovery.lr_scale), self.copies]
         if self.checkpoints is not None:
             self.methods.append(self.checkpoints)
         service = StageService(self.participant, self.copies, self.checkpoints, self.status, self.metrics)
-        self.server = StageServer(service)
+        interceptors: tuple[MemberInterceptor, ...] = ()
+        if creds is not None:
+            check = ViewCheck(
+                lambda: self.presence.members(None), self.presence.try_refresh, lambda: self.seat.stage,
+                cfg.num_stages, cfg.out_of_order,
+            )  # fmt: skip
+            interceptors = (MemberInterceptor(check, self._refused),)
+        self.server = StageServer(
+            service,
+            server_credentials(creds) if creds is not None else None,
+            interceptors,
+            ServerLimits(call_seconds=timing.step_timeout + timing.rpc_timeout),
+            with_reflection=opts.security.reflection,
+        )
+
+    async def _count_dht_rejections(self) -> None:
+        """``swarm_node_dht_rejected_total``: the DHT's child process counts what it refused; mirror it."""
+        counts = dht_rejections(self.dht)
+        seen = {"request": 0, "record": 0}
+        while counts is not None and not self.stopping.is_set():
+            for kind, now in (("request", counts.requests), ("record", counts.records)):
+                self.metrics.dht_rejected.labels(kind=kind).inc(now - seen[kind])
+                seen[kind] = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.opts.timing.refresh_seconds)
+
+    def _refused(self, code: grpc.StatusCode, rpc: str) -> None:
+        reason = Reject.UNAUTHENTICATED if code == grpc.StatusCode.UNAUTHENTICATED else Reject.PERMISSION_DENIED
+        self.metrics.rejected.labels(reason=reason.value).inc()
+        self.refusal_log.log(reason.value, "refused a %s call: %s", rpc, reason.value)
 
     def status(self) -> NodeStatus:
         return NodeStatus(self.seat.stage, self.me.peer_id, self.presence.state.value, self.me.pid)
@@ -142,6 +186,8 @@ class StageDaemon:
                 logger.info("spare node %s waiting for a vacant stage", self.me.peer_id)
                 await claim_vacant_stage(self.presence, self.seat, self.stopping)
             else:
+                await self.presence.try_refresh()
+                self.seat.epoch = self.presence.claim_epoch(self.seat.stage)
                 await self.presence.announce(StageState.JOINING)
             assert self.seat.stage is not None
             ctx = RecoveryContext(
@@ -170,12 +216,24 @@ class StageDaemon:
         opts = self.opts
         if opts.threads:
             torch.set_num_threads(opts.threads)
+        if opts.security.insecure:
+            logger.warning(
+                "--insecure: this node's gRPC port is cleartext and unauthenticated and its DHT is open; anyone who "
+                "can reach them can stop or poison training. Use --keys on any network you do not fully trust."
+            )
         if opts.metrics_port is not None:
-            # on the gRPC server's interface: a loopback daemon does not expose its metrics to the network
-            self.me.metrics_port = self.metrics.serve(opts.metrics_port, host=opts.host)
+            bundle = opts.security.keys if opts.security.metrics_tls else None
+            self.me.metrics_port = self.metrics.serve(
+                opts.metrics_port,
+                host=opts.metrics_host,
+                certfile=bundle / "node.pem" if bundle else None,
+                keyfile=bundle / "node.key" if bundle else None,
+                client_cafile=bundle / "ca.pem" if bundle else None,
+            )
         self.me.grpc_address = await self.server.start(opts.host, opts.port, opts.announce_host)
         periodic = self.background.spawn(self.presence.run_periodic(self.stopping))
         self.background.spawn(self.presence.run_heartbeats(self.stopping))
+        self.background.spawn(self._count_dht_rejections())
         exit_code = 0
         try:
             stage = self.seat.stage
@@ -183,18 +241,12 @@ class StageDaemon:
                 # e.g. a restarted container whose stage a spare took over meanwhile: become the spare
                 logger.warning("stage %d is already served by %s; waiting as a spare", stage, holder)
                 self.seat.stage = None
-            await self.take_stage()
-            self.publish_identity()
-            self.metrics.committed_step.set(self.seat.committed_step)
-            logger.info(
-                "stage %d serving on %s (peer %s, device %s)",
-                self.seat.stage, self.me.grpc_address, self.me.peer_id, self.device,
-            )  # fmt: skip
-            await self.presence.announce(StageState.ONLINE if self.seat.stage else StageState.WAITING)
-            if self.seat.stage == 0 and opts.steps is not None:
-                exit_code = await self._drive(opts.steps)
-            else:
-                await self.stopping.wait()
+            while not self.stopping.is_set():
+                await self.take_stage()
+                exit_code = await self._serve()
+                if not self.fenced.is_set():
+                    break
+                await self._step_down()
         except Unrecoverable as err:
             logger.error("%s; training cannot continue", err)
             self.events.emit(UnrecoverableEvent(stage=self.seat.stage, reason=str(err)))
@@ -207,20 +259,50 @@ class StageDaemon:
             await self.shutdown()
         return exit_code
 
-    async def _drive(self, steps: int) -> int:
-        """Stage 0: trains until ``steps`` are committed or the daemon is stopped; 1 if the driver failed."""
+    async def _serve(self) -> int:
+        """Serves the stage until the daemon stops or the stage is claimed by a newer epoch; stage 0 with
+        ``--steps`` trains meanwhile. Returns the exit code (1 if the training driver failed)."""
         opts = self.opts
-        driver = Stage0Driver(
-            opts.config, self.compute, self.participant, self.coordinator, self.presence, self.copies,
-            self.checkpoints, opts.timing, opts.recovery, opts.eval, self.metrics, self.events, self.stopping,
+        self.publish_identity()
+        self.metrics.committed_step.set(self.seat.committed_step)
+        logger.info(
+            "stage %d serving on %s (peer %s, device %s)",
+            self.seat.stage, self.me.grpc_address, self.me.peer_id, self.device,
         )  # fmt: skip
-        drive = self.background.spawn(driver.drive(steps))
-        stop = self.background.spawn(self.stopping.wait())
-        await asyncio.wait({drive, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if drive.done() and drive.exception() is not None:
+        await self.presence.announce(StageState.ONLINE if self.seat.stage else StageState.WAITING)
+        waits = {self.background.spawn(self.stopping.wait()), self.background.spawn(self.fenced.wait())}
+        drive = None
+        if self.seat.stage == 0 and opts.steps is not None:
+            driver = Stage0Driver(
+                opts.config, self.compute, self.participant, self.coordinator, self.presence, self.copies,
+                self.checkpoints, opts.timing, opts.recovery, opts.eval, self.metrics, self.events, self.stopping,
+            )  # fmt: skip
+            drive = self.background.spawn(driver.drive(opts.steps))
+            waits.add(drive)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        if drive is not None and drive.done() and not drive.cancelled() and drive.exception() is not None:
             logger.error("training driver failed", exc_info=drive.exception())
             return 1
         return 0
+
+    def _on_fenced(self, newer: StageRecord) -> None:
+        if not self.fenced.is_set():
+            self.fenced.set()
+            self.newer_claim = newer
+
+    async def _step_down(self) -> None:
+        """Fenced: another peer holds this node's stage by a newer claim. Stop serving it, wait as a spare."""
+        seat, newer = self.seat, self.newer_claim
+        logger.warning(
+            "stage %s was taken over by %s (epoch %d > %d): no longer serving it; waiting as a spare",
+            seat.stage, newer.peer_id, newer.epoch, seat.epoch,
+        )  # fmt: skip
+        self.events.emit(FencedEvent(stage=seat.stage, epoch=seat.epoch, by=newer.peer_id, by_epoch=newer.epoch))
+        seat.runtime, seat.stage, seat.epoch, seat.last_recovery = None, None, 0, None
+        await self.participant.order.reset()
+        self.fenced.clear()
 
     async def shutdown(self) -> None:
         """Clean exit: save the committed weights, announce ``offline`` (so nobody waits for a record to
@@ -241,6 +323,7 @@ class StageDaemon:
         await self.channels.close()
         self.compute.close()
         self.io.close()
+        self.metrics.close()
 
     async def save_weights(self, path: pathlib.Path) -> None:
         """The committed weights as safetensors, with the committed step and gradient norm as metadata."""
@@ -261,14 +344,10 @@ def run_daemon(opts: NodeOptions) -> int:
     """Entry point of ``swarm-node run``: DHT first (it forks), then the uvloop event loop and gRPC."""
     import uvloop
 
-    dht = hivemind.DHT(
-        initial_peers=opts.initial_peers,
-        host_maddrs=[f"/ip4/{_dht_bind(opts.host)}/tcp/{opts.dht_port}"],
-        start=True,
-        await_ready=True,
-    )
+    creds = NodeCredentials.load(opts.security.keys) if opts.security.keys is not None else None
+    dht = make_dht(opts.initial_peers, [f"/ip4/{_dht_bind(opts.host)}/tcp/{opts.dht_port}"], creds)
     try:
-        return uvloop.run(StageDaemon(opts, dht).run())
+        return uvloop.run(StageDaemon(opts, dht, creds).run())
     finally:
         dht.shutdown()
 

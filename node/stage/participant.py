@@ -168,7 +168,7 @@ class PipelineParticipant:
             if rt is not None and (rt.committed_step > meta.step or rt.attempt > meta.attempt):
                 raise StepFailed(f"step {meta.step} attempt {meta.attempt} was superseded")
             peer = await self.presence.resolve(target, deadline, self.stopping)
-            stub = self.channels.stub(peer.grpc_address)
+            stub = self.channels.stub(peer)
             try:
                 await getattr(stub, rpc)(
                     encode_stream(meta, [("", payload)]),

@@ -25,7 +25,7 @@ class GrpcPeers:
     async def _call(self, stage: int, rpc: str, request: Any, seconds: float | None = None) -> tuple[Any, str]:
         deadline = time.monotonic() + (seconds or self.timing.rpc_timeout)
         peer = await self.presence.resolve(stage, deadline)
-        stub = self.channels.stub(peer.grpc_address)
+        stub = self.channels.stub(peer)
         try:
             reply = await getattr(stub, rpc)(request, timeout=max(0.1, deadline - time.monotonic()))
         except grpc.aio.AioRpcError as err:

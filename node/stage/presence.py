@@ -3,8 +3,10 @@
 The node announces itself every ``refresh_seconds`` with an expiry of twice that, and reads the whole
 swarm back with the same period. A peer whose RPC or heartbeat fails is *suspected* at once: it is left
 out of every choice for 3 refresh periods (by then its record has expired if it is really dead), its
-record is re-stored as ``offline`` (a tombstone, so spares see the vacancy now), and whoever waits on the
-step in flight is told (``on_peer_lost``).
+record is ignored by everyone (a suspicion, below), and whoever waits on the step in flight is told
+(``on_peer_lost``). It also publishes a signed *suspicion* in the DHT: a peer that a
+live route neighbour reports dead is left out of every node's view until its record expires, so spares
+see the vacancy at once.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from node.events import EventLog, FailureDetectedEvent
 from node.metrics import StageMetrics
 from node.options import TimingOptions
 from node.proto import stage_pb2 as pb
+from node.recovery.planner import declared_dead
 from node.stage.compute import Background, BlockingIO
 from node.stage.runtime import StepFailed
 from node.stage.seat import Seat
 from node.topology import heartbeat_side, neighbour_stages, swap_partner
 from node.transport.channels import ChannelPool
-from node.wire.records import SERVING_STATES, StageRecord, StageState, same_swarm
+from node.wire.records import SERVING_STATES, StageRecord, StageState, next_epoch, same_swarm
 
 logger = logging.getLogger(__name__)
 OCCUPYING = SERVING_STATES | {StageState.RECOVERING}
@@ -45,7 +48,9 @@ class Directory(Protocol):
 
     def announce(self, record: StageRecord, ttl: float) -> bool: ...
 
-    def records(self) -> list[StageRecord]: ...
+    def report_dead(self, observer: StageRecord, dead_peer_id: str, ttl: float) -> bool: ...
+
+    def records_and_suspicions(self) -> tuple[list[StageRecord], dict[str, set[str]]]: ...
 
 
 @dataclass
@@ -56,6 +61,7 @@ class NodeIdentity:
     fingerprint: str
     num_stages: int
     out_of_order: bool
+    node: str = ""  # the name its certificate gives it (--insecure: its peer id)
     grpc_address: str = ""
     metrics_port: int | None = None
     pid: int = field(default_factory=os.getpid)
@@ -84,7 +90,9 @@ class Presence:
         self.view: list[StageRecord] = []
         self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
         self.last_alive: dict[str, float] = {}  # peer id -> its last successful heartbeat (monotonic)
+        self.missed: dict[str, int] = {}  # peer id -> heartbeats missed in a row
         self.on_peer_lost: list[Callable[[StepFailed], None]] = []
+        self.on_fenced: list[Callable[[StageRecord], None]] = []  # another peer holds our stage by a newer claim
         self._reported_dead: set[str] = set()
         self._background = Background()
 
@@ -95,6 +103,7 @@ class Presence:
             stage=stage,
             num_stages=me.num_stages,
             peer_id=me.peer_id,
+            node=me.node or me.peer_id,
             grpc_address=me.grpc_address,
             state=state or self.state,
             committed_step=self.seat.committed_step,
@@ -106,6 +115,7 @@ class Presence:
             last_recovery=self.seat.last_recovery,
             swap_partner=None if stage is None else swap_partner(stage, me.num_stages, me.out_of_order),
             replica_step=self.replica_step(),
+            epoch=self.seat.epoch if stage is not None else 0,
         )
 
     async def announce(self, state: StageState | None = None) -> None:
@@ -126,11 +136,29 @@ class Presence:
     async def refresh(self) -> list[StageRecord]:
         """Reads the swarm's records into :attr:`view`."""
         before = self.directory.malformed_seen
-        self.view = await self.io.run(self.directory.records)
+        records, suspicions = await self.io.run(self.directory.records_and_suspicions)
+        dead = declared_dead(records, suspicions, self.me.num_stages)
+        self.view = [r for r in records if r.peer_id not in dead]
+        if (newer := self.newer_claim()) is not None:
+            for callback in self.on_fenced:
+                callback(newer)
         self.metrics.malformed_records.inc(self.directory.malformed_seen - before)
         online = {r.stage for r in self.view if r.state in SERVING_STATES}
         self.metrics.stages_online.set(len(online))
         return self.view
+
+    def newer_claim(self) -> StageRecord | None:
+        """Another peer serving this node's stage by a higher epoch, if the view holds one: this node then
+        stops serving the stage (it was declared dead, and a replacement has taken over). A claim still being
+        rebuilt does not fence: it may yet back off."""
+        seat = self.seat
+        if seat.stage is None or not seat.ready:
+            return None
+        return next((r for r in self.members() if r.stage == seat.stage and r.epoch > seat.epoch), None)
+
+    def claim_epoch(self, stage: int) -> int:
+        """The epoch of this node's claim of ``stage``, from the records it sees (expired ones are gone)."""
+        return next_epoch(self.view, stage, int(time.time() * 1000))
 
     async def try_refresh(self) -> None:
         """:meth:`refresh`, keeping the old view when the DHT does not answer."""
@@ -140,8 +168,8 @@ class Presence:
     async def run_periodic(self, stopping: asyncio.Event) -> None:
         """Announce and refresh every period until ``stopping``."""
         while not stopping.is_set():
+            await self.try_refresh()  # first: a node that was fenced off meanwhile must not announce its stage again
             await self.announce()
-            await self.try_refresh()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.timing.refresh_seconds)
 
@@ -186,13 +214,13 @@ class Presence:
         if peer.peer_id in self.suspects:
             return
         self.suspects[peer.peer_id] = time.monotonic()
-        self._background.spawn(self.channels.drop(peer.grpc_address))
+        self._background.spawn(self.channels.drop(peer))
         if peer.peer_id not in self._reported_dead:
             self._reported_dead.add(peer.peer_id)
-            # Tombstone: re-store the dead peer's record as offline so that spares see the vacancy now rather
-            # than when the record expires. A peer suspected wrongly overwrites it at its next refresh.
-            tombstone = peer.model_copy(update={"state": StageState.OFFLINE})
-            self._background.spawn(self.io.run(self.directory.announce, tombstone, self.record_ttl))
+            # Everyone ignores a peer its live neighbour reports dead, so spares see the vacancy now rather than
+            # when its record expires; a signed suspicion lives as long as a record does.
+            report = self.io.run(self.directory.report_dead, self.record(), peer.peer_id, self.record_ttl)
+            self._background.spawn(report)
             logger.warning("stage %s peer %s is unreachable (%s)", peer.stage, peer.peer_id, why)
             self.metrics.failures_detected.inc()
             if peer.peer_id in self.last_alive:
@@ -217,11 +245,11 @@ class Presence:
 
     # ---- heartbeats -------------------------------------------------------------------------------
     async def ping(self, stage: int) -> bool:
-        """One heartbeat to ``stage``'s peer; a failed or late reply makes it suspect."""
+        """One heartbeat to ``stage``'s peer; ``suspect_after`` failed or late replies in a row make it suspect."""
         peer = self.peer_of(stage)
         if peer is None:
-            # No serving peer left: a neighbour found it dead and re-stored its record as offline before
-            # our own heartbeat could fail. The step in flight cannot finish either way.
+            # No serving peer left: a neighbour reported it dead (or its record expired) before our own
+            # heartbeats failed. The step in flight cannot finish either way.
             self.peer_lost(StepFailed(f"stage {stage} has no serving peer"))
             return False
         request = pb.HeartbeatRequest(
@@ -229,10 +257,13 @@ class Presence:
         )
         started = time.perf_counter()
         try:
-            await self.channels.stub(peer.grpc_address).Heartbeat(request, timeout=self.timing.heartbeat_timeout)
+            await self.channels.stub(peer).Heartbeat(request, timeout=self.timing.heartbeat_timeout)
         except grpc.aio.AioRpcError as err:
-            self.suspect(peer, f"heartbeat: {err.code().name}")
+            self.missed[peer.peer_id] = missed = self.missed.get(peer.peer_id, 0) + 1
+            if missed >= self.timing.suspect_after:
+                self.suspect(peer, f"heartbeat: {err.code().name} ({missed} missed)")
             return False
+        self.missed.pop(peer.peer_id, None)
         self.last_alive[peer.peer_id] = time.monotonic()
         if self.seat.stage is not None and (side := heartbeat_side(self.seat.stage, stage, self.me.num_stages)):
             self.metrics.heartbeat_rtt.labels(side=side).observe(time.perf_counter() - started)

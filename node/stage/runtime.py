@@ -37,6 +37,10 @@ class Reject(enum.StrEnum):
     NOT_READY = "not_ready"
     INCOMPLETE = "incomplete_step"
     NO_CHECKPOINT = "no_checkpoint"
+    UNAUTHENTICATED = "unauthenticated"  # a TLS peer whose certificate names no node
+    PERMISSION_DENIED = "permission_denied"  # a member calling an RPC its role does not allow
+    OUT_OF_RANGE = "out_of_range"  # a step or attempt no honest peer sends
+    BUSY = "busy"  # another weight stream is being served
 
 
 class StepError(Exception):

@@ -17,6 +17,7 @@ class Seat:
     stage: int | None  # None: a spare (``--stage auto``) waiting for a vacant stage
     runtime: StageRuntime | None = None  # None until the stage is built (or rebuilt)
     last_recovery: RecoveryRecord | None = None
+    epoch: int = 0  # the claim it holds its stage by (node.wire.records.next_epoch)
 
     @property
     def committed_step(self) -> int:

@@ -3,7 +3,22 @@
 Nothing from the network reaches the stage's state before it has been checked: stream structure and
 byte limits (in the decoder), route and hop, tensor dtype, shape and finiteness, then step, attempt and
 microbatch (in the runtime). A refused message gets a gRPC status whose details start with the reason
-code, is counted in ``swarm_node_rejected_messages_total{reason=...}``, and changes nothing.
+code, is counted in ``swarm_node_rejected_messages_total{reason=...}``, and changes nothing. Every
+refusal is counted, but at most one log line per reason is written every ``REJECT_LOG_SECONDS`` (then a
+summary of the ones held back), so a flood of bad messages cannot flood the log.
+
+Steps and attempts must be in a sane range: no step beyond ``MAX_STEP``, and no attempt beyond what stage 0's
+driver could have made by now (it numbers attempts from the wall clock in milliseconds × 1000), with
+``ATTEMPT_CLOCK_SLACK_SECONDS`` for clock differences. A forged huge attempt would otherwise make this stage
+refuse every real one.
+
+``FetchWeights`` is served one stream at a time from a single snapshot of the committed weights, made once
+per committed step and shared by every caller of that step (dropped when the stage commits again);
+``FetchReplica`` (copies already in memory) is served one at a time too. A caller finding a stream in
+progress waits for its turn, at most ``FetchLimits.wait_seconds`` and behind at most
+``FetchLimits.max_waiting`` others; otherwise it is refused with ``RESOURCE_EXHAUSTED`` (reason ``busy``) and
+asks again or another source. A reader that takes no chunk for ``stall_seconds``, or whose stream runs
+past ``stream_seconds``, loses the stream (``DEADLINE_EXCEEDED``), so a stalled caller cannot hold the turn.
 
 The service depends on the pipeline participant, the stage-0 copy store and (``--recovery checkpoint``)
 the checkpoint keeper; ``status`` describes the node for ``Heartbeat`` and ``GetStatus``.
@@ -11,16 +26,18 @@ the checkpoint keeper; ``status`` describes the node for ``Heartbeat`` and ``Get
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 import torch
 
 from node.checkpoint.keeper import CheckpointKeeper
-from node.metrics import StageMetrics
+from node.metrics import LogLimiter, StageMetrics
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
 from node.recovery.stage0_copies import Stage0Copies
@@ -31,7 +48,14 @@ from node.wire.tensors import WireError, decode_stream, encode_stream
 
 logger = logging.getLogger(__name__)
 
-STATUS_FOR: dict[Reject, grpc.StatusCode] = {
+REJECT_LOG_SECONDS = 10.0
+MAX_STEP = 1 << 48  # far beyond any run; steps stay exact as floats and in int64
+ATTEMPT_CLOCK_SLACK_SECONDS = 3600.0
+LOGGED_DETAIL_CHARS = 300
+
+
+STATUS_FOR: dict[str, grpc.StatusCode] = {
+    Reject.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reject.STALE_STEP: grpc.StatusCode.FAILED_PRECONDITION,
     Reject.UNKNOWN_STEP: grpc.StatusCode.FAILED_PRECONDITION,
     Reject.STALE_ATTEMPT: grpc.StatusCode.FAILED_PRECONDITION,
@@ -47,6 +71,70 @@ ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def all_finite(x: torch.Tensor) -> bool:
     """NaN/Inf anywhere make the sum non-finite; only then (or on overflow) pay for the exact check."""
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def attempt_ceiling(now: float) -> int:
+    """The largest attempt a stage 0 could send at wall-clock time ``now`` (see the driver's numbering)."""
+    return int((now + ATTEMPT_CLOCK_SLACK_SECONDS) * 1000) * 1000
+
+
+def range_problem(step: int, attempt: int | None = None, now: float | None = None) -> str | None:
+    """Why ``step``/``attempt`` cannot come from this swarm (None when they can)."""
+    if step > MAX_STEP:
+        return f"step {step} is beyond any run (at most {MAX_STEP})"
+    if attempt is not None:
+        ceiling = attempt_ceiling(time.time() if now is None else now)
+        if attempt > ceiling:
+            return f"attempt {attempt} is ahead of the wall clock (at most {ceiling} now)"
+    return None
+
+
+def _printable(text: str) -> str:
+    """A caller-influenced text made safe for one log line: no control characters, bounded length."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[: LOGGED_DETAIL_CHARS + 1])
+    return clean if len(clean) <= LOGGED_DETAIL_CHARS else clean[:LOGGED_DETAIL_CHARS] + "…"
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """How weight streams (FetchWeights, FetchReplica) are shared: one at a time, each bounded in time."""
+
+    wait_seconds: float = 20.0  # a caller waits this long for the stream in progress, then gets ``busy``
+    max_waiting: int = 4  # callers waiting beyond this get ``busy`` at once
+    stall_seconds: float = 20.0  # a reader that takes no chunk for this long loses its stream
+    stream_seconds: float = 300.0  # no stream lasts longer
+
+
+class OneAtATime:
+    """A turn for one stream at a time; a bounded number of callers wait for it, for a bounded time."""
+
+    def __init__(self, limits: FetchLimits) -> None:
+        self.limits = limits
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+
+    async def acquire(self) -> bool:
+        """Takes the turn (True), or gives up (False) when too many wait or the wait runs out."""
+        if self._lock.locked() and self._waiting >= self.limits.max_waiting:
+            return False
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._lock.acquire(), self.limits.wait_seconds)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+@dataclass
+class _Snapshot:
+    runtime: weakref.ref  # the runtime it was taken from: a rollback installs another one
+    step: int
+    value: tuple[int, float, dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -69,16 +157,28 @@ class StageService(stage_pb2_grpc.StageServicer):
         checkpoints: CheckpointKeeper | None,
         status: Callable[[], NodeStatus],
         metrics: StageMetrics,
+        fetch_limits: FetchLimits = FetchLimits(),
     ) -> None:
         self.participant, self.copies, self.checkpoints = participant, copies, checkpoints
-        self.status, self.metrics = status, metrics
+        self.status, self.metrics, self.fetch_limits = status, metrics, fetch_limits
         self.rejected_total = 0
+        self.reject_log = LogLimiter(logger, REJECT_LOG_SECONDS, what="rejected")
+        self._weights_turn, self._replica_turn = OneAtATime(fetch_limits), OneAtATime(fetch_limits)
+        self._snapshot: _Snapshot | None = None
+        participant.after_commit.append(self._drop_snapshot)
 
     async def _reject(self, context: grpc.aio.ServicerContext, reason: Reject, message: str) -> None:
         self.metrics.rejected.labels(reason=reason.value).inc()
         self.rejected_total += 1
-        logger.warning("rejected message: %s: %s", reason.value, message)
+        self.reject_log.log(reason.value, "rejected message: %s: %s", reason.value, _printable(message))
         await context.abort(STATUS_FOR.get(reason, grpc.StatusCode.INVALID_ARGUMENT), f"{reason.value}: {message}")
+
+    async def _in_range(self, context, step: int, attempt: int | None = None) -> bool:
+        problem = range_problem(step, attempt)
+        if problem is not None:
+            await self._reject(context, Reject.OUT_OF_RANGE, problem)
+            return False
+        return True
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
         if not self.participant.seat.ready:
@@ -105,6 +205,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         cfg = p.config
         if meta is None:
             await self._reject(context, Reject.BAD_STREAM, "first chunk carries no microbatch metadata")
+            return None
+        if not await self._in_range(context, meta.step, meta.attempt):
             return None
         if meta.microbatch >= cfg.train.microbatches_per_step:
             await self._reject(context, Reject.BAD_MICROBATCH, f"microbatch {meta.microbatch} >= microbatches per step")
@@ -152,7 +254,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         return pb.Ack(ok=True)
 
     async def Prepare(self, request: pb.PrepareRequest, context) -> pb.PrepareReply:
-        if not await self._ready(context):
+        if not await self._ready(context) or not await self._in_range(context, request.step, request.attempt):
             return pb.PrepareReply()
         try:
             norm_sq = await self.participant.prepare(request.step, request.attempt)
@@ -165,7 +267,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         )
 
     async def Commit(self, request: pb.CommitRequest, context) -> pb.CommitReply:
-        if not await self._ready(context):
+        if not await self._ready(context) or not await self._in_range(context, request.step, request.attempt):
             return pb.CommitReply()
         try:
             committed = await self.participant.commit(request.step, request.attempt, request.clip_coef)
@@ -174,12 +276,13 @@ class StageService(stage_pb2_grpc.StageServicer):
         return pb.CommitReply(stage=self.participant.seat.stage, committed_step=committed)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.Ack:
-        if not await self._ready(context):
+        if not await self._ready(context) or not await self._in_range(context, request.step, request.attempt):
             return pb.Ack()
         await self.participant.abort(request.step, request.attempt)
         return pb.Ack(ok=True)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        self.reject_log.flush()  # heartbeats are regular: the summary of held-back lines is not left waiting
         me = self.status()
         return pb.HeartbeatReply(
             stage=me.stage or 0,
@@ -188,14 +291,55 @@ class StageService(stage_pb2_grpc.StageServicer):
             committed_step=self.participant.seat.committed_step,
         )
 
+    def _drop_snapshot(self, committed: int | None = None) -> None:
+        """The stage moved on: the snapshot of the previous committed step is of no more use."""
+        self._snapshot = None
+
+    async def _committed_snapshot(self) -> tuple[int, float, dict[str, torch.Tensor]]:
+        """The committed weights, snapshotted at most once per committed step (of the installed runtime)."""
+        seat, cached = self.participant.seat, self._snapshot
+        if cached is not None and cached.runtime() is seat.runtime and cached.step == seat.committed_step:
+            return cached.value
+        self._snapshot = None  # the old copy is dropped before the new one is made
+        runtime = seat.runtime
+        value = await self.participant.snapshot_committed()
+        self._snapshot = _Snapshot(weakref.ref(runtime), value[0], value)
+        return value
+
+    async def _send(self, context, chunks: Iterable[bytes], rpc: str) -> None:
+        """Writes ``chunks`` to the caller, each within the stall limit and all within the stream limit; a
+        reader that falls behind loses its stream (``DEADLINE_EXCEEDED``) and with it the turn."""
+        loop, limits = asyncio.get_running_loop(), self.fetch_limits
+        end = loop.time() + limits.stream_seconds
+        for chunk in chunks:
+            try:
+                async with asyncio.timeout(min(limits.stall_seconds, end - loop.time())):
+                    await context.write(chunk)
+            except TimeoutError:
+                self.reject_log.log(f"{rpc} stalled", "cut off a %s stream: its reader fell behind", rpc)
+                try:  # the status waits behind the chunk in flight: it goes out if the reader ever reads again
+                    async with asyncio.timeout(1.0):
+                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{rpc}: the reader fell behind")
+                except TimeoutError:
+                    raise asyncio.CancelledError from None  # ends the handler (and the turn) without it
+
     async def FetchWeights(self, request: pb.FetchWeightsRequest, context):
         if not await self._ready(context):
             return
-        step, norm, state = await self.participant.snapshot_committed()
-        me = self.status()
-        meta = pb.MicrobatchMeta(step=step, sender_stage=me.stage, sender_peer=me.peer_id, grad_norm=norm)
-        for chunk in encode_stream(meta, list(state.items())):
-            yield chunk
+        if not await self._weights_turn.acquire():
+            await self._reject(context, Reject.BUSY, "another FetchWeights stream is being served")
+            return
+        try:
+            if not await self._ready(context):  # the stage may have been lost while this call waited
+                return
+            step, norm, state = await self._committed_snapshot()
+            me = self.status()
+            meta = pb.MicrobatchMeta(step=step, sender_stage=me.stage, sender_peer=me.peer_id, grad_norm=norm)
+            await self._send(context, encode_stream(meta, list(state.items())), "FetchWeights")
+        finally:
+            self._weights_turn.release()
+        return
+        yield  # an async generator (as interceptors expect of a server stream), writing with context.write
 
     async def PushReplica(self, request_iterator, context) -> pb.Ack:
         copies, seat = self.copies, self.participant.seat
@@ -204,6 +348,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         meta, tensors = await self._decode(request_iterator, context, copies.max_bytes)
         if meta is None or meta.sender_stage != 0:
             await self._reject(context, Reject.BAD_STREAM, "a stage-0 copy must come from stage 0 with its step")
+        if not await self._in_range(context, meta.step, meta.attempt):
+            return pb.Ack()
         if seat.ready and meta.step + 1 < seat.committed_step:
             await self._reject(context, Reject.STALE_STEP, f"copy for step {meta.step + 1} is older than ours")
         if not all(all_finite(t) for t in tensors.values() if t.is_floating_point()):
@@ -212,17 +358,27 @@ class StageService(stage_pb2_grpc.StageServicer):
         return pb.Ack(ok=True)
 
     async def FetchReplica(self, request: pb.FetchWeightsRequest, context):
-        found = self.copies.copy_for(request.step)
-        if found is None:
-            await self._reject(context, Reject.UNKNOWN_STEP, f"no stage-0 copy at or before step {request.step}")
+        if not await self._in_range(context, request.step):
             return
-        meta, tensors = found
-        me = self.status()
-        meta.sender_stage, meta.sender_peer = me.stage or 0, me.peer_id
-        for chunk in encode_stream(meta, tensors.items()):
-            yield chunk
+        if not await self._replica_turn.acquire():
+            await self._reject(context, Reject.BUSY, "another FetchReplica stream is being served")
+            return
+        try:
+            found = self.copies.copy_for(request.step)
+            if found is None:
+                await self._reject(context, Reject.UNKNOWN_STEP, f"no stage-0 copy at or before step {request.step}")
+                return
+            meta, tensors = found
+            me = self.status()
+            meta.sender_stage, meta.sender_peer = me.stage or 0, me.peer_id
+            await self._send(context, encode_stream(meta, tensors.items()), "FetchReplica")
+        finally:
+            self._replica_turn.release()
+        return
+        yield  # an async generator, writing with context.write
 
     async def GetStatus(self, request: pb.StatusRequest, context) -> pb.StageStatus:
+        self.reject_log.flush()
         me, seat = self.status(), self.participant.seat
         return pb.StageStatus(
             stage=me.stage or 0,
@@ -244,6 +400,8 @@ class StageService(stage_pb2_grpc.StageServicer):
                 Reject.NO_CHECKPOINT,
                 f"stage {self.participant.seat.stage} keeps no checkpoints (no --recovery checkpoint)",
             )
+            return pb.RollbackReply()
+        if not await self._in_range(context, request.step, request.attempt):
             return pb.RollbackReply()
         try:
             committed = await self.checkpoints.rollback(request.step, request.attempt)

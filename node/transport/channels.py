@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import grpc
 
+from node.security.tls import target_name_options
 from node.transport.stage_rpc import StageClient
+from node.wire.records import StageRecord
 from node.wire.tensors import MAX_MESSAGE_BYTES
 
-GRPC_OPTIONS: list[tuple[str, int]] = [
+GRPC_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
@@ -28,21 +30,32 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 
 class ChannelPool:
-    """One ``grpc.aio`` channel per neighbour address, reused across calls."""
+    """One ``grpc.aio`` channel per peer, reused across calls. With ``credentials`` (mutual TLS) each channel
+    verifies that the server's certificate names the node its record says it is."""
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.credentials = credentials
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
-    def stub(self, address: str) -> StageClient:
-        channel = self._channels.get(address)
+    def _key(self, peer: StageRecord) -> tuple[str, str]:
+        return peer.grpc_address, peer.node if self.credentials is not None else ""
+
+    def stub(self, peer: StageRecord) -> StageClient:
+        """A client of ``peer``'s Stage service."""
+        key = self._key(peer)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-            self._channels[address] = channel
+            if self.credentials is None:
+                channel = grpc.aio.insecure_channel(peer.grpc_address, options=GRPC_OPTIONS)
+            else:
+                options = GRPC_OPTIONS + target_name_options(peer.node)
+                channel = grpc.aio.secure_channel(peer.grpc_address, self.credentials, options=options)
+            self._channels[key] = channel
         return StageClient(channel)
 
-    async def drop(self, address: str) -> None:
+    async def drop(self, peer: StageRecord) -> None:
         """Closes the channel to a peer that failed, so the next call reconnects (or goes elsewhere)."""
-        channel = self._channels.pop(address, None)
+        channel = self._channels.pop(self._key(peer), None)
         if channel is not None:
             await channel.close(grace=None)
 

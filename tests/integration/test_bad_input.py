@@ -14,6 +14,8 @@ from node.events import DoneEvent, StepEvent, of_type
 from node.local.launcher import LocalOptions, LocalSwarm
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
+from node.security.keys import NodeCredentials
+from node.security.tls import channel_credentials, target_name_options
 from node.transport.channels import GRPC_OPTIONS
 from node.wire.tensors import encode_stream
 from tests.conftest import swarm_status, wait_for
@@ -46,11 +48,15 @@ def test_malformed_messages_are_rejected_while_training_continues(running_swarm:
     swarm = running_swarm
     maddr = swarm.bootstrap_maddrs[0]
     wait_for(lambda: len(of_type(swarm.read_events(), StepEvent)) >= 2, 180, "training to start")
-    records = swarm_status(maddr)
+    keys = swarm.workdir / "keys" / "nodes"
+    records = swarm_status(maddr, keys=swarm.credentials("status").keys)
     assert sorted(r["stage"] for r in records) == [0, 1, 2, 3]
     assert {r["pid"] for r in records} == {c.proc.pid for c in swarm.stage_children.values()}
     stage2 = next(r for r in records if r["stage"] == 2)
-    channel = grpc.insecure_channel(stage2["grpc_address"], options=GRPC_OPTIONS)
+    # an authenticated member that may send stage 2 activations: stage 1's node, with its own keys
+    member = NodeCredentials.load(keys / "stage1")
+    options = GRPC_OPTIONS + target_name_options(stage2["node"])
+    channel = grpc.secure_channel(stage2["grpc_address"], channel_credentials(member), options=options)
     stub = stage_pb2_grpc.StageStub(channel)
     shape = (8, 128, 128)
     route = [0, 1, 2, 3, 0]
@@ -86,9 +92,16 @@ def test_malformed_messages_are_rejected_while_training_continues(running_swarm:
         err = _send(stub, chunks)
         assert err.code() == code, (reason, err.code(), err.details())
         assert err.details().startswith(reason), (reason, err.details())
-    # a rollback asked of a stage that keeps no checkpoints changes nothing
+    # a control call from a member that is not stage 0 is refused before it reaches the stage
     with pytest.raises(grpc.RpcError) as info:
         stub.Rollback(pb.RollbackRequest(step=0, attempt=1 << 62), timeout=20)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, info.value.details()
+    # and from stage 0, a rollback asked of a stage that keeps no checkpoints changes nothing
+    stage0 = NodeCredentials.load(keys / "stage0")
+    control = grpc.secure_channel(stage2["grpc_address"], channel_credentials(stage0), options=options)
+    with pytest.raises(grpc.RpcError) as info:
+        stage_pb2_grpc.StageStub(control).Rollback(pb.RollbackRequest(step=0, attempt=1 << 62), timeout=20)
+    control.close()
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert info.value.details().startswith("no_checkpoint"), info.value.details()
     # a single message above the channel limit never reaches the service
@@ -103,5 +116,5 @@ def test_malformed_messages_are_rejected_while_training_continues(running_swarm:
     assert [e.step for e in steps] == list(range(1, STEPS + 1))
     assert swarm.stage_children[2].proc.poll() is None
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{stage2['metrics_port']}/metrics", timeout=10).read().decode()
-    for reason in [*cases, "no_checkpoint"]:
+    for reason in [*cases, "no_checkpoint", "permission_denied"]:
         assert f'swarm_node_rejected_messages_total{{reason="{reason}"}} 1.0' in metrics, reason

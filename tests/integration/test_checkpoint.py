@@ -8,6 +8,7 @@ for bit. Any part of the state not restored (a moment, the step counter, the dat
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import pytest
 
@@ -65,7 +66,9 @@ def test_restart_resumes_and_never_loads_a_checkpoint_cut_short(tmp_path: pathli
     assert CheckpointStore(ckpt, 2, cfg.fingerprint()).steps() == [3, 6]
     cut = ckpt / "stage2" / "step-00000006.safetensors"
     cut.write_bytes(cut.read_bytes()[:1000])
-    # the whole swarm restarts on the same storage and trains on to step 9
+    # the whole swarm restarts on the same storage and trains on to step 9: the same swarm, so the same
+    # authority (another one's swarm secret would not verify these checkpoints' manifests)
+    shutil.copytree(tmp_path / "first" / "swarm" / "keys", tmp_path / "second" / "swarm" / "keys")
     second, summary = run_local(tmp_path / "second", *flags, "--check-reference", steps=9)
     assert second.returncode == 0, second.stderr[-3000:]
     events = _events(tmp_path / "second")

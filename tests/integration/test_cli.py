@@ -24,7 +24,10 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     ("args", "needle"),
     [
         (["run", "--stage", "4", "--num-stages", "4"], "--stage 4 is outside 0..3"),
-        (["run", "--stage", "0", "--num-stages", "4", "--data", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+        (["run", "--stage", "0", "--num-stages", "4", "--insecure", "--data", "/nonexistent/corpus.txt"],
+         "/nonexistent/corpus.txt"),
+        (["run", "--stage", "0", "--num-stages", "4"], "needs its keys"),
+        (["run", "--stage", "0", "--num-stages", "4", "--keys", "/nonexistent"], "--keys /nonexistent"),
         (["run", "--stage", "1", "--num-stages", "5"], "cannot be split evenly"),
         (["run", "--stage", "1", "--num-stages", "4", "--preset", "huge"], "unknown preset 'huge'"),
         (["run", "--stage", "1", "--num-stages", "4", "--initial-peers", "localhost:80"], "is not a multiaddr"),
@@ -70,7 +73,7 @@ def test_bootstrap_identity_keeps_multiaddr_across_restarts(tmp_path: pathlib.Pa
     port = str(_free_port())
     seen = []
     for _ in range(2):
-        proc = procs.start("dht", "--host", "127.0.0.1", "--port", port, "--identity", str(identity))
+        proc = procs.start("dht", "--host", "127.0.0.1", "--port", port, "--identity", str(identity), "--insecure")
         line = proc.stdout.readline().decode().strip()
         assert line.startswith(f"/ip4/127.0.0.1/tcp/{port}/p2p/"), line
         seen.append(line)

@@ -1,6 +1,7 @@
-"""The docker-compose swarm, as plain processes (no Docker engine here): the bootstrap node publishes its
-multiaddrs in a file, stages read it, a killed stage is taken over by the spare, and the restarted
-"container" (the same ``--stage N`` command) finds its stage served and becomes the spare."""
+"""The docker-compose swarm, as plain processes (no Docker engine here): the keys service makes every node's
+bundle, the bootstrap node publishes its multiaddrs in a file, stages read it, a killed stage is taken over by
+the spare, and the restarted "container" (the same ``--stage N`` command) finds its stage served and becomes
+the spare."""
 
 from __future__ import annotations
 
@@ -17,19 +18,24 @@ from tests.conftest import Procs, swarm_status, wait_for
 pytestmark = pytest.mark.integration
 
 
-def _records(maddr_file: pathlib.Path) -> list[dict]:
-    return swarm_status(maddr_file.read_text().split()[0], swarm="compose")
+def _records(maddr_file: pathlib.Path, keys: pathlib.Path) -> list[dict]:
+    return swarm_status(maddr_file.read_text().split()[0], swarm="compose", keys=keys / "nodes" / "status")
 
 
 @pytest.mark.timeout(420)
 def test_compose_topology_as_processes(tmp_path: pathlib.Path, procs: Procs) -> None:
-    shared, events = tmp_path / "shared" / "bootstrap.maddrs", tmp_path / "events.jsonl"
+    shared, events, keys = tmp_path / "shared" / "bootstrap.maddrs", tmp_path / "events.jsonl", tmp_path / "keys"
+    made = procs.start("keys", "init", str(keys), "--nodes=dht,stage0,stage1,stage2,stage3,spare,status",
+                       "--if-missing")  # fmt: skip
+    assert made.wait(timeout=60) == 0, made.stderr.read()
     procs.start("dht", "--host", "127.0.0.1", "--port", "0", "--identity", str(tmp_path / "dht.key"),
-                "--maddr-file", str(shared))  # fmt: skip
+                "--maddr-file", str(shared), f"--keys={keys / 'nodes' / 'dht'}")  # fmt: skip
 
     def node(stage: str, *extra: str) -> subprocess.Popen[bytes]:
+        name = "spare" if stage == "auto" else f"stage{stage}"
         return procs.start(
-            "run", f"--stage={stage}", "--num-stages=4", "--swarm=compose", f"--initial-peers-file={shared}",
+            "run", f"--stage={stage}", f"--keys={keys / 'nodes' / name}", "--num-stages=4", "--swarm=compose",
+            f"--initial-peers-file={shared}",
             "--host=127.0.0.1", "--metrics-port=0", "--steps=60", "--threads=1", f"--events-file={events}", *extra,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -45,18 +51,20 @@ def test_compose_topology_as_processes(tmp_path: pathlib.Path, procs: Procs) -> 
     os.killpg(stages[2].pid, signal.SIGKILL)
     stages[2].wait(timeout=10)
     wait_for(
-        lambda: any(r["stage"] == 2 and r["pid"] == spare.pid and r["state"] == "online" for r in _records(shared)),
+        lambda: any(
+            r["stage"] == 2 and r["pid"] == spare.pid and r["state"] == "online" for r in _records(shared, keys)
+        ),
         120,
         "the spare to serve stage 2",
     )
     # the restart policy brings "stage2" back with the same command: it must not become a second stage 2
     restarted = node("2")
     wait_for(
-        lambda: any(r["pid"] == restarted.pid and r["state"] == "spare" for r in _records(shared)),
+        lambda: any(r["pid"] == restarted.pid and r["state"] == "spare" for r in _records(shared, keys)),
         120,
         "the restarted stage-2 node to wait as a spare",
     )
     wait_for(lambda: of_type(read_events(events), DoneEvent), 240, "done")
-    serving2 = [r for r in _records(shared) if r["stage"] == 2 and r["state"] in ("online", "waiting")]
+    serving2 = [r for r in _records(shared, keys) if r["stage"] == 2 and r["state"] in ("online", "waiting")]
     assert [r["pid"] for r in serving2] == [spare.pid]
     assert [e.step for e in steps()][-1] == 60

@@ -11,7 +11,15 @@ import pytest
 from node import cli
 from node.config import build_config
 from node.local.launcher import LocalSwarm
-from node.options import EvalOptions, NodeOptions, RecoveryOptions, RecoveryStrategy, TimingOptions, default
+from node.options import (
+    EvalOptions,
+    NodeOptions,
+    RecoveryOptions,
+    RecoveryStrategy,
+    SecurityOptions,
+    TimingOptions,
+    default,
+)
 
 PARSER = cli._parser()
 
@@ -52,10 +60,19 @@ def test_number_flags(parse_number, text: str, value: float | None, error: str |
 
 
 def test_run_without_option_flags_gets_the_model_defaults() -> None:
-    opts = cli._options_from_flags(parse("run", "--stage", "1", "--num-stages", "4"))
-    assert opts == NodeOptions(config=build_config(overrides={"num_stages": 4}), stage=1)
-    auto = cli._options_from_flags(parse("run", "--stage", "auto", "--num-stages", "4"))
+    opts = cli._options_from_flags(parse("run", "--stage", "1", "--num-stages", "4", "--insecure"))
+    insecure = SecurityOptions(insecure=True)
+    assert opts == NodeOptions(config=build_config(overrides={"num_stages": 4}), stage=1, security=insecure)
+    auto = cli._options_from_flags(parse("run", "--stage", "auto", "--num-stages", "4", "--insecure"))
     assert auto.stage is None
+
+
+def test_run_needs_keys_or_an_explicit_insecure(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(cli.CliError, match=r"^a node needs its keys \(--keys BUNDLE.*pass --insecure$"):
+        cli._options_from_flags(parse("run", "--stage", "1", "--num-stages", "4"))
+    with pytest.raises(cli.CliError, match=r"^--keys and --insecure exclude each other$"):
+        cli._options_from_flags(parse("run", "--stage", "1", "--num-stages", "4", "--insecure", "--keys", "k"))
+    assert cli.main(["run", "--stage", "1", "--num-stages", "4", "--keys", str(tmp_path / "none")]) == 2
 
 
 def test_run_flags_fill_their_fields() -> None:
@@ -66,8 +83,11 @@ def test_run_flags_fill_their_fields() -> None:
             "--checkpoint-dir", "/tmp/ck", "--checkpoint-every", "7", "--lr-scale", "1.5", "--embed-sync-every", "2",
             "--eval-every", "5", "--eval-batches", "2", "--port", "5000", "--swarm", "s1", "--fault", "3@4",
             "--initial-peers", "/ip4/1.2.3.4/tcp/1/p2p/Qm", "--seed", "9", "--microbatches", "2",
+            "--keys", "/etc/swarm-node/keys", "--reflection", "--metrics-host", "0.0.0.0",
         )
     )  # fmt: skip
+    assert opts.security == SecurityOptions(keys=pathlib.Path("/etc/swarm-node/keys"), reflection=True)
+    assert opts.metrics_host == "0.0.0.0"
     assert opts.timing == TimingOptions(
         refresh_seconds=2, step_timeout=9, rpc_timeout=3, heartbeat_interval=0.25, heartbeat_timeout=0.75
     )
@@ -102,13 +122,16 @@ def test_cross_field_errors_are_one_line() -> None:
     with pytest.raises(cli.CliError, match=r"^--stage 4 is outside 0\.\.3 for --num-stages 4$"):
         cli._options_from_flags(parse("run", "--stage", "4", "--num-stages", "4"))
     with pytest.raises(cli.CliError, match=r"^--recovery checkpoint needs --checkpoint-dir"):
-        cli._options_from_flags(parse("run", "--stage", "1", "--num-stages", "4", "--recovery", "checkpoint"))
+        cli._options_from_flags(
+            parse("run", "--stage", "1", "--num-stages", "4", "--recovery", "checkpoint", "--insecure")
+        )
     with pytest.raises(cli.CliError, match=r"^the following arguments are required: --num-stages"):
         cli._options_from_flags(parse("run", "--stage", "1"))
 
 
 def test_run_options_file_round_trips(tmp_path: pathlib.Path) -> None:
-    flags = ("run", "--stage", "3", "--num-stages", "4", "--lr-scale", "1.25", "--events-file", str(tmp_path / "e"))
+    flags = ("run", "--stage", "3", "--num-stages", "4", "--lr-scale", "1.25", "--events-file", str(tmp_path / "e"),
+             "--insecure")  # fmt: skip
     opts = cli._options_from_flags(parse(*flags))
     path = tmp_path / "stage3.json"
     path.write_text(opts.model_dump_json())
@@ -143,6 +166,7 @@ def test_local_hands_each_node_what_the_same_run_flags_give(tmp_path: pathlib.Pa
             "--swarm", "local", "--host", "127.0.0.1", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/Qm",
             "--steps", "300", "--threads", "1", "--metrics-port", "0", "--fault", "2@3",
             "--events-file", str(tmp_path / "events.jsonl"), "--save-dir", str(tmp_path / "weights"),
+            "--keys", str(tmp_path / "keys" / "nodes" / "stage2"),
         )
     )  # fmt: skip
     assert node == run

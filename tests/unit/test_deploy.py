@@ -24,10 +24,14 @@ DASHBOARD = ROOT / "docker/grafana/dashboards/swarm-node.json"
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
 @pytest.mark.parametrize("profile", [[], ["--profile", "chaos"]])
 def test_compose_file_is_valid(profile: list[str]) -> None:
-    check = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), *profile, "config", "-q"], capture_output=True, text=True, cwd=ROOT
-    )
+    argv = ["docker-compose", "-f", str(COMPOSE), *profile, "config", "-q"]
+    env = {**os.environ, "GRAFANA_ADMIN_PASSWORD": "a-password"}
+    check = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env)
     assert check.returncode == 0, check.stderr
+    # there is no default Grafana password: without one, compose refuses to start
+    env.pop("GRAFANA_ADMIN_PASSWORD")
+    refused = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert refused.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in refused.stderr
 
 
 def test_compose_swarm_matches_the_monitoring_setup() -> None:
@@ -43,6 +47,15 @@ def test_compose_swarm_matches_the_monitoring_setup() -> None:
     assert "--stage=auto" in services["spare"]["command"]
     assert "--maddr-file=/shared/bootstrap.maddrs" in services["dht"]["command"]
     assert services["chaos"]["profiles"] == ["chaos"]
+    # secure by default: every node has its own bundle from the one-shot keys service, nothing public
+    assert services["keys"]["command"][:3] == ["keys", "init", "/keys"]
+    issued = next(a for a in services["keys"]["command"] if a.startswith("--nodes=")).removeprefix("--nodes=")
+    assert set(issued.split(",")) == {"dht", *nodes}
+    for name in ["dht", *nodes]:
+        assert f"--keys=/keys/nodes/{name}" in services[name]["command"]
+        assert "--insecure" not in services[name]["command"]
+    for name in ("prometheus", "grafana"):
+        assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"])
     # the chaos profile may kill the block stages and the spare (which may serve one by then), never stage 0:
     # plain CheckFree cannot rebuild it
     assert sorted(n for n in nodes if services[n].get("labels", {}).get("swarm-node.chaos") == "victim") == [

@@ -36,14 +36,19 @@ class FakeDirectory:
         self.by_peer = {r.peer_id: r for r in records}
         self.malformed_seen = 0
         self.stored: list[StageRecord] = []
+        self.suspicions: dict[str, set[str]] = {}
 
     def announce(self, record: StageRecord, ttl: float) -> bool:
         self.stored.append(record)
         self.by_peer[record.peer_id] = record
         return True
 
-    def records(self) -> list[StageRecord]:
-        return list(self.by_peer.values())
+    def report_dead(self, observer: StageRecord, dead_peer_id: str, ttl: float) -> bool:
+        self.suspicions.setdefault(dead_peer_id, set()).add(observer.peer_id)
+        return True
+
+    def records_and_suspicions(self) -> tuple[list[StageRecord], dict[str, set[str]]]:
+        return list(self.by_peer.values()), self.suspicions
 
 
 class FakeStub:
@@ -61,11 +66,11 @@ class FakeChannels:
         self.down: set[str] = set()
         self.dropped: list[str] = []
 
-    def stub(self, address: str) -> FakeStub:
-        return FakeStub(address in self.down)
+    def stub(self, peer: StageRecord) -> FakeStub:
+        return FakeStub(peer.grpc_address in self.down)
 
-    async def drop(self, address: str) -> None:
-        self.dropped.append(address)
+    async def drop(self, peer: StageRecord) -> None:
+        self.dropped.append(peer.grpc_address)
 
 
 @pytest.fixture
@@ -91,7 +96,7 @@ async def test_view_peer_choice_and_committed_step_ignore_other_swarms_and_self(
     assert presence.swarm_committed() == 6
 
 
-async def test_a_suspected_peer_is_left_out_tombstoned_and_fails_the_step(parts) -> None:
+async def test_a_suspected_peer_is_left_out_reported_and_fails_the_step(parts) -> None:
     presence, directory, channels, tmp_path = parts
     await presence.refresh()
     lost: list[StepFailed] = []
@@ -101,10 +106,10 @@ async def test_a_suspected_peer_is_left_out_tombstoned_and_fails_the_step(parts)
     await asyncio.sleep(0.05)
     assert presence.peer_of(2) is None and len(lost) == 1 and "stage 2" in str(lost[0])
     assert channels.dropped == [rec(2, "c").grpc_address]
-    assert [r.state for r in directory.stored if r.peer_id == "c"] == [StageState.OFFLINE]
+    assert directory.suspicions == {"c": {"b"}}
     [event] = [e for e in read_events(tmp_path / "events.jsonl") if isinstance(e, FailureDetectedEvent)]
     assert (event.stage, event.peer, event.by) == (2, "c", 1)
-    # the tombstone makes the stage vacant for spares at once
+    # a live neighbour's report makes the stage vacant for everyone at once
     await presence.refresh()
     assert vacant_stages(presence.view, fingerprint=FP, num_stages=N) == [2]
 

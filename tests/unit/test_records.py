@@ -1,9 +1,21 @@
-"""DHT records: (de)serialization and refusal of malformed records; peer choice."""
+"""DHT records: (de)serialization and refusal of malformed records; suspicions; peer choice."""
+
+from types import SimpleNamespace
 
 import pytest
 
 from node.dht.directory import pick_peer
-from node.wire.records import RecordError, StageRecord, StageState, parse_stage_records
+from node.wire.records import (
+    MAX_STEP,
+    RecordError,
+    StageRecord,
+    StageState,
+    SuspicionRecord,
+    owner_subkey,
+    parse_stage_records,
+    parse_suspicions,
+    split_owner_subkey,
+)
 
 
 def _record(**kw) -> StageRecord:
@@ -37,6 +49,15 @@ def test_round_trip() -> None:
         "address",
         "state",
         "extra",
+        {"committed_step": MAX_STEP + 1},
+        {"committed_step": 5.0},
+        {"committed_step": "5"},
+        {"stage": True},
+        {"replica_step": 2**62},
+        {"cert": "text, not bytes"},
+        {"cert": b"x" * 5000},
+        {"node": "n" * 200},
+        {"last_recovery": {"method": "copy", "step": 1, "seconds": float("nan"), "sources": []}},
     ],
 )
 def test_malformed_records_are_refused(bad) -> None:
@@ -85,3 +106,43 @@ def test_records_without_a_stage() -> None:
             _record(stage=None, state=state)
     with pytest.raises(ValueError):
         _record(stage=2, state="spare")
+
+
+def test_node_and_certificate() -> None:
+    r = _record()
+    assert r.node == "peerA" and r.cert is None  # insecure: the node is named by its peer id
+    assert r.to_wire()["node"] == "peerA"
+    signed = _record(node="node-a", cert=bytes(range(256)))
+    assert StageRecord.from_wire(signed.to_wire()) == signed
+    assert signed.to_wire()["cert"] == bytes(range(256))  # bytes on the wire (msgpack), not text
+    assert "cert" not in signed.to_json() and signed.to_json()["node"] == "node-a"
+
+
+def test_suspicions_parse_check_subkeys_and_expire() -> None:
+    claim = SuspicionRecord(observer="obs", dead="dead")
+    assert claim.node == "obs" and SuspicionRecord.from_wire(claim.to_wire()) == claim
+
+    def item(value, expires=100.0):
+        return SimpleNamespace(value=value, expiration_time=expires)
+
+    raw = SimpleNamespace(
+        value={
+            "obs/dead": item(claim.to_wire()),
+            "obs2/dead": item(SuspicionRecord(observer="obs2", dead="dead").to_wire()),
+            "old/dead": item(SuspicionRecord(observer="old", dead="dead").to_wire(), expires=5.0),
+            "obs/other": item(claim.to_wire()),  # subkey names another peer
+            "x/y": item({"observer": "x", "dead": "y", "extra": 1}),
+        }
+    )
+    claims, bad = parse_suspicions(raw, now=10.0)
+    assert claims == {"dead": {"obs", "obs2"}} and bad == 2
+    assert parse_suspicions(None) == ({}, 0) and parse_suspicions(SimpleNamespace(value=3)) == ({}, 1)
+
+
+def test_owner_subkeys() -> None:
+    key = b"ssh-rsa AAAAB3NzaC1yc2E="
+    assert split_owner_subkey(owner_subkey(key)) == (key, None)
+    assert split_owner_subkey(owner_subkey(key, "QmDead")) == (key, "QmDead")
+    for bad in ("peerA", b"[owner:ssh-rsa AAAA]x", b"[owner:ssh-ed25519 AAAA]", owner_subkey(key, "a/b"), None):
+        with pytest.raises(RecordError):
+            split_owner_subkey(bad)

@@ -3,6 +3,9 @@ that owns a call, status codes and the rejection metric."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from types import SimpleNamespace
 
 import grpc
@@ -16,41 +19,83 @@ from node.proto import stage_pb2 as pb
 from node.recovery.stage0_copies import Stage0Copies
 from node.stage.runtime import Reject, StepError
 from node.stage.seat import Seat
-from node.stage.service import NodeStatus, StageService
+from node.stage.service import MAX_STEP, FetchLimits, NodeStatus, StageService, attempt_ceiling
 from node.topology import route_for
-from node.transport.channels import ChannelPool
+from node.transport.channels import GRPC_OPTIONS
 from node.transport.server import StageServer
-from node.wire.tensors import encode_stream
+from node.transport.stage_rpc import StageClient
+from node.wire.tensors import TensorAssembler, encode_stream
 
 CFG = build_config(overrides={"num_stages": 4, "train": {"microbatches_per_step": 2, "microbatch_size": 2,
                                                          "seq_len": 8}})  # fmt: skip
 SHAPE = (2, 8, CFG.model.d_model)
 
 
+class FakeRuntime:
+    def __init__(self, committed_step: int = 4) -> None:
+        self.committed_step, self.last_grad_norm, self.attempt = committed_step, 0.25, 0
+
+
 class FakeParticipant:
     def __init__(self) -> None:
-        self.seat = Seat(1, SimpleNamespace(committed_step=4, last_grad_norm=0.25))
+        self.seat = Seat(1, FakeRuntime())
         self.config = CFG
         self.activation_shape = SHAPE
         self.max_activation_bytes = 4 * 2 * 8 * CFG.model.d_model
         self.forwarded: list[int] = []
+        self.aborted: list[tuple[int, int]] = []
+        self.after_commit: list = []
+        self.snapshots = 0  # calls of snapshot_committed (each clones the weights on the compute thread)
+        self.weights = {"w.a": torch.arange(6.0), "w.b": torch.ones(2, 3)}
 
     async def on_forward(self, meta, x) -> None:
         if meta.step != 4:
             raise StepError(Reject.STALE_STEP, f"step {meta.step} is not 4")
         self.forwarded.append(meta.microbatch)
 
+    async def abort(self, step: int, attempt: int) -> None:
+        self.aborted.append((step, attempt))
+
+    async def snapshot_committed(self):
+        self.snapshots += 1
+        await asyncio.sleep(0.05)  # while it runs, other callers arrive
+        rt = self.seat.runtime
+        return rt.committed_step, rt.last_grad_norm, {k: v.clone() for k, v in self.weights.items()}
+
+    def commit_one(self) -> None:
+        self.seat.runtime.committed_step += 1
+        for hook in self.after_commit:
+            hook(self.seat.runtime.committed_step)
+
+
+@contextlib.asynccontextmanager
+async def serving(limits: FetchLimits = FetchLimits()):
+    participant, metrics = FakeParticipant(), StageMetrics()
+    copies = Stage0Copies(CFG, None, None, None, TimingOptions(), metrics, None)
+    status = lambda: NodeStatus(1, "peer-1", "online", 42)  # noqa: E731
+    service = StageService(participant, copies, None, status, metrics, fetch_limits=limits)
+    server = StageServer(service)
+    address = await server.start("127.0.0.1", 0)
+    channels: list[grpc.aio.Channel] = []
+
+    def client() -> StageClient:  # a caller of its own (its own connection)
+        channels.append(grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+        return StageClient(channels[-1])
+
+    try:
+        yield SimpleNamespace(
+            stub=client(), client=client, participant=participant, metrics=metrics, service=service, copies=copies
+        )
+    finally:
+        for channel in channels:
+            await channel.close(grace=None)
+        await server.stop(grace=0)
+
 
 @pytest.fixture
 async def served():
-    participant, metrics = FakeParticipant(), StageMetrics()
-    copies = Stage0Copies(CFG, None, None, None, TimingOptions(), metrics, None)
-    service = StageService(participant, copies, None, lambda: NodeStatus(1, "peer-1", "online", 42), metrics)
-    server, channels = StageServer(service), ChannelPool()
-    address = await server.start("127.0.0.1", 0)
-    yield SimpleNamespace(stub=channels.stub(address), participant=participant, metrics=metrics, service=service)
-    await channels.close()
-    await server.stop(grace=0)
+    async with serving() as s:
+        yield s
 
 
 def meta(mb: int = 0, step: int = 4) -> pb.MicrobatchMeta:
@@ -114,3 +159,145 @@ async def test_status_and_heartbeat_describe_the_node(served) -> None:
     assert status.last_grad_norm == 0.25 and list(status.checkpoint_steps) == []
     beat = await served.stub.Heartbeat(pb.HeartbeatRequest(sender_stage=0))
     assert (beat.stage, beat.peer_id, beat.committed_step) == (1, "peer-1", 4)
+
+
+# ---- sane ranges ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda stub, a: stub.Prepare(pb.PrepareRequest(step=4, attempt=a)),
+        lambda stub, a: stub.Commit(pb.CommitRequest(step=4, attempt=a, clip_coef=1.0)),
+        lambda stub, a: stub.Abort(pb.AbortRequest(step=4, attempt=a)),
+        lambda stub, a: stub.Forward(encode_stream(pb.MicrobatchMeta(
+            step=4, microbatch=0, route=route_for(0, 4), hop=1, attempt=a), [("", torch.zeros(SHAPE))])),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("attempt", [2**63, 2**64 - 1, attempt_ceiling(time.time()) + 2_000_000_000])
+async def test_attempts_beyond_the_wall_clock_are_refused(served, call, attempt) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(served.stub, attempt)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("out_of_range: attempt")
+    assert rejected(served.metrics, Reject.OUT_OF_RANGE) == 1.0
+    assert served.participant.aborted == [] and served.participant.forwarded == []
+
+
+async def test_a_real_attempt_and_steps_beyond_any_run(served) -> None:
+    now_attempt = int(time.time() * 1000) * 1000 + 7  # how stage 0's driver numbers attempts
+    assert (await served.stub.Abort(pb.AbortRequest(step=4, attempt=now_attempt))).ok
+    assert served.participant.aborted == [(4, now_attempt)]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Abort(pb.AbortRequest(step=MAX_STEP + 1, attempt=1))
+    assert err.value.details().startswith("out_of_range: step")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in served.stub.FetchReplica(pb.FetchWeightsRequest(step=2**64 - 1)):
+            pass
+    assert err.value.details().startswith("out_of_range: step")
+    assert rejected(served.metrics, Reject.OUT_OF_RANGE) == 2.0
+
+
+# ---- rejection logs ---------------------------------------------------------------------------------
+async def test_every_rejection_is_counted_but_logged_once_per_reason_and_interval(served, caplog) -> None:
+    bad = list(encode_stream(meta(0), [("", torch.zeros(2, 8, 3))]))
+    with caplog.at_level("WARNING", logger="node.stage.service"):
+        for _ in range(20):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await served.stub.Forward(iter(bad))
+    assert rejected(served.metrics, Reject.BAD_SHAPE) == 20.0 and served.service.rejected_total == 20
+    lines = [r.getMessage() for r in caplog.records if r.name == "node.stage.service"]
+    assert len(lines) == 1 and lines[0].startswith("rejected message: bad_shape: shape [2, 8, 3]")
+    assert (await served.stub.GetStatus(pb.StatusRequest())).rejected_messages == 20
+
+
+# ---- FetchWeights: one snapshot per committed step, one stream at a time -----------------------------
+async def _fetch(stub, rpc: str = "FetchWeights", step: int = 0, read_delay: float = 0.0):
+    asm = TensorAssembler(max_tensor_bytes=1 << 30, max_stream_bytes=1 << 30)
+    async for message in getattr(stub, rpc)(pb.FetchWeightsRequest(step=step), timeout=30):
+        asm.feed(message)
+        await asyncio.sleep(read_delay)
+    return asm.meta, asm.finish()
+
+
+async def test_callers_of_one_step_share_one_snapshot_and_a_commit_drops_it(served) -> None:
+    p = served.participant
+    got = await asyncio.gather(*(_fetch(served.client()) for _ in range(3)))
+    assert p.snapshots == 1  # three callers, one copy of the weights
+    for meta_, tensors in got:
+        assert (meta_.step, meta_.grad_norm, meta_.sender_peer) == (4, 0.25, "peer-1")
+        assert all(torch.equal(tensors[k], v) for k, v in p.weights.items())
+    assert served.service._snapshot is not None  # kept for the next caller of step 4
+    p.weights["w.a"] += 1
+    p.commit_one()
+    assert served.service._snapshot is None  # the stage moved on: the copy is dropped at once
+    meta_, tensors = await _fetch(served.stub)
+    assert p.snapshots == 2 and meta_.step == 5 and torch.equal(tensors["w.a"], torch.arange(6.0) + 1)
+    p.seat.runtime = FakeRuntime(5)  # a rollback installs another runtime at the same step number
+    await _fetch(served.stub)
+    assert p.snapshots == 3
+
+
+async def test_streams_are_served_one_at_a_time(served) -> None:
+    active, peak = 0, 0
+    send = served.service._send
+
+    async def counting(context, chunks, rpc):
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await send(context, chunks, rpc)
+        finally:
+            active -= 1
+
+    served.service._send = counting
+    served.participant.weights = {f"w.{i}": torch.full((1 << 18,), float(i)) for i in range(4)}  # 4 MiB
+    got = await asyncio.gather(*(_fetch(served.client(), read_delay=0.001) for _ in range(3)))
+    assert peak == 1 and len(got) == 3 and served.participant.snapshots == 1
+
+
+async def test_a_caller_over_the_wait_limits_is_told_busy() -> None:
+    async with serving(FetchLimits(wait_seconds=0.3, max_waiting=1, stall_seconds=10)) as s:
+        s.participant.weights = {"w.big": torch.zeros(8 << 20)}  # 32 MiB: more than the flow-control window
+        stalled = s.client().FetchWeights(pb.FetchWeightsRequest(), timeout=30)
+        await stalled.read()  # then reads nothing more: it holds the turn
+        waiting = asyncio.create_task(_fetch(s.client()))
+        await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # a second one waiting is over max_waiting
+            await _fetch(s.client())
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and err.value.details().startswith("busy")
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # the waiting one gives up after wait_seconds
+            await waiting
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rejected(s.metrics, Reject.BUSY) == 2.0 and s.participant.snapshots == 1
+        stalled.cancel()
+
+
+async def test_a_stalled_reader_loses_its_stream_and_the_next_caller_is_served() -> None:
+    async with serving(FetchLimits(wait_seconds=5, stall_seconds=0.5)) as s:
+        s.participant.weights = {"w.big": torch.ones(8 << 20)}
+        stalled = s.client().FetchWeights(pb.FetchWeightsRequest(), timeout=30)
+        await stalled.read()
+        started = time.monotonic()
+        meta_, tensors = await _fetch(s.client())  # waits for its turn: the stalled one is cut off
+        assert meta_.step == 4 and torch.equal(tensors["w.big"], torch.ones(8 << 20))
+        assert time.monotonic() - started < 4.0
+        assert s.participant.snapshots == 1
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while await stalled.read() is not grpc.aio.EOF:
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "fell behind" in err.value.details()
+        assert not s.service._weights_turn._lock.locked()
+
+
+async def test_fetch_replica_is_served_one_at_a_time_too() -> None:
+    async with serving(FetchLimits(wait_seconds=0.3, max_waiting=0, stall_seconds=10)) as s:
+        s.copies.copy_for = lambda step: (pb.MicrobatchMeta(step=3), {"w.x": torch.zeros(8 << 20)})
+        stalled = s.client().FetchReplica(pb.FetchWeightsRequest(step=3), timeout=30)
+        await stalled.read()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _fetch(s.client(), "FetchReplica", step=3)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stalled.cancel()
+        await asyncio.sleep(0.2)
+        meta_, tensors = await _fetch(s.client(), "FetchReplica", step=3)
+        assert meta_.step == 3 and meta_.sender_peer == "peer-1" and tensors["w.x"].numel() == 8 << 20

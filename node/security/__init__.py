@@ -1,0 +1,1 @@
+"""Swarm membership: the authority, node credentials, mutual TLS and who may call what."""

@@ -1,0 +1,186 @@
+"""Who may call what: the per-RPC rules of the Stage service, and the server interceptor that applies them.
+
+A caller is the node named by its client certificate (mutual TLS has already proved it holds a key the
+swarm CA certified). What it may call depends on what the DHT says it is:
+
+- control RPCs (Prepare, Commit, Abort, Rollback, PushReplica): only the current stage 0;
+- Forward and Backward: only a stage that some microbatch route makes this stage's neighbour;
+- FetchWeights and FetchReplica: only a node that is rebuilding or taking over a stage;
+- Heartbeat, GetStatus and the health service: any member.
+
+The rules are a pure function (:func:`decide`) over plain records; the interceptor only maps the
+certificate to a name, asks, and turns a refusal into ``UNAUTHENTICATED`` or ``PERMISSION_DENIED``.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+
+from node.topology import route_for
+from node.wire.records import HOLDING_STATES, StageRecord, StageState, current_epochs
+
+SERVICE_PREFIX = "/swarm_node.v1.Stage/"
+
+
+class Role(enum.StrEnum):
+    CONTROL = "control"
+    PIPELINE = "pipeline"
+    FETCH = "fetch"
+    MEMBER = "member"
+
+
+RPC_ROLES: dict[str, Role] = {
+    "Prepare": Role.CONTROL,
+    "Commit": Role.CONTROL,
+    "Abort": Role.CONTROL,
+    "Rollback": Role.CONTROL,
+    "PushReplica": Role.CONTROL,
+    "Forward": Role.PIPELINE,
+    "Backward": Role.PIPELINE,
+    "FetchWeights": Role.FETCH,
+    "FetchReplica": Role.FETCH,
+    "Heartbeat": Role.MEMBER,
+    "GetStatus": Role.MEMBER,
+}
+CLAIMING = frozenset({StageState.JOINING, StageState.RECOVERING})
+
+
+def route_neighbours(stage: int, num_stages: int, out_of_order: bool) -> frozenset[int]:
+    """Stages that send ``stage`` activations or gradients on some microbatch's route."""
+    out: set[int] = set()
+    for mb in (0, 1) if out_of_order else (0,):
+        route = route_for(mb, num_stages, out_of_order)
+        for hop, s in enumerate(route):
+            if s == stage:
+                out.update(route[h] for h in (hop - 1, hop + 1) if 0 <= h < len(route))
+    out.discard(stage)
+    return frozenset(out)
+
+
+def decide(
+    rpc: str,
+    caller: str,
+    my_stage: int | None,
+    records: Iterable[StageRecord],
+    num_stages: int,
+    out_of_order: bool,
+) -> str | None:
+    """Why ``caller`` may not call ``rpc`` on a node serving ``my_stage`` (None: it may). ``records`` is
+    this node's view of its swarm (one configuration)."""
+    role = RPC_ROLES.get(rpc, Role.MEMBER)
+    if role is Role.MEMBER:
+        return None
+    records = list(records)
+    current = current_epochs(records)  # a fenced-off former owner of a stage speaks for it no more
+    mine = [r for r in records if r.node == caller and r.state in HOLDING_STATES]
+    owning = [r for r in mine if r.state not in CLAIMING and r.epoch >= current.get(r.stage, 0)]
+    if role is Role.CONTROL:
+        if any(r.stage == 0 for r in mine if r.state in CLAIMING or r in owning):
+            return None
+        return f"{caller} is not stage 0"
+    if role is Role.PIPELINE:
+        if my_stage is None:
+            return "this node serves no stage"
+        allowed = route_neighbours(my_stage, num_stages, out_of_order)
+        if any(r.stage in allowed for r in owning):
+            return None
+        return f"{caller} is not a route neighbour of stage {my_stage}"
+    if any(r.state in CLAIMING for r in mine):
+        return None
+    return f"{caller} is not rebuilding or taking over a stage"
+
+
+class MemberInterceptor(grpc.aio.ServerInterceptor):
+    """Applies :func:`decide` to every Stage RPC before its handler runs. ``check(rpc, caller)`` returns a
+    refusal reason or None; ``on_refused(code, rpc)`` counts refusals."""
+
+    def __init__(
+        self,
+        check: Callable[[str, str], Awaitable[str | None]],
+        on_refused: Callable[[grpc.StatusCode, str], None],
+    ) -> None:
+        self.check, self.on_refused = check, on_refused
+
+    async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        rpc = method.removeprefix(SERVICE_PREFIX) if method.startswith(SERVICE_PREFIX) else method
+        names = context.auth_context().get("x509_common_name") or []
+        if not names:
+            self.on_refused(grpc.StatusCode.UNAUTHENTICATED, rpc)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
+        caller = names[0].decode(errors="replace")
+        reason = await self.check(rpc, caller)
+        if reason is not None:
+            self.on_refused(grpc.StatusCode.PERMISSION_DENIED, rpc)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{rpc}: {reason}")
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(SERVICE_PREFIX):
+            return handler  # health and reflection: any member (TLS already required a swarm certificate)
+        return wrap_handler(handler, lambda context: self._authorize(details.method, context))
+
+
+def wrap_handler(handler, before: Callable[[grpc.aio.ServicerContext], Awaitable[None]]):
+    """The same handler with ``before(context)`` awaited first (it may abort the call)."""
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        inner = handler.unary_unary
+
+        async def unary_unary(request, context):
+            await before(context)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+    if handler.stream_unary:
+        inner = handler.stream_unary
+
+        async def stream_unary(requests, context):
+            await before(context)
+            return await inner(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+    if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+        inner = handler.unary_stream
+
+        async def unary_stream(request, context):
+            await before(context)
+            async for item in inner(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+    return handler
+
+
+class ViewCheck:
+    """:func:`decide` over a node's current view; a refusal re-reads the DHT once (at most every
+    ``min_refresh`` seconds) before it is final, so a peer that has just taken a stage is not refused for
+    a record this node has not seen yet."""
+
+    def __init__(
+        self,
+        records: Callable[[], list[StageRecord]],
+        refresh: Callable[[], Awaitable[None]],
+        my_stage: Callable[[], int | None],
+        num_stages: int,
+        out_of_order: bool,
+        min_refresh: float = 0.25,
+    ) -> None:
+        self.records, self.refresh, self.my_stage = records, refresh, my_stage
+        self.num_stages, self.out_of_order, self.min_refresh = num_stages, out_of_order, min_refresh
+        self._refreshed_at = 0.0
+
+    def _decide(self, rpc: str, caller: str) -> str | None:
+        return decide(rpc, caller, self.my_stage(), self.records(), self.num_stages, self.out_of_order)
+
+    async def __call__(self, rpc: str, caller: str) -> str | None:
+        reason = self._decide(rpc, caller)
+        if reason is not None and time.monotonic() - self._refreshed_at >= self.min_refresh:
+            self._refreshed_at = time.monotonic()
+            await self.refresh()
+            reason = self._decide(rpc, caller)
+        return reason
