@@ -99,3 +99,24 @@ def wait_for(
                 return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+SWARM_STEPS = 30
+
+
+@pytest.fixture
+def running_swarm(tmp_path) -> Iterator[Any]:
+    """A 4-stage tiny swarm (one torch thread per stage) training ``SWARM_STEPS`` steps with its own throw-away
+    authority: the bootstrap node and the stages, without the launcher's watch loop. Stopped at the end."""
+    from node.config import build_config
+    from node.local.launcher import LocalOptions, LocalSwarm
+
+    cfg = build_config(overrides={"num_stages": 4})
+    swarm = LocalSwarm(LocalOptions(config=cfg, steps=SWARM_STEPS, workdir=tmp_path, threads=1, quiet=True))
+    try:
+        swarm.start_bootstrap()
+        for stage in range(4):
+            swarm.start_stage(stage)
+        yield swarm
+    finally:
+        swarm.stop_all(grace=10)

@@ -2,39 +2,24 @@
 
 from __future__ import annotations
 
-import pathlib
 import urllib.request
 
 import grpc
 import pytest
 import torch
 
-from node.config import build_config
 from node.events import DoneEvent, StepEvent, of_type
-from node.local.launcher import LocalOptions, LocalSwarm
+from node.local.launcher import LocalSwarm
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
 from node.security.keys import NodeCredentials
 from node.security.tls import channel_credentials, target_name_options
 from node.transport.channels import GRPC_OPTIONS
 from node.wire.tensors import encode_stream
-from tests.conftest import swarm_status, wait_for
+from tests.conftest import SWARM_STEPS, swarm_status, wait_for
 
 pytestmark = pytest.mark.integration
-STEPS = 30
-
-
-@pytest.fixture
-def running_swarm(tmp_path: pathlib.Path):
-    cfg = build_config(overrides={"num_stages": 4})
-    swarm = LocalSwarm(LocalOptions(config=cfg, steps=STEPS, workdir=tmp_path, threads=1, quiet=True))
-    try:
-        swarm.start_bootstrap()
-        for stage in range(4):
-            swarm.start_stage(stage)
-        yield swarm
-    finally:
-        swarm.stop_all(grace=10)
+STEPS = SWARM_STEPS
 
 
 def _send(stub, chunks) -> grpc.RpcError:
