@@ -73,10 +73,12 @@ def test_two_stages_at_once_spare_killed_idle_and_replacement_killed_while_fetch
     assert {k["stage"] for k in kills if k.get("by") == "start"} == {1, 2}
     assert any(e.phase == "fetch" and e.stage == 3 for e in of_type(evs, KilledEvent))
     rebuilt = {(r["stage"], r["step"]): r for r in summary["recoveries"]}
-    # stages 1 and 2 died together in step 10: each was rebuilt from the nearest live stages
-    assert rebuilt[(1, 9)]["method"] in ("copy", "checkfree") and rebuilt[(2, 9)]["method"] in ("copy", "checkfree")
-    for key in ((1, 9), (2, 9)):
-        assert key[0] not in rebuilt[key]["sources"]
+    # stages 1 and 2 died together at the start of step 10 (the launcher kills 0.2 s after the attempt starts,
+    # so a fast step 10 may commit first): each was rebuilt from the nearest live stages
+    together = {r["stage"]: r for r in summary["recoveries"] if r["stage"] in (1, 2) and r["step"] in (9, 10)}
+    assert together.keys() == {1, 2}
+    for stage, r in together.items():
+        assert r["method"] in ("copy", "checkfree") and stage not in r["sources"]
     # the first replacement of stage 3 died mid-fetch; another one rebuilt it (last block stage: a copy)
     assert rebuilt[(3, 12)]["method"] == "copy" and rebuilt[(3, 12)]["sources"] == [2]
     assert_committed_never_goes_back(summary)
