@@ -20,6 +20,7 @@ from node.proto import stage_pb2 as pb
 CHUNK_BYTES = 1 << 20
 # gRPC message-size limit on every channel and server: a chunk plus headers, never unlimited.
 MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
+MAX_ELEMENTS = 1 << 62  # a tensor header declaring more (or strides beyond int64) is refused
 
 DTYPE_TO_WIRE: dict[torch.dtype, int] = {
     torch.float32: pb.DTYPE_FLOAT32,
@@ -161,6 +162,9 @@ class TensorAssembler:
         shape = tuple(int(s) for s in header.shape)
         if any(s < 0 for s in shape) or len(shape) > 8:
             raise WireError("bad_shape", f"invalid shape {list(shape)}")
+        # torch computes strides from the non-zero dims even when the tensor is empty: keep them in int64
+        if math.prod(s for s in shape if s) >= MAX_ELEMENTS:
+            raise WireError("bad_shape", f"shape {list(shape)} has strides beyond int64")
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = math.prod(shape) * itemsize
         if nbytes != header.nbytes:

@@ -59,6 +59,14 @@ def test_header_lying_about_size_is_refused() -> None:
     assert err.value.reason == "bad_shape"
 
 
+@pytest.mark.parametrize("shape", [[0, 1 << 62, 1 << 62], [1 << 31, 1 << 31, 0], [0, 1 << 40, 1 << 23]])
+def test_empty_tensor_with_overflowing_strides_is_a_bad_shape(shape: list[int]) -> None:
+    header = pb.TensorHeader(name="", dtype=pb.DTYPE_FLOAT32, shape=shape, nbytes=0)
+    with pytest.raises(WireError) as err:
+        decode_chunks([pb.TensorChunk(meta=pb.MicrobatchMeta(step=1), header=header)])
+    assert err.value.reason == "bad_shape"
+
+
 def test_limits_are_enforced_before_allocation() -> None:
     chunk = pb.TensorChunk(header=pb.TensorHeader(dtype=pb.DTYPE_FLOAT32, shape=[1 << 20, 1 << 20], nbytes=4 << 40))
     with pytest.raises(WireError) as err:
