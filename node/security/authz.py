@@ -14,8 +14,10 @@ certificate to a name, asks, and turns a refusal into ``UNAUTHENTICATED`` or ``P
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import inspect
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -157,9 +159,9 @@ def wrap_handler(handler, before: Callable[[grpc.aio.ServicerContext], Awaitable
 
 
 class ViewCheck:
-    """:func:`decide` over a node's current view; a refusal re-reads the DHT once (at most every
+    """:func:`decide` over a node's current view; a refusal re-reads the DHT (at most once every
     ``min_refresh`` seconds) before it is final, so a peer that has just taken a stage is not refused for
-    a record this node has not seen yet."""
+    a record this node has not seen yet. Refusals that arrive while a re-read is under way wait for it."""
 
     def __init__(
         self,
@@ -172,15 +174,25 @@ class ViewCheck:
     ) -> None:
         self.records, self.refresh, self.my_stage = records, refresh, my_stage
         self.num_stages, self.out_of_order, self.min_refresh = num_stages, out_of_order, min_refresh
-        self._refreshed_at = 0.0
+        self._refreshed_at = -math.inf
+        self._refreshing: asyncio.Future[None] | None = None
 
     def _decide(self, rpc: str, caller: str) -> str | None:
         return decide(rpc, caller, self.my_stage(), self.records(), self.num_stages, self.out_of_order)
 
+    async def _reread(self) -> None:
+        try:
+            await self.refresh()
+        finally:
+            self._refreshed_at, self._refreshing = time.monotonic(), None
+
     async def __call__(self, rpc: str, caller: str) -> str | None:
         reason = self._decide(rpc, caller)
-        if reason is not None and time.monotonic() - self._refreshed_at >= self.min_refresh:
-            self._refreshed_at = time.monotonic()
-            await self.refresh()
+        if reason is None:
+            return None
+        if self._refreshing is None and time.monotonic() - self._refreshed_at >= self.min_refresh:
+            self._refreshing = asyncio.ensure_future(self._reread())
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
             reason = self._decide(rpc, caller)
         return reason

@@ -31,7 +31,7 @@ from node.checkpoint.keeper import CheckpointKeeper
 from node.dht.directory import SwarmDirectory
 from node.dht.factory import dht_rejections, make_dht
 from node.events import EventLog, FencedEvent, UnrecoverableEvent
-from node.metrics import LogLimiter, StageMetrics
+from node.metrics import StageMetrics
 from node.options import NodeOptions, RecoveryStrategy
 from node.recovery.faults import FaultInjector, parse_fault
 from node.recovery.methods import RecoveryContext, RecoveryMethod
@@ -73,7 +73,6 @@ class StageDaemon:
         self.seat = Seat(opts.stage)
         self.credentials = creds = credentials
         self.dht = dht
-        self.refusal_log = LogLimiter(logger)
         self.compute, self.io = Compute(), BlockingIO()
         self.channels = ChannelPool(channel_credentials(creds) if creds is not None else None)
         self.background = Background()
@@ -124,7 +123,10 @@ class StageDaemon:
         self.methods: list[RecoveryMethod] = [NeighbourRebuild(opts.recovery.lr_scale), self.copies]
         if self.checkpoints is not None:
             self.methods.append(self.checkpoints)
-        service = StageService(self.participant, self.copies, self.checkpoints, self.status, self.metrics)
+        self.service = service = StageService(
+            self.participant, self.copies, self.checkpoints, self.status, self.metrics,
+            superseded=lambda epoch: self.background.spawn(self.presence.try_refresh()),  # fences via on_fenced
+        )  # fmt: skip
         interceptors: tuple[MemberInterceptor, ...] = ()
         if creds is not None:
             check = ViewCheck(
@@ -138,6 +140,7 @@ class StageDaemon:
             interceptors,
             ServerLimits(call_seconds=timing.step_timeout + timing.rpc_timeout),
             with_reflection=opts.security.reflection,
+            on_refused=lambda reason, text: service.refusals.count(Reject(reason), text),
         )
 
     async def _count_dht_rejections(self) -> None:
@@ -153,8 +156,7 @@ class StageDaemon:
 
     def _refused(self, code: grpc.StatusCode, rpc: str) -> None:
         reason = Reject.UNAUTHENTICATED if code == grpc.StatusCode.UNAUTHENTICATED else Reject.PERMISSION_DENIED
-        self.metrics.rejected.labels(reason=reason.value).inc()
-        self.refusal_log.log(reason.value, "refused a %s call: %s", rpc, reason.value)
+        self.service.refusals.count(reason, f"a {rpc} call")
 
     def status(self) -> NodeStatus:
         return NodeStatus(self.seat.stage, self.me.peer_id, self.presence.state.value, self.me.pid)
@@ -354,4 +356,3 @@ def run_daemon(opts: NodeOptions) -> int:
 
 def _dht_bind(host: str) -> str:
     return host if host.replace(".", "").isdigit() else "0.0.0.0"
-

@@ -33,7 +33,24 @@ from node.wire.tensors import encode_stream
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+# a push is retried (to the stage's current peer) until the step's deadline when the peer is gone or slow, is
+# busy with other streams, or has not yet seen this node's record (its membership check refuses the push)
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+
+
+def retryable(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed push may succeed if sent again (an oversize refusal never does; ``busy`` may)."""
+    busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (err.details() or "").startswith("busy")
+    return busy or err.code() in RETRYABLE
+
+
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -175,10 +192,10 @@ class PipelineParticipant:
                     timeout=max(0.1, min(self.timing.rpc_timeout, deadline - time.monotonic())),
                 )
             except grpc.aio.AioRpcError as err:
-                if err.code() in RETRYABLE and time.monotonic() < deadline and not self.stopping.is_set():
+                if retryable(err) and time.monotonic() < deadline and not self.stopping.is_set():
                     if err.code() == grpc.StatusCode.UNAVAILABLE:
                         self.presence.suspect(peer, f"{rpc} failed: {err.code().name}")
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.1 if err.code() == grpc.StatusCode.UNAVAILABLE else 0.5)
                     await self.presence.try_refresh()
                     continue
                 raise StepFailed(

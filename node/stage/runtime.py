@@ -39,8 +39,12 @@ class Reject(enum.StrEnum):
     NO_CHECKPOINT = "no_checkpoint"
     UNAUTHENTICATED = "unauthenticated"  # a TLS peer whose certificate names no node
     PERMISSION_DENIED = "permission_denied"  # a member calling an RPC its role does not allow
+    BAD_MESSAGE = "bad_message"  # a request that does not parse as its RPC's message
     OUT_OF_RANGE = "out_of_range"  # a step or attempt no honest peer sends
-    BUSY = "busy"  # another weight stream is being served
+    BUSY = "busy"  # another weight stream is being served, or too many streams are in flight
+    FENCED = "fenced"  # a control request for a newer claim of this node's stage: it was taken over
+    STALE_EPOCH = "stale_epoch"  # a control request for an older claim: the sender's view is out of date
+    STALLED = "stalled"  # a stream that sent nothing for too long, or ran past its deadline
 
 
 class StepError(Exception):

@@ -3,9 +3,7 @@
 Nothing from the network reaches the stage's state before it has been checked: stream structure and
 byte limits (in the decoder), route and hop, tensor dtype, shape and finiteness, then step, attempt and
 microbatch (in the runtime). A refused message gets a gRPC status whose details start with the reason
-code, is counted in ``swarm_node_rejected_messages_total{reason=...}``, and changes nothing. Every
-refusal is counted, but at most one log line per reason is written every ``REJECT_LOG_SECONDS`` (then a
-summary of the ones held back), so a flood of bad messages cannot flood the log.
+code, is counted (:class:`node.stage.refusals.Refusals`), and changes nothing.
 
 Steps and attempts must be in a sane range: no step beyond ``MAX_STEP``, and no attempt beyond what stage 0's
 driver could have made by now (it numbers attempts from the wall clock in milliseconds × 1000), with
@@ -37,34 +35,21 @@ import grpc
 import torch
 
 from node.checkpoint.keeper import CheckpointKeeper
-from node.metrics import LogLimiter, StageMetrics
+from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
 from node.recovery.stage0_copies import Stage0Copies
 from node.stage.participant import PipelineParticipant
+from node.stage.refusals import Refusals
 from node.stage.runtime import Reject, StepError
 from node.topology import check_route
 from node.wire.tensors import WireError, decode_stream, encode_stream
 
 logger = logging.getLogger(__name__)
 
-REJECT_LOG_SECONDS = 10.0
 MAX_STEP = 1 << 48  # far beyond any run; steps stay exact as floats and in int64
 ATTEMPT_CLOCK_SLACK_SECONDS = 3600.0
-LOGGED_DETAIL_CHARS = 300
 
-
-STATUS_FOR: dict[str, grpc.StatusCode] = {
-    Reject.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Reject.STALE_STEP: grpc.StatusCode.FAILED_PRECONDITION,
-    Reject.UNKNOWN_STEP: grpc.StatusCode.FAILED_PRECONDITION,
-    Reject.STALE_ATTEMPT: grpc.StatusCode.FAILED_PRECONDITION,
-    Reject.NOT_READY: grpc.StatusCode.FAILED_PRECONDITION,
-    Reject.INCOMPLETE: grpc.StatusCode.FAILED_PRECONDITION,
-    Reject.NO_CHECKPOINT: grpc.StatusCode.FAILED_PRECONDITION,
-    Reject.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
-    Reject.OVERSIZE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -87,12 +72,6 @@ def range_problem(step: int, attempt: int | None = None, now: float | None = Non
         if attempt > ceiling:
             return f"attempt {attempt} is ahead of the wall clock (at most {ceiling} now)"
     return None
-
-
-def _printable(text: str) -> str:
-    """A caller-influenced text made safe for one log line: no control characters, bounded length."""
-    clean = "".join(c if c.isprintable() else "?" for c in text[: LOGGED_DETAIL_CHARS + 1])
-    return clean if len(clean) <= LOGGED_DETAIL_CHARS else clean[:LOGGED_DETAIL_CHARS] + "…"
 
 
 @dataclass(frozen=True)
@@ -158,20 +137,22 @@ class StageService(stage_pb2_grpc.StageServicer):
         status: Callable[[], NodeStatus],
         metrics: StageMetrics,
         fetch_limits: FetchLimits = FetchLimits(),
+        superseded: Callable[[int], None] = lambda epoch: None,
     ) -> None:
         self.participant, self.copies, self.checkpoints = participant, copies, checkpoints
+        self.superseded = superseded  # a control request addressed this stage by a newer claim epoch
         self.status, self.metrics, self.fetch_limits = status, metrics, fetch_limits
-        self.rejected_total = 0
-        self.reject_log = LogLimiter(logger, REJECT_LOG_SECONDS, what="rejected")
+        self.refusals = Refusals(metrics)
         self._weights_turn, self._replica_turn = OneAtATime(fetch_limits), OneAtATime(fetch_limits)
         self._snapshot: _Snapshot | None = None
         participant.after_commit.append(self._drop_snapshot)
 
     async def _reject(self, context: grpc.aio.ServicerContext, reason: Reject, message: str) -> None:
-        self.metrics.rejected.labels(reason=reason.value).inc()
-        self.rejected_total += 1
-        self.reject_log.log(reason.value, "rejected message: %s: %s", reason.value, _printable(message))
-        await context.abort(STATUS_FOR.get(reason, grpc.StatusCode.INVALID_ARGUMENT), f"{reason.value}: {message}")
+        await self.refusals.refuse(context, reason, message)
+
+    async def bad_message(self, context: grpc.aio.ServicerContext, message: str) -> None:
+        """Refuses a request that does not parse as its RPC's message (see ``add_stage_service``)."""
+        await self.refusals.refuse(context, Reject.BAD_MESSAGE, message)
 
     async def _in_range(self, context, step: int, attempt: int | None = None) -> bool:
         problem = range_problem(step, attempt)
@@ -179,6 +160,31 @@ class StageService(stage_pb2_grpc.StageServicer):
             await self._reject(context, Reject.OUT_OF_RANGE, problem)
             return False
         return True
+
+    async def _addressed(self, context, request) -> bool:
+        """A control request names the stage and claim epoch it addresses (epoch 0: not given). An epoch above
+        this node's claim means another peer has taken the stage over: this node stops serving it
+        (``superseded``) and refuses; one below means the sender's view is out of date: refused, changes nothing."""
+        if not request.epoch:
+            return True
+        seat = self.participant.seat
+        if request.stage != seat.stage:
+            await self._reject(context, Reject.BAD_ROUTE, f"addressed to stage {request.stage}, this is {seat.stage}")
+        elif request.epoch > seat.epoch:
+            self.superseded(request.epoch)
+            await self._reject(context, Reject.FENCED, f"stage {seat.stage} is held by epoch {request.epoch} now")
+        elif request.epoch < seat.epoch:
+            await self._reject(context, Reject.STALE_EPOCH, f"epoch {request.epoch} < this claim's {seat.epoch}")
+        return request.epoch == seat.epoch
+
+    async def _control(self, context, request) -> bool:
+        """Whether a control request may proceed: this node holds a stage, the request addresses it, and its
+        step and attempt are in range."""
+        return (
+            await self._ready(context)
+            and await self._addressed(context, request)
+            and await self._in_range(context, request.step, request.attempt)
+        )
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
         if not self.participant.seat.ready:
@@ -254,7 +260,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         return pb.Ack(ok=True)
 
     async def Prepare(self, request: pb.PrepareRequest, context) -> pb.PrepareReply:
-        if not await self._ready(context) or not await self._in_range(context, request.step, request.attempt):
+        if not await self._control(context, request):
             return pb.PrepareReply()
         try:
             norm_sq = await self.participant.prepare(request.step, request.attempt)
@@ -267,7 +273,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         )
 
     async def Commit(self, request: pb.CommitRequest, context) -> pb.CommitReply:
-        if not await self._ready(context) or not await self._in_range(context, request.step, request.attempt):
+        if not await self._control(context, request):
             return pb.CommitReply()
         try:
             committed = await self.participant.commit(request.step, request.attempt, request.clip_coef)
@@ -276,13 +282,13 @@ class StageService(stage_pb2_grpc.StageServicer):
         return pb.CommitReply(stage=self.participant.seat.stage, committed_step=committed)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.Ack:
-        if not await self._ready(context) or not await self._in_range(context, request.step, request.attempt):
+        if not await self._control(context, request):
             return pb.Ack()
         await self.participant.abort(request.step, request.attempt)
         return pb.Ack(ok=True)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
-        self.reject_log.flush()  # heartbeats are regular: the summary of held-back lines is not left waiting
+        self.refusals.log.flush()  # heartbeats are regular: the summary of held-back lines is not left waiting
         me = self.status()
         return pb.HeartbeatReply(
             stage=me.stage or 0,
@@ -316,7 +322,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                 async with asyncio.timeout(min(limits.stall_seconds, end - loop.time())):
                     await context.write(chunk)
             except TimeoutError:
-                self.reject_log.log(f"{rpc} stalled", "cut off a %s stream: its reader fell behind", rpc)
+                self.refusals.log.log(f"{rpc} stalled", "cut off a %s stream: its reader fell behind", rpc)
                 try:  # the status waits behind the chunk in flight: it goes out if the reader ever reads again
                     async with asyncio.timeout(1.0):
                         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{rpc}: the reader fell behind")
@@ -378,7 +384,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         yield  # an async generator, writing with context.write
 
     async def GetStatus(self, request: pb.StatusRequest, context) -> pb.StageStatus:
-        self.reject_log.flush()
+        self.refusals.log.flush()
         me, seat = self.status(), self.participant.seat
         return pb.StageStatus(
             stage=me.stage or 0,
@@ -386,13 +392,13 @@ class StageService(stage_pb2_grpc.StageServicer):
             state=me.state,
             committed_step=seat.committed_step,
             last_grad_norm=seat.runtime.last_grad_norm if seat.runtime is not None else 0.0,
-            rejected_messages=self.rejected_total,
+            rejected_messages=self.refusals.total,
             pid=me.pid,
             checkpoint_steps=sorted(self.checkpoints.durable_steps) if self.checkpoints is not None else [],
         )
 
     async def Rollback(self, request: pb.RollbackRequest, context) -> pb.RollbackReply:
-        if not await self._ready(context):
+        if not await self._ready(context) or not await self._addressed(context, request):
             return pb.RollbackReply()
         if self.checkpoints is None:
             await self._reject(

@@ -2,14 +2,17 @@
 
 With credentials it listens with mutual TLS only (:mod:`node.security.tls`) and authorizes every Stage call
 (:class:`node.security.authz.MemberInterceptor`); without, it listens in cleartext (``--insecure``). Either
-way the server bounds what a caller can hold: concurrent calls, connection idle time and age, and how long
-one call may run, so that stalled streams cannot pile up.
+way the server bounds what a caller can hold (:class:`ServerLimits`): concurrent streams per connection,
+per caller and in all, the pace of a stream's messages, how long one call may run, and connection idle
+time and age, so that stalled streams cannot pile up or starve heartbeats and the commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -24,9 +27,16 @@ from node.transport.stage_rpc import add_stage_service
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one caller can hold on a server."""
+    """What callers can hold on a server. Client streams (Forward, Backward, PushReplica) are the calls that can
+    hold memory, so they have caps of their own, per connection, per caller (certificate name, or address
+    without TLS) and in all; unary calls (heartbeats, the commit's control calls) are not counted against them,
+    so stalled streams never starve the calls that keep the swarm alive."""
 
-    max_concurrent_rpcs: int = 256  # beyond this a call is refused at once (RESOURCE_EXHAUSTED)
+    max_concurrent_rpcs: int = 1024  # gRPC's own cap on all calls: beyond it a call is refused at once
+    max_streams: int = 192  # client streams in flight, all callers together
+    streams_per_caller: int = 64  # client streams in flight from one caller, over all its connections
+    streams_per_connection: int = 32  # client streams in flight on one connection
+    message_idle_seconds: float = 15.0  # a client stream that sends no message for this long is cut off
     call_seconds: float = 180.0  # a call (a tensor stream included) still running after this is cut off
     idle_seconds: float = 300.0  # a connection without calls is closed after this
     max_age_seconds: float = 3600.0  # connections are recycled after this (with a grace period)
@@ -41,28 +51,87 @@ class ServerLimits:
         ]
 
 
-class DeadlineInterceptor(grpc.aio.ServerInterceptor):
-    """Cuts off any call that runs longer than ``seconds`` (a client that opens a stream and never finishes
-    it would otherwise hold a handler forever)."""
+class StreamStalled(Exception):
+    """A client stream sent nothing for longer than its idle limit."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+
+async def _paced(requests: AsyncIterator, seconds: float) -> AsyncIterator:
+    """``requests``, cut off when the next message takes longer than ``seconds`` to arrive."""
+    it = aiter(requests)
+    while True:
+        try:
+            async with asyncio.timeout(seconds):
+                item = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise StreamStalled(f"no message for {seconds:.0f} s") from None
+        yield item
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> tuple[str, str]:
+    """(caller, connection): the name in the client certificate (its address without TLS), and the connection."""
+    peer = context.peer() or "unknown"
+    names = context.auth_context().get("x509_common_name") or []
+    caller = names[0].decode(errors="replace") if names else peer.rsplit(":", 1)[0]
+    return caller, peer
+
+
+class CallLimits(grpc.aio.ServerInterceptor):
+    """Applies :class:`ServerLimits` to every call: client streams within their caps and paced, and every call
+    within ``call_seconds``. A refusal or cut-off is reported as ``on_refused(reason, text)``, reason ``busy``
+    (``RESOURCE_EXHAUSTED``) or ``stalled`` (``DEADLINE_EXCEEDED``)."""
+
+    def __init__(self, limits: ServerLimits, on_refused: Callable[[str, str], None] = lambda reason, text: None):
+        self.limits, self.on_refused = limits, on_refused
+        self.streams: Counter[str] = Counter()  # "*", "caller:<name>", "connection:<peer>" -> streams in flight
+
+    def _admit(self, context: grpc.aio.ServicerContext) -> tuple[list[str], str | None]:
+        caller, connection = caller_of(context)
+        lim = self.limits
+        keys = [("*", lim.max_streams), (f"caller:{caller}", lim.streams_per_caller)]
+        keys.append((f"connection:{connection}", lim.streams_per_connection))
+        for key, cap in keys:
+            if self.streams[key] >= cap:
+                return [], f"{self.streams[key]} streams in flight ({key.split(':')[0]} limit {cap})"
+        for key, _ in keys:
+            self.streams[key] += 1
+        return [key for key, _ in keys], None
+
+    def _release(self, keys: list[str]) -> None:
+        for key in keys:
+            self.streams[key] -= 1
+            if not self.streams[key]:
+                del self.streams[key]
+
+    async def _refuse(self, context, code: grpc.StatusCode, reason: str, text: str) -> None:
+        self.on_refused(reason, text)
+        await context.abort(code, f"{reason}: {text}")
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
         kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-        seconds = self.seconds
+        seconds, idle = self.limits.call_seconds, self.limits.message_idle_seconds
         if handler.stream_unary:
             inner = handler.stream_unary
 
             async def stream_unary(requests, context):
+                keys, refusal = self._admit(context)
+                if refusal is not None:
+                    await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", refusal)
                 try:
                     async with asyncio.timeout(seconds):
-                        return await inner(requests, context)
+                        return await inner(_paced(requests, idle), context)
                 except TimeoutError:
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"call ran past {seconds:.0f} s")
+                    await self._refuse(
+                        context, grpc.StatusCode.DEADLINE_EXCEEDED, "stalled", f"ran past {seconds:.0f} s"
+                    )
+                except StreamStalled as err:
+                    await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "stalled", str(err))
+                finally:
+                    self._release(keys)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
         if handler.unary_unary:
@@ -90,9 +159,11 @@ class StageServer:
         interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
         limits: ServerLimits = ServerLimits(),
         with_reflection: bool = False,
+        on_refused: Callable[[str, str], None] = lambda reason, text: None,
     ) -> None:
         self.servicer, self.credentials, self.limits = servicer, credentials, limits
-        self.interceptors = (*interceptors, DeadlineInterceptor(limits.call_seconds))
+        self.limiter = CallLimits(limits, on_refused)
+        self.interceptors = (*interceptors, self.limiter)
         self.with_reflection = with_reflection
         self.address = ""
 

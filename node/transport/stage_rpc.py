@@ -4,12 +4,20 @@ The tensor-carrying RPCs (``Forward``, ``Backward``, ``FetchWeights``) move alre
 ``TensorChunk`` bytes: :func:`node.wire.tensors.encode_stream` writes data chunks straight in protobuf wire
 format, and the receiver copies each payload once into the tensor's buffer. The wire format is exactly the
 one ``proto/stage.proto`` describes, so any gRPC client that speaks it interoperates; only the Python
-objects in between are skipped. Everything else uses the generated (de)serializers.
+objects in between are skipped.
+
+Requests of the other RPCs arrive as bytes too and are parsed inside the handler, after the membership
+check: a request that protobuf cannot parse is refused with ``INVALID_ARGUMENT`` (reason ``bad_message``)
+through the servicer's ``bad_message``, where gRPC's own deserializer would answer ``UNKNOWN`` and log it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import grpc
+from google.protobuf.message import DecodeError
 
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
@@ -21,8 +29,39 @@ def _identity(message: bytes) -> bytes:
     return message
 
 
+BadMessage = Callable[[grpc.aio.ServicerContext, str], Awaitable[None]]
+
+
+async def _abort_bad_message(context: grpc.aio.ServicerContext, message: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad_message: {message}")
+
+
+async def _parse(raw: bytes, request: Any, context: grpc.aio.ServicerContext, bad: BadMessage) -> Any:
+    try:
+        return request.FromString(raw)
+    except DecodeError as err:
+        await bad(context, f"not a {request.DESCRIPTOR.name}: {err}")
+
+
+def _unary(method: Callable, request: Any, bad: BadMessage) -> Callable:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await method(await _parse(raw, request, context, bad), context)
+
+    return handle
+
+
+def _server_stream(method: Callable, request: Any, bad: BadMessage) -> Callable:
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext):
+        async for item in method(await _parse(raw, request, context, bad), context):
+            yield item
+
+    return handle
+
+
 def add_stage_service(servicer: stage_pb2_grpc.StageServicer, server: grpc.aio.Server) -> None:
-    """Registers ``servicer``; its tensor streams see raw message bytes (decode with TensorAssembler)."""
+    """Registers ``servicer``; its tensor streams see raw message bytes (decode with TensorAssembler). A
+    request that does not parse goes to ``servicer.bad_message(context, text)`` when it has one."""
+    bad: BadMessage = getattr(servicer, "bad_message", _abort_bad_message)
     handlers = {
         name: grpc.stream_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=_identity, response_serializer=pb.Ack.SerializeToString
@@ -31,8 +70,8 @@ def add_stage_service(servicer: stage_pb2_grpc.StageServicer, server: grpc.aio.S
     }
     for name in ("FetchWeights", "FetchReplica"):
         handlers[name] = grpc.unary_stream_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=pb.FetchWeightsRequest.FromString,
+            _server_stream(getattr(servicer, name), pb.FetchWeightsRequest, bad),
+            request_deserializer=_identity,
             response_serializer=_identity,
         )
     for name, (request, reply) in {
@@ -44,8 +83,8 @@ def add_stage_service(servicer: stage_pb2_grpc.StageServicer, server: grpc.aio.S
         "Rollback": (pb.RollbackRequest, pb.RollbackReply),
     }.items():
         handlers[name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=request.FromString,
+            _unary(getattr(servicer, name), request, bad),
+            request_deserializer=_identity,
             response_serializer=reply.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

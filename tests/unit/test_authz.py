@@ -83,6 +83,27 @@ async def test_a_refusal_rereads_the_view_once_before_it_is_final() -> None:
     assert await check("Prepare", "s9") is not None and refreshed == 1  # no second re-read within min_refresh
 
 
+async def test_refusals_during_a_reread_wait_for_it() -> None:
+    """Five neighbours' first pushes arrive together before this node has seen their records: all wait for the
+    one re-read that brings the records, none is refused."""
+    view: list[StageRecord] = []
+    gate = asyncio.Event()
+    refreshed = 0
+
+    async def refresh() -> None:
+        nonlocal refreshed
+        refreshed += 1
+        await gate.wait()
+        view.extend([rec(1, "s1"), rec(3, "s3")])
+
+    check = ViewCheck(lambda: view, refresh, lambda: 2, 5, False, min_refresh=10.0)
+    calls = [asyncio.ensure_future(check("Forward", caller)) for caller in ("s1", "s3", "s1", "s3", "s1")]
+    await asyncio.sleep(0.05)
+    assert not any(c.done() for c in calls)
+    gate.set()
+    assert await asyncio.gather(*calls) == [None] * 5 and refreshed == 1
+
+
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, NodeCredentials]:
     root = tmp_path_factory.mktemp("authority")

@@ -84,7 +84,13 @@ async def serving(limits: FetchLimits = FetchLimits()):
 
     try:
         yield SimpleNamespace(
-            stub=client(), client=client, participant=participant, metrics=metrics, service=service, copies=copies
+            stub=client(),
+            client=client,
+            participant=participant,
+            metrics=metrics,
+            service=service,
+            copies=copies,
+            address=address,
         )
     finally:
         for channel in channels:
@@ -127,7 +133,7 @@ async def test_bad_messages_are_refused_with_their_reason_and_counted(served, me
         await served.stub.Forward(encode_stream(message, [("", tensor)]))
     assert err.value.details().startswith(reason.value)
     assert code is None or err.value.code() == code
-    assert rejected(served.metrics, reason) == 1.0 and served.service.rejected_total == 1
+    assert rejected(served.metrics, reason) == 1.0 and served.service.refusals.total == 1
     assert served.participant.forwarded == []
 
 
@@ -199,12 +205,12 @@ async def test_a_real_attempt_and_steps_beyond_any_run(served) -> None:
 # ---- rejection logs ---------------------------------------------------------------------------------
 async def test_every_rejection_is_counted_but_logged_once_per_reason_and_interval(served, caplog) -> None:
     bad = list(encode_stream(meta(0), [("", torch.zeros(2, 8, 3))]))
-    with caplog.at_level("WARNING", logger="node.stage.service"):
+    with caplog.at_level("WARNING", logger="node.stage.refusals"):
         for _ in range(20):
             with pytest.raises(grpc.aio.AioRpcError):
                 await served.stub.Forward(iter(bad))
-    assert rejected(served.metrics, Reject.BAD_SHAPE) == 20.0 and served.service.rejected_total == 20
-    lines = [r.getMessage() for r in caplog.records if r.name == "node.stage.service"]
+    assert rejected(served.metrics, Reject.BAD_SHAPE) == 20.0 and served.service.refusals.total == 20
+    lines = [r.getMessage() for r in caplog.records if r.name == "node.stage.refusals"]
     assert len(lines) == 1 and lines[0].startswith("rejected message: bad_shape: shape [2, 8, 3]")
     assert (await served.stub.GetStatus(pb.StatusRequest())).rejected_messages == 20
 
@@ -301,3 +307,45 @@ async def test_fetch_replica_is_served_one_at_a_time_too() -> None:
         await asyncio.sleep(0.2)
         meta_, tensors = await _fetch(s.client(), "FetchReplica", step=3)
         assert meta_.step == 3 and meta_.sender_peer == "peer-1" and tensors["w.x"].numel() == 8 << 20
+
+
+@pytest.mark.parametrize("rpc", ["Prepare", "Commit", "Abort", "Rollback", "Heartbeat", "GetStatus", "FetchWeights"])
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff", b"\x08" + b"\x80" * 10, b"\x0c"])  # garbage, bad varint, end group
+async def test_a_request_that_does_not_parse_is_invalid_argument_and_counted(served, rpc: str, raw: bytes) -> None:
+    async with grpc.aio.insecure_channel(served.address, options=GRPC_OPTIONS) as channel:
+        ident = lambda b: b  # noqa: E731
+        method = f"/swarm_node.v1.Stage/{rpc}"
+        if rpc == "FetchWeights":
+            call = channel.unary_stream(method, request_serializer=ident, response_deserializer=ident)(raw)
+            pending = call.read()
+        else:
+            pending = channel.unary_unary(method, request_serializer=ident, response_deserializer=ident)(raw)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pending
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert err.value.details().startswith("bad_message")
+    assert rejected(served.metrics, Reject.BAD_MESSAGE) == 1.0 and served.service.refusals.total == 1
+    assert served.participant.aborted == []
+
+
+async def test_control_requests_are_checked_against_the_claim_epoch() -> None:
+    superseded: list[int] = []
+    async with serving() as s:
+        s.service.superseded = superseded.append
+        s.participant.seat.epoch = 500
+        cases = [
+            (pb.AbortRequest(step=4, attempt=1, stage=1, epoch=500), None),  # the current claim: applied
+            (pb.AbortRequest(step=4, attempt=2), None),  # no epoch given (a tool): applied
+            (pb.AbortRequest(step=4, attempt=3, stage=1, epoch=499), Reject.STALE_EPOCH),  # the sender's view is old
+            (pb.AbortRequest(step=4, attempt=4, stage=2, epoch=500), Reject.BAD_ROUTE),  # another stage
+            (pb.AbortRequest(step=4, attempt=5, stage=1, epoch=501), Reject.FENCED),  # this node was replaced
+        ]
+        for request, reason in cases:
+            if reason is None:
+                assert (await s.stub.Abort(request)).ok
+                continue
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await s.stub.Abort(request)
+            assert err.value.details().startswith(reason.value), err.value.details()
+            assert rejected(s.metrics, reason) == 1.0
+        assert s.participant.aborted == [(4, 1), (4, 2)] and superseded == [501]
