@@ -73,12 +73,16 @@ class Ack(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("step", "attempt")
+    __slots__ = ("step", "attempt", "stage", "epoch")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    stage: int
+    epoch: int
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("stage", "grad_norm_sq", "microbatches")
@@ -91,16 +95,20 @@ class PrepareReply(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., grad_norm_sq: _Optional[float] = ..., microbatches: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("step", "attempt", "global_grad_norm", "clip_coef")
+    __slots__ = ("step", "attempt", "global_grad_norm", "clip_coef", "stage", "epoch")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     CLIP_COEF_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     global_grad_norm: float
     clip_coef: float
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., global_grad_norm: _Optional[float] = ..., clip_coef: _Optional[float] = ...) -> None: ...
+    stage: int
+    epoch: int
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., global_grad_norm: _Optional[float] = ..., clip_coef: _Optional[float] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class CommitReply(_message.Message):
     __slots__ = ("stage", "committed_step")
@@ -111,14 +119,18 @@ class CommitReply(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., committed_step: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("step", "attempt", "reason")
+    __slots__ = ("step", "attempt", "reason", "stage", "epoch")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     reason: str
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    stage: int
+    epoch: int
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("sender_stage", "sender_peer", "committed_step")
@@ -177,14 +189,18 @@ class StageStatus(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ..., last_grad_norm: _Optional[float] = ..., rejected_messages: _Optional[int] = ..., pid: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
-    __slots__ = ("step", "attempt", "sender_peer")
+    __slots__ = ("step", "attempt", "sender_peer", "stage", "epoch")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SENDER_PEER_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     sender_peer: str
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., sender_peer: _Optional[str] = ...) -> None: ...
+    stage: int
+    epoch: int
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., sender_peer: _Optional[str] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class RollbackReply(_message.Message):
     __slots__ = ("stage", "committed_step")

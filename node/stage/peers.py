@@ -11,6 +11,7 @@ from node.options import TimingOptions
 from node.proto import stage_pb2 as pb
 from node.stage.coordinator import PeerError
 from node.stage.presence import Presence
+from node.stage.runtime import Reject
 from node.transport.channels import ChannelPool
 
 ABORT_SECONDS = 2.0  # an abort is best effort: a stage that misses it refuses the old attempt later
@@ -25,11 +26,17 @@ class GrpcPeers:
     async def _call(self, stage: int, rpc: str, request: Any, seconds: float | None = None) -> tuple[Any, str]:
         deadline = time.monotonic() + (seconds or self.timing.rpc_timeout)
         peer = await self.presence.resolve(stage, deadline)
+        if "epoch" in request.DESCRIPTOR.fields_by_name:  # control requests name the claim they address
+            request.stage, request.epoch = stage, peer.epoch
         stub = self.channels.stub(peer)
         try:
             reply = await getattr(stub, rpc)(request, timeout=max(0.1, deadline - time.monotonic()))
         except grpc.aio.AioRpcError as err:
-            refused = err.code() == grpc.StatusCode.FAILED_PRECONDITION
+            # a claim-epoch mismatch is a view out of date on one side, not a refusal of the step: re-read, retry
+            mismatch = (err.details() or "").startswith((Reject.STALE_EPOCH.value, Reject.FENCED.value))
+            if mismatch:
+                await self.presence.try_refresh()
+            refused = err.code() == grpc.StatusCode.FAILED_PRECONDITION and not mismatch
             raise PeerError(stage, f"{rpc}: {err.code().name} {err.details()}", refused=refused) from None
         return reply, peer.peer_id
 

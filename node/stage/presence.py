@@ -257,11 +257,17 @@ class Presence:
         )
         started = time.perf_counter()
         try:
-            await self.channels.stub(peer).Heartbeat(request, timeout=self.timing.heartbeat_timeout)
+            reply = await self.channels.stub(peer).Heartbeat(request, timeout=self.timing.heartbeat_timeout)
+            problem = None
+            if reply.peer_id != peer.peer_id or reply.stage != stage:
+                # another process answers on the peer's address (a restart, a reused port): the peer is not there
+                problem = f"answered by {reply.peer_id[:16]!r} for stage {reply.stage}"
         except grpc.aio.AioRpcError as err:
+            problem = err.code().name
+        if problem is not None:
             self.missed[peer.peer_id] = missed = self.missed.get(peer.peer_id, 0) + 1
             if missed >= self.timing.suspect_after:
-                self.suspect(peer, f"heartbeat: {err.code().name} ({missed} missed)")
+                self.suspect(peer, f"heartbeat: {problem} ({missed} missed)")
             return False
         self.missed.pop(peer.peer_id, None)
         self.last_alive[peer.peer_id] = time.monotonic()

@@ -12,6 +12,7 @@ import pytest
 from node.events import EventLog, FailureDetectedEvent, read_events
 from node.metrics import StageMetrics
 from node.options import TimingOptions
+from node.proto import stage_pb2 as pb
 from node.recovery.planner import vacant_stages
 from node.stage.compute import BlockingIO
 from node.stage.presence import NodeIdentity, Presence
@@ -52,22 +53,23 @@ class FakeDirectory:
 
 
 class FakeStub:
-    def __init__(self, fail: bool) -> None:
-        self.fail = fail
+    def __init__(self, peer: StageRecord, fail: bool, answered_by: str | None) -> None:
+        self.peer, self.fail, self.answered_by = peer, fail, answered_by
 
     async def Heartbeat(self, request, timeout):
         if self.fail:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "connection refused")
-        return None
+        return pb.HeartbeatReply(stage=self.peer.stage, peer_id=self.answered_by or self.peer.peer_id, state="online")
 
 
 class FakeChannels:
     def __init__(self) -> None:
         self.down: set[str] = set()
+        self.impostors: dict[str, str] = {}  # address -> the peer id of another process now answering there
         self.dropped: list[str] = []
 
     def stub(self, peer: StageRecord) -> FakeStub:
-        return FakeStub(peer.grpc_address in self.down)
+        return FakeStub(peer, peer.grpc_address in self.down, self.impostors.get(peer.grpc_address))
 
     async def drop(self, peer: StageRecord) -> None:
         self.dropped.append(peer.grpc_address)
@@ -153,6 +155,17 @@ async def test_a_failed_heartbeat_suspects_the_neighbour_and_the_stage_announces
     assert "c" in presence.suspected() and "a" not in presence.suspected()
     assert presence.state == StageState.WAITING
     assert directory.by_peer["b"].state == StageState.WAITING
+
+
+async def test_a_heartbeat_answered_by_another_process_is_a_missed_beat(parts) -> None:
+    presence, _, channels, _ = parts
+    await presence.refresh()
+    presence.seat.runtime = SimpleNamespace(committed_step=5)
+    channels.impostors[rec(2, "c").grpc_address] = "someone-else"  # "c" restarted: a new peer on its address
+    for beat in range(1, presence.timing.suspect_after + 1):
+        assert not await presence.ping(2)
+        assert ("c" in presence.suspected()) == (beat == presence.timing.suspect_after)
+    assert await presence.ping(0)  # a neighbour answering as itself is alive
 
 
 async def test_the_record_says_what_the_seat_holds(parts) -> None:
