@@ -1,10 +1,14 @@
-"""Transport: activation-sized tensors through the real Stage service vs bare gRPC byte streaming.
+"""Transport: activation-sized tensors through the real Stage service, over mutual TLS and in cleartext, vs bare
+gRPC byte streaming.
 
-Both run in the same server process on loopback, in the same run. The Stage path is the production one:
-``encode_stream`` on the client, the ``Forward`` handler with ``decode_stream`` and every validation check
-(route, dtype, shape, finiteness) on the server; only the stage's compute is left out (the handler returns
-as soon as the tensor is accepted). The bare path streams pre-cut 1 MiB ``bytes`` with no (de)serialization
-at all, the best gRPC can do. Goal: Stage throughput ≥ 0.8 × bare.
+All three run in the same server process on loopback, in the same run, interleaved round by round. The Stage
+path is the production one: ``encode_stream`` on the client, the ``Forward`` handler with ``decode_stream`` and
+every validation check (route, dtype, shape, finiteness) on the server; only the stage's compute is left out
+(the handler returns as soon as the tensor is accepted). The mTLS path is the same service behind the
+production server (``StageServer``: mutual TLS with certificates from a throw-away swarm authority, the
+membership interceptor and the call limits); the cleartext path is what ``--insecure`` serves. The bare path
+streams pre-cut 1 MiB ``bytes`` with no (de)serialization at all, the best gRPC can do.
+Goals: Stage (cleartext) ≥ 0.8 × bare; mTLS ≥ 0.9 × cleartext.
 
     python benchmarks/transport.py [--sizes-mib 1,4,16,64] [--repeats 5] [--out benchmarks/results/transport.json]
 """
@@ -17,6 +21,7 @@ import multiprocessing as mp
 import os
 import pathlib
 import statistics
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -26,8 +31,12 @@ from _common import RESULTS, write_results
 
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
+from node.security.authz import MemberInterceptor
+from node.security.keys import NodeCredentials, ephemeral_swarm
+from node.security.tls import channel_credentials, server_credentials, target_name_options
 from node.stage.service import NodeStatus, StageService
 from node.transport.channels import GRPC_OPTIONS, SERVER_OPTIONS
+from node.transport.server import StageServer
 from node.transport.stage_rpc import StageClient, add_stage_service
 from node.wire.tensors import CHUNK_BYTES, encode_stream
 
@@ -44,6 +53,7 @@ class _AcceptingParticipant:
         self.activation_shape = shape
         self.max_activation_bytes = 4 * shape[1] * D_MODEL
         self.received = 0
+        self.after_commit: list = []
 
     async def on_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
         self.received += x.numel()
@@ -58,7 +68,11 @@ def _shape_for(mib: int) -> tuple[int, int, int]:
     return (1, tokens, D_MODEL)
 
 
-async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]]) -> None:
+async def _allow(rpc: str, caller: str) -> str | None:
+    return None  # the membership check's cost is the interceptor and the certificate lookup, not the rules
+
+
+async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]], keys: pathlib.Path) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     participants = {}
 
@@ -79,18 +93,32 @@ async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]]) -> None:
         ports[shape] = s.add_insecure_port("127.0.0.1:0")
         await s.start()
         participants[shape] = (s, p)
+    tls_ports = {}
+    for shape in shapes:
+        service = StageService(_AcceptingParticipant(shape), None, None, _status, StageMetrics())  # type: ignore[arg-type]
+        interceptor = MemberInterceptor(_allow, lambda code, rpc: None)
+        tls = StageServer(service, server_credentials(NodeCredentials.load(keys / "server")), (interceptor,))
+        address = await tls.start("127.0.0.1", 0)
+        tls_ports[shape] = int(address.rsplit(":", 1)[1])
+        participants[("tls", shape)] = (tls, None)
     bare_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    port_q.put((bare_port, ports))
+    port_q.put((bare_port, ports, tls_ports))
     await asyncio.Event().wait()
 
 
-def _server_main(port_q: mp.Queue, shapes: list[tuple[int, int, int]]) -> None:
+def _server_main(port_q: mp.Queue, shapes: list[tuple[int, int, int]], keys: pathlib.Path) -> None:
     torch.set_num_threads(1)
-    asyncio.run(_serve(port_q, shapes))
+    asyncio.run(_serve(port_q, shapes, keys))
 
 
-async def _measure(bare_port: int, ports: dict, sizes: list[int], repeats: int) -> list[dict]:
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+async def _measure(
+    bare_port: int, ports: dict, tls_ports: dict, keys: pathlib.Path, sizes: list[int], repeats: int
+) -> list[dict]:
     rows = []
     bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{bare_port}", options=GRPC_OPTIONS)
     push = bare_channel.stream_unary(BARE_METHOD)
@@ -102,28 +130,44 @@ async def _measure(bare_port: int, ports: dict, sizes: list[int], repeats: int) 
         chunks = [raw[i : i + CHUNK_BYTES] for i in range(0, len(raw), CHUNK_BYTES)]
         stage_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports[shape]}", options=GRPC_OPTIONS)
         stub = StageClient(stage_channel)
+        tls_channel = grpc.aio.secure_channel(
+            f"127.0.0.1:{tls_ports[shape]}",
+            channel_credentials(NodeCredentials.load(keys / "client")),
+            options=GRPC_OPTIONS + target_name_options("server"),
+        )
+        tls_stub = StageClient(tls_channel)
         meta = pb.MicrobatchMeta(step=0, microbatch=0, route=[0, 1, 2, 3, 0], hop=1, sender_stage=0, attempt=1)
-        bare_s, stage_s = [], []
-        for i in range(repeats + 1):  # the first round warms up both paths
+        bare_s, stage_s, tls_s = [], [], []
+        for i in range(repeats + 1):  # the first round warms up every path (and makes the TLS handshake)
             t0 = time.perf_counter()
             await push(iter(chunks))
             t1 = time.perf_counter()
             await stub.Forward(encode_stream(meta, [("", tensor)]))
             t2 = time.perf_counter()
+            await tls_stub.Forward(encode_stream(meta, [("", tensor)]))
+            t3 = time.perf_counter()
             if i:
                 bare_s.append(t1 - t0)
                 stage_s.append(t2 - t1)
+                tls_s.append(t3 - t2)
         await stage_channel.close()
-        bare, stage = statistics.median(bare_s), statistics.median(stage_s)
+        await tls_channel.close()
+        bare, stage, tls = statistics.median(bare_s), statistics.median(stage_s), statistics.median(tls_s)
         rows.append(
             {
                 "mib": mib,
                 "bytes": nbytes,
                 "bare_seconds": bare,
                 "stage_seconds": stage,
+                "mtls_seconds": tls,
                 "bare_gib_per_s": nbytes / bare / 2**30,
                 "stage_gib_per_s": nbytes / stage / 2**30,
+                "mtls_gib_per_s": nbytes / tls / 2**30,
                 "ratio": bare / stage,
+                "mtls_ratio": stage / tls,
+                # round by round (each round runs the paths back to back), so the spread is not the machine's drift
+                "mtls_ratio_spread": _spread([s / t for s, t in zip(stage_s, tls_s, strict=True)]),
+                "ratio_spread": _spread([b / s for b, s in zip(bare_s, stage_s, strict=True)]),
             }
         )
     await bare_channel.close()
@@ -140,19 +184,30 @@ def main() -> None:
     shapes = [_shape_for(m) for m in sizes]
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()
-    server = ctx.Process(target=_server_main, args=(q, shapes), daemon=True)
-    server.start()
-    try:
-        bare_port, ports = q.get(timeout=60)
-        rows = asyncio.run(_measure(bare_port, ports, sizes, args.repeats))
-    finally:
-        server.kill()
-        server.join(5)
-    print(f"{'MiB':>5} {'bare GiB/s':>11} {'stage GiB/s':>12} {'stage/bare':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        bundles = ephemeral_swarm(pathlib.Path(tmp), ["server", "client"])
+        keys = bundles["server"].parent
+        server = ctx.Process(target=_server_main, args=(q, shapes, keys), daemon=True)
+        server.start()
+        try:
+            bare_port, ports, tls_ports = q.get(timeout=60)
+            rows = asyncio.run(_measure(bare_port, ports, tls_ports, keys, sizes, args.repeats))
+        finally:
+            server.kill()
+            server.join(5)
+    header = (
+        f"{'MiB':>5} {'bare GiB/s':>11} {'stage GiB/s':>12} {'mTLS GiB/s':>11} {'stage/bare':>11} {'mTLS/stage':>17}"
+    )
+    print(header)
     for r in rows:
-        print(f"{r['mib']:>5} {r['bare_gib_per_s']:>11.2f} {r['stage_gib_per_s']:>12.2f} {r['ratio']:>11.2f}")
+        sp = r["mtls_ratio_spread"]
+        print(
+            f"{r['mib']:>5} {r['bare_gib_per_s']:>11.2f} {r['stage_gib_per_s']:>12.2f} {r['mtls_gib_per_s']:>11.2f}"
+            f" {r['ratio']:>11.2f} {r['mtls_ratio']:>6.2f} [{sp['min']:.2f}-{sp['max']:.2f}]"
+        )
     overall = min(r["ratio"] for r in rows)
-    print(f"worst stage/bare ratio: {overall:.2f} (goal >= 0.8)")
+    mtls = min(r["mtls_ratio"] for r in rows)
+    print(f"worst stage/bare ratio: {overall:.2f} (goal >= 0.8); worst mTLS/cleartext ratio: {mtls:.2f} (goal >= 0.9)")
     write_results(
         args.out,
         {
@@ -160,6 +215,8 @@ def main() -> None:
             "rows": rows,
             "worst_ratio": overall,
             "goal": 0.8,
+            "worst_mtls_ratio": mtls,
+            "mtls_goal": 0.9,
             "torch": torch.__version__,
             "grpc": grpc.__version__,
         },
