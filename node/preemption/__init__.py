@@ -1,0 +1,1 @@
+"""Spot-preemption notices: the clouds' metadata services and SIGTERM, turned into one kind of notice."""
