@@ -111,6 +111,26 @@ class FencedEvent(_Event):
     by_epoch: int
 
 
+class NoticeEvent(_Event):
+    """A preemption notice: from the cloud's metadata service, or a SIGTERM/SIGINT."""
+
+    event: Literal["notice"] = "notice"
+    stage: int | None = Field(description="None: a spare")
+    provider: str = Field(description="aws, gcp, azure or signal")
+    kind: str = Field(description="terminate (the machine goes) or rebalance (a warning)")
+    seconds_left: float = Field(description="until the machine goes, as the notice says")
+
+
+class HandedOverEvent(_Event):
+    """A preempted node handed its stage over and stopped serving it (``to`` None: nobody took it in time)."""
+
+    event: Literal["handed_over"] = "handed_over"
+    stage: int
+    step: int = Field(description="committed step of the state handed over")
+    to: str | None = Field(description="the successor's peer id")
+    seconds: float = Field(description="from the notice to the successor serving (or giving up)")
+
+
 class CheckpointEvent(_Event):
     """A checkpoint became durable (``--recovery checkpoint``)."""
 
@@ -184,6 +204,8 @@ Event = Annotated[
     | RecoveryEvent
     | UnrecoverableEvent
     | FencedEvent
+    | NoticeEvent
+    | HandedOverEvent
     | CheckpointEvent
     | CheckpointSnapshotEvent
     | RollbackStartEvent
@@ -202,6 +224,8 @@ EVENT_TYPES: tuple[type[_Event], ...] = (
     RecoveryEvent,
     UnrecoverableEvent,
     FencedEvent,
+    NoticeEvent,
+    HandedOverEvent,
     CheckpointEvent,
     CheckpointSnapshotEvent,
     RollbackStartEvent,

@@ -144,6 +144,30 @@ class StageMetrics:
             ["kind"],
             registry=r,
         )
+        self.notices = Counter(
+            "swarm_node_preemption_notices_total",
+            "Preemption notices (provider aws/gcp/azure/signal; kind terminate/rebalance)",
+            ["provider", "kind"],
+            registry=r,
+        )
+        self.metadata_errors = Counter(
+            "swarm_node_metadata_errors_total",
+            "Metadata-service replies that broke its protocol, or that never came",
+            ["provider"],
+            registry=r,
+        )
+        self.handoffs = Counter(
+            "swarm_node_handoffs_total",
+            "Stages this node handed over on a notice (result handed_over, or missed_deadline: nobody took it)",
+            ["result"],
+            registry=r,
+        )
+        self.handoff_seconds = Histogram(
+            "swarm_node_handoff_seconds",
+            "Notice to successor serving, on the node handed over from",
+            registry=r,
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+        )
 
         # not measured on this node (yet): NaN, so that a dashboard shows no line instead of a loss of 0
         self.loss.set(float("nan"))
@@ -167,6 +191,8 @@ class StageMetrics:
                 self.recoveries.labels(method=method.value)
         for result in ("ok", "failed"):
             self.checkpoint_writes.labels(result=result)
+        for result in ("handed_over", "missed_deadline"):
+            self.handoffs.labels(result=result)
 
     def serve(
         self,

@@ -93,6 +93,31 @@ class SecurityOptions(_Group):
     )
 
 
+class PreemptionMode(enum.StrEnum):
+    """Where preemption notices come from (SIGTERM and SIGINT are notices too, except with ``none``)."""
+
+    AUTO = "auto"  # detect the cloud from its metadata service
+    AWS = "aws"
+    GCP = "gcp"
+    AZURE = "azure"
+    SIGNAL = "signal"  # signals only
+    NONE = "none"  # no notices: SIGTERM stops the node without a handover
+
+
+class PreemptionOptions(_Group):
+    """Spot preemption notices, and the handover they start."""
+
+    mode: PreemptionMode = Field(PreemptionMode.AUTO, description="where notices come from")
+    drain_seconds: float = Field(
+        25.0, gt=0, le=3600, description="SIGTERM/SIGINT: the notice's window (below GCP's and Azure's 30 s)"
+    )
+    metadata_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="metadata service base address (tests, unusual clouds)",
+    )
+
+
 class NodeOptions(BaseModel):
     """Everything ``swarm-node run`` configures."""
 
@@ -118,6 +143,7 @@ class NodeOptions(BaseModel):
     recovery: RecoveryOptions = RecoveryOptions()
     eval: EvalOptions = EvalOptions()
     security: SecurityOptions = SecurityOptions()
+    preemption: PreemptionOptions = PreemptionOptions()
 
     @model_validator(mode="after")
     def _stage_exists(self) -> NodeOptions:

@@ -105,14 +105,16 @@ SWARM_STEPS = 30
 
 
 @pytest.fixture
-def running_swarm(tmp_path) -> Iterator[Any]:
-    """A 4-stage tiny swarm (one torch thread per stage) training ``SWARM_STEPS`` steps with its own throw-away
-    authority: the bootstrap node and the stages, without the launcher's watch loop. Stopped at the end."""
+def running_swarm(request: pytest.FixtureRequest, tmp_path) -> Iterator[Any]:
+    """A 4-stage tiny swarm (one torch thread per stage) training ``SWARM_STEPS`` steps (or as many as the test
+    parametrizes it with, indirectly) with its own throw-away authority: the bootstrap node and the stages,
+    without the launcher's watch loop. Stopped at the end."""
     from node.config import build_config
     from node.local.launcher import LocalOptions, LocalSwarm
 
     cfg = build_config(overrides={"num_stages": 4})
-    swarm = LocalSwarm(LocalOptions(config=cfg, steps=SWARM_STEPS, workdir=tmp_path, threads=1, quiet=True))
+    steps = getattr(request, "param", SWARM_STEPS)
+    swarm = LocalSwarm(LocalOptions(config=cfg, steps=steps, workdir=tmp_path, threads=1, quiet=True))
     try:
         swarm.start_bootstrap()
         for stage in range(4):

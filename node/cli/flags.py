@@ -195,6 +195,15 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     _option(g, "--eval-batches", "eval.batches", type=_positive_int)
 
 
+def _add_preemption_flags(p: argparse.ArgumentParser) -> None:
+    from node.options import PreemptionMode
+
+    g = p.add_argument_group("preemption (spot notices and handover)")
+    _option(g, "--preemption", "preemption.mode", choices=[m.value for m in PreemptionMode])
+    _option(g, "--drain-seconds", "preemption.drain_seconds", type=_positive_float)
+    _option(g, "--metadata-url", "preemption.metadata_url")
+
+
 def _check_checkpoint_dir(path: pathlib.Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)

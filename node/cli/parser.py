@@ -14,6 +14,7 @@ from node import __version__
 from node.cli.flags import (
     _add_eval_flags,
     _add_model_flags,
+    _add_preemption_flags,
     _add_recovery_flags,
     _add_timing_flags,
     _dataclass_default,
@@ -150,6 +151,7 @@ def _add_run(sub: Any) -> None:
     _add_recovery_flags(p)
     _option(p, "--checkpoint-dir", "recovery.checkpoint_dir", type=pathlib.Path)
     _add_eval_flags(p)
+    _add_preemption_flags(p)
     _option(p, "--fault", "faults", action="append", help=argparse.SUPPRESS)  # tests: STAGE@STEP[:PHASE]
     _add_model_flags(p)
 

@@ -93,13 +93,18 @@ def read_maddrs(child: Child, timeout: float) -> list[str]:
 
 
 def stop_all(children: list[Child], grace: float = 15.0) -> None:
-    """SIGTERM every child (stages first, so they announce ``offline``), then SIGKILL whatever is left."""
+    """SIGTERM every child twice (stages first, so they announce ``offline``), then SIGKILL whatever is left.
+    A daemon takes one SIGTERM as a preemption notice and starts handing its stage over; the second stops it
+    at once, as a swarm that stops as a whole has nobody to hand over to."""
     # The leader only: SIGTERM to the whole group would also kill the daemon's DHT helper process
     # before the daemon could announce itself offline with it.
-    for child in sorted(children, key=lambda c: c.name == "dht"):
-        if child.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                child.proc.terminate()
+    for second in (False, True):
+        if second:
+            time.sleep(0.2)  # two signals in one go may be merged into one
+        for child in sorted(children, key=lambda c: c.name == "dht"):
+            if child.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.terminate()
     deadline = time.monotonic() + grace
     for child in children:
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -97,6 +97,10 @@ class LauncherFaults:
                 continue
             if child.name == "stage0" and code == 0:
                 continue
+            if code == 0 and child.proc.pid in {e.pid for e in ev.of_type(read_events(), ev.HandedOverEvent)}:
+                self.handled_deaths.add(child.proc.pid)  # preempted: it handed its stage over and left
+                planned.append(child)
+                continue
             if code == -signal.SIGKILL and child.proc.pid not in killed_pids:
                 # a daemon writes its "killed" event and then dies: the death we just saw may be newer than
                 # the events read above, so read them again before calling it an error

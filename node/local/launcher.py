@@ -33,7 +33,15 @@ from node.local.faults import LauncherFaults
 from node.local.prometheus import PrometheusTargets
 from node.local.summary import StageLog, reference_diff, run_summary
 from node.local.view import progress_table
-from node.options import EvalOptions, NodeOptions, RecoveryOptions, SecurityOptions, TimingOptions
+from node.options import (
+    EvalOptions,
+    NodeOptions,
+    PreemptionMode,
+    PreemptionOptions,
+    RecoveryOptions,
+    SecurityOptions,
+    TimingOptions,
+)
 from node.recovery.faults import FaultSpec
 from node.security.keys import NodeCredentials, init_authority, issue_node
 from node.wire.records import StageRecord
@@ -65,6 +73,8 @@ class LocalOptions:
     prometheus_dir: pathlib.Path | None = None  # write prometheus.yml + targets.json (file_sd) here
     metrics: bool = True  # every daemon serves /metrics on a free port
     insecure: bool = False  # no keys: cleartext gRPC and an open DHT (default: a throw-away swarm authority)
+    # on one machine there is no cloud metadata service to ask: notices are signals (SIGTERM hands a stage over)
+    preemption: PreemptionOptions = field(default_factory=lambda: PreemptionOptions(mode=PreemptionMode.SIGNAL))
 
 
 class LocalSwarm:
@@ -153,6 +163,7 @@ class LocalSwarm:
             timing=o.timing,
             recovery=o.recovery,
             eval=o.eval,
+            preemption=o.preemption,
             security=self.credentials(name or (f"stage{stage}" if stage is not None else "node")),
         )
 

@@ -14,11 +14,13 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_BFLOAT16: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_INT64: _ClassVar[DType]
+    DTYPE_FLOAT64: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
 DTYPE_FLOAT16: DType
 DTYPE_INT64: DType
+DTYPE_FLOAT64: DType
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes")
@@ -155,14 +157,16 @@ class HeartbeatReply(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
-    __slots__ = ("requester_stage", "requester_peer", "step")
+    __slots__ = ("requester_stage", "requester_peer", "step", "full_state")
     REQUESTER_STAGE_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_PEER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    FULL_STATE_FIELD_NUMBER: _ClassVar[int]
     requester_stage: int
     requester_peer: str
     step: int
-    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    full_state: bool
+    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ..., full_state: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -17,6 +17,8 @@ method          when
 ``checkpoint``  ``--recovery checkpoint`` (any stage, also at start-up: a restarted swarm resumes): the
                 stage's newest checkpoint; stage 0 then rolls the whole swarm back to the newest
                 checkpoint every stage has
+``handoff``     the stage's owner got a preemption notice and is handing over: its exact state (weights,
+                AdamW state, lr scale, committed step), under every strategy and for every stage
 ==============  ===========================================================================
 
 Stage 0 (data, embedding, final norm, LM head) cannot be rebuilt from block stages; plain CheckFree reports
@@ -45,6 +47,7 @@ class Method(enum.StrEnum):
     PARTNER_COPY = "partner_copy"
     EMBEDDING_REPLICA = "embedding_replica"
     CHECKPOINT = "checkpoint"
+    HANDOFF = "handoff"
     UNRECOVERABLE = "unrecoverable"
 
 
@@ -125,12 +128,16 @@ def plan_recovery(
     committed_step: int,
     strategy: RecoveryStrategy = RecoveryStrategy.CHECKFREE,
     replicas: Mapping[int, int] | None = None,
+    handing_over: frozenset[int] = frozenset(),
 ) -> RecoveryPlan:
     """How to rebuild ``stage`` given the live stages and the swarm's committed step.
 
-    ``replicas`` maps each live stage holding a copy of stage 0 to that copy's committed step (checkfree+).
+    ``replicas`` maps each live stage holding a copy of stage 0 to that copy's committed step (checkfree+);
+    ``handing_over`` are the stages whose preempted owner is handing its state over.
     """
     strategy = RecoveryStrategy(strategy)
+    if stage in handing_over:  # exact, so it beats every rebuild, whatever the strategy
+        return RecoveryPlan(stage, Method.HANDOFF, (stage,), "the preempted owner hands its exact state over")
     if strategy is RecoveryStrategy.CHECKPOINT:
         return RecoveryPlan(
             stage, Method.CHECKPOINT, (), "the stage's newest checkpoint; the swarm rolls back to a common one"

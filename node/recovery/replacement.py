@@ -95,7 +95,10 @@ class StageBuilder:
             live = live_stages(others, fingerprint=me.fingerprint, num_stages=me.num_stages)
             committed = presence.swarm_committed()
             copies = {r.stage: r.replica_step for r in others if r.replica_step is not None and r.stage is not None}
-            plan = plan_recovery(ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies)
+            leaving = frozenset(r.stage for r in others if r.state == StageState.HANDING_OVER and r.stage is not None)
+            plan = plan_recovery(
+                ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving
+            )
             if plan.method == Method.UNRECOVERABLE:
                 if await self._served_by_another():
                     raise StageTaken(f"stage {ctx.stage} is served by another peer after all")

@@ -30,10 +30,13 @@ from node import __version__
 from node.checkpoint.keeper import CheckpointKeeper
 from node.dht.directory import SwarmDirectory
 from node.dht.factory import dht_rejections, make_dht
-from node.events import EventLog, FencedEvent, UnrecoverableEvent
+from node.events import EventLog, FencedEvent, NoticeEvent, UnrecoverableEvent
 from node.metrics import StageMetrics
-from node.options import NodeOptions, RecoveryStrategy
+from node.options import NodeOptions, PreemptionMode, RecoveryStrategy
+from node.preemption.notice import Notice
+from node.preemption.watcher import PreemptionWatcher
 from node.recovery.faults import FaultInjector, parse_fault
+from node.recovery.handoff import Handoff
 from node.recovery.methods import RecoveryContext, RecoveryMethod
 from node.recovery.neighbours import NeighbourRebuild
 from node.recovery.replacement import StageBuilder, StageTaken, Unrecoverable, claim_vacant_stage
@@ -44,6 +47,7 @@ from node.security.tls import channel_credentials, server_credentials
 from node.stage.compute import Background, BlockingIO, Compute
 from node.stage.coordinator import CommitCoordinator
 from node.stage.driver import Stage0Driver
+from node.stage.handover import Handover
 from node.stage.participant import PipelineParticipant
 from node.stage.peers import GrpcPeers
 from node.stage.presence import NodeIdentity, Presence
@@ -67,6 +71,8 @@ class StageDaemon:
         self.stopping = asyncio.Event()
         self.fenced = asyncio.Event()  # another peer claimed this node's stage with a newer epoch
         self.newer_claim: StageRecord | None = None
+        self.leaving = asyncio.Event()  # a hard preemption notice: hand the stage over, then exit
+        self.notice: Notice | None = None
         self.metrics = StageMetrics()
         self.events = EventLog(opts.events_file)
         self.device = pick_device(opts.device)
@@ -120,9 +126,13 @@ class StageDaemon:
                 secret=creds.secret if creds is not None else None,
             )  # fmt: skip
             self.participant.after_commit.append(self.checkpoints.after_commit)
-        self.methods: list[RecoveryMethod] = [NeighbourRebuild(opts.recovery.lr_scale), self.copies]
+        self.methods: list[RecoveryMethod] = [NeighbourRebuild(opts.recovery.lr_scale), self.copies, Handoff()]
         if self.checkpoints is not None:
             self.methods.append(self.checkpoints)
+        self.watcher = PreemptionWatcher(
+            opts.preemption.mode.value, opts.preemption.metadata_url, opts.preemption.drain_seconds, self._on_notice,
+            on_error=lambda provider: self.metrics.metadata_errors.labels(provider=provider).inc(),
+        )  # fmt: skip
         self.service = service = StageService(
             self.participant, self.copies, self.checkpoints, self.status, self.metrics,
             superseded=lambda epoch: self.background.spawn(self.presence.try_refresh()),  # fences via on_fenced
@@ -213,9 +223,13 @@ class StageDaemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
         opts = self.opts
+        if opts.preemption.mode is PreemptionMode.NONE:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stopping.set)
+        else:
+            self.watcher.install_signal_handlers(loop)
+            self.background.spawn(self.watcher.run(self.stopping))
         if opts.threads:
             torch.set_num_threads(opts.threads)
         if opts.security.insecure:
@@ -246,6 +260,10 @@ class StageDaemon:
             while not self.stopping.is_set():
                 await self.take_stage()
                 exit_code = await self._serve()
+                if self.leaving.is_set():
+                    if not self.stopping.is_set():  # a second signal: stop at once
+                        await self._hand_over()
+                    break
                 if not self.fenced.is_set():
                     break
                 await self._step_down()
@@ -272,22 +290,52 @@ class StageDaemon:
             self.seat.stage, self.me.grpc_address, self.me.peer_id, self.device,
         )  # fmt: skip
         await self.presence.announce(StageState.ONLINE if self.seat.stage else StageState.WAITING)
-        waits = {self.background.spawn(self.stopping.wait()), self.background.spawn(self.fenced.wait())}
+        waits = {self.background.spawn(e.wait()) for e in (self.stopping, self.fenced, self.leaving)}
         drive = None
         if self.seat.stage == 0 and opts.steps is not None:
             driver = Stage0Driver(
                 opts.config, self.compute, self.participant, self.coordinator, self.presence, self.copies,
                 self.checkpoints, opts.timing, opts.recovery, opts.eval, self.metrics, self.events, self.stopping,
+                self.leaving,
             )  # fmt: skip
             drive = self.background.spawn(driver.drive(opts.steps))
             waits.add(drive)
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if self.leaving.is_set() and drive is not None and not drive.done():
+            # the driver finishes the step in flight (committed or aborted everywhere) and starts no other
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait({drive}, timeout=opts.timing.step_timeout + opts.timing.rpc_timeout)
         for task in waits:
             task.cancel()
         if drive is not None and drive.done() and not drive.cancelled() and drive.exception() is not None:
             logger.error("training driver failed", exc_info=drive.exception())
             return 1
         return 0
+
+    def _on_notice(self, notice: Notice) -> None:
+        """A preemption notice: a hard one makes a node that serves a stage hand it over and exit (a spare, or
+        a node still building its stage, just exits; a second signal stops at once); a soft one is logged."""
+        self.metrics.notices.labels(provider=notice.provider, kind=notice.kind.value).inc()
+        self.events.emit(
+            NoticeEvent(
+                stage=self.seat.stage, provider=notice.provider, kind=notice.kind.value,
+                seconds_left=notice.seconds_left(),
+            )
+        )  # fmt: skip
+        if not notice.hard:
+            logger.warning("%s warns of a preemption (%s); carrying on", notice.provider, notice.kind)
+            return
+        if self.notice is not None or not self.seat.ready:
+            self.stopping.set()
+            return
+        self.notice = notice
+        self.leaving.set()
+
+    async def _hand_over(self) -> None:
+        """Hands the stage over (or gives up when the notice runs out), then acknowledges the notice."""
+        assert self.notice is not None
+        await Handover(self.seat, self.presence, self.metrics, self.events).run(self.notice, self.stopping)
+        await self.watcher.acknowledge(self.notice)
 
     def _on_fenced(self, newer: StageRecord) -> None:
         if not self.fenced.is_set():

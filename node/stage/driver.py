@@ -51,11 +51,13 @@ class Stage0Driver:
         metrics: StageMetrics,
         events: EventLog,
         stopping: asyncio.Event,
+        leaving: asyncio.Event | None = None,
     ) -> None:
         self.config, self.compute, self.participant, self.coordinator = config, compute, participant, coordinator
         self.presence, self.copies, self.checkpoints = presence, copies, checkpoints
         self.timing, self.recovery, self.evaluation = timing, recovery, evaluation
         self.metrics, self.events, self.stopping = metrics, events, stopping
+        self.leaving = leaving or asyncio.Event()  # preempted: finish the step in flight, start no other
         t = config.train
         self.tokens_per_step = t.microbatches_per_step * t.microbatch_size * t.seq_len
 
@@ -79,7 +81,7 @@ class Stage0Driver:
             else []
         )  # fmt: skip
         evaluated: int | None = None  # the committed step last evaluated (forgotten by a rollback)
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and not self.leaving.is_set():
             committed = self.runtime.committed_step
             eval_due = bool(every) and committed % every == 0 and committed != evaluated
             if committed >= steps and not eval_due:

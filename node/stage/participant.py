@@ -339,5 +339,18 @@ class PipelineParticipant:
 
         return await self.compute.run(snapshot)
 
+    async def snapshot_full(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(committed step, everything a successor needs to continue exactly): weights, AdamW state and the
+        0-d tensors ``meta.lr_scale`` and ``meta.last_grad_norm``, cloned to CPU on the compute thread."""
+        rt = self.runtime
+
+        def snapshot() -> tuple[int, dict[str, torch.Tensor]]:
+            state = rt.full_state()
+            state["meta.lr_scale"] = torch.tensor(rt.lr_scale, dtype=torch.float64)
+            state["meta.last_grad_norm"] = torch.tensor(rt.last_grad_norm, dtype=torch.float64)
+            return rt.committed_step, state
+
+        return await self.compute.run(snapshot)
+
     def close(self) -> None:
         self._background.cancel_all()

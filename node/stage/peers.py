@@ -25,7 +25,7 @@ class GrpcPeers:
 
     async def _call(self, stage: int, rpc: str, request: Any, seconds: float | None = None) -> tuple[Any, str]:
         deadline = time.monotonic() + (seconds or self.timing.rpc_timeout)
-        peer = await self.presence.resolve(stage, deadline)
+        peer = await self.presence.resolve(stage, deadline, leaving_ok=True)
         if "epoch" in request.DESCRIPTOR.fields_by_name:  # control requests name the claim they address
             request.stage, request.epoch = stage, peer.epoch
         stub = self.channels.stub(peer)

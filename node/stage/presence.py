@@ -232,10 +232,18 @@ class Presence:
         for callback in self.on_peer_lost:
             callback(failure)
 
-    async def resolve(self, stage: int, deadline: float, stopping: asyncio.Event | None = None) -> StageRecord:
-        """The serving peer of ``stage``, waiting for one (re-reading the DHT) until ``deadline``."""
+    def leaving_peer(self, stage: int) -> StageRecord | None:
+        """The peer handing ``stage`` over after a preemption notice, if any."""
+        return next((r for r in self.members(frozenset({StageState.HANDING_OVER})) if r.stage == stage), None)
+
+    async def resolve(
+        self, stage: int, deadline: float, stopping: asyncio.Event | None = None, leaving_ok: bool = False
+    ) -> StageRecord:
+        """The serving peer of ``stage``, waiting for one (re-reading the DHT) until ``deadline``. With
+        ``leaving_ok``, a peer handing the stage over will do when none serves it (the commit's control calls:
+        a step it prepared must still be committed or aborted there, and a new one is refused at once)."""
         while True:
-            peer = self.peer_of(stage)
+            peer = self.peer_of(stage) or (self.leaving_peer(stage) if leaving_ok else None)
             if peer is not None:
                 return peer
             if time.monotonic() >= deadline or (stopping is not None and stopping.is_set()):

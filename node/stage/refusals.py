@@ -30,6 +30,7 @@ STATUS_FOR: dict[Reject, grpc.StatusCode] = {
     Reject.INCOMPLETE: grpc.StatusCode.FAILED_PRECONDITION,
     Reject.NO_CHECKPOINT: grpc.StatusCode.FAILED_PRECONDITION,
     Reject.FENCED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reject.DRAINING: grpc.StatusCode.FAILED_PRECONDITION,
     Reject.STALE_EPOCH: grpc.StatusCode.FAILED_PRECONDITION,
     Reject.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
     Reject.STALLED: grpc.StatusCode.DEADLINE_EXCEEDED,

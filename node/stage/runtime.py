@@ -44,6 +44,7 @@ class Reject(enum.StrEnum):
     BUSY = "busy"  # another weight stream is being served, or too many streams are in flight
     FENCED = "fenced"  # a control request for a newer claim of this node's stage: it was taken over
     STALE_EPOCH = "stale_epoch"  # a control request for an older claim: the sender's view is out of date
+    DRAINING = "draining"  # this node was preempted: it takes no new steps while it hands its stage over
     STALLED = "stalled"  # a stream that sent nothing for too long, or ran past its deadline
 
 
@@ -248,6 +249,11 @@ class StageRuntime:
         self.committed_step += 1
         self._reset()
         return self.committed_step
+
+    @property
+    def prepared(self) -> bool:
+        """A step is prepared here and waits for its commit or abort."""
+        return self._prepared_norm_sq is not None
 
     # ---- weights -----------------------------------------------------------------------------------
     def full_state(self) -> dict[str, torch.Tensor]:

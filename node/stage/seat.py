@@ -18,6 +18,7 @@ class Seat:
     runtime: StageRuntime | None = None  # None until the stage is built (or rebuilt)
     last_recovery: RecoveryRecord | None = None
     epoch: int = 0  # the claim it holds its stage by (node.wire.records.next_epoch)
+    handing_over: bool = False  # preempted: no new steps; the exact state goes to a successor
 
     @property
     def committed_step(self) -> int:

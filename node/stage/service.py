@@ -141,6 +141,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     ) -> None:
         self.participant, self.copies, self.checkpoints = participant, copies, checkpoints
         self.superseded = superseded  # a control request addressed this stage by a newer claim epoch
+        self.handed_over: list[int] = []  # committed steps whose full state was streamed to a successor
         self.status, self.metrics, self.fetch_limits = status, metrics, fetch_limits
         self.refusals = Refusals(metrics)
         self._weights_turn, self._replica_turn = OneAtATime(fetch_limits), OneAtATime(fetch_limits)
@@ -262,6 +263,8 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def Prepare(self, request: pb.PrepareRequest, context) -> pb.PrepareReply:
         if not await self._control(context, request):
             return pb.PrepareReply()
+        if self.participant.seat.handing_over:  # a step prepared now could commit after the state has gone
+            await self._reject(context, Reject.DRAINING, "this node is handing its stage over; replay the step")
         try:
             norm_sq = await self.participant.prepare(request.step, request.attempt)
         except StepError as err:
@@ -332,6 +335,9 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def FetchWeights(self, request: pb.FetchWeightsRequest, context):
         if not await self._ready(context):
             return
+        if request.full_state:
+            await self._hand_over(request, context)
+            return
         if not await self._weights_turn.acquire():
             await self._reject(context, Reject.BUSY, "another FetchWeights stream is being served")
             return
@@ -346,6 +352,27 @@ class StageService(stage_pb2_grpc.StageServicer):
             self._weights_turn.release()
         return
         yield  # an async generator (as interceptors expect of a server stream), writing with context.write
+
+    async def _hand_over(self, request: pb.FetchWeightsRequest, context) -> None:
+        """The exact state of a stage whose owner is handing it over, to the node that claimed the stage. Only
+        between steps: a step prepared here waits for its commit or abort first (the caller asks again)."""
+        seat = self.participant.seat
+        if not seat.handing_over:
+            await self._reject(context, Reject.NOT_READY, f"stage {seat.stage} is not being handed over")
+        if request.requester_stage != seat.stage:
+            await self._reject(context, Reject.BAD_ROUTE, f"stage {seat.stage} is not {request.requester_stage}")
+        if seat.runtime is None or seat.runtime.prepared:
+            await self._reject(context, Reject.BUSY, "a prepared step waits for its commit or abort; ask again")
+        if not await self._weights_turn.acquire():
+            await self._reject(context, Reject.BUSY, "another FetchWeights stream is being served")
+        try:
+            step, state = await self.participant.snapshot_full()
+            me = self.status()
+            meta = pb.MicrobatchMeta(step=step, sender_stage=me.stage, sender_peer=me.peer_id)
+            await self._send(context, encode_stream(meta, list(state.items())), "FetchWeights")
+            self.handed_over.append(step)
+        finally:
+            self._weights_turn.release()
 
     async def PushReplica(self, request_iterator, context) -> pb.Ack:
         copies, seat = self.copies, self.participant.seat

@@ -39,6 +39,7 @@ class StageState(enum.StrEnum):
     WAITING = "waiting"  # alive but blocked on a missing neighbour
     RECOVERING = "recovering"  # rebuilding its weights
     SPARE = "spare"  # a replacement node waiting for a vacant stage
+    HANDING_OVER = "handing_over"  # preempted: takes no new steps, hands its exact state to a successor
     OFFLINE = "offline"  # exited cleanly
 
 

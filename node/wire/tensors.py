@@ -27,6 +27,7 @@ DTYPE_TO_WIRE: dict[torch.dtype, int] = {
     torch.bfloat16: pb.DTYPE_BFLOAT16,
     torch.float16: pb.DTYPE_FLOAT16,
     torch.int64: pb.DTYPE_INT64,
+    torch.float64: pb.DTYPE_FLOAT64,
 }
 WIRE_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_WIRE.items()}
 

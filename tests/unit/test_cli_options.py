@@ -167,6 +167,7 @@ def test_local_hands_each_node_what_the_same_run_flags_give(tmp_path: pathlib.Pa
             "--steps", "300", "--threads", "1", "--metrics-port", "0", "--fault", "2@3",
             "--events-file", str(tmp_path / "events.jsonl"), "--save-dir", str(tmp_path / "weights"),
             "--keys", str(tmp_path / "keys" / "nodes" / "stage2"),
+            "--preemption", "signal",  # one machine has no cloud metadata service: local's nodes take signals only
         )
     )  # fmt: skip
     assert node == run

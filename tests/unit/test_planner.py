@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from node.options import RecoveryStrategy
 from node.recovery.faults import parse_fault
 from node.recovery.planner import Method, claim_winner, live_stages, plan_recovery, vacant_stages
 from node.recovery.rebuild import checkfree_average
@@ -169,3 +170,20 @@ def test_copy_and_random_strategies() -> None:
     assert (plan.method, plan.sources) == (Method.COPY, (3,))
     for strategy in ("random", "none"):
         assert plan_recovery(2, 6, live, 10, strategy).method == Method.RANDOM
+
+
+@pytest.mark.parametrize("strategy", list(RecoveryStrategy))
+@pytest.mark.parametrize("stage", [0, 1, 3, 5])
+def test_a_stage_being_handed_over_is_vacant_and_planned_as_a_handoff(strategy: RecoveryStrategy, stage: int) -> None:
+    swarm = [rec(s, f"p{s}", state="handing_over" if s == stage else "online") for s in range(6)]
+    # spares see it vacant (and claim it as any vacant stage); it is not live for the other stages' plans
+    assert vacant_stages(swarm, fingerprint="f", num_stages=6) == [stage]
+    assert stage not in live_stages(swarm, fingerprint="f", num_stages=6)
+    live = frozenset(range(6)) - {stage}
+    plan = plan_recovery(stage, 6, live, 10, strategy, handing_over=frozenset({stage}))
+    assert (plan.method, plan.sources) == (Method.HANDOFF, (stage,))
+    # another stage's plan is unchanged by it
+    other = (stage + 2) % 6
+    assert plan_recovery(other, 6, live - {other}, 10, strategy, handing_over=frozenset({stage})).method is not (
+        Method.HANDOFF
+    )

@@ -34,6 +34,7 @@ SHAPE = (2, 8, CFG.model.d_model)
 class FakeRuntime:
     def __init__(self, committed_step: int = 4) -> None:
         self.committed_step, self.last_grad_norm, self.attempt = committed_step, 0.25, 0
+        self.prepared = False
 
 
 class FakeParticipant:
@@ -61,6 +62,11 @@ class FakeParticipant:
         await asyncio.sleep(0.05)  # while it runs, other callers arrive
         rt = self.seat.runtime
         return rt.committed_step, rt.last_grad_norm, {k: v.clone() for k, v in self.weights.items()}
+
+    async def snapshot_full(self):
+        state = {f"w.{k}": v.clone() for k, v in self.weights.items()}
+        state["meta.lr_scale"] = torch.tensor(1.1, dtype=torch.float64)
+        return self.seat.runtime.committed_step, state
 
     def commit_one(self) -> None:
         self.seat.runtime.committed_step += 1
@@ -349,3 +355,30 @@ async def test_control_requests_are_checked_against_the_claim_epoch() -> None:
             assert err.value.details().startswith(reason.value), err.value.details()
             assert rejected(s.metrics, reason) == 1.0
         assert s.participant.aborted == [(4, 1), (4, 2)] and superseded == [501]
+
+
+async def test_a_stage_being_handed_over_takes_no_new_step_and_hands_its_full_state_over_between_steps(served) -> None:
+    seat = served.participant.seat
+
+    async def fetch(stage: int = 1):
+        request = pb.FetchWeightsRequest(requester_stage=stage, full_state=True)
+        asm = TensorAssembler(1 << 20, 1 << 20)
+        async for message in served.stub.FetchWeights(request):
+            asm.feed(message)
+        return asm.meta, asm.finish()
+
+    async def refused(call) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        return err.value.details().split(":")[0]
+
+    assert await refused(fetch()) == Reject.NOT_READY  # its owner is not leaving
+    seat.handing_over = True
+    assert await refused(served.stub.Prepare(pb.PrepareRequest(step=4, attempt=1))) == Reject.DRAINING
+    seat.runtime.prepared = True  # a step prepared before the notice waits for its commit or abort
+    assert await refused(fetch()) == Reject.BUSY
+    seat.runtime.prepared = False
+    assert await refused(fetch(stage=2)) == Reject.BAD_ROUTE
+    meta, tensors = await fetch()
+    assert meta.step == 4 and torch.equal(tensors["w.w.a"], torch.arange(6.0))
+    assert float(tensors["meta.lr_scale"]) == 1.1 and served.service.handed_over == [4]

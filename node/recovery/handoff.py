@@ -1,0 +1,120 @@
+"""The ``handoff`` recovery method: take over a stage from its preempted owner with the owner's exact state.
+
+A node that gets a preemption notice announces its stage ``handing_over``: it takes no new steps (it refuses
+``Prepare``), finishes the step it may have prepared, and then serves its full state (weights, AdamW moments
+and step counts, lr scale, last gradient norm, committed step) through ``FetchWeights(full_state=True)`` to
+the node that claimed the stage. The planner picks this method for a stage whose owner is handing over,
+under every strategy and for every stage (stage 0 included: its data position is its committed step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+import grpc
+import torch
+
+from node.proto import stage_pb2 as pb
+from node.recovery.methods import Recovered, RecoveryContext, SourceLost
+from node.recovery.planner import Method, RecoveryPlan
+from node.recovery.rebuild import BadSource, TensorSpec, check_weights, expected_state, state_bytes
+from node.stage.runtime import StageRuntime
+from node.wire.records import StageRecord, StageState
+from node.wire.tensors import TensorAssembler, WireError
+
+logger = logging.getLogger(__name__)
+
+HANDING_OVER = frozenset({StageState.HANDING_OVER})
+META_TENSORS = ("meta.lr_scale", "meta.last_grad_norm")
+
+
+def check_handoff(meta: pb.MicrobatchMeta | None, tensors: dict[str, torch.Tensor], spec: TensorSpec, source: str):
+    """A handed-over state is usable: weights that fit the stage, finite optimizer state, a positive lr scale
+    and a finite, non-negative last gradient norm. Returns (committed step, lr scale, last gradient norm)."""
+    if meta is None:
+        raise BadSource(f"{source} handed over a state without its committed step")
+    for name in META_TENSORS:
+        if name not in tensors or tensors[name].numel() != 1:
+            raise BadSource(f"{source} handed over a state without {name}")
+    lr_scale, norm = (float(tensors[name]) for name in META_TENSORS)
+    if not (math.isfinite(lr_scale) and lr_scale > 0):
+        raise BadSource(f"{source} handed over lr scale {lr_scale}")
+    if not (math.isfinite(norm) and norm >= 0):
+        raise BadSource(f"{source} handed over a last gradient norm of {norm}")
+    check_weights({k[2:]: v for k, v in tensors.items() if k.startswith("w.")}, spec, source)
+    for name, t in tensors.items():
+        if not name.startswith(("w.", "opt.", "meta.")):
+            raise BadSource(f"{source} handed over an unknown tensor {name!r}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BadSource(f"{source}: {name} holds NaN or Inf")
+    return meta.step, lr_scale, norm
+
+
+class Handoff:
+    """Carries out :attr:`Method.HANDOFF` plans. ``retry_seconds``: how long to keep asking an owner that is
+    still finishing a prepared step (it answers ``busy`` meanwhile)."""
+
+    methods = frozenset({Method.HANDOFF})
+
+    def __init__(self, retry_seconds: float = 30.0) -> None:
+        self.retry_seconds = retry_seconds
+
+    @staticmethod
+    def owner(ctx: RecoveryContext, stage: int) -> StageRecord | None:
+        """The node handing ``stage`` over (the newest claim, if the view holds several)."""
+        leaving = [
+            r for r in ctx.presence.members(HANDING_OVER) if r.stage == stage and r.peer_id not in ctx.distrusted
+        ]
+        return max(leaving, key=lambda r: r.epoch, default=None)
+
+    async def _fetch(self, ctx: RecoveryContext, peer: StageRecord, stage: int, limit: int):
+        deadline = time.monotonic() + self.retry_seconds
+        request = pb.FetchWeightsRequest(requester_stage=stage, requester_peer=ctx.presence.me.peer_id, full_state=True)
+        while True:
+            asm, nbytes = TensorAssembler(max_tensor_bytes=limit, max_stream_bytes=limit), 0
+            try:
+                async for message in ctx.channels.stub(peer).FetchWeights(request, timeout=ctx.timing.rpc_timeout):
+                    asm.feed(message)
+                    nbytes += len(message)
+                return asm.meta, asm.finish(), nbytes
+            except grpc.aio.AioRpcError as err:
+                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                if busy and time.monotonic() < deadline:  # a prepared step is still being committed or aborted
+                    await asyncio.sleep(0.2)
+                    continue
+                raise SourceLost(f"handoff of stage {stage} from {peer.peer_id}: {err.code().name}") from None
+            except WireError as err:
+                raise SourceLost(f"{peer.peer_id} handed over a bad stream: {err}", peer.peer_id) from None
+
+    async def recover(self, plan: RecoveryPlan, ctx: RecoveryContext, committed: int) -> Recovered:
+        stage, started = plan.stage, time.monotonic()
+        peer = self.owner(ctx, stage)
+        if peer is None:
+            raise SourceLost(f"nobody is handing stage {stage} over any more")
+        spec = expected_state(ctx.config, stage)
+        limit = 3 * state_bytes(spec) + (1 << 20)  # weights and two AdamW moments, plus step counters
+        meta, tensors, nbytes = await self._fetch(ctx, peer, stage, limit)
+        try:
+            step, lr_scale, norm = check_handoff(meta, tensors, spec, f"the owner of stage {stage}")
+        except BadSource as err:
+            raise SourceLost(str(err), peer.peer_id) from None
+        fetch_seconds = time.monotonic() - started
+        state = {k: v for k, v in tensors.items() if not k.startswith("meta.")}
+
+        def build() -> StageRuntime:
+            runtime = StageRuntime(
+                ctx.config, stage, ctx.device, lr_scale=lr_scale, committed_step=step, last_grad_norm=norm
+            )
+            runtime.load_full_state(state)
+            return runtime
+
+        try:
+            runtime = await ctx.compute.run(build)
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. optimizer state of the wrong shape
+            raise SourceLost(f"the handed-over state of stage {stage} cannot be loaded: {err}", peer.peer_id) from None
+        if step != committed:
+            logger.warning("stage %d handed over at step %d; the swarm is at %d", stage, step, committed)
+        return Recovered(runtime, step, lr_scale, nbytes=nbytes, fetch_seconds=fetch_seconds)
