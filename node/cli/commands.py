@@ -112,6 +112,18 @@ def _parse_faults(specs: list[str], num_stages: int) -> list:
         raise CliError(f"--kill/--fault {err}") from None
 
 
+def _parse_preempts(specs: list[str], num_stages: int) -> list:
+    from node.local.preemptions import parse_preempt
+
+    try:
+        parsed = [parse_preempt(spec, num_stages) for spec in specs]
+    except ValueError as err:
+        raise CliError(f"--preempt {err}") from None
+    if len({p.stage for p in parsed}) != len(parsed):
+        raise CliError("--preempt: at most one per stage")
+    return parsed
+
+
 def _read_initial_peers(path: pathlib.Path, timeout: float = 120.0) -> list[str]:
     """Multiaddrs from ``path`` (one per line), waiting up to ``timeout`` for the bootstrap node to write it.
     Loopback addresses are dropped when others exist: in a container they name the container itself."""
@@ -220,6 +232,7 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
         recovery=_validate(RecoveryOptions, recovery, at="recovery"),
         eval=_validate(EvalOptions, given.get("eval", {}), at="eval"),
         kills=_parse_faults(args.kill, args.stages),
+        preempts=_parse_preempts(args.preempt, args.stages),
         failure_rate=args.failure_rate,
         respawn=args.respawn,
         spares=args.spares,

@@ -56,9 +56,7 @@ def _add_keys(sub: Any) -> None:
     k = keys.add_parser("init", help="create a swarm authority (CA, token signing key, swarm secret) in DIR")
     k.add_argument("dir", type=pathlib.Path, help="directory for the authority; keep it off the nodes")
     k.add_argument("--nodes", help="also issue these nodes' bundles (comma-separated names) into DIR/nodes")
-    k.add_argument(
-        "--if-missing", action="store_true", help="keep an authority (and bundles) that DIR already holds"
-    )
+    k.add_argument("--if-missing", action="store_true", help="keep an authority (and bundles) that DIR already holds")
     k = keys.add_parser("issue", help="issue node NAME's bundle (certificate, key, DHT token) from the authority")
     k.add_argument("dir", type=pathlib.Path, help="the authority's directory (from keys init)")
     k.add_argument("name", help="node name: lowercase letters, digits, '.' and '-' (it is the certificate's CN)")
@@ -201,6 +199,14 @@ def _add_local(sub: Any) -> None:
         metavar="STAGE@STEP[:PHASE]",
         help="SIGKILL that stage's node during that step (phase forward|backward|fetch; "
         "spare@STEP kills an idle spare); repeatable",
+    )
+    g.add_argument(
+        "--preempt",
+        action="append",
+        default=[],
+        metavar="STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]",
+        help="once that step starts, a local metadata server (aws, gcp, azure) announces the preemption of that "
+        "stage's node, or it gets SIGTERM (signal); SIGKILL when the notice ends (default 30 s, aws); repeatable",
     )
     _flag_of_field(
         g,

@@ -98,8 +98,8 @@ class LauncherFaults:
             if child.name == "stage0" and code == 0:
                 continue
             if code == 0 and child.proc.pid in {e.pid for e in ev.of_type(read_events(), ev.HandedOverEvent)}:
-                self.handled_deaths.add(child.proc.pid)  # preempted: it handed its stage over and left
-                planned.append(child)
+                # preempted: it handed its stage over and left (its replacement was started with the notice)
+                self.handled_deaths.add(child.proc.pid)
                 continue
             if code == -signal.SIGKILL and child.proc.pid not in killed_pids:
                 # a daemon writes its "killed" event and then dies: the death we just saw may be newer than

@@ -14,6 +14,7 @@ unplanned deaths), :mod:`.summary` (the run summary), :mod:`.view` (the live tab
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import pathlib
@@ -30,6 +31,7 @@ from node import events as ev
 from node.config import SwarmConfig
 from node.local.children import HOST, SWARM, Child, LocalSwarmError, read_maddrs, spawn, stop_all
 from node.local.faults import LauncherFaults
+from node.local.preemptions import Preemptions, PreemptSpec
 from node.local.prometheus import PrometheusTargets
 from node.local.summary import StageLog, reference_diff, run_summary
 from node.local.view import progress_table
@@ -75,6 +77,7 @@ class LocalOptions:
     insecure: bool = False  # no keys: cleartext gRPC and an open DHT (default: a throw-away swarm authority)
     # on one machine there is no cloud metadata service to ask: notices are signals (SIGTERM hands a stage over)
     preemption: PreemptionOptions = field(default_factory=lambda: PreemptionOptions(mode=PreemptionMode.SIGNAL))
+    preempts: list[PreemptSpec] = field(default_factory=list)  # --preempt: notices from local metadata servers
 
 
 class LocalSwarm:
@@ -96,6 +99,7 @@ class LocalSwarm:
         self.dht = None
         self.node_count = 0
         self.faults = LauncherFaults(opts.kills, opts.failure_rate, opts.config.num_stages, opts.seed)
+        self.preemptions = Preemptions(opts.preempts, self.faults.kill_log)
         self.stage_log = StageLog()
         self.prometheus = PrometheusTargets(opts.prometheus_dir) if opts.prometheus_dir is not None else None
 
@@ -163,7 +167,7 @@ class LocalSwarm:
             timing=o.timing,
             recovery=o.recovery,
             eval=o.eval,
-            preemption=o.preemption,
+            preemption=self.preemptions.options_for(stage, o.preemption),
             security=self.credentials(name or (f"stage{stage}" if stage is not None else "node")),
         )
 
@@ -238,6 +242,9 @@ class LocalSwarm:
                         self.start_stage(None)
                     spares_started = True
                 self.faults.inject(events, records, self.children, self.auto_children)
+                for _ in range(self.preemptions.inject(events, self.stage_children)):
+                    if self.opts.respawn:  # a replacement arrives with the notice: the stage can be handed over
+                        self.start_stage(None)
                 live.update(self._view(events, records))
                 time.sleep(0.1)
         self.stage_log.final_records = self.swarm_records()
@@ -250,6 +257,7 @@ class LocalSwarm:
         if self.prometheus is not None:
             self.prometheus.write_config()
         try:
+            self.preemptions.start()
             maddrs = self.start_bootstrap()
             self.console.print(f"bootstrap: {maddrs[0]}", soft_wrap=True)
             for stage in range(self.opts.config.num_stages):
@@ -266,6 +274,7 @@ class LocalSwarm:
             if self.dht is not None:
                 self.dht.shutdown()
             self.stop_all()
+            self.preemptions.stop()
         # events written during shutdown (the last checkpoint writes) count too
         summary = run_summary(
             self.read_events(),
@@ -278,6 +287,12 @@ class LocalSwarm:
             bootstrap=self.bootstrap_maddrs,
             workdir=self.workdir,
         )
+        if self.opts.preempts:
+            acknowledged = self.preemptions.acknowledged()
+            summary["preemptions"] = [
+                {**dataclasses.asdict(spec), "acknowledged": acknowledged.get(spec.stage, [])}
+                for spec in self.opts.preempts
+            ]
         if self.opts.check_reference:
             summary["reference_max_abs_diff"] = self.reference_diff()
         return summary

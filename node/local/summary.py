@@ -63,8 +63,27 @@ def recoveries(events: list[ev.Event], launcher_kills: list[ev.KilledEvent]) -> 
     )
     steps = ev.of_type(events, ev.StepEvent)
     detections = ev.of_type(events, ev.FailureDetectedEvent)
+    notices = [n for n in ev.of_type(events, ev.NoticeEvent) if n.kind == "terminate" and n.stage is not None]
     out, used = [], set()
     for r in ev.of_type(events, ev.RecoveryEvent):
+        if r.method == "handoff":
+            notice = next((n for n in reversed(notices) if n.stage == r.stage and n.time <= r.time), None)
+            after = next((s for s in steps if s.time > r.time), None)
+            out.append(
+                {
+                    "stage": r.stage,
+                    "step": r.step,
+                    "method": r.method,
+                    "sources": r.sources,
+                    "killed_in": "preempt",
+                    "notice_seconds": notice.seconds_left if notice else None,
+                    "handoff_seconds": r.time - notice.time if notice else None,
+                    "recover_seconds": after.time - notice.time if notice and after else None,
+                    "bytes_fetched": r.bytes_fetched,
+                    "rebuild_seconds": r.rebuild_seconds,
+                }
+            )
+            continue
         kill = next(
             (k for k in reversed(kills) if k.stage == r.stage and k.time <= r.time and id(k) not in used),
             None,

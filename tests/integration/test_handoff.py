@@ -1,10 +1,12 @@
-"""A preempted stage hands its exact state over: real processes over mutual TLS and a token-gated DHT, a real
-SIGTERM (as ``docker stop`` and systemd send it), a spare that takes the stage over with method ``handoff``,
-and a run whose every loss equals the single-process reference's."""
+"""A preempted stage hands its exact state over: real processes over mutual TLS and a token-gated DHT, notices
+from real local HTTP servers that speak AWS's, GCP's and Azure's metadata protocols and a real SIGTERM (as
+``docker stop`` and systemd send it), a spare that takes each stage over with method ``handoff``, and runs
+whose weights and losses equal the single-process reference's."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 
 import pytest
@@ -21,6 +23,7 @@ from node.events import (
 )
 from node.local.launcher import LocalSwarm
 from node.train.reference import train_reference
+from tests import conftest
 from tests.conftest import swarm_status, wait_for
 
 pytestmark = pytest.mark.integration
@@ -42,9 +45,8 @@ def _spare_waiting(swarm: LocalSwarm) -> int:
 
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("running_swarm", [STEPS], indirect=True, ids=[f"{STEPS}steps"])
-@pytest.mark.parametrize("stage", [2, 0], ids=["block_stage", "stage0"])
-def test_sigterm_hands_the_stage_over_exactly(running_swarm: LocalSwarm, stage: int) -> None:
-    swarm = running_swarm
+def test_sigterm_hands_a_block_stage_over_exactly(running_swarm: LocalSwarm) -> None:
+    swarm, stage = running_swarm, 2
     spare = _spare_waiting(swarm)
     leaving = swarm.stage_children[stage].proc
     assert not of_type(swarm.read_events(), DoneEvent), "the swarm finished before the notice (raise STEPS)"
@@ -65,3 +67,28 @@ def test_sigterm_hands_the_stage_over_exactly(running_swarm: LocalSwarm, stage: 
     assert [e.step for e in steps] == list(range(1, STEPS + 1))
     reference = train_reference(swarm.opts.config, load_corpus(None).train, STEPS, threads=1)
     assert [e.loss for e in steps] == reference.losses
+
+
+@pytest.mark.timeout(600)
+def test_every_provider_hands_over_exactly_under_checkfree_plus(tmp_path: pathlib.Path) -> None:
+    """``local --preempt``: stage 0 by SIGTERM, then block stages by GCP, Azure and AWS notices from local
+    metadata servers; each preempted node hands its stage over to the replacement started with the notice and
+    exits 0 (a non-zero exit fails ``local``), and the final weights equal the single-process run's."""
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("[model]\nn_layers = 4\n")  # one block per block stage with 5 stages
+    preempts = {0: (6, "signal"), 2: (12, "gcp"), 1: (18, "azure"), 4: (24, "aws")}
+    flags = [f for stage, (step, p) in preempts.items() for f in ("--preempt", f"{stage}@{step}:30:{p}")]
+    proc, summary = conftest.run_local(
+        tmp_path, "--config", str(cfg), "--recovery", "checkfree+", "--threads", "1", "--check-reference", *flags,
+        stages=5, steps=34, timeout=560,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary["reference_max_abs_diff"] == 0.0
+    handoffs = {r["stage"]: r for r in summary["recoveries"]}
+    assert sorted(handoffs) == sorted(preempts) and {r["method"] for r in handoffs.values()} == {"handoff"}
+    for stage, r in handoffs.items():
+        assert r["step"] >= preempts[stage][0] - 1 and r["bytes_fetched"] > 0
+        assert 0 < r["handoff_seconds"] < r["notice_seconds"], r
+    assert not [k for k in summary["kills"] if k.get("by") == "preempt"]  # every node left before its window ended
+    [azure] = [p for p in summary["preemptions"] if p["provider"] == "azure"]
+    assert len(azure["acknowledged"]) == 1  # the node let the event proceed once it had handed over

@@ -1,0 +1,116 @@
+"""``local --preempt``: spot preemptions of a local swarm, announced the way a cloud announces them.
+
+``STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]``: the node first started for STAGE watches a real local HTTP server
+that speaks PROVIDER's metadata protocol (``aws``, ``gcp``, ``azure``; :mod:`node.local.metadata`), or only
+signals (``signal``). Once step STEP starts, the launcher raises the notice (or sends SIGTERM), and when the
+notice window ends it SIGKILLs the node if it is still there: the cloud takes the machine.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from dataclasses import dataclass
+
+from node import events as ev
+from node.local.children import Child
+from node.local.metadata import MetadataServer, metadata_server
+from node.options import PreemptionMode, PreemptionOptions
+
+PROVIDERS = ("aws", "gcp", "azure", "signal")
+DEFAULT_NOTICE_SECONDS = 30.0
+_SPEC = re.compile(r"^(\d+)@(\d+)(?::(\d+(?:\.\d+)?))?(?::([a-z]+))?$")
+
+
+@dataclass(frozen=True)
+class PreemptSpec:
+    stage: int
+    step: int
+    notice_seconds: float = DEFAULT_NOTICE_SECONDS
+    provider: str = "aws"
+
+    def __str__(self) -> str:
+        return f"{self.stage}@{self.step}:{self.notice_seconds:g}:{self.provider}"
+
+
+def parse_preempt(text: str, num_stages: int) -> PreemptSpec:
+    """``STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]``; raises ValueError with what is wrong."""
+    m = _SPEC.match(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]")
+    stage, step = int(m.group(1)), int(m.group(2))
+    notice = float(m.group(3)) if m.group(3) else DEFAULT_NOTICE_SECONDS
+    provider = m.group(4) or "aws"
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"{text!r}: stage {stage} is outside 0..{num_stages - 1}")
+    if step < 1:
+        raise ValueError(f"{text!r}: steps start at 1")
+    if not 0 < notice <= 3600:
+        raise ValueError(f"{text!r}: the notice must last between 0 and 3600 s")
+    if provider not in PROVIDERS:
+        raise ValueError(f"{text!r}: provider {provider!r} is not one of {', '.join(PROVIDERS)}")
+    return PreemptSpec(stage, step, notice, provider)
+
+
+class Preemptions:
+    """The metadata servers of a local swarm's planned preemptions, and the notices and kills on time."""
+
+    def __init__(self, specs: list[PreemptSpec], kill_log: list[ev.KilledEvent]) -> None:
+        taken = [s.stage for s in specs]
+        if len(set(taken)) != len(taken):
+            raise ValueError("at most one --preempt per stage (a replacement node is not preempted again)")
+        self.specs = {s.stage: s for s in specs}
+        self.servers: dict[int, MetadataServer] = {}
+        self.fired: set[int] = set()  # stages whose notice was raised
+        self.kill_log = kill_log  # the launcher's: a node killed at the end of its window is a planned death
+        self._due: list[tuple[float, int, int, Child]] = []  # (when, stage, step, node): the machine goes
+
+    def start(self) -> None:
+        for stage, spec in self.specs.items():
+            if spec.provider != "signal":
+                self.servers[stage] = metadata_server(spec.provider)
+                self.servers[stage].start()
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+    def options_for(self, stage: int | None, default: PreemptionOptions) -> PreemptionOptions:
+        """What the node started now for ``stage`` watches: its planned notice's server (first node only)."""
+        spec = self.specs.get(stage) if stage is not None else None
+        if spec is None or stage in self.fired or stage in [d[1] for d in self._due]:
+            return default
+        if spec.provider == "signal":
+            return default.model_copy(update={"mode": PreemptionMode.SIGNAL})
+        url = self.servers[stage].url
+        return default.model_copy(update={"mode": PreemptionMode(spec.provider), "metadata_url": url})
+
+    def inject(self, events: list[ev.Event], nodes: dict[int, Child]) -> int:
+        """Raises each notice once its step has started; SIGKILLs a node whose window has ended. Returns how
+        many notices it raised now (the launcher starts a replacement node for each, as an autoscaler would)."""
+        raised = 0
+        started = max((e.step for e in ev.of_type(events, ev.AttemptEvent)), default=0)
+        now = time.monotonic()
+        for stage, spec in self.specs.items():
+            if stage in self.fired or started < spec.step or stage not in nodes:
+                continue
+            self.fired.add(stage)
+            node = nodes[stage]
+            if spec.provider == "signal":
+                node.proc.send_signal(signal.SIGTERM)
+            else:
+                self.servers[stage].preempt("terminate", spec.notice_seconds)
+            self._due.append((now + spec.notice_seconds, stage, started, node))
+            raised += 1
+        for item in [d for d in self._due if d[0] <= now]:
+            self._due.remove(item)
+            _, stage, step, node = item
+            if node.proc.poll() is None:
+                self.kill_log.append(ev.KilledEvent(stage=stage, step=step, by="preempt", pid=node.proc.pid))
+                node.kill_group(signal.SIGKILL)
+        return raised
+
+    def acknowledged(self) -> dict[int, list[str]]:
+        """Stage -> the Azure event ids its node acknowledged."""
+        return {s: list(getattr(srv, "acknowledged", [])) for s, srv in self.servers.items()}
