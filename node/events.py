@@ -91,6 +91,7 @@ class RecoveryEvent(_Event):
     rebuild_seconds: float
     fetch_seconds: float
     lr_scale: float = Field(description="learning-rate multiplier of the rebuilt stage's optimizer")
+    stale_steps: int = Field(0, description="handoff from a parked state: steps the swarm committed since")
 
 
 class UnrecoverableEvent(_Event):
@@ -128,6 +129,7 @@ class HandedOverEvent(_Event):
     stage: int
     step: int = Field(description="committed step of the state handed over")
     to: str | None = Field(description="the successor's peer id")
+    parked_on: int | None = Field(None, description="no successor in time: the neighbour stage given the state")
     seconds: float = Field(description="from the notice to the successor serving (or giving up)")
 
 

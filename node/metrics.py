@@ -158,7 +158,7 @@ class StageMetrics:
         )
         self.handoffs = Counter(
             "swarm_node_handoffs_total",
-            "Stages this node handed over on a notice (result handed_over, or missed_deadline: nobody took it)",
+            "Stages this node handed over on a notice (handed_over; parked: left with a neighbour; missed_deadline)",
             ["result"],
             registry=r,
         )
@@ -191,7 +191,7 @@ class StageMetrics:
                 self.recoveries.labels(method=method.value)
         for result in ("ok", "failed"):
             self.checkpoint_writes.labels(result=result)
-        for result in ("handed_over", "missed_deadline"):
+        for result in ("handed_over", "parked", "missed_deadline"):
             self.handoffs.labels(result=result)
 
     def serve(

@@ -36,7 +36,7 @@ class PreemptSpec:
 
 def parse_preempt(text: str, num_stages: int) -> PreemptSpec:
     """``STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]``; raises ValueError with what is wrong."""
-    m = _SPEC.match(text.strip())
+    m = _SPEC.match(text.strip())  # e.g. 2@10, 2@10:30, 2@10:30:gcp, 2@10:gcp
     if m is None:
         raise ValueError(f"{text!r} is not STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]")
     stage, step = int(m.group(1)), int(m.group(2))
@@ -46,7 +46,7 @@ def parse_preempt(text: str, num_stages: int) -> PreemptSpec:
         raise ValueError(f"{text!r}: stage {stage} is outside 0..{num_stages - 1}")
     if step < 1:
         raise ValueError(f"{text!r}: steps start at 1")
-    if not 0 < notice <= 3600:
+    if not 0 <= notice <= 3600:  # 0: the machine goes right after the notice
         raise ValueError(f"{text!r}: the notice must last between 0 and 3600 s")
     if provider not in PROVIDERS:
         raise ValueError(f"{text!r}: provider {provider!r} is not one of {', '.join(PROVIDERS)}")
@@ -81,8 +81,9 @@ class Preemptions:
         spec = self.specs.get(stage) if stage is not None else None
         if spec is None or stage in self.fired or stage in [d[1] for d in self._due]:
             return default
-        if spec.provider == "signal":
-            return default.model_copy(update={"mode": PreemptionMode.SIGNAL})
+        if spec.provider == "signal":  # the node knows its window, as with a stop timeout of that length
+            drain = max(spec.notice_seconds, 0.1)
+            return default.model_copy(update={"mode": PreemptionMode.SIGNAL, "drain_seconds": drain})
         url = self.servers[stage].url
         return default.model_copy(update={"mode": PreemptionMode(spec.provider), "metadata_url": url})
 

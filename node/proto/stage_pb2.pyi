@@ -157,16 +157,18 @@ class HeartbeatReply(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
-    __slots__ = ("requester_stage", "requester_peer", "step", "full_state")
+    __slots__ = ("requester_stage", "requester_peer", "step", "full_state", "parked")
     REQUESTER_STAGE_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_PEER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FULL_STATE_FIELD_NUMBER: _ClassVar[int]
+    PARKED_FIELD_NUMBER: _ClassVar[int]
     requester_stage: int
     requester_peer: str
     step: int
     full_state: bool
-    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ..., full_state: _Optional[bool] = ...) -> None: ...
+    parked: bool
+    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ..., full_state: _Optional[bool] = ..., parked: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

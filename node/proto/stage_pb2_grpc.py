@@ -89,6 +89,11 @@ class StageStub:
                 request_serializer=node_dot_proto_dot_stage__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=node_dot_proto_dot_stage__pb2.RollbackReply.FromString,
                 _registered_method=True)
+        self.ParkState = channel.stream_unary(
+                '/swarm_node.v1.Stage/ParkState',
+                request_serializer=node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
+                response_deserializer=node_dot_proto_dot_stage__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -166,6 +171,14 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ParkState(self, request_iterator, context):
+        """A preempted node with nobody to hand its stage to leaves its full state with a route neighbour
+        (meta.sender_stage = its stage, meta.step = its committed step); FetchWeights(parked) gives it back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +236,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=node_dot_proto_dot_stage__pb2.RollbackRequest.FromString,
                     response_serializer=node_dot_proto_dot_stage__pb2.RollbackReply.SerializeToString,
+            ),
+            'ParkState': grpc.stream_unary_rpc_method_handler(
+                    servicer.ParkState,
+                    request_deserializer=node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
+                    response_serializer=node_dot_proto_dot_stage__pb2.Ack.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -522,6 +540,33 @@ class Stage:
             '/swarm_node.v1.Stage/Rollback',
             node_dot_proto_dot_stage__pb2.RollbackRequest.SerializeToString,
             node_dot_proto_dot_stage__pb2.RollbackReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ParkState(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/swarm_node.v1.Stage/ParkState',
+            node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
+            node_dot_proto_dot_stage__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

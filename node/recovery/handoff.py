@@ -53,6 +53,11 @@ def check_handoff(meta: pb.MicrobatchMeta | None, tensors: dict[str, torch.Tenso
     return meta.step, lr_scale, norm
 
 
+def max_state_bytes(spec: TensorSpec) -> int:
+    """Size limit of a stage's full state: weights and two AdamW moments, plus step counters."""
+    return 3 * state_bytes(spec) + (1 << 20)
+
+
 class Handoff:
     """Carries out :attr:`Method.HANDOFF` plans. ``retry_seconds``: how long to keep asking an owner that is
     still finishing a prepared step (it answers ``busy`` meanwhile)."""
@@ -70,9 +75,10 @@ class Handoff:
         ]
         return max(leaving, key=lambda r: r.epoch, default=None)
 
-    async def _fetch(self, ctx: RecoveryContext, peer: StageRecord, stage: int, limit: int):
+    async def _fetch(self, ctx: RecoveryContext, peer: StageRecord, stage: int, limit: int, parked: bool):
         deadline = time.monotonic() + self.retry_seconds
-        request = pb.FetchWeightsRequest(requester_stage=stage, requester_peer=ctx.presence.me.peer_id, full_state=True)
+        me = ctx.presence.me.peer_id
+        request = pb.FetchWeightsRequest(requester_stage=stage, requester_peer=me, full_state=not parked, parked=parked)
         while True:
             asm, nbytes = TensorAssembler(max_tensor_bytes=limit, max_stream_bytes=limit), 0
             try:
@@ -91,18 +97,23 @@ class Handoff:
 
     async def recover(self, plan: RecoveryPlan, ctx: RecoveryContext, committed: int) -> Recovered:
         stage, started = plan.stage, time.monotonic()
-        peer = self.owner(ctx, stage)
+        parked = plan.sources[0] != stage  # the owner is gone: it left its state on this route neighbour
+        peer = ctx.peer_of(plan.sources[0]) if parked else self.owner(ctx, stage)
         if peer is None:
-            raise SourceLost(f"nobody is handing stage {stage} over any more")
+            raise SourceLost(f"the state of stage {stage} is no longer on stage {plan.sources[0]}")
         spec = expected_state(ctx.config, stage)
-        limit = 3 * state_bytes(spec) + (1 << 20)  # weights and two AdamW moments, plus step counters
-        meta, tensors, nbytes = await self._fetch(ctx, peer, stage, limit)
+        limit = max_state_bytes(spec)
+        meta, tensors, nbytes = await self._fetch(ctx, peer, stage, limit, parked)
         try:
             step, lr_scale, norm = check_handoff(meta, tensors, spec, f"the owner of stage {stage}")
         except BadSource as err:
             raise SourceLost(str(err), peer.peer_id) from None
         fetch_seconds = time.monotonic() - started
         state = {k: v for k, v in tensors.items() if not k.startswith("meta.")}
+        if parked and committed > step:  # a parked state the swarm moved past: stale, the stage joins at its step
+            step, stale = committed, committed - step
+        else:
+            stale = 0
 
         def build() -> StageRuntime:
             runtime = StageRuntime(
@@ -117,4 +128,4 @@ class Handoff:
             raise SourceLost(f"the handed-over state of stage {stage} cannot be loaded: {err}", peer.peer_id) from None
         if step != committed:
             logger.warning("stage %d handed over at step %d; the swarm is at %d", stage, step, committed)
-        return Recovered(runtime, step, lr_scale, nbytes=nbytes, fetch_seconds=fetch_seconds)
+        return Recovered(runtime, step, lr_scale, nbytes=nbytes, fetch_seconds=fetch_seconds, stale_steps=stale)

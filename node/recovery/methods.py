@@ -64,6 +64,7 @@ class Recovered:
     fetch_seconds: float = 0.0
     report: bool = True  # False: a plain first start, nothing was recovered
     audit: bool = True  # save what was built as ``stage<N>.recovered-step<K>.safetensors`` (with --save-dir)
+    stale_steps: int = 0  # the swarm committed this many steps since the state was taken (a parked handoff)
 
 
 class RecoveryMethod(Protocol):

@@ -18,7 +18,8 @@ method          when
                 stage's newest checkpoint; stage 0 then rolls the whole swarm back to the newest
                 checkpoint every stage has
 ``handoff``     the stage's owner got a preemption notice and is handing over: its exact state (weights,
-                AdamW state, lr scale, committed step), under every strategy and for every stage
+                AdamW state, lr scale, committed step), under every strategy and for every stage; or,
+                with nobody to hand over to in time, the state it left on a route neighbour
 ==============  ===========================================================================
 
 Stage 0 (data, embedding, final norm, LM head) cannot be rebuilt from block stages; plain CheckFree reports
@@ -129,15 +130,21 @@ def plan_recovery(
     strategy: RecoveryStrategy = RecoveryStrategy.CHECKFREE,
     replicas: Mapping[int, int] | None = None,
     handing_over: frozenset[int] = frozenset(),
+    parked: Mapping[int, tuple[int, int]] | None = None,
 ) -> RecoveryPlan:
     """How to rebuild ``stage`` given the live stages and the swarm's committed step.
 
     ``replicas`` maps each live stage holding a copy of stage 0 to that copy's committed step (checkfree+);
-    ``handing_over`` are the stages whose preempted owner is handing its state over.
+    ``handing_over`` are the stages whose preempted owner is handing its state over; ``parked`` maps a stage to
+    (the live stage holding the state its preempted owner left there, that state's committed step).
     """
     strategy = RecoveryStrategy(strategy)
     if stage in handing_over:  # exact, so it beats every rebuild, whatever the strategy
         return RecoveryPlan(stage, Method.HANDOFF, (stage,), "the preempted owner hands its exact state over")
+    holder, step = (parked or {}).get(stage, (None, 0))
+    if holder is not None and holder in live:
+        why = f"the state its preempted owner left on stage {holder} at step {step} ({committed_step - step} stale)"
+        return RecoveryPlan(stage, Method.HANDOFF, (holder,), why)
     if strategy is RecoveryStrategy.CHECKPOINT:
         return RecoveryPlan(
             stage, Method.CHECKPOINT, (), "the stage's newest checkpoint; the swarm rolls back to a common one"

@@ -96,8 +96,13 @@ class StageBuilder:
             committed = presence.swarm_committed()
             copies = {r.stage: r.replica_step for r in others if r.replica_step is not None and r.stage is not None}
             leaving = frozenset(r.stage for r in others if r.state == StageState.HANDING_OVER and r.stage is not None)
+            parked = {
+                r.parked_stage: (r.stage, r.parked_step)
+                for r in others
+                if r.parked_stage is not None and r.parked_step is not None and r.stage is not None
+            }
             plan = plan_recovery(
-                ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving
+                ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving, parked
             )
             if plan.method == Method.UNRECOVERABLE:
                 if await self._served_by_another():
@@ -162,6 +167,7 @@ class StageBuilder:
                 rebuild_seconds=rebuild_seconds,
                 fetch_seconds=r.fetch_seconds,
                 lr_scale=r.lr_scale,
+                stale_steps=r.stale_steps,
             )
         )
         logger.warning(

@@ -6,6 +6,7 @@ swarm CA certified). What it may call depends on what the DHT says it is:
 - control RPCs (Prepare, Commit, Abort, Rollback, PushReplica): only the current stage 0;
 - Forward and Backward: only a stage that some microbatch route makes this stage's neighbour;
 - FetchWeights and FetchReplica: only a node that is rebuilding or taking over a stage;
+- ParkState: only a node handing over a route neighbour's stage;
 - Heartbeat, GetStatus and the health service: any member.
 
 The rules are a pure function (:func:`decide`) over plain records; the interceptor only maps the
@@ -34,6 +35,7 @@ class Role(enum.StrEnum):
     PIPELINE = "pipeline"
     FETCH = "fetch"
     MEMBER = "member"
+    PARK = "park"
 
 
 RPC_ROLES: dict[str, Role] = {
@@ -42,6 +44,7 @@ RPC_ROLES: dict[str, Role] = {
     "Abort": Role.CONTROL,
     "Rollback": Role.CONTROL,
     "PushReplica": Role.CONTROL,
+    "ParkState": Role.PARK,
     "Forward": Role.PIPELINE,
     "Backward": Role.PIPELINE,
     "FetchWeights": Role.FETCH,
@@ -85,6 +88,11 @@ def decide(
         if any(r.stage == 0 for r in mine if r.state in CLAIMING or r in owning):
             return None
         return f"{caller} is not stage 0"
+    if role is Role.PARK:
+        leaving = [r.stage for r in records if r.node == caller and r.state == StageState.HANDING_OVER]
+        if my_stage is not None and any(s in route_neighbours(my_stage, num_stages, out_of_order) for s in leaving):
+            return None
+        return f"{caller} is not handing over a route neighbour of stage {my_stage}"
     if role is Role.PIPELINE:
         if my_stage is None:
             return "this node serves no stage"

@@ -92,7 +92,7 @@ class StageDaemon:
         timing, strategy = opts.timing, opts.recovery.strategy
         self.presence = Presence(
             SwarmDirectory(dht, opts.swarm, creds), self.io, self.seat, self.me, timing, self.channels, self.metrics,
-            self.events, replica_step=lambda: self.copies.replica_step,
+            self.events, replica_step=lambda: self.copies.replica_step, parked=lambda: self.service.parked_at,
         )  # fmt: skip
         self.presence.on_fenced.append(self._on_fenced)
         self.faults = FaultInjector(
@@ -334,7 +334,9 @@ class StageDaemon:
     async def _hand_over(self) -> None:
         """Hands the stage over (or gives up when the notice runs out), then acknowledges the notice."""
         assert self.notice is not None
-        await Handover(self.seat, self.presence, self.metrics, self.events).run(self.notice, self.stopping)
+        await Handover(self.seat, self.presence, self.participant, self.channels, self.metrics, self.events).run(
+            self.notice, self.stopping
+        )
         await self.watcher.acknowledge(self.notice)
 
     def _on_fenced(self, newer: StageRecord) -> None:

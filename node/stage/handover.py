@@ -11,9 +11,12 @@ refuses ``Prepare`` from then on) and hands over:
 3. the successor serves the stage under a newer claim epoch; this node sees that claim (it is fenced in)
    and stops serving.
 
-If nobody takes the stage before the notice runs out (less a margin for a clean exit), the node gives up and
-exits like any clean exit: the swarm then recovers the stage as from a death (CheckFree, or a checkpoint).
-The daemon acknowledges the notice (Azure) and exits 0 either way.
+If nobody takes the stage in time (the notice less a margin for a clean exit and the time parking takes), the
+node leaves its full state with a serving route neighbour (``ParkState``); the neighbour announces it in its
+record (``parked_stage``, ``parked_step``), and the node that takes the vacant stage later restores that exact
+copy (method ``handoff`` from the neighbour, with its staleness in steps). Only if nothing could be parked
+does the swarm recover the stage as from a death (CheckFree, or a checkpoint). The daemon acknowledges the
+notice (Azure) and exits 0 either way.
 """
 
 from __future__ import annotations
@@ -22,23 +25,48 @@ import asyncio
 import logging
 import time
 
+import grpc
+
 from node.events import EventLog, HandedOverEvent
 from node.metrics import StageMetrics
 from node.preemption.notice import Notice
+from node.proto import stage_pb2 as pb
+from node.recovery.handoff import max_state_bytes
+from node.recovery.rebuild import expected_state
+from node.security.authz import route_neighbours
+from node.stage.participant import PipelineParticipant
 from node.stage.presence import Presence
 from node.stage.seat import Seat
+from node.transport.channels import ChannelPool
 from node.wire.records import StageRecord, StageState
+from node.wire.tensors import encode_stream
 
 logger = logging.getLogger(__name__)
 EXIT_MARGIN_SECONDS = 3.0  # left of the notice for the clean exit (announce offline, stop serving)
 POLL_SECONDS = 0.2
+PARK_BYTES_PER_SECOND = 50 * 2**20  # a conservative rate to a neighbour, to keep time back for parking
 
 
 class Handover:
-    """Hands ``seat``'s stage over to a successor (see the module docstring)."""
+    """Hands ``seat``'s stage over to a successor, or parks its state on a route neighbour (see the module
+    docstring)."""
 
-    def __init__(self, seat: Seat, presence: Presence, metrics: StageMetrics, events: EventLog) -> None:
-        self.seat, self.presence, self.metrics, self.events = seat, presence, metrics, events
+    def __init__(
+        self,
+        seat: Seat,
+        presence: Presence,
+        participant: PipelineParticipant,
+        channels: ChannelPool,
+        metrics: StageMetrics,
+        events: EventLog,
+    ) -> None:
+        self.seat, self.presence, self.participant, self.channels = seat, presence, participant, channels
+        self.metrics, self.events = metrics, events
+
+    def park_seconds(self) -> float:
+        """Time kept back from the notice to park the state if no successor comes: its size at a modest rate."""
+        spec = expected_state(self.participant.config, self.seat.stage)
+        return 1.0 + max_state_bytes(spec) / PARK_BYTES_PER_SECOND
 
     async def run(self, notice: Notice, stopping: asyncio.Event) -> StageRecord | None:
         """Returns the successor's record once it serves the stage, or None when the notice ran out first."""
@@ -52,23 +80,22 @@ class Handover:
             "%s notice (%s): handing stage %d over at step %d; %.0f s to find a successor",
             notice.provider, notice.kind, stage, seat.committed_step, window,
         )  # fmt: skip
-        deadline = time.monotonic() + window
-        successor = None
-        while not stopping.is_set() and time.monotonic() < deadline:
-            await presence.try_refresh()
-            successor = presence.newer_claim()  # a serving record of this stage by a newer epoch
-            if successor is not None:
-                break
-            await asyncio.sleep(POLL_SECONDS)
-        seconds = time.time() - notice.received
+        started = time.monotonic()
+        successor = await self._successor(stopping, started + window - self.park_seconds())
         if successor is None and stopping.is_set():  # told to stop at once (a second signal): no handover
             logger.warning("stopping before anyone took stage %d", stage)
             return None
-        self.metrics.handoffs.labels(result="handed_over" if successor else "missed_deadline").inc()
+        parked_on = None
+        if successor is None:
+            # up to the notice's end: the machine may go a little later, so a late attempt is still worth it
+            parked_on = await self._park(stage, time.monotonic() + max(0.5, notice.seconds_left() - 0.1))
+        seconds = time.time() - notice.received
+        result = "handed_over" if successor else "parked" if parked_on is not None else "missed_deadline"
+        self.metrics.handoffs.labels(result=result).inc()
         if successor is not None:
             self.metrics.handoff_seconds.observe(seconds)
             logger.warning("stage %d handed over to %s in %.1f s", stage, successor.peer_id, seconds)
-        else:
+        elif parked_on is None:
             logger.warning("nobody took stage %d within the notice; leaving it to recovery", stage)
         self.events.emit(
             HandedOverEvent(
@@ -76,6 +103,41 @@ class Handover:
                 step=seat.committed_step,
                 to=successor.peer_id if successor else None,
                 seconds=seconds,
+                parked_on=parked_on,
             )
         )
         return successor
+
+    async def _successor(self, stopping: asyncio.Event, until: float) -> StageRecord | None:
+        """Waits for a serving record of this stage by a newer epoch (the successor), until ``until``."""
+        while not stopping.is_set() and time.monotonic() < until:
+            await self.presence.try_refresh()
+            if (successor := self.presence.newer_claim()) is not None:
+                return successor
+            await asyncio.sleep(POLL_SECONDS)
+        return None
+
+    async def _park(self, stage: int, until: float) -> int | None:
+        """Leaves the full state with the first serving route neighbour that takes it; returns that stage."""
+        seat, cfg = self.seat, self.participant.config
+        while seat.runtime is not None and seat.runtime.prepared and time.monotonic() < until:
+            await asyncio.sleep(0.05)  # a prepared step is settled (committed or aborted) first
+        if seat.runtime is None or seat.runtime.prepared:
+            return None
+        step, state = await self.participant.snapshot_full()
+        meta = pb.MicrobatchMeta(step=step, sender_stage=stage, sender_peer=self.presence.me.peer_id)
+        # block stages first: stage 0 carries the most state and work already
+        for neighbour in sorted(route_neighbours(stage, cfg.num_stages, cfg.out_of_order), key=lambda n: (n == 0, n)):
+            peer = self.presence.peer_of(neighbour)
+            remaining = until - time.monotonic()
+            if peer is None or remaining <= 0:
+                continue
+            try:
+                await self.channels.stub(peer).ParkState(encode_stream(meta, list(state.items())), timeout=remaining)
+            except grpc.aio.AioRpcError as err:
+                logger.warning("stage %d could not park its state on stage %d: %s", stage, neighbour, err.code().name)
+                continue
+            logger.warning("nobody took stage %d in time: its state at step %d is parked on stage %d", stage, step,
+                           neighbour)  # fmt: skip
+            return neighbour
+        return None

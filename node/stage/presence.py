@@ -82,10 +82,12 @@ class Presence:
         metrics: StageMetrics,
         events: EventLog,
         replica_step: Callable[[], int | None] = lambda: None,
+        parked: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
         self.directory, self.io, self.seat, self.me = directory, io, seat, me
         self.timing, self.channels, self.metrics, self.events = timing, channels, metrics, events
         self.replica_step = replica_step
+        self.parked = parked  # (stage, committed step) of a preempted neighbour's state held here
         self.state = StageState.JOINING
         self.view: list[StageRecord] = []
         self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
@@ -116,6 +118,8 @@ class Presence:
             swap_partner=None if stage is None else swap_partner(stage, me.num_stages, me.out_of_order),
             replica_step=self.replica_step(),
             epoch=self.seat.epoch if stage is not None else 0,
+            parked_stage=parked[0] if (parked := self.parked()) else None,
+            parked_step=parked[1] if parked else None,
         )
 
     async def announce(self, state: StageState | None = None) -> None:

@@ -38,6 +38,8 @@ from node.checkpoint.keeper import CheckpointKeeper
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
+from node.recovery.handoff import check_handoff, max_state_bytes
+from node.recovery.rebuild import BadSource, expected_state
 from node.recovery.stage0_copies import Stage0Copies
 from node.stage.participant import PipelineParticipant
 from node.stage.refusals import Refusals
@@ -142,6 +144,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.participant, self.copies, self.checkpoints = participant, copies, checkpoints
         self.superseded = superseded  # a control request addressed this stage by a newer claim epoch
         self.handed_over: list[int] = []  # committed steps whose full state was streamed to a successor
+        self.parked: tuple[int, int, dict[str, torch.Tensor]] | None = None  # a leaving neighbour's state
         self.status, self.metrics, self.fetch_limits = status, metrics, fetch_limits
         self.refusals = Refusals(metrics)
         self._weights_turn, self._replica_turn = OneAtATime(fetch_limits), OneAtATime(fetch_limits)
@@ -338,6 +341,9 @@ class StageService(stage_pb2_grpc.StageServicer):
         if request.full_state:
             await self._hand_over(request, context)
             return
+        if request.parked:
+            await self._serve_parked(request, context)
+            return
         if not await self._weights_turn.acquire():
             await self._reject(context, Reject.BUSY, "another FetchWeights stream is being served")
             return
@@ -373,6 +379,39 @@ class StageService(stage_pb2_grpc.StageServicer):
             self.handed_over.append(step)
         finally:
             self._weights_turn.release()
+
+    @property
+    def parked_at(self) -> tuple[int, int] | None:
+        """(stage, committed step) of the state a preempted neighbour left here, if any."""
+        return (self.parked[0], self.parked[1]) if self.parked is not None else None
+
+    async def ParkState(self, request_iterator, context) -> pb.Ack:
+        """Keeps the full state of a route neighbour whose owner is leaving with nobody to hand it to (one
+        parked state at a time: a newer one replaces it), until a replacement fetches it."""
+        seat, cfg = self.participant.seat, self.participant.config
+        if seat.stage is None:
+            await self._reject(context, Reject.NOT_READY, "this node holds no stage")
+        limit = max(max_state_bytes(expected_state(cfg, s)) for s in range(cfg.num_stages))
+        meta, tensors = await self._decode(request_iterator, context, limit)
+        stage = meta.sender_stage if meta is not None else -1
+        if not 0 <= stage < cfg.num_stages or stage == seat.stage:
+            await self._reject(context, Reject.BAD_ROUTE, f"stage {stage} cannot be parked on stage {seat.stage}")
+        try:
+            step, _, _ = check_handoff(meta, tensors, expected_state(cfg, stage), f"the node leaving stage {stage}")
+        except BadSource as err:
+            await self._reject(context, Reject.BAD_STREAM, str(err))
+        self.parked = (stage, step, tensors)
+        logger.warning("keeping the state of stage %d at step %d for its next owner", stage, step)
+        return pb.Ack(ok=True)
+
+    async def _serve_parked(self, request: pb.FetchWeightsRequest, context) -> None:
+        parked = self.parked
+        if parked is None or parked[0] != request.requester_stage:
+            await self._reject(context, Reject.UNKNOWN_STEP, f"no parked state of stage {request.requester_stage}")
+        stage, step, tensors = parked
+        me = self.status()
+        meta = pb.MicrobatchMeta(step=step, sender_stage=stage, sender_peer=me.peer_id)
+        await self._send(context, encode_stream(meta, list(tensors.items())), "FetchWeights")
 
     async def PushReplica(self, request_iterator, context) -> pb.Ack:
         copies, seat = self.copies, self.participant.seat

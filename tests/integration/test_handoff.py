@@ -76,11 +76,19 @@ def test_every_provider_hands_over_exactly_under_checkfree_plus(tmp_path: pathli
     exits 0 (a non-zero exit fails ``local``), and the final weights equal the single-process run's."""
     cfg = tmp_path / "cfg.toml"
     cfg.write_text("[model]\nn_layers = 4\n")  # one block per block stage with 5 stages
-    preempts = {0: (6, "signal"), 2: (12, "gcp"), 1: (18, "azure"), 4: (24, "aws")}
-    flags = [f for stage, (step, p) in preempts.items() for f in ("--preempt", f"{stage}@{step}:30:{p}")]
+    # stage 3's notice is too short for its replacement to start: it parks its state on a neighbour, and the
+    # replacement restores that copy once it has claimed the stage
+    preempts = {
+        0: (6, 30, "signal"),
+        2: (12, 30, "gcp"),
+        1: (18, 30, "azure"),
+        4: (24, 30, "aws"),
+        3: (30, 1, "signal"),
+    }
+    flags = [f for stage, (step, t, p) in preempts.items() for f in ("--preempt", f"{stage}@{step}:{t}:{p}")]
     proc, summary = conftest.run_local(
         tmp_path, "--config", str(cfg), "--recovery", "checkfree+", "--threads", "1", "--check-reference", *flags,
-        stages=5, steps=34, timeout=560,
+        stages=5, steps=36, timeout=560,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["reference_max_abs_diff"] == 0.0
@@ -88,7 +96,19 @@ def test_every_provider_hands_over_exactly_under_checkfree_plus(tmp_path: pathli
     assert sorted(handoffs) == sorted(preempts) and {r["method"] for r in handoffs.values()} == {"handoff"}
     for stage, r in handoffs.items():
         assert r["step"] >= preempts[stage][0] - 1 and r["bytes_fetched"] > 0
-        assert 0 < r["handoff_seconds"] < r["notice_seconds"], r
+        if stage != 3:  # handed over to the replacement within the notice
+            assert r["sources"] == [stage] and 0 < r["handoff_seconds"] < r["notice_seconds"], r
+    assert handoffs[3]["sources"] in ([2], [4]) and handoffs[3]["stale_steps"] == 0  # from the neighbour it parked on
     assert not [k for k in summary["kills"] if k.get("by") == "preempt"]  # every node left before its window ended
     [azure] = [p for p in summary["preemptions"] if p["provider"] == "azure"]
     assert len(azure["acknowledged"]) == 1  # the node let the event proceed once it had handed over
+
+
+@pytest.mark.timeout(300)
+def test_a_notice_with_no_time_falls_back_to_checkfree(tmp_path: pathlib.Path) -> None:
+    """SIGTERM and at once SIGKILL: nothing can be handed over or parked, the replacement rebuilds the stage
+    from its neighbours (method ``checkfree``), and the summary says the preemption caused it."""
+    proc, summary = conftest.run_local(tmp_path, "--threads", "1", "--preempt", "2@6:0:signal", steps=16)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [recovery] = summary["recoveries"]
+    assert (recovery["stage"], recovery["method"], recovery["killed_in"]) == (2, "checkfree", "preempt")

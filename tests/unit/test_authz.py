@@ -26,7 +26,10 @@ def rec(stage, node, state="online", n=5) -> StageRecord:
     )  # fmt: skip
 
 
-VIEW = [rec(0, "s0"), rec(1, "s1"), rec(2, "s2"), rec(3, "s3"), rec(4, "s4"), rec(2, "new", "recovering")]
+VIEW = [
+    rec(0, "s0"), rec(1, "s1"), rec(2, "s2"), rec(3, "s3"), rec(4, "s4"), rec(2, "new", "recovering"),
+    rec(3, "leaving", "handing_over"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -47,6 +50,10 @@ VIEW = [rec(0, "s0"), rec(1, "s1"), rec(2, "s2"), rec(3, "s3"), rec(4, "s4"), re
         ("FetchReplica", "s2", 1, False),
         ("Heartbeat", "stranger", 2, True),  # any member
         ("GetStatus", "s4", 2, True),
+        ("ParkState", "leaving", 2, True),  # a preempted route neighbour leaves its state here
+        ("ParkState", "leaving", 0, False),  # stage 3 is no route neighbour of stage 0 (S = 5)
+        ("ParkState", "s1", 2, False),  # a serving neighbour has nothing to park
+        ("Forward", "leaving", 2, False),  # a leaving node sends no activations
     ],
 )
 def test_roles(rpc: str, caller: str, mine: int | None, allowed: bool) -> None:

@@ -16,13 +16,14 @@ from node.options import PreemptionMode, PreemptionOptions
         ("3@7:1.5:azure", PreemptSpec(3, 7, 1.5, "azure")),
         ("1@1:30:signal", PreemptSpec(1, 1, 30.0, "signal")),
         ("2@10:gcp", PreemptSpec(2, 10, 30.0, "gcp")),
+        ("2@10:0:signal", PreemptSpec(2, 10, 0.0, "signal")),  # SIGKILL right after the notice
     ],
 )
 def test_preempt_specs(text: str, spec: PreemptSpec) -> None:
     assert parse_preempt(text, 4) == spec
 
 
-@pytest.mark.parametrize("bad", ["4@10", "2@0", "2", "x@1", "2@10:0", "2@10:9999", "2@10:30:ibm"])
+@pytest.mark.parametrize("bad", ["4@10", "2@0", "2", "x@1", "2@10:9999", "2@10:30:ibm"])
 def test_bad_preempt_specs(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_preempt(bad, 4)

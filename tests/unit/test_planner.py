@@ -187,3 +187,13 @@ def test_a_stage_being_handed_over_is_vacant_and_planned_as_a_handoff(strategy: 
     assert plan_recovery(other, 6, live - {other}, 10, strategy, handing_over=frozenset({stage})).method is not (
         Method.HANDOFF
     )
+
+
+def test_a_state_parked_on_a_live_neighbour_is_restored_with_its_staleness() -> None:
+    live = frozenset({0, 1, 3, 4, 5})
+    plan = plan_recovery(2, 6, live, 12, parked={2: (3, 10)})
+    assert (plan.method, plan.sources) == (Method.HANDOFF, (3,)) and "2 stale" in plan.reason
+    # the holder is gone: the usual rebuild
+    assert plan_recovery(2, 6, live - {3}, 12, parked={2: (3, 10)}).method == Method.CHECKFREE  # from 1 and 4
+    # an owner still handing over wins over a parked copy
+    assert plan_recovery(2, 6, live, 12, handing_over=frozenset({2}), parked={2: (3, 10)}).sources == (2,)
