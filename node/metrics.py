@@ -193,6 +193,11 @@ class StageMetrics:
             self.checkpoint_writes.labels(result=result)
         for result in ("handed_over", "parked", "missed_deadline"):
             self.handoffs.labels(result=result)
+        for provider in ("aws", "gcp", "azure", "signal"):
+            for kind in ("terminate", "rebalance"):
+                self.notices.labels(provider=provider, kind=kind)
+            if provider != "signal":
+                self.metadata_errors.labels(provider=provider)
 
     def serve(
         self,
