@@ -56,6 +56,8 @@ class BenchOptions:
     lr_scale: float = default(RecoveryOptions, "lr_scale")
     eval_every: int = 10
     eval_batches: int = default(EvalOptions, "batches")
+    notice_fraction: float = 0.0  # the share of failures that come with a preemption notice (a handoff)
+    notice_seconds: float = 30.0  # live: that notice's window
 
     def __post_init__(self) -> None:
         self.strategies = [BenchStrategy(s) for s in self.strategies]

@@ -75,7 +75,10 @@ def local_options(opts: LiveOptions, strategy: BenchStrategy, rate: float, workd
             checkpoint_dir=checkpoint_dir,
         ),
         eval=EvalOptions(every=opts.eval_every, batches=opts.eval_batches),
-        failure_rate=rate if failing else 0.0,
+        # a notice_fraction of the failures come with a notice: SIGTERM and a handoff instead of a SIGKILL
+        failure_rate=rate * (1 - opts.notice_fraction) if failing else 0.0,
+        preemption_rate=rate * opts.notice_fraction if failing else 0.0,
+        notice_seconds=opts.notice_seconds,
         spares=opts.spares if failing else 0,
         seed=opts.seed,
     )

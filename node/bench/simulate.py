@@ -69,6 +69,14 @@ def failure_schedule(seed: int, rate: float, iterations: int, num_stages: int) -
     return [[s for s in range(1, num_stages) if rng.random() < rate] for _ in range(iterations)]
 
 
+def notice_schedule(seed: int, fraction: float, schedule: list[list[int]], num_stages: int) -> set[tuple[int, int]]:
+    """The (iteration, stage) failures that come with a preemption notice: one uniform draw per position, the
+    same for every strategy and rate (so a higher fraction's notices include a lower one's)."""
+    rng = random.Random(f"swarm-node-bench-notice:{seed}")
+    draws = [[rng.random() for _ in range(num_stages)] for _ in schedule]
+    return {(it, s) for it, failed in enumerate(schedule) for s in failed if draws[it][s] < fraction}
+
+
 class _Swarm:
     """Every stage's runtime in one process, trained along the swarm's routes."""
 
@@ -138,6 +146,7 @@ def _simulate_run(
     tokens: torch.Tensor,
     val: list[tuple[torch.Tensor, torch.Tensor]],
     progress: Progress | None,
+    notices: frozenset[tuple[int, int]] = frozenset(),
 ) -> tuple[BenchRun, list[float]]:
     """Trains one strategy; returns the run (clock not yet applied: curve seconds are extra costs so far)
     and the measured iteration times."""
@@ -169,7 +178,17 @@ def _simulate_run(
     try:
         run.curve.append(CurvePoint(iteration=0, step=0, seconds=0.0, val_loss=swarm.val_loss(val)))
         for it in range(opts.iterations):
-            failed = schedule[it] if strategy.fails else []
+            failed = list(schedule[it]) if strategy.fails else []
+            for stage in [s for s in failed if (it, s) in notices]:
+                # a notice: the stage's exact state moves to its successor (method handoff, whatever the strategy)
+                failed.remove(stage)
+                run.failures += 1
+                started = time.perf_counter()
+                rt = swarm.stages[stage]
+                rt.load_full_state(rt.full_state())
+                run.methods["handoff"] = run.methods.get("handoff", 0) + 1
+                run.recover_seconds.append(time.perf_counter() - started)
+                extra = sum(run.recover_seconds) + sum(snapshots)
             if failed:
                 run.failures += len(failed)
                 if strategy is BenchStrategy.CHECKPOINT:  # one rollback, however many stages were lost
@@ -239,6 +258,7 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
     runs.append((baseline, base_times))
     for rate in opts.failure_rates:
         schedule = failure_schedule(opts.seed, rate, opts.iterations, cfg.num_stages)
+        notices = frozenset(notice_schedule(opts.seed, opts.notice_fraction, schedule, cfg.num_stages))
         for strategy in opts.strategies:
             if strategy is BenchStrategy.NONE:
                 continue
@@ -249,7 +269,7 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
                 if progress is not None:
                     progress(f"redundant p={rate:g}", opts.iterations, opts.iterations)
                 continue
-            runs.append(_simulate_run(opts, strategy, rate, schedule, corpus.train, val, progress))
+            runs.append(_simulate_run(opts, strategy, rate, schedule, corpus.train, val, progress, notices))
     # the clock: iterations × one measured step time, plus each run's measured extra costs
     step_seconds = statistics.median(t for _, times in runs for t in times)
     for run, _ in runs:

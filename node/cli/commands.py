@@ -233,6 +233,8 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
         eval=_validate(EvalOptions, given.get("eval", {}), at="eval"),
         kills=_parse_faults(args.kill, args.stages),
         preempts=_parse_preempts(args.preempt, args.stages),
+        preemption_rate=args.preemption_rate,
+        notice_seconds=args.notice_seconds,
         failure_rate=args.failure_rate,
         respawn=args.respawn,
         spares=args.spares,
@@ -312,6 +314,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "lr_scale": args.lr_scale,
             "eval_every": eval_every,
             "eval_batches": args.eval_batches,
+            "notice_fraction": args.notice_fraction,
+            "notice_seconds": args.notice_seconds,
         }
         if args.mode == "simulate":
             import torch

@@ -210,6 +210,16 @@ def _add_local(sub: Any) -> None:
     )
     _flag_of_field(
         g,
+        "--preemption-rate",
+        LocalOptions,
+        type=_probability,
+        help="each block stage's node gets a preemption notice (SIGTERM) with this probability per step",
+    )
+    _flag_of_field(
+        g, "--notice-seconds", LocalOptions, type=_positive_float, help="--preemption-rate: the notice's window"
+    )
+    _flag_of_field(
+        g,
         "--failure-rate",
         LocalOptions,
         type=_probability,
@@ -271,6 +281,16 @@ def _add_bench(sub: Any) -> None:
         BenchOptions,
         type=_positive_float,
         help="redundant computation: time per iteration × this (default %(default).3f, the paper's measured ratio)",
+    )
+    _flag_of_field(
+        p,
+        "--notice-fraction",
+        BenchOptions,
+        type=_probability,
+        help="the share of failures that come with a preemption notice and are handed over (default %(default)s)",
+    )
+    _flag_of_field(
+        p, "--notice-seconds", BenchOptions, type=_positive_float, help="live: the notice window (default %(default)s)"
     )
     p.add_argument(
         "--failure-overhead-seconds",

@@ -6,8 +6,8 @@ Ctrl-C, SIGTERM) kills those groups, so no process outlives the launcher. Each s
 launcher wrote for it.
 
 :class:`LocalSwarm` starts the processes, watches the run and tears it down; its parts live beside it:
-:mod:`.children` (spawning and stopping processes), :mod:`.faults` (the launcher's own kills, planned vs
-unplanned deaths), :mod:`.summary` (the run summary), :mod:`.view` (the live table) and :mod:`.prometheus`
+:mod:`.children` (spawning and stopping processes), :mod:`.faults` (the launcher's own kills, and every
+node death, planned or not), :mod:`.summary` (the run summary), :mod:`.view` (the live table) and :mod:`.prometheus`
 (``--prometheus-dir``).
 """
 
@@ -29,7 +29,7 @@ from rich.table import Table
 
 from node import events as ev
 from node.config import SwarmConfig
-from node.local.children import HOST, SWARM, Child, LocalSwarmError, read_maddrs, spawn, stop_all
+from node.local.children import HOST, SWARM, Child, LocalSwarmError, read_maddrs, serving, spawn, stop_all
 from node.local.faults import LauncherFaults
 from node.local.preemptions import Preemptions, PreemptSpec
 from node.local.prometheus import PrometheusTargets
@@ -78,6 +78,8 @@ class LocalOptions:
     # on one machine there is no cloud metadata service to ask: notices are signals (SIGTERM hands a stage over)
     preemption: PreemptionOptions = field(default_factory=lambda: PreemptionOptions(mode=PreemptionMode.SIGNAL))
     preempts: list[PreemptSpec] = field(default_factory=list)  # --preempt: notices from local metadata servers
+    preemption_rate: float = 0.0  # each block stage gets a SIGTERM notice with this probability per attempt
+    notice_seconds: float = 30.0  # --preemption-rate: the notice's window, then SIGKILL
 
 
 class LocalSwarm:
@@ -99,7 +101,10 @@ class LocalSwarm:
         self.dht = None
         self.node_count = 0
         self.faults = LauncherFaults(opts.kills, opts.failure_rate, opts.config.num_stages, opts.seed)
-        self.preemptions = Preemptions(opts.preempts, self.faults.kill_log)
+        self.preemptions = Preemptions(
+            opts.preempts, self.faults.kill_log, opts.preemption_rate, opts.notice_seconds, opts.config.num_stages,
+            opts.seed,
+        )  # fmt: skip
         self.stage_log = StageLog()
         self.prometheus = PrometheusTargets(opts.prometheus_dir) if opts.prometheus_dir is not None else None
 
@@ -167,9 +172,16 @@ class LocalSwarm:
             timing=o.timing,
             recovery=o.recovery,
             eval=o.eval,
-            preemption=self.preemptions.options_for(stage, o.preemption),
+            preemption=self.preemptions.options_for(stage, self._preemption_options()),
             security=self.credentials(name or (f"stage{stage}" if stage is not None else "node")),
         )
+
+    def _preemption_options(self) -> PreemptionOptions:
+        """With ``--preemption-rate`` a node's SIGTERM window is the drawn notices' window."""
+        o = self.opts
+        if not o.preemption_rate:
+            return o.preemption
+        return o.preemption.model_copy(update={"drain_seconds": o.notice_seconds})
 
     def start_stage(self, stage: int | None) -> Child:
         """Starts a daemon for ``stage`` (None: ``--stage auto``, a spare or replacement node)."""
@@ -206,13 +218,31 @@ class LocalSwarm:
     def _view(self, events: list[ev.Event], records: list[StageRecord]) -> Table:
         o = self.opts
         return progress_table(
-            events, records, num_stages=o.config.num_stages, steps=o.steps, bootstrap=self.bootstrap_maddrs[0]
+            events,
+            records,
+            num_stages=o.config.num_stages,
+            steps=o.steps,
+            bootstrap=self.bootstrap_maddrs[0],
+            deaths=self.faults.unplanned(),
         )
 
     def check_children(self, events: list[ev.Event]) -> None:
-        """Reacts to dead children: killed nodes are replaced (``--respawn``), anything else is an error."""
-        for _ in self.faults.planned_deaths(events, self.children, self.read_events):
-            if self.opts.respawn:
+        """Reacts to dead children: every stage daemon or spare that dies, planned kill or not, is replaced by a
+        ``--stage auto`` node (``--respawn``), and the swarm recovers; a node that handed its stage over on a
+        notice already has its replacement. The bootstrap node dying, or a stage lost for good, is an error."""
+        # the first node of a --preempt stage got the notice (its replacement was started with it)
+        noticed = {self.stage_children[s].proc.pid for s in self.preemptions.fired if s in self.stage_children}
+        deaths = self.faults.new_deaths(
+            events,
+            self.children,
+            self.read_events,
+            seen=self.stage_log.by_pid,
+            started_for={child.proc.pid: stage for stage, child in self.stage_children.items()},
+            noticed=noticed,
+            respawn=self.opts.respawn,
+        )
+        for death in deaths:
+            if death.replaced:
                 self.start_stage(None)
 
     def watch(self) -> list[ev.Event]:
@@ -242,7 +272,8 @@ class LocalSwarm:
                         self.start_stage(None)
                     spares_started = True
                 self.faults.inject(events, records, self.children, self.auto_children)
-                for _ in range(self.preemptions.inject(events, self.stage_children)):
+                serving_now = functools.partial(serving, self.children, records)
+                for _ in range(self.preemptions.inject(events, self.stage_children, serving_now)):
                     if self.opts.respawn:  # a replacement arrives with the notice: the stage can be handed over
                         self.start_stage(None)
                 live.update(self._view(events, records))
@@ -281,6 +312,7 @@ class LocalSwarm:
             stages=stage_info,
             wall=wall,
             launcher_kills=self.kill_log,
+            deaths=self.faults.deaths,
             committed_samples=self.stage_log.committed_samples,
             config=self.opts.config,
             threads=self.opts.threads,

@@ -1,5 +1,8 @@
 """``local --preempt``: spot preemptions of a local swarm, announced the way a cloud announces them.
 
+``--preemption-rate P`` draws notices the way ``--failure-rate`` draws kills: for every block stage and attempt,
+with probability P its node gets SIGTERM, and SIGKILL when the ``--notice-seconds`` window ends.
+
 ``STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]``: the node first started for STAGE watches a real local HTTP server
 that speaks PROVIDER's metadata protocol (``aws``, ``gcp``, ``azure``; :mod:`node.local.metadata`), or only
 signals (``signal``). Once step STEP starts, the launcher raises the notice (or sends SIGTERM), and when the
@@ -8,9 +11,11 @@ notice window ends it SIGKILLs the node if it is still there: the cloud takes th
 
 from __future__ import annotations
 
+import random
 import re
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from node import events as ev
@@ -54,9 +59,22 @@ def parse_preempt(text: str, num_stages: int) -> PreemptSpec:
 
 
 class Preemptions:
-    """The metadata servers of a local swarm's planned preemptions, and the notices and kills on time."""
+    """The metadata servers of a local swarm's planned preemptions, notices drawn at ``rate`` (SIGTERM with a
+    ``rate_notice_seconds`` window, per block stage and attempt, as ``--failure-rate`` draws kills), and the
+    notices and kills on time."""
 
-    def __init__(self, specs: list[PreemptSpec], kill_log: list[ev.KilledEvent]) -> None:
+    def __init__(
+        self,
+        specs: list[PreemptSpec],
+        kill_log: list[ev.KilledEvent],
+        rate: float = 0.0,
+        rate_notice_seconds: float = DEFAULT_NOTICE_SECONDS,
+        num_stages: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.rate, self.rate_notice_seconds, self.num_stages = rate, rate_notice_seconds, num_stages
+        self._rng = random.Random(seed + 1)  # its own draws: adding notices does not move --failure-rate's
+        self._drawn: set[tuple[int, int]] = set()  # (step, attempt) already given their draws
         taken = [s.stage for s in specs]
         if len(set(taken)) != len(taken):
             raise ValueError("at most one --preempt per stage (a replacement node is not preempted again)")
@@ -87,10 +105,23 @@ class Preemptions:
         url = self.servers[stage].url
         return default.model_copy(update={"mode": PreemptionMode(spec.provider), "metadata_url": url})
 
-    def inject(self, events: list[ev.Event], nodes: dict[int, Child]) -> int:
-        """Raises each notice once its step has started; SIGKILLs a node whose window has ended. Returns how
-        many notices it raised now (the launcher starts a replacement node for each, as an autoscaler would)."""
+    def inject(
+        self, events: list[ev.Event], nodes: dict[int, Child], serving: Callable[[int], Child | None] = lambda s: None
+    ) -> int:
+        """Raises each notice once its step has started, and the drawn ones; SIGKILLs a node whose window has
+        ended. ``serving(stage)``: the node serving a stage now. Returns how many notices it raised now (the
+        launcher starts a replacement node for each, as an autoscaler would)."""
         raised = 0
+        for e in ev.of_type(events, ev.AttemptEvent):
+            if not self.rate or (e.step, e.attempt) in self._drawn:
+                continue
+            self._drawn.add((e.step, e.attempt))
+            for stage in range(1, self.num_stages):
+                node = serving(stage) if self._rng.random() < self.rate else None
+                if node is not None and node.proc.poll() is None and all(d[3] is not node for d in self._due):
+                    node.proc.send_signal(signal.SIGTERM)
+                    self._due.append((time.monotonic() + self.rate_notice_seconds, stage, e.step, node))
+                    raised += 1
         started = max((e.step for e in ev.of_type(events, ev.AttemptEvent)), default=0)
         now = time.monotonic()
         for stage, spec in self.specs.items():

@@ -1,12 +1,15 @@
 """The run summary of a local swarm (what ``swarm-node local --json-out`` writes), from the events log and
-what the launcher saw: each recovery matched to the kill that caused it, checkpoint figures, the node serving
-each stage at the end (:class:`StageLog`), and the single-process reference comparison.
+what the launcher saw: every node death (planned or not), each recovery matched to the kill or unplanned death
+that caused it, checkpoint figures, the node serving each stage at the end (:class:`StageLog`), and the
+single-process reference comparison.
 """
 
 from __future__ import annotations
 
 import pathlib
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -14,19 +17,26 @@ from rich.console import Console
 from node import events as ev
 from node.config import SwarmConfig
 from node.local.children import LocalSwarmError, present
+from node.local.faults import Death
 from node.wire.records import StageRecord
 
 
 class StageLog:
     """What the launcher saw of the swarm in the DHT: each stage's committed step over time, the newest serving
-    record of each stage, and the records at the end."""
+    record of each stage and of each node (by pid), and the records at the end."""
 
     def __init__(self) -> None:
         self.committed_samples: list[dict[str, Any]] = []
         self.last_seen: dict[int, StageRecord] = {}  # newest serving record of each stage
+        # newest record of each node that has not gone offline, spares included: the stage a node that
+        # dies served, and whether it ever joined the swarm
+        self.by_pid: dict[int, StageRecord] = {}
         self.final_records: list[StageRecord] = []
 
     def observe(self, records: list[StageRecord]) -> None:
+        for r in present(records):
+            if r.pid is not None:
+                self.by_pid[r.pid] = r
         serving = [r for r in present(records) if r.stage is not None]
         for r in serving:
             self.last_seen[r.stage] = r
@@ -54,15 +64,48 @@ class StageLog:
         return info
 
 
-def recoveries(events: list[ev.Event], launcher_kills: list[ev.KilledEvent]) -> list[dict[str, Any]]:
-    """One entry per rebuilt stage, matched to the kill that caused it."""
-    kills = sorted(
-        [e for e in ev.of_type(events, ev.KilledEvent) if e.phase != "fetch"]
-        + [k for k in launcher_kills if k.stage is not None],
-        key=lambda k: k.time,
-    )
+@dataclass(frozen=True)
+class _Cause:
+    """What took a stage down: a kill (the daemon's own or the launcher's) or an unplanned death."""
+
+    time: float
+    stage: int | None
+    killed_in: str | None
+
+
+def _kill_cause(kill: ev.KilledEvent) -> _Cause:
+    return _Cause(kill.time, kill.stage, kill.phase if kill.by is None else kill.by)
+
+
+def _unplanned_causes(deaths: Sequence[Death], detections: list[ev.FailureDetectedEvent]) -> list[_Cause]:
+    """The unplanned deaths as causes, at the earliest time each may have happened. A node whose stage the
+    launcher had not seen yet (a spare that had just taken one) gets the stage its peers found dead."""
+    causes = []
+    for d in deaths:
+        if d.planned:
+            continue
+        stage = d.stage
+        if stage is None and d.peer_id is not None:
+            found = next((e for e in detections if e.peer == d.peer_id and e.time >= d.died_at), None)
+            stage = found.stage if found else None
+        causes.append(_Cause(d.died_at, stage, "unplanned"))
+    return causes
+
+
+def recoveries(
+    events: list[ev.Event], launcher_kills: list[ev.KilledEvent], deaths: Sequence[Death] = ()
+) -> list[dict[str, Any]]:
+    """One entry per rebuilt stage, matched to the kill or unplanned death (``killed_in: "unplanned"``) that
+    caused it; ``deaths``: what the launcher saw die (:attr:`LauncherFaults.deaths`)."""
     steps = ev.of_type(events, ev.StepEvent)
     detections = ev.of_type(events, ev.FailureDetectedEvent)
+    kills = sorted(
+        [_kill_cause(e) for e in ev.of_type(events, ev.KilledEvent) if e.phase != "fetch"]
+        + [_kill_cause(k) for k in launcher_kills if k.stage is not None]
+        + _unplanned_causes(deaths, detections),
+        key=lambda k: k.time,
+    )
+    unplanned_pids = {d.pid for d in deaths if not d.planned}
     notices = [n for n in ev.of_type(events, ev.NoticeEvent) if n.kind == "terminate" and n.stage is not None]
     out, used = [], set()
     for r in ev.of_type(events, ev.RecoveryEvent):
@@ -75,12 +118,14 @@ def recoveries(events: list[ev.Event], launcher_kills: list[ev.KilledEvent]) -> 
                     "step": r.step,
                     "method": r.method,
                     "sources": r.sources,
-                    "killed_in": "preempt",
+                    # a SIGTERM from outside is a notice too: the node hands its stage over all the same
+                    "killed_in": "unplanned" if notice and notice.pid in unplanned_pids else "preempt",
                     "notice_seconds": notice.seconds_left if notice else None,
                     "handoff_seconds": r.time - notice.time if notice else None,
                     "recover_seconds": after.time - notice.time if notice and after else None,
                     "bytes_fetched": r.bytes_fetched,
                     "rebuild_seconds": r.rebuild_seconds,
+                    "stale_steps": r.stale_steps,
                 }
             )
             continue
@@ -101,7 +146,7 @@ def recoveries(events: list[ev.Event], launcher_kills: list[ev.KilledEvent]) -> 
                 "step": r.step,
                 "method": r.method,
                 "sources": r.sources,
-                "killed_in": kill.phase if kill.by is None else kill.by,
+                "killed_in": kill.killed_in,
                 "detect_seconds": None if detected is None else detected - death,
                 "recover_seconds": None if after is None else after.time - death,
                 "rebuild_seconds": r.rebuild_seconds,
@@ -120,13 +165,15 @@ def run_summary(
     stages: list[dict[str, Any]],
     wall: float,
     launcher_kills: list[ev.KilledEvent],
+    deaths: Sequence[Death] = (),
     committed_samples: list[dict[str, Any]],
     config: SwarmConfig,
     threads: int | None,
     bootstrap: list[str],
     workdir: pathlib.Path,
 ) -> dict[str, Any]:
-    """The run summary: ``stages`` from :meth:`StageLog.stage_info`, ``wall`` the seconds of the run."""
+    """The run summary: ``stages`` from :meth:`StageLog.stage_info`, ``wall`` the seconds of the run,
+    ``deaths`` every node the launcher saw die (``deaths`` in the summary, planned or not)."""
     steps = ev.of_type(events, ev.StepEvent)
     tokens = sum(e.tokens for e in steps)
     seconds = sum(e.seconds for e in steps)
@@ -138,8 +185,9 @@ def run_summary(
         "wall_seconds": wall,
         "threads_per_stage": threads,  # a reference run needs the same count to match bit for bit
         "aborted_steps": len(ev.of_type(events, ev.AbortEvent)),
-        "recoveries": recoveries(events, launcher_kills),
+        "recoveries": recoveries(events, launcher_kills, deaths),
         "kills": [ev.dump(e) for e in ev.of_type(events, ev.KilledEvent)] + [launcher_kill(k) for k in launcher_kills],
+        "deaths": [d.summary() for d in deaths],
         "committed_samples": committed_samples,
         "rollbacks": [{"step": e.step, "time": e.time} for e in ev.of_type(events, ev.RolledBackEvent)],
         "evaluations": [

@@ -73,7 +73,7 @@ def test_sigterm_hands_a_block_stage_over_exactly(running_swarm: LocalSwarm) -> 
 def test_every_provider_hands_over_exactly_under_checkfree_plus(tmp_path: pathlib.Path) -> None:
     """``local --preempt``: stage 0 by SIGTERM, then block stages by GCP, Azure and AWS notices from local
     metadata servers; each preempted node hands its stage over to the replacement started with the notice and
-    exits 0 (a non-zero exit fails ``local``), and the final weights equal the single-process run's."""
+    exits 0 (a planned death in the summary), and the final weights equal the single-process run's."""
     cfg = tmp_path / "cfg.toml"
     cfg.write_text("[model]\nn_layers = 4\n")  # one block per block stage with 5 stages
     # stage 3's notice is too short for its replacement to start: it parks its state on a neighbour, and the
@@ -99,7 +99,12 @@ def test_every_provider_hands_over_exactly_under_checkfree_plus(tmp_path: pathli
         if stage != 3:  # handed over to the replacement within the notice
             assert r["sources"] == [stage] and 0 < r["handoff_seconds"] < r["notice_seconds"], r
     assert handoffs[3]["sources"] in ([2], [4]) and handoffs[3]["stale_steps"] == 0  # from the neighbour it parked on
-    assert not [k for k in summary["kills"] if k.get("by") == "preempt"]  # every node left before its window ended
+    # the 30 s notices: each node left by itself, exit 0, before its window ended (stage 3's 1 s window may end
+    # during its clean exit, after it parked its state: then the launcher's SIGKILL takes it, as the cloud would)
+    assert {k["stage"] for k in summary["kills"] if k.get("by") == "preempt"} <= {3}
+    # (a node that leaves after training is done is no death to the summary: the early ones are listed)
+    left = {d["stage"]: d for d in summary["deaths"] if d["cause"] == "handover"}
+    assert set(left) >= {0, 2} and all(d["planned"] and d["exit_code"] == 0 for d in left.values()), left
     [azure] = [p for p in summary["preemptions"] if p["provider"] == "azure"]
     assert len(azure["acknowledged"]) == 1  # the node let the event proceed once it had handed over
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from node.bench import BenchStrategy
 from node.bench.live import LiveOptions, curve_from_events, local_options
 from node.bench.results import CurvePoint, default_target, time_to_target
-from node.bench.simulate import failure_schedule
+from node.bench.simulate import failure_schedule, notice_schedule
 from node.config import build_config
 from node.events import EvalEvent, RolledBackEvent, StepEvent
 from node.options import EvalOptions, RecoveryStrategy
@@ -73,3 +73,14 @@ def test_live_runs_give_the_local_swarm_their_strategy(tmp_path) -> None:
     plus = local_options(opts, BenchStrategy.CHECKFREE_PLUS, 0.1, tmp_path / "plus")
     assert plus.recovery.strategy is RecoveryStrategy.CHECKFREE_PLUS and plus.config.out_of_order
     assert not none.config.out_of_order
+
+
+def test_notices_are_drawn_per_failure_alike_for_every_rate_and_strategy() -> None:
+    low, high = failure_schedule(0, 0.05, 400, 7), failure_schedule(0, 0.2, 400, 7)
+    assert notice_schedule(0, 0.0, high, 7) == set()
+    assert notice_schedule(0, 1.0, high, 7) == {(it, s) for it, failed in enumerate(high) for s in failed}
+    half = notice_schedule(0, 0.5, high, 7)
+    assert 0.3 < len(half) / sum(map(len, high)) < 0.7 and half == notice_schedule(0, 0.5, high, 7)  # seeded
+    # a failure that a lower rate also has gets the same draw at both rates
+    assert notice_schedule(0, 0.5, low, 7) == {(it, s) for it, s in half if s in low[it]}
+    assert notice_schedule(0, 0.3, high, 7) <= half  # a higher fraction's notices include a lower one's
