@@ -27,6 +27,7 @@ from node.stage.seat import Seat
 from node.wire.records import RecoveryRecord, StageState
 
 logger = logging.getLogger(__name__)
+UNRECOVERABLE_PATIENCE_SECONDS = 15.0  # how long a stage that looks lost must stay unseen before training stops
 
 
 class StageTaken(RuntimeError):
@@ -132,9 +133,10 @@ class StageBuilder:
     async def _served_by_another(self) -> bool:
         """Before calling a stage unrecoverable: is it served after all? A view taken just after start can
         miss records (a DHT lookup that found nothing yet), and a served stage's record shows up within one
-        record lifetime (2 refresh periods), so a node never stops the swarm over a stage that is alive."""
+        record lifetime (2 refresh periods), or a few seconds more when its node or the DHT is slowed down by
+        load, so a node never stops the swarm over a stage that is alive."""
         presence = self.ctx.presence
-        deadline = time.monotonic() + 3 * presence.timing.refresh_seconds
+        deadline = time.monotonic() + max(3 * presence.timing.refresh_seconds, UNRECOVERABLE_PATIENCE_SECONDS)
         while not self.stopping.is_set():
             await presence.try_refresh()
             if any(r.stage == self.ctx.stage for r in presence.members()):

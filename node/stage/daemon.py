@@ -93,6 +93,7 @@ class StageDaemon:
         self.presence = Presence(
             SwarmDirectory(dht, opts.swarm, creds), self.io, self.seat, self.me, timing, self.channels, self.metrics,
             self.events, replica_step=lambda: self.copies.replica_step, parked=lambda: self.service.parked_at,
+            stage0_rebuildable=strategy in (RecoveryStrategy.CHECKFREE_PLUS, RecoveryStrategy.CHECKPOINT),
         )  # fmt: skip
         self.presence.on_fenced.append(self._on_fenced)
         self.faults = FaultInjector(

@@ -83,11 +83,14 @@ class Presence:
         events: EventLog,
         replica_step: Callable[[], int | None] = lambda: None,
         parked: Callable[[], tuple[int, int] | None] = lambda: None,
+        stage0_rebuildable: bool = False,
     ) -> None:
         self.directory, self.io, self.seat, self.me = directory, io, seat, me
         self.timing, self.channels, self.metrics, self.events = timing, channels, metrics, events
         self.replica_step = replica_step
         self.parked = parked  # (stage, committed step) of a preempted neighbour's state held here
+        self.stage0_rebuildable = stage0_rebuildable  # checkfree+, checkpoint: a claim of stage 0 can succeed
+        self.announced_at = time.monotonic()  # when the last record that was stored was sent
         self.state = StageState.JOINING
         self.view: list[StageRecord] = []
         self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
@@ -129,7 +132,9 @@ class Presence:
         if self.seat.stage is None and self.state == StageState.JOINING:
             return  # a --stage auto node has no record until it is a spare (a joining record needs a stage)
         try:
+            stored_at = time.monotonic()
             await self.io.run(self.directory.announce, self.record(), self.record_ttl)
+            self.announced_at = stored_at  # the record lives until record_ttl after this
         except Exception:  # the DHT is best effort; the next refresh tries again
             logger.exception("DHT announce failed")
 
@@ -143,7 +148,9 @@ class Presence:
         records, suspicions = await self.io.run(self.directory.records_and_suspicions)
         dead = declared_dead(records, suspicions, self.me.num_stages)
         self.view = [r for r in records if r.peer_id not in dead]
-        if (newer := self.newer_claim()) is not None:
+        # silent for longer than the record lives (a stall, a frozen VM): others may have seen the stage vacant
+        expired = time.monotonic() - self.announced_at > self.record_ttl
+        if not self.seat.handing_over and (newer := self.newer_claim(claims=expired)) is not None:
             for callback in self.on_fenced:
                 callback(newer)
         self.metrics.malformed_records.inc(self.directory.malformed_seen - before)
@@ -151,14 +158,22 @@ class Presence:
         self.metrics.stages_online.set(len(online))
         return self.view
 
-    def newer_claim(self) -> StageRecord | None:
+    def newer_claim(self, claims: bool = False) -> StageRecord | None:
         """Another peer serving this node's stage by a higher epoch, if the view holds one: this node then
-        stops serving the stage (it was declared dead, and a replacement has taken over). A claim still being
-        rebuilt does not fence: it may yet back off."""
+        stops serving the stage (it was declared dead, and a replacement has taken over). With ``claims``, a
+        peer still rebuilding the stage by a higher epoch counts too (:meth:`refresh` asks for that when this
+        node's record may have expired, after a stall): a node that comes back to find its stage claimed
+        yields at once, rather than outliving the claim and undoing the recovery the swarm has started. A
+        live node resists claims (the claimant sees it serving and backs off). Stage 0 yields to a claim only
+        when ``stage0_rebuildable`` (its claimant could not rebuild it otherwise)."""
         seat = self.seat
         if seat.stage is None or not seat.ready:
             return None
-        return next((r for r in self.members() if r.stage == seat.stage and r.epoch > seat.epoch), None)
+        states = (
+            SERVING_STATES | {StageState.RECOVERING} if claims and (seat.stage or self.stage0_rebuildable) else None
+        )
+        peers = self.members(states) if states is not None else self.members()
+        return next((r for r in peers if r.stage == seat.stage and r.epoch > seat.epoch), None)
 
     def claim_epoch(self, stage: int) -> int:
         """The epoch of this node's claim of ``stage``, from the records it sees (expired ones are gone)."""

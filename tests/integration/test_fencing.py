@@ -1,6 +1,5 @@
-"""A stalled node is not a dead one: a real process stopped with SIGSTOP and resumed with SIGCONT, over mutual
-TLS and a token-gated DHT, with a spare waiting to take over. (The replacement of a long stall, and the
-fencing of the node that comes back, are unit-tested in test_authz.py; their end-to-end test is future work.)"""
+"""A stalled node is not a dead one, and a node declared dead that comes back is fenced: a real process stopped
+with SIGSTOP and resumed with SIGCONT, over mutual TLS and a token-gated DHT, with a spare waiting to take over."""
 
 from __future__ import annotations
 
@@ -46,3 +45,26 @@ def test_a_short_stall_is_not_a_death(running_swarm: LocalSwarm) -> None:
     assert of_type(events, RecoveryEvent) == [] and of_type(events, FencedEvent) == []
     reference = train_reference(swarm.opts.config, load_corpus(None).train, STEPS, threads=1)
     assert [e.loss for e in of_type(events, StepEvent)] == reference.losses  # nothing was rebuilt or replayed
+
+
+LONG_RUN = 80  # steps: the spare starts, the stall, the recovery and the fencing all happen well before the end
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("running_swarm", [LONG_RUN], indirect=True, ids=[f"{LONG_RUN}steps"])
+def test_a_long_stall_is_one_recovery_and_the_returning_owner_is_fenced(running_swarm: LocalSwarm) -> None:
+    swarm = running_swarm
+    stalled = swarm.stage_children[2].proc.pid
+    resumed = _stall(swarm, 2, 5.0)
+    assert not of_type(swarm.read_events(), DoneEvent), "the swarm finished before the stall (raise LONG_RUN)"
+    [fence] = wait_for(lambda: of_type(swarm.read_events(), FencedEvent), 60, "the returning owner to be fenced")
+    wait_for(lambda: of_type(swarm.read_events(), DoneEvent), 300, "training to finish")
+    events = swarm.read_events()
+    [recovery] = of_type(events, RecoveryEvent)  # exactly one: the spare took stage 2
+    assert recovery.stage == 2 and recovery.pid != stalled and recovery.method == "checkfree"
+    assert (fence.stage, fence.pid, fence.by_epoch > fence.epoch) == (2, stalled, True)
+    refresh = swarm.opts.timing.refresh_seconds
+    assert fence.time - resumed < 2 * refresh + 1.0, fence.time - resumed  # its first DHT reads after SIGCONT
+    # every step committed exactly once, in order (the rebuilt stage changes the losses after the recovery)
+    assert [e.step for e in of_type(events, StepEvent)] == list(range(1, LONG_RUN + 1))
+    assert swarm.stage_children[2].proc.poll() is None  # the old process lives on, as a spare

@@ -175,3 +175,33 @@ async def test_the_record_says_what_the_seat_holds(parts) -> None:
     presence.seat.stage = None
     await presence.announce(StageState.JOINING)  # a --stage auto node has no record before it is a spare
     assert presence.directory.stored == []
+
+
+async def test_a_node_back_from_a_stall_yields_to_a_claim_of_its_stage(parts) -> None:
+    presence, directory, _, _ = parts
+    presence.seat.runtime, presence.seat.epoch = SimpleNamespace(committed_step=5), 100
+    fenced: list[StageRecord] = []
+    presence.on_fenced.append(fenced.append)
+    claimant = rec(1, "z", state="recovering").model_copy(update={"epoch": 101})
+    directory.by_peer["z"] = claimant
+    assert presence.newer_claim() is None  # as a successor: only a serving one counts (a handover waits for it)
+    presence.announced_at = time.monotonic()
+    await presence.refresh()
+    assert fenced == []  # a live node resists a claim: the claimant sees it serving and backs off
+    presence.announced_at = time.monotonic() - 3 * presence.record_ttl  # silent past its record's life: a stall
+    await presence.refresh()
+    assert [r.peer_id for r in fenced] == ["z"]  # back from the stall, the claim is enough
+    # an older claim, or one of another stage, fences nothing
+    fenced.clear()
+    directory.by_peer["z"] = claimant.model_copy(update={"epoch": 99})
+    directory.by_peer["y"] = rec(2, "y", state="recovering").model_copy(update={"epoch": 200})
+    await presence.refresh()
+    assert fenced == []
+    # stage 0 yields to a claim only where a claimant can rebuild it (checkfree+, checkpoint)
+    presence.seat.stage = 0
+    directory.by_peer["z"] = rec(0, "z", state="recovering").model_copy(update={"epoch": 101})
+    await presence.refresh()
+    assert fenced == []
+    presence.stage0_rebuildable = True
+    await presence.refresh()
+    assert [r.peer_id for r in fenced] == ["z"]
