@@ -9,6 +9,7 @@ import pathlib
 import pytest
 
 from node import cli
+from node.cli import commands
 from node.config import build_config
 from node.local.launcher import LocalSwarm
 from node.options import (
@@ -174,3 +175,21 @@ def test_local_hands_each_node_what_the_same_run_flags_give(tmp_path: pathlib.Pa
     assert swarm.node_options(None).stage is None
     swarm.fired.add("2@3:forward")
     assert swarm.node_options(None).faults == []  # a replacement does not repeat a fault that happened
+
+
+def test_preemption_flags_are_validated() -> None:
+    base = ("run", "--stage", "1", "--num-stages", "4", "--insecure")
+    opts = cli._options_from_flags(
+        parse(*base, "--preemption", "gcp", "--drain-seconds", "12", "--metadata-url", "http://127.0.0.1:8080")
+    )
+    assert (opts.preemption.mode, opts.preemption.drain_seconds) == ("gcp", 12.0)
+    assert opts.preemption.metadata_url == "http://127.0.0.1:8080"
+    assert cli._options_from_flags(parse(*base)).preemption.mode == "auto"  # the default watches the cloud
+    with pytest.raises(SystemExit):
+        parse(*base, "--preemption", "ibm")
+    with pytest.raises((cli.CliError, SystemExit)):
+        cli._options_from_flags(parse(*base, "--metadata-url", "ftp://169.254.169.254"))
+    with pytest.raises((cli.CliError, SystemExit)):
+        cli._options_from_flags(parse(*base, "--drain-seconds", "0"))
+    with pytest.raises(cli.CliError, match="--preempt"):
+        commands._parse_preempts(["9@1"], 4)
