@@ -92,7 +92,7 @@ class StageDaemon:
         timing, strategy = opts.timing, opts.recovery.strategy
         self.presence = Presence(
             SwarmDirectory(dht, opts.swarm, creds), self.io, self.seat, self.me, timing, self.channels, self.metrics,
-            self.events, replica_step=lambda: self.copies.replica_step, parked=lambda: self.service.parked_at,
+            self.events, replica_step=lambda: self.copies.replica_step, parked=lambda: self.service.handoffs.parked_at,
             stage0_rebuildable=strategy in (RecoveryStrategy.CHECKFREE_PLUS, RecoveryStrategy.CHECKPOINT),
         )  # fmt: skip
         self.presence.on_fenced.append(self._on_fenced)

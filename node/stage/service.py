@@ -38,9 +38,8 @@ from node.checkpoint.keeper import CheckpointKeeper
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
-from node.recovery.handoff import check_handoff, max_state_bytes
-from node.recovery.rebuild import BadSource, expected_state
 from node.recovery.stage0_copies import Stage0Copies
+from node.stage.handoffs import Handoffs
 from node.stage.participant import PipelineParticipant
 from node.stage.refusals import Refusals
 from node.stage.runtime import Reject, StepError
@@ -143,10 +142,9 @@ class StageService(stage_pb2_grpc.StageServicer):
     ) -> None:
         self.participant, self.copies, self.checkpoints = participant, copies, checkpoints
         self.superseded = superseded  # a control request addressed this stage by a newer claim epoch
-        self.handed_over: list[int] = []  # committed steps whose full state was streamed to a successor
-        self.parked: tuple[int, int, dict[str, torch.Tensor]] | None = None  # a leaving neighbour's state
         self.status, self.metrics, self.fetch_limits = status, metrics, fetch_limits
         self.refusals = Refusals(metrics)
+        self.handoffs = Handoffs(participant, self.refusals, self._send, status)
         self._weights_turn, self._replica_turn = OneAtATime(fetch_limits), OneAtATime(fetch_limits)
         self._snapshot: _Snapshot | None = None
         participant.after_commit.append(self._drop_snapshot)
@@ -338,17 +336,17 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def FetchWeights(self, request: pb.FetchWeightsRequest, context):
         if not await self._ready(context):
             return
-        if request.full_state:
-            await self._hand_over(request, context)
-            return
         if request.parked:
-            await self._serve_parked(request, context)
+            await self.handoffs.give_back(request, context)
             return
         if not await self._weights_turn.acquire():
             await self._reject(context, Reject.BUSY, "another FetchWeights stream is being served")
             return
         try:
             if not await self._ready(context):  # the stage may have been lost while this call waited
+                return
+            if request.full_state:
+                await self.handoffs.hand_over(request, context)
                 return
             step, norm, state = await self._committed_snapshot()
             me = self.status()
@@ -359,59 +357,11 @@ class StageService(stage_pb2_grpc.StageServicer):
         return
         yield  # an async generator (as interceptors expect of a server stream), writing with context.write
 
-    async def _hand_over(self, request: pb.FetchWeightsRequest, context) -> None:
-        """The exact state of a stage whose owner is handing it over, to the node that claimed the stage. Only
-        between steps: a step prepared here waits for its commit or abort first (the caller asks again)."""
-        seat = self.participant.seat
-        if not seat.handing_over:
-            await self._reject(context, Reject.NOT_READY, f"stage {seat.stage} is not being handed over")
-        if request.requester_stage != seat.stage:
-            await self._reject(context, Reject.BAD_ROUTE, f"stage {seat.stage} is not {request.requester_stage}")
-        if seat.runtime is None or seat.runtime.prepared:
-            await self._reject(context, Reject.BUSY, "a prepared step waits for its commit or abort; ask again")
-        if not await self._weights_turn.acquire():
-            await self._reject(context, Reject.BUSY, "another FetchWeights stream is being served")
-        try:
-            step, state = await self.participant.snapshot_full()
-            me = self.status()
-            meta = pb.MicrobatchMeta(step=step, sender_stage=me.stage, sender_peer=me.peer_id)
-            await self._send(context, encode_stream(meta, list(state.items())), "FetchWeights")
-            self.handed_over.append(step)
-        finally:
-            self._weights_turn.release()
-
-    @property
-    def parked_at(self) -> tuple[int, int] | None:
-        """(stage, committed step) of the state a preempted neighbour left here, if any."""
-        return (self.parked[0], self.parked[1]) if self.parked is not None else None
-
     async def ParkState(self, request_iterator, context) -> pb.Ack:
-        """Keeps the full state of a route neighbour whose owner is leaving with nobody to hand it to (one
-        parked state at a time: a newer one replaces it), until a replacement fetches it."""
-        seat, cfg = self.participant.seat, self.participant.config
-        if seat.stage is None:
-            await self._reject(context, Reject.NOT_READY, "this node holds no stage")
-        limit = max(max_state_bytes(expected_state(cfg, s)) for s in range(cfg.num_stages))
-        meta, tensors = await self._decode(request_iterator, context, limit)
-        stage = meta.sender_stage if meta is not None else -1
-        if not 0 <= stage < cfg.num_stages or stage == seat.stage:
-            await self._reject(context, Reject.BAD_ROUTE, f"stage {stage} cannot be parked on stage {seat.stage}")
-        try:
-            step, _, _ = check_handoff(meta, tensors, expected_state(cfg, stage), f"the node leaving stage {stage}")
-        except BadSource as err:
-            await self._reject(context, Reject.BAD_STREAM, str(err))
-        self.parked = (stage, step, tensors)
-        logger.warning("keeping the state of stage %d at step %d for its next owner", stage, step)
+        """Keeps the full state of a route neighbour whose owner is leaving with nobody to hand it to."""
+        meta, tensors = await self._decode(request_iterator, context, self.handoffs.park_limit())
+        await self.handoffs.keep(meta, tensors, context)
         return pb.Ack(ok=True)
-
-    async def _serve_parked(self, request: pb.FetchWeightsRequest, context) -> None:
-        parked = self.parked
-        if parked is None or parked[0] != request.requester_stage:
-            await self._reject(context, Reject.UNKNOWN_STEP, f"no parked state of stage {request.requester_stage}")
-        stage, step, tensors = parked
-        me = self.status()
-        meta = pb.MicrobatchMeta(step=step, sender_stage=stage, sender_peer=me.peer_id)
-        await self._send(context, encode_stream(meta, list(tensors.items())), "FetchWeights")
 
     async def PushReplica(self, request_iterator, context) -> pb.Ack:
         copies, seat = self.copies, self.participant.seat

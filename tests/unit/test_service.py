@@ -381,7 +381,7 @@ async def test_a_stage_being_handed_over_takes_no_new_step_and_hands_its_full_st
     assert await refused(fetch(stage=2)) == Reject.BAD_ROUTE
     meta, tensors = await fetch()
     assert meta.step == 4 and torch.equal(tensors["w.w.a"], torch.arange(6.0))
-    assert float(tensors["meta.lr_scale"]) == 1.1 and served.service.handed_over == [4]
+    assert float(tensors["meta.lr_scale"]) == 1.1 and served.service.handoffs.handed_over == [4]
 
 
 async def test_a_neighbours_parked_state_is_kept_announced_and_given_back_to_its_stage(served) -> None:
@@ -394,11 +394,11 @@ async def test_a_neighbours_parked_state_is_kept_announced_and_given_back_to_its
     state["meta.last_grad_norm"] = torch.tensor(0.3, dtype=torch.float64)
     meta = pb.MicrobatchMeta(step=4, sender_stage=2)
     assert (await served.stub.ParkState(encode_stream(meta, list(state.items())))).ok
-    assert served.service.parked_at == (2, 4)
+    assert served.service.handoffs.parked_at == (2, 4)
     bad = {**state, "meta.lr_scale": torch.tensor(float("nan"), dtype=torch.float64)}
     with pytest.raises(grpc.aio.AioRpcError) as err:  # a state that cannot be stage 2 is refused
         await served.stub.ParkState(encode_stream(meta, list(bad.items())))
-    assert err.value.details().startswith("bad_stream") and served.service.parked_at == (2, 4)
+    assert err.value.details().startswith("bad_stream") and served.service.handoffs.parked_at == (2, 4)
     asm = TensorAssembler(1 << 24, 1 << 24)
     async for message in served.stub.FetchWeights(pb.FetchWeightsRequest(requester_stage=2, parked=True)):
         asm.feed(message)
