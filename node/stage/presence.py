@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -39,6 +40,8 @@ from node.wire.records import SERVING_STATES, StageRecord, StageState, next_epoc
 
 logger = logging.getLogger(__name__)
 OCCUPYING = SERVING_STATES | {StageState.RECOVERING}
+STALL_TICK_SECONDS = 0.2  # the stall watch's sleep: a much longer one means the process was frozen
+YIELD_PERIODS = 5  # refresh periods a node back from a stall waits for the claim of its stage
 
 
 class Directory(Protocol):
@@ -90,7 +93,7 @@ class Presence:
         self.replica_step = replica_step
         self.parked = parked  # (stage, committed step) of a preempted neighbour's state held here
         self.stage0_rebuildable = stage0_rebuildable  # checkfree+, checkpoint: a claim of stage 0 can succeed
-        self.announced_at = time.monotonic()  # when the last record that was stored was sent
+        self.stalled_at = -math.inf  # when this node last found itself back from a stall (see yielding)
         self.state = StageState.JOINING
         self.view: list[StageRecord] = []
         self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
@@ -131,10 +134,10 @@ class Presence:
             self.state = state
         if self.seat.stage is None and self.state == StageState.JOINING:
             return  # a --stage auto node has no record until it is a spare (a joining record needs a stage)
+        if self.yielding() and self.state in SERVING_STATES:
+            return
         try:
-            stored_at = time.monotonic()
             await self.io.run(self.directory.announce, self.record(), self.record_ttl)
-            self.announced_at = stored_at  # the record lives until record_ttl after this
         except Exception:  # the DHT is best effort; the next refresh tries again
             logger.exception("DHT announce failed")
 
@@ -148,9 +151,8 @@ class Presence:
         records, suspicions = await self.io.run(self.directory.records_and_suspicions)
         dead = declared_dead(records, suspicions, self.me.num_stages)
         self.view = [r for r in records if r.peer_id not in dead]
-        # silent for longer than the record lives (a stall, a frozen VM): others may have seen the stage vacant
-        expired = time.monotonic() - self.announced_at > self.record_ttl
-        if not self.seat.handing_over and (newer := self.newer_claim(claims=expired)) is not None:
+        # back from a stall (a frozen process or VM): the swarm may be rebuilding this stage; a claim fences it
+        if not self.seat.handing_over and (newer := self.newer_claim(claims=self.yielding())) is not None:
             for callback in self.on_fenced:
                 callback(newer)
         self.metrics.malformed_records.inc(self.directory.malformed_seen - before)
@@ -161,8 +163,8 @@ class Presence:
     def newer_claim(self, claims: bool = False) -> StageRecord | None:
         """Another peer serving this node's stage by a higher epoch, if the view holds one: this node then
         stops serving the stage (it was declared dead, and a replacement has taken over). With ``claims``, a
-        peer still rebuilding the stage by a higher epoch counts too (:meth:`refresh` asks for that when this
-        node's record may have expired, after a stall): a node that comes back to find its stage claimed
+        peer still rebuilding the stage by a higher epoch counts too (:meth:`refresh` asks for that while the
+        node is back from a stall, see :meth:`yielding`): a node that comes back to find its stage claimed
         yields at once, rather than outliving the claim and undoing the recovery the swarm has started. A
         live node resists claims (the claimant sees it serving and backs off). Stage 0 yields to a claim only
         when ``stage0_rebuildable`` (its claimant could not rebuild it otherwise)."""
@@ -184,8 +186,31 @@ class Presence:
         with contextlib.suppress(Exception):
             await self.refresh()
 
+    def yielding(self) -> bool:
+        """Back from a stall (the event loop froze for longer than this node's record lives: SIGSTOP, a frozen
+        VM), for ``YIELD_PERIODS`` refresh periods: the node keeps its serving record unannounced, so that its
+        stage looks vacant and the recovery the swarm has started (its neighbours found it dead) can claim it;
+        a claim by a newer epoch then fences it. With nobody claiming in time, it announces itself again."""
+        return time.monotonic() - self.stalled_at < YIELD_PERIODS * self.timing.refresh_seconds
+
+    async def watch_for_stalls(self, stopping: asyncio.Event) -> None:
+        """Notices when this process was frozen: a short sleep that took longer than a record lives."""
+        tick = time.monotonic()
+        while not stopping.is_set():
+            await asyncio.sleep(STALL_TICK_SECONDS)
+            now = time.monotonic()
+            if (
+                now - tick > self.record_ttl
+                and self.seat.stage is not None
+                and (self.seat.stage or self.stage0_rebuildable)
+            ):
+                self.stalled_at = now
+                logger.warning("this node was frozen for %.1f s: its stage may have been taken over", now - tick)
+            tick = now
+
     async def run_periodic(self, stopping: asyncio.Event) -> None:
         """Announce and refresh every period until ``stopping``."""
+        self._background.spawn(self.watch_for_stalls(stopping))
         while not stopping.is_set():
             await self.try_refresh()  # first: a node that was fenced off meanwhile must not announce its stage again
             await self.announce()

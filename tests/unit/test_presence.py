@@ -185,10 +185,9 @@ async def test_a_node_back_from_a_stall_yields_to_a_claim_of_its_stage(parts) ->
     claimant = rec(1, "z", state="recovering").model_copy(update={"epoch": 101})
     directory.by_peer["z"] = claimant
     assert presence.newer_claim() is None  # as a successor: only a serving one counts (a handover waits for it)
-    presence.announced_at = time.monotonic()
     await presence.refresh()
     assert fenced == []  # a live node resists a claim: the claimant sees it serving and backs off
-    presence.announced_at = time.monotonic() - 3 * presence.record_ttl  # silent past its record's life: a stall
+    presence.stalled_at = time.monotonic()  # back from a stall (see the next test)
     await presence.refresh()
     assert [r.peer_id for r in fenced] == ["z"]  # back from the stall, the claim is enough
     # an older claim, or one of another stage, fences nothing
@@ -205,3 +204,26 @@ async def test_a_node_back_from_a_stall_yields_to_a_claim_of_its_stage(parts) ->
     presence.stage0_rebuildable = True
     await presence.refresh()
     assert [r.peer_id for r in fenced] == ["z"]
+
+
+async def test_a_frozen_node_keeps_its_record_unannounced_and_yields_to_the_claim(parts) -> None:
+    presence, directory, _, _ = parts  # refresh 0.05 s: a record lives 0.1 s
+    presence.seat.runtime, presence.seat.epoch = SimpleNamespace(committed_step=5), 100
+    presence.state = StageState.ONLINE
+    fenced: list[StageRecord] = []
+    presence.on_fenced.append(fenced.append)
+    stopping = asyncio.Event()
+    watch = asyncio.create_task(presence.watch_for_stalls(stopping))
+    await asyncio.sleep(0.05)
+    assert not presence.yielding()
+    time.sleep(0.3)  # the whole process freezes (as under SIGSTOP): the event loop does not run
+    await asyncio.sleep(0.01)  # the watch wakes up late
+    assert presence.yielding()
+    stored = len(directory.stored)
+    await presence.announce()
+    assert len(directory.stored) == stored  # silent: its stage looks vacant to the spares
+    directory.by_peer["z"] = rec(1, "z", state="recovering").model_copy(update={"epoch": 101})
+    await presence.refresh()
+    assert [r.peer_id for r in fenced] == ["z"]  # the claim fences it
+    stopping.set()
+    await watch
