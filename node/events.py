@@ -143,6 +143,15 @@ class CheckpointEvent(_Event):
     bytes: int
 
 
+class SnapshotEvent(_Event):
+    """Stage 0 sealed a swarm snapshot (``--snapshot-to``): every stage's part of this step is durable."""
+
+    event: Literal["snapshot"] = "snapshot"
+    step: int
+    bytes: int = Field(description="all stages' parts together")
+    seconds: float = Field(description="from stage 0's commit to the sealed manifest")
+
+
 class CheckpointSnapshotEvent(_Event):
     """A stage copied its state to host memory for a checkpoint (the part that blocks training)."""
 
@@ -209,6 +218,7 @@ Event = Annotated[
     | NoticeEvent
     | HandedOverEvent
     | CheckpointEvent
+    | SnapshotEvent
     | CheckpointSnapshotEvent
     | RollbackStartEvent
     | RollbackEvent
@@ -229,6 +239,7 @@ EVENT_TYPES: tuple[type[_Event], ...] = (
     NoticeEvent,
     HandedOverEvent,
     CheckpointEvent,
+    SnapshotEvent,
     CheckpointSnapshotEvent,
     RollbackStartEvent,
     RollbackEvent,

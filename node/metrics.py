@@ -137,6 +137,13 @@ class StageMetrics:
         self.checkpoint_step = Gauge(
             "swarm_node_checkpoint_step", "Step of the latest durable checkpoint on this stage", registry=r
         )
+        # Swarm snapshots (--snapshot-to): stage 0 seals them; zero elsewhere.
+        self.snapshot_step = Gauge(
+            "swarm_node_snapshot_step", "Step of the newest complete swarm snapshot this node sealed", registry=r
+        )
+        self.snapshot_seals = Counter(
+            "swarm_node_snapshot_seals_total", "Swarm snapshots sealed or given up, by result", ["result"], registry=r
+        )
         self.rollbacks = Counter("swarm_node_rollbacks_total", "Rollbacks of this stage to a checkpoint", registry=r)
         self.dht_rejected = Counter(
             "swarm_node_dht_rejected_total",
@@ -191,6 +198,7 @@ class StageMetrics:
                 self.recoveries.labels(method=method.value)
         for result in ("ok", "failed"):
             self.checkpoint_writes.labels(result=result)
+            self.snapshot_seals.labels(result=result)
         for result in ("handed_over", "parked", "missed_deadline"):
             self.handoffs.labels(result=result)
         for provider in ("aws", "gcp", "azure", "signal"):

@@ -60,14 +60,47 @@ class RecoveryOptions(_Group):
         1, ge=1, description="checkfree+: copy stage 0 to stages 1 and S-1 every K committed steps (1: exact)"
     )
     checkpoint_every: int = Field(100, ge=1, description="checkpoint: write a checkpoint every K committed steps")
-    checkpoint_dir: pathlib.Path | None = Field(
-        None, description="checkpoint: storage shared by the swarm's nodes (a replacement restores from it)"
+    checkpoint_dir: str | None = Field(
+        None,
+        description="checkpoint: storage shared by the swarm's nodes, a directory or URL (a replacement restores "
+        "from it)",
     )
 
     @model_validator(mode="after")
     def _checkpoint_needs_dir(self) -> RecoveryOptions:
         if self.strategy is RecoveryStrategy.CHECKPOINT and self.checkpoint_dir is None:
             raise ValueError("--recovery checkpoint needs --checkpoint-dir (storage the swarm's nodes share)")
+        return self
+
+
+class DurabilityOptions(_Group):
+    """Whole-swarm snapshots on durable storage, for when every node is lost at once."""
+
+    snapshot_to: str | None = Field(
+        None, description="write a swarm snapshot here: a directory, file:// or s3://bucket/prefix"
+    )
+    snapshot_every: int = Field(50, ge=1, description="a snapshot every K committed steps")
+    resume: bool = Field(
+        False,
+        description="start from the newest complete snapshot at --snapshot-to (or --resume-from); "
+        "a fresh start when there is none",
+    )
+    resume_from: str | None = Field(None, description="resume from the snapshots at this URL (implies --resume)")
+    storage_endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="S3 endpoint (MinIO, R2, GCS interoperability); default: AWS_ENDPOINT_URL, else AWS",
+    )
+
+    @property
+    def resume_url(self) -> str | None:
+        """Where to resume from, or None when not resuming."""
+        return self.resume_from or (self.snapshot_to if self.resume else None)
+
+    @model_validator(mode="after")
+    def _resume_needs_a_source(self) -> DurabilityOptions:
+        if self.resume and self.resume_url is None:
+            raise ValueError("--resume needs --snapshot-to (or --resume-from URL): where the snapshots are")
         return self
 
 
@@ -144,6 +177,7 @@ class NodeOptions(BaseModel):
     eval: EvalOptions = EvalOptions()
     security: SecurityOptions = SecurityOptions()
     preemption: PreemptionOptions = PreemptionOptions()
+    durability: DurabilityOptions = DurabilityOptions()
 
     @model_validator(mode="after")
     def _stage_exists(self) -> NodeOptions:
@@ -161,6 +195,9 @@ class NodeOptions(BaseModel):
             raise ValueError("--keys and --insecure exclude each other")
         if self.security.metrics_tls and self.security.keys is None:
             raise ValueError("--metrics-tls serves with the node's certificate: it needs --keys")
+        snapshots = self.durability.snapshot_to
+        if snapshots is not None and snapshots.rstrip("/") == (self.recovery.checkpoint_dir or "").rstrip("/"):
+            raise ValueError("--snapshot-to and --checkpoint-dir must be different places")
         if self.config.out_of_order != self.recovery.strategy.out_of_order:
             raise ValueError("the out-of-order pipeline is used by --recovery checkfree+ and only by it")
         return self

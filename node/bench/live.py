@@ -58,7 +58,7 @@ def curve_from_events(events: list[Event]) -> list[CurvePoint]:
 def local_options(opts: LiveOptions, strategy: BenchStrategy, rate: float, workdir: pathlib.Path) -> LocalOptions:
     """The local swarm of one run: ``strategy`` (``none``: no failures, plain CheckFree) at failure rate ``rate``."""
     failing, recovery = strategy.fails, strategy.recovery
-    checkpoint_dir = workdir / "checkpoints" if recovery is RecoveryStrategy.CHECKPOINT else None
+    checkpoint_dir = str(workdir / "checkpoints") if recovery is RecoveryStrategy.CHECKPOINT else None
     cfg = opts.config.model_copy(update={"out_of_order": recovery.out_of_order})
     return LocalOptions(
         config=cfg,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import pathlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -29,6 +28,7 @@ from node.recovery.planner import Method, RecoveryPlan
 from node.stage.compute import Background, Compute
 from node.stage.runtime import Reject, StageRuntime, StepError
 from node.stage.seat import Seat
+from node.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class CheckpointKeeper:
 
     def __init__(
         self,
-        root: pathlib.Path,
+        storage: Storage,
         every: int,
         seat: Seat,
         config: SwarmConfig,
@@ -53,7 +53,7 @@ class CheckpointKeeper:
     ) -> None:
         """``secret``: the swarm secret; manifests then carry an HMAC and one without it is never loaded."""
         self.secret = secret
-        self.root, self.every, self.seat, self.config, self.device = root, every, seat, config, device
+        self.storage, self.every, self.seat, self.config, self.device = storage, every, seat, config, device
         self.compute, self.install, self.metrics, self.events = compute, install, metrics, events
         self.fingerprint = config.fingerprint()
         self.store: CheckpointStore | None = None
@@ -69,9 +69,9 @@ class CheckpointKeeper:
         if self.store is None or self.store.stage != stage:
             if self.writer is not None:
                 self.writer.close()
-            self.store = CheckpointStore(self.root, stage, self.fingerprint, secret=self.secret)
+            self.store = CheckpointStore(self.storage, stage, self.fingerprint, secret=self.secret)
             self.writer = BackgroundWriter(self.store, self.metrics, self._on_durable)
-            self.durable_steps = frozenset(self.store.steps())
+            self.durable_steps = frozenset()  # listed off the event loop: by recover(), and after each write
         return self.store
 
     def _on_durable(self, step: int, seconds: float, nbytes: int) -> None:  # on the writer thread
@@ -83,9 +83,12 @@ class CheckpointKeeper:
     def after_commit(self, committed: int) -> None:
         """Snapshots the state after ``committed`` on the compute thread, submitted now so it runs before the
         next step can touch a parameter; the write happens on the writer's thread."""
-        rt, writer = self.seat.runtime, self.writer
-        if committed % self.every or rt is None or writer is None:
+        rt = self.seat.runtime
+        if committed % self.every or rt is None:
             return
+        self.open(rt.stage)
+        writer = self.writer
+        assert writer is not None
 
         def snapshot() -> tuple[dict[str, torch.Tensor], float, float]:
             started = time.perf_counter()
@@ -121,6 +124,7 @@ class CheckpointKeeper:
         """The stage's newest loadable checkpoint (or the seed's weights when there is none)."""
         started = time.monotonic()
         store = self.open(ctx.stage)
+        self.durable_steps = frozenset(await asyncio.to_thread(store.steps))
         found = await asyncio.to_thread(store.latest_loadable)
         runtime = await ctx.compute.run(restore_runtime, ctx.config, ctx.stage, ctx.device, found)
         return Recovered(

@@ -1,10 +1,11 @@
 """Durable, verifiable per-stage checkpoints on (shared) storage.
 
-Layout: ``<dir>/stage<i>/step-<N>.safetensors`` holds the stage's weights (``w.*``) and AdamW state
-(``opt.*``) after committed step N; ``step-<N>.json`` is its manifest (size, SHA-256, step, data position,
-config fingerprint). Both are written to a temporary name, fsynced and renamed, the manifest last, so a
-checkpoint exists only once it is complete: a crash mid-write leaves at most a ``.tmp`` file, which is
-ignored, and a payload that does not match its manifest (cut short, bit rot) is never loaded.
+Layout, on any :mod:`node.storage` (a directory or object storage): ``stage<i>/step-<N>.safetensors`` holds
+the stage's weights (``w.*``) and AdamW state (``opt.*``) after committed step N; ``step-<N>.json`` is its
+manifest (size, SHA-256, step, data position, config fingerprint). Each is stored atomically, the manifest
+last, so a checkpoint exists only once it is complete: a crash mid-write leaves at most a payload without
+a manifest (or a local ``.tmp`` file), which is ignored, and a payload that does not match its manifest
+(cut short, bit rot) is never loaded.
 
 With the swarm secret (``secret``), every manifest also carries an HMAC-SHA256 over its other fields (the
 payload's SHA-256 among them), keyed with a key derived from the secret for this purpose only. A store
@@ -16,13 +17,12 @@ authenticated (an ``hmac`` field is then ignored).
 A write that fails (a full disk, a file-size limit) leaves nothing behind: no ``.tmp`` file, and no payload
 without its manifest.
 
-The directory must outlive the machine that writes it (a shared volume, NFS or a mounted bucket): the
-node that replaces a lost stage restores that stage's checkpoint from it.
+The storage must outlive the machine that writes it (object storage, a shared volume, NFS): the node that
+replaces a lost stage restores that stage's checkpoint from it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -36,6 +36,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load, save
+
+from node.storage import Storage, open_storage
+from node.storage.backends import LocalStorage
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
@@ -76,68 +79,54 @@ def manifest_hmac(key: bytes, info: CheckpointInfo) -> str:
     return hmac.new(key, info.signed_bytes(), hashlib.sha256).hexdigest()
 
 
-def _fsync_dir(path: pathlib.Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-    """``data`` at ``path``, complete or not at all: written to a temporary file, fsynced and renamed; the
-    temporary file is removed when any of it fails (ENOSPC, EFBIG, EIO...)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 class CheckpointStore:
-    """Checkpoints of one stage under ``root/stage<i>``; keeps the newest ``keep``. With ``secret`` (the
-    swarm secret) manifests are authenticated."""
+    """Checkpoints of one stage under ``stage<i>/`` of ``storage`` (a :class:`~node.storage.Storage`, or a
+    directory path); keeps the newest ``keep``. With ``secret`` (the swarm secret) manifests are
+    authenticated."""
 
     def __init__(
-        self, root: pathlib.Path, stage: int, fingerprint: str, keep: int = 3, secret: bytes | None = None
+        self,
+        storage: Storage | str | os.PathLike[str],
+        stage: int,
+        fingerprint: str,
+        keep: int = 3,
+        secret: bytes | None = None,
     ) -> None:
-        self.dir = pathlib.Path(root) / f"stage{stage}"
+        self.storage = storage if hasattr(storage, "put") else open_storage(storage)  # type: ignore[arg-type]
+        self.prefix = f"stage{stage}"
         self.stage = stage
         self.fingerprint = fingerprint
         self.keep = max(2, keep)  # the previous one must survive while the next is written
         self._key = manifest_key(secret) if secret is not None else None
 
-    def _paths(self, step: int) -> tuple[pathlib.Path, pathlib.Path]:
-        return self.dir / f"step-{step:08d}.safetensors", self.dir / f"step-{step:08d}.json"
+    @property
+    def dir(self) -> pathlib.Path:
+        """The stage's directory, on local storage (tests look inside it)."""
+        assert isinstance(self.storage, LocalStorage), "only local storage has a directory"
+        return self.storage.path(self.prefix)
+
+    def _keys(self, step: int) -> tuple[str, str]:
+        return f"{self.prefix}/step-{step:08d}.safetensors", f"{self.prefix}/step-{step:08d}.json"
 
     def write(
         self, step: int, tensors: Mapping[str, torch.Tensor], *, data_position: int, lr_scale: float, grad_norm: float
     ) -> int:
         """Writes the checkpoint of committed step ``step`` atomically; returns its size in bytes."""
-        self.dir.mkdir(parents=True, exist_ok=True)
         payload = save({k: v.contiguous() for k, v in tensors.items()}, {"stage": str(self.stage), "step": str(step)})
-        data_path, manifest_path = self._paths(step)
-        _write_atomically(data_path, payload)
+        data_key, manifest_key_ = self._keys(step)
+        self.storage.put(data_key, payload)
         try:
-            self._write_manifest(step, manifest_path, payload, data_position, lr_scale, grad_norm)
+            self._write_manifest(step, manifest_key_, payload, data_position, lr_scale, grad_norm)
         except BaseException:
             self._remove(step)  # a payload without its manifest is no checkpoint, and must not fill the disk
             raise
-        _fsync_dir(self.dir)
         self.prune()
         return len(payload)
 
     def _write_manifest(
         self,
         step: int,
-        path: pathlib.Path,
+        key: str,
         payload: bytes,
         data_position: int,
         lr_scale: float,
@@ -155,12 +144,12 @@ class CheckpointStore:
         )
         if self._key is not None:
             info = info.model_copy(update={"hmac": manifest_hmac(self._key, info)})
-        _write_atomically(path, info.model_dump_json().encode())
+        self.storage.put(key, info.model_dump_json().encode())
 
     def manifest(self, step: int) -> CheckpointInfo:
-        data_path, manifest_path = self._paths(step)
+        data_path, manifest_path = self._keys(step)
         try:
-            info = CheckpointInfo.model_validate_json(manifest_path.read_bytes())
+            info = CheckpointInfo.model_validate_json(self.storage.get(manifest_path))
         except FileNotFoundError:
             raise CheckpointError(f"stage {self.stage} has no checkpoint of step {step}") from None
         except (OSError, ValidationError) as err:
@@ -177,20 +166,20 @@ class CheckpointStore:
         if info.config_fingerprint != self.fingerprint:
             raise CheckpointError(f"checkpoint {data_path} was written by a differently configured swarm")
         try:
-            size = data_path.stat().st_size
-        except OSError:
-            raise CheckpointError(f"checkpoint {data_path} is missing") from None
+            size = self.storage.size(data_path)
+        except OSError as err:
+            raise CheckpointError(f"checkpoint {data_path} is unreadable: {err}") from None
+        if size is None:
+            raise CheckpointError(f"checkpoint {data_path} is missing")
         if size != info.size:
             raise CheckpointError(f"checkpoint {data_path} is {size} bytes, its manifest says {info.size}")
         return info
 
     def steps(self) -> list[int]:
         """Steps with a complete checkpoint (manifest valid and payload of the right size), oldest first."""
-        if not self.dir.is_dir():
-            return []
         found = []
-        for path in self.dir.iterdir():
-            m = _NAME.match(path.name)
+        for name in self.storage.list(self.prefix):
+            m = _NAME.match(name)
             if m is None:
                 continue
             try:
@@ -203,8 +192,11 @@ class CheckpointStore:
     def load(self, step: int) -> tuple[CheckpointInfo, dict[str, torch.Tensor]]:
         """The checkpoint of ``step``, verified against its manifest (size and SHA-256)."""
         info = self.manifest(step)
-        data_path, _ = self._paths(step)
-        payload = data_path.read_bytes()
+        data_path, _ = self._keys(step)
+        try:
+            payload = self.storage.get(data_path)
+        except OSError as err:
+            raise CheckpointError(f"checkpoint {data_path} is unreadable: {err}") from None
         if len(payload) != info.size or hashlib.sha256(payload).hexdigest() != info.sha256:
             raise CheckpointError(f"checkpoint {data_path} does not match its manifest (cut short or corrupted)")
         try:
@@ -236,9 +228,8 @@ class CheckpointStore:
         self._remove(step)
 
     def _remove(self, step: int) -> None:
-        for path in reversed(self._paths(step)):  # manifest first: the checkpoint stops existing at once
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        for key in reversed(self._keys(step)):  # manifest first: the checkpoint stops existing at once
+            self.storage.delete(key)
 
 
 def rollback_target(durable: Mapping[int, Iterable[int]], num_stages: int) -> int:

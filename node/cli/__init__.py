@@ -76,21 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    from node.config import ConfigError
-    from node.data import DataError
-    from node.local.launcher import LocalSwarmError
-
     command = _COMMANDS.get(args.command)
     if command is None:
         parser.error(f"unknown command {args.command}")
     try:
         return command(args)
-    except (CliError, ConfigError, DataError) as err:
+    except CliError as err:
         print(f"swarm-node: error: {err}", file=sys.stderr)
         return 2
-    except LocalSwarmError as err:
+    except Exception as err:
+        # imported only now: node.data imports torch, which ``status`` (a quick command) does not need
+        from node.config import ConfigError
+        from node.data import DataError
+        from node.local.launcher import LocalSwarmError
+
+        if not isinstance(err, (ConfigError, DataError, LocalSwarmError)):
+            raise
         print(f"swarm-node: error: {err}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, LocalSwarmError) else 2
     except KeyboardInterrupt:
         print("swarm-node: interrupted", file=sys.stderr)
         return 130

@@ -22,7 +22,7 @@ from node.cli.flags import (
     _NODE,
     CliError,
     _build_config,
-    _check_checkpoint_dir,
+    _check_storage,
     _given,
     _maddr,
     _one_line,
@@ -30,7 +30,14 @@ from node.cli.flags import (
     _validate,
 )
 from node.cli.parser import _BENCH_EVAL_POINTS, _BENCH_ITERATIONS
-from node.options import EvalOptions, NodeOptions, RecoveryOptions, RecoveryStrategy, TimingOptions
+from node.options import (
+    DurabilityOptions,
+    EvalOptions,
+    NodeOptions,
+    RecoveryOptions,
+    RecoveryStrategy,
+    TimingOptions,
+)
 
 if TYPE_CHECKING:
     from node.local.launcher import LocalOptions
@@ -96,10 +103,28 @@ def cmd_dht(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from node.status import print_status, read_swarm
+    """``status``: one reading (or ``--watch``) from ``--peer`` over gRPC, falling back to the DHT."""
+    from node.status import StatusError, SwarmReader, check_bundle, print_view, watch
 
-    records, malformed = read_swarm(args.initial_peers, args.swarm, _security_of(args))
-    print_status(records, malformed, args.json)
+    if not args.peer and not args.initial_peers:
+        raise CliError("status needs --peer HOST:PORT (a stage daemon, fast) or --initial-peers MADDR (the DHT)")
+    if args.keys is None and not args.insecure:
+        _security_of(args)  # the one-line error about --keys / --insecure
+    if args.keys is not None and args.insecure:
+        raise CliError("--keys and --insecure exclude each other")
+    reader = SwarmReader(args.peer, args.initial_peers, args.swarm, args.keys)
+    try:
+        if args.keys is not None:
+            check_bundle(args.keys)  # the bundle is loaded only if the DHT is read (--peer needs its files only)
+        if args.watch is not None:
+            with contextlib.suppress(KeyboardInterrupt):
+                watch(reader, args.watch, args.json, args.wide)
+            return 0
+        print_view(reader.read(), args.json, args.wide)
+    except StatusError as err:
+        raise CliError(str(err)) from None
+    finally:
+        reader.close()
     return 0
 
 
@@ -196,14 +221,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.initial_peers_file is not None:
         peers = [*opts.initial_peers, *_read_initial_peers(args.initial_peers_file)]
         opts = opts.model_copy(update={"initial_peers": peers})
-    if opts.recovery.checkpoint_dir is not None and opts.recovery.strategy is RecoveryStrategy.CHECKPOINT:
-        _check_checkpoint_dir(opts.recovery.checkpoint_dir)
+    _check_storages(opts.recovery, opts.durability)
     if opts.stage in (0, None) and opts.config.data is not None:
         from node.data import load_corpus
 
         load_corpus(opts.config.data).check_fits(opts.config.train.seq_len)  # fail now, with the file named
     load_credentials(opts.security.keys)  # fail now, with the file named
     return run_daemon(opts)
+
+
+def _check_storages(recovery: RecoveryOptions, durability: DurabilityOptions) -> None:
+    """Every storage the node will write to works, checked before anything starts."""
+    if recovery.checkpoint_dir is not None and recovery.strategy is RecoveryStrategy.CHECKPOINT:
+        _check_storage("--checkpoint-dir", recovery.checkpoint_dir, durability.storage_endpoint)
+    if durability.snapshot_to is not None:
+        _check_storage("--snapshot-to", durability.snapshot_to, durability.storage_endpoint)
 
 
 def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOptions:
@@ -216,11 +248,11 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
     cfg = _build_config(args, args.stages, out_of_order=strategy.out_of_order)
     load_corpus(cfg.data).check_fits(cfg.train.seq_len)
     recovery = given.get("recovery", {})
-    if strategy is RecoveryStrategy.CHECKPOINT:
-        if "checkpoint_dir" in recovery:
-            _check_checkpoint_dir(recovery["checkpoint_dir"])
-        else:
-            recovery = {**recovery, "checkpoint_dir": workdir / "checkpoints"}
+    if strategy is RecoveryStrategy.CHECKPOINT and "checkpoint_dir" not in recovery:
+        recovery = {**recovery, "checkpoint_dir": str(workdir / "checkpoints")}
+    recovery_options = _validate(RecoveryOptions, recovery, at="recovery")
+    durability = _validate(DurabilityOptions, given.get("durability", {}), at="durability")
+    _check_storages(recovery_options, durability)
     return LocalOptions(
         config=cfg,
         steps=args.steps,
@@ -229,7 +261,8 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.stages),
         quiet=args.quiet,
         timing=_validate(TimingOptions, given.get("timing", {}), at="timing"),
-        recovery=_validate(RecoveryOptions, recovery, at="recovery"),
+        recovery=recovery_options,
+        durability=durability,
         eval=_validate(EvalOptions, given.get("eval", {}), at="eval"),
         kills=_parse_faults(args.kill, args.stages),
         preempts=_parse_preempts(args.preempt, args.stages),

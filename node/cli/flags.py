@@ -119,7 +119,7 @@ def _option(group: Any, flag: str, path: str, *, help: str | None = None, **kw: 
     model, name = _field(path)
     if help != argparse.SUPPRESS:
         help = help or describe(model, name)
-        if not model.model_fields[name].is_required() and (value := default(model, name)) not in (None, []):
+        if not model.model_fields[name].is_required() and (value := default(model, name)) not in (None, [], False):
             help += f" (default {value})"
         help = help.replace("%", "%%")
     if "choices" not in kw:
@@ -204,13 +204,24 @@ def _add_preemption_flags(p: argparse.ArgumentParser) -> None:
     _option(g, "--metadata-url", "preemption.metadata_url")
 
 
-def _check_checkpoint_dir(path: pathlib.Path) -> None:
+def _add_durability_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("durability (whole-swarm snapshots)")
+    _option(g, "--snapshot-to", "durability.snapshot_to", metavar="URL")
+    _option(g, "--snapshot-every", "durability.snapshot_every", type=_positive_int)
+    _option(g, "--resume", "durability.resume", action="store_const", const=True)
+    _option(g, "--resume-from", "durability.resume_from", metavar="URL")
+    _option(g, "--storage-endpoint", "durability.storage_endpoint", metavar="URL")
+
+
+def _check_storage(flag: str, url: str | os.PathLike[str], endpoint: str | None) -> None:
+    """Fails now, in one line, when the storage at ``url`` cannot be written (a wrong bucket or wrong
+    credentials must not surface after an hour of training)."""
+    from node.storage import StorageError, open_storage
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CliError(f"--checkpoint-dir {path}: {err.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise CliError(f"--checkpoint-dir {path} is not writable")
+        open_storage(url, endpoint).check()
+    except StorageError as err:
+        raise CliError(f"{flag}: {err}") from None
 
 
 # ---- model and training flags (SwarmConfig) -------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 from node import __version__
 from node.cli.flags import (
+    _add_durability_flags,
     _add_eval_flags,
     _add_model_flags,
     _add_preemption_flags,
@@ -147,7 +148,8 @@ def _add_run(sub: Any) -> None:
     _option(p, "--metrics-host", "metrics_host")
     _add_security_flags(p)
     _add_recovery_flags(p)
-    _option(p, "--checkpoint-dir", "recovery.checkpoint_dir", type=pathlib.Path)
+    _option(p, "--checkpoint-dir", "recovery.checkpoint_dir", metavar="URL")
+    _add_durability_flags(p)
     _add_eval_flags(p)
     _add_preemption_flags(p)
     _option(p, "--fault", "faults", action="append", help=argparse.SUPPRESS)  # tests: STAGE@STEP[:PHASE]
@@ -183,7 +185,8 @@ def _add_local(sub: Any) -> None:
     )
     _add_recovery_flags(p)
     _option(p, "--checkpoint-dir", "recovery.checkpoint_dir", help="checkpoint: where (default WORKDIR/checkpoints)",
-            type=pathlib.Path)  # fmt: skip
+            metavar="URL")  # fmt: skip
+    _add_durability_flags(p)
     p.add_argument(
         "--prometheus-dir",
         type=pathlib.Path,
@@ -331,17 +334,46 @@ def _add_bench(sub: Any) -> None:
     )
 
 
-def _add_status(sub: Any) -> None:
-    """``status``: the swarm as the DHT sees it."""
-    from node.local.launcher import SWARM as LOCAL_SWARM
+def _peer(text: str) -> str:
+    """A ``--peer`` value: a stage daemon's gRPC ``HOST:PORT`` (as ``status`` shows under address)."""
+    from node.status import StatusError, split_address
 
-    p = sub.add_parser("status", help="show the swarm as the DHT sees it")
-    p.add_argument("--initial-peers", type=_maddr, action="append", required=True, help="bootstrap multiaddr")
+    try:
+        split_address(text)
+    except StatusError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a stage's gRPC address)") from None
+    return text
+
+
+def _add_status(sub: Any) -> None:
+    """``status``: the swarm's stage records, from a stage daemon (``--peer``) or the DHT."""
+    from node.status import LOCAL_SWARM
+
+    p = sub.add_parser(
+        "status",
+        help="show the swarm's stages (fast with --peer: one gRPC call to a stage daemon; else from the DHT)",
+        description="Needs --peer or --initial-peers (or both: the DHT is read when no --peer answers). "
+        f"swarm-node local prints the command for its swarm ({LOCAL_SWARM!r}).",
+    )
+    p.add_argument(
+        "--peer", type=_peer, action="append", default=[],
+        help="a stage daemon's gRPC HOST:PORT (status's address column): ask it for its view of the swarm, "
+        "which answers in well under a second; repeat for fallbacks",
+    )  # fmt: skip
+    p.add_argument(
+        "--initial-peers", type=_maddr, action="append", default=[],
+        help="bootstrap multiaddr: read the DHT (takes seconds: starts a DHT client)",
+    )  # fmt: skip
     p.add_argument(
         "--swarm",
         type=_swarm_name,
-        default=default(NodeOptions, "swarm"),
-        help=f"swarm name (default %(default)s; local swarms use {LOCAL_SWARM!r})",
+        help=f"swarm name (default: the --peer's swarm, else {default(NodeOptions, 'swarm')!r}; "
+        f"local swarms use {LOCAL_SWARM!r})",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--wide", action="store_true", help="every column (node, peer, epoch, metrics port, CheckFree+)")
+    p.add_argument(
+        "--watch", type=_positive_float, nargs="?", const=2.0, metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until Ctrl-C; with --json, one line per reading",
+    )  # fmt: skip
     _add_security_flags(p, node_flags=False)

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import pathlib
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from node.local.prometheus import PrometheusTargets
 from node.local.summary import StageLog, reference_diff, run_summary
 from node.local.view import progress_table
 from node.options import (
+    DurabilityOptions,
     EvalOptions,
     NodeOptions,
     PreemptionMode,
@@ -46,7 +48,7 @@ from node.options import (
 )
 from node.recovery.faults import FaultSpec
 from node.security.keys import NodeCredentials, init_authority, issue_node
-from node.wire.records import StageRecord
+from node.wire.records import SERVING_STATES, StageRecord
 
 __all__ = ["HOST", "SWARM", "Child", "LocalOptions", "LocalSwarm", "LocalSwarmError"]
 
@@ -66,6 +68,7 @@ class LocalOptions:
     quiet: bool = False
     timing: TimingOptions = field(default_factory=TimingOptions)
     recovery: RecoveryOptions = field(default_factory=RecoveryOptions)
+    durability: DurabilityOptions = field(default_factory=DurabilityOptions)
     eval: EvalOptions = field(default_factory=EvalOptions)
     kills: list[FaultSpec] = field(default_factory=list)
     failure_rate: float = 0.0
@@ -171,6 +174,7 @@ class LocalSwarm:
             faults=self.faults.node_faults(),  # a replacement only gets the faults that have not happened yet
             timing=o.timing,
             recovery=o.recovery,
+            durability=o.durability,
             eval=o.eval,
             preemption=self.preemptions.options_for(stage, self._preemption_options()),
             security=self.credentials(name or (f"stage{stage}" if stage is not None else "node")),
@@ -215,6 +219,26 @@ class LocalSwarm:
         except Exception:  # progress display only
             return []
 
+    def status_command(self, peer: str | None = None) -> str:
+        """The ``swarm-node status`` command for this swarm: its swarm name, keys (a ``status`` bundle from the
+        swarm's authority) or ``--insecure``, ``--peer`` (a stage's gRPC address: fast) and the bootstrap node
+        (read when the peer does not answer)."""
+        keys = self.credentials("status").keys
+        security = ["--insecure"] if keys is None else ["--keys", str(keys)]
+        argv = ["swarm-node", "status", "--swarm", SWARM, *security]
+        if peer is not None:
+            argv += ["--peer", peer]
+        argv += [a for maddr in self.bootstrap_maddrs for a in ("--initial-peers", maddr)]
+        return shlex.join(argv)
+
+    def _print_status_command(self, records: list[StageRecord]) -> bool:
+        """Prints :meth:`status_command` once stage 0 serves (True: printed)."""
+        stage0 = [r for r in records if r.stage == 0 and r.state in SERVING_STATES]
+        if not stage0:
+            return False
+        self.console.print(f"status: {self.status_command(stage0[0].grpc_address)}", soft_wrap=True)
+        return True
+
     def _view(self, events: list[ev.Event], records: list[StageRecord]) -> Table:
         o = self.opts
         return progress_table(
@@ -253,7 +277,7 @@ class LocalSwarm:
         events: list[ev.Event] = []
         last_records_at = 0.0
         records: list[StageRecord] = []
-        spares_started = False
+        spares_started = status_shown = False
         with Live(self._view(events, records), console=self.console, refresh_per_second=4, transient=False) as live:
             while True:
                 events = self.read_events()
@@ -264,6 +288,7 @@ class LocalSwarm:
                     records = self.swarm_records()
                     last_records_at = time.monotonic()
                     self.stage_log.observe(records)
+                    status_shown = status_shown or self._print_status_command(records)
                     if self.prometheus is not None:
                         self.prometheus.update(records, self.children)
                 self.check_children(events)

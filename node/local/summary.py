@@ -159,6 +159,19 @@ def recoveries(
     return out
 
 
+def resumed(events: list[ev.Event]) -> dict[str, Any] | None:
+    """``--resume``: the snapshot step the swarm started from, and what taking it cost each stage."""
+    taken = [r for r in ev.of_type(events, ev.RecoveryEvent) if r.method == "resume"]
+    if not taken:
+        return None
+    return {
+        "step": max(r.step for r in taken),
+        "stages": sorted(r.stage for r in taken),
+        "bytes": sum(r.bytes_fetched for r in taken),
+        "seconds": max(r.rebuild_seconds for r in taken),
+    }
+
+
 def run_summary(
     events: list[ev.Event],
     *,
@@ -195,6 +208,10 @@ def run_summary(
             for e in ev.of_type(events, ev.EvalEvent)
         ],
         "checkpoints": checkpoint_summary(events),
+        "snapshots": [
+            {"step": e.step, "bytes": e.bytes, "seconds": e.seconds} for e in ev.of_type(events, ev.SnapshotEvent)
+        ],
+        "resumed": resumed(events),
         "bootstrap": bootstrap,
         "config": config.model_dump(mode="json"),
         "stages": stages,

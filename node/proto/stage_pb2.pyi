@@ -171,11 +171,13 @@ class FetchWeightsRequest(_message.Message):
     def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ..., full_state: _Optional[bool] = ..., parked: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("swarm",)
+    SWARM_FIELD_NUMBER: _ClassVar[int]
+    swarm: bool
+    def __init__(self, swarm: _Optional[bool] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage", "peer_id", "state", "committed_step", "last_grad_norm", "rejected_messages", "pid", "checkpoint_steps")
+    __slots__ = ("stage", "peer_id", "state", "committed_step", "last_grad_norm", "rejected_messages", "pid", "checkpoint_steps", "swarm", "records")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +186,8 @@ class StageStatus(_message.Message):
     REJECTED_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SWARM_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
     stage: int
     peer_id: str
     state: str
@@ -192,7 +196,9 @@ class StageStatus(_message.Message):
     rejected_messages: int
     pid: int
     checkpoint_steps: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ..., last_grad_norm: _Optional[float] = ..., rejected_messages: _Optional[int] = ..., pid: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+    swarm: str
+    records: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ..., last_grad_norm: _Optional[float] = ..., rejected_messages: _Optional[int] = ..., pid: _Optional[int] = ..., checkpoint_steps: _Optional[_Iterable[int]] = ..., swarm: _Optional[str] = ..., records: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("step", "attempt", "sender_peer", "stage", "epoch")

@@ -17,6 +17,8 @@ method          when
 ``checkpoint``  ``--recovery checkpoint`` (any stage, also at start-up: a restarted swarm resumes): the
                 stage's newest checkpoint; stage 0 then rolls the whole swarm back to the newest
                 checkpoint every stage has
+``resume``      ``--resume``: the swarm has not moved past the newest complete swarm snapshot (a swarm of
+                new nodes after the whole swarm was lost): the stage's exact part of that snapshot
 ``handoff``     the stage's owner got a preemption notice and is handing over: its exact state (weights,
                 AdamW state, lr scale, committed step), under every strategy and for every stage; or,
                 with nobody to hand over to in time, the state it left on a route neighbour
@@ -49,6 +51,7 @@ class Method(enum.StrEnum):
     EMBEDDING_REPLICA = "embedding_replica"
     CHECKPOINT = "checkpoint"
     HANDOFF = "handoff"
+    RESUME = "resume"
     UNRECOVERABLE = "unrecoverable"
 
 
@@ -131,12 +134,14 @@ def plan_recovery(
     replicas: Mapping[int, int] | None = None,
     handing_over: frozenset[int] = frozenset(),
     parked: Mapping[int, tuple[int, int]] | None = None,
+    resume_step: int | None = None,
 ) -> RecoveryPlan:
     """How to rebuild ``stage`` given the live stages and the swarm's committed step.
 
     ``replicas`` maps each live stage holding a copy of stage 0 to that copy's committed step (checkfree+);
     ``handing_over`` are the stages whose preempted owner is handing its state over; ``parked`` maps a stage to
-    (the live stage holding the state its preempted owner left there, that state's committed step).
+    (the live stage holding the state its preempted owner left there, that state's committed step);
+    ``resume_step`` is the step of the newest complete swarm snapshot when resuming (``--resume``).
     """
     strategy = RecoveryStrategy(strategy)
     if stage in handing_over:  # exact, so it beats every rebuild, whatever the strategy
@@ -145,6 +150,9 @@ def plan_recovery(
     if holder is not None and holder in live:
         why = f"the state its preempted owner left on stage {holder} at step {step} ({committed_step - step} stale)"
         return RecoveryPlan(stage, Method.HANDOFF, (holder,), why)
+    if resume_step is not None and committed_step in (0, resume_step):
+        # the swarm is (re)starting from the snapshot: every stage must take its part of the same step
+        return RecoveryPlan(stage, Method.RESUME, (), f"the swarm snapshot of step {resume_step}")
     if strategy is RecoveryStrategy.CHECKPOINT:
         return RecoveryPlan(
             stage, Method.CHECKPOINT, (), "the stage's newest checkpoint; the swarm rolls back to a common one"

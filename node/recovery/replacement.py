@@ -80,8 +80,11 @@ class StageBuilder:
         metrics: StageMetrics,
         events: EventLog,
         stopping: asyncio.Event,
+        resume_step: int | None = None,
     ) -> None:
+        """``resume_step``: the step of the swarm snapshot a ``--resume`` start takes (the planner's ``resume``)."""
         self.ctx, self.seat, self.strategy, self.metrics, self.events = ctx, seat, strategy, metrics, events
+        self.resume_step = resume_step
         self.stopping = stopping
         self.methods = {method: m for m in methods for method in m.methods}
 
@@ -103,7 +106,8 @@ class StageBuilder:
                 if r.parked_stage is not None and r.parked_step is not None and r.stage is not None
             }
             plan = plan_recovery(
-                ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving, parked
+                ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving, parked,
+                self.resume_step,
             )
             if plan.method == Method.UNRECOVERABLE:
                 if await self._served_by_another():

@@ -7,7 +7,8 @@ swarm CA certified). What it may call depends on what the DHT says it is:
 - Forward and Backward: only a stage that some microbatch route makes this stage's neighbour;
 - FetchWeights and FetchReplica: only a node that is rebuilding or taking over a stage;
 - ParkState: only a node handing over a route neighbour's stage;
-- Heartbeat, GetStatus and the health service: any member.
+- Heartbeat, GetStatus (also with the swarm view, for ``swarm-node status --peer``) and the health service:
+  any member.
 
 The rules are a pure function (:func:`decide`) over plain records; the interceptor only maps the
 certificate to a name, asks, and turns a refusal into ``UNAUTHENTICATED`` or ``PERMISSION_DENIED``.

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from node import __version__
 from node.checkpoint.keeper import CheckpointKeeper
+from node.checkpoint.snapshots import SnapshotKeeper, SnapshotMismatch, SnapshotResume, find_snapshot
 from node.dht.directory import SwarmDirectory
 from node.dht.factory import dht_rejections, make_dht
 from node.events import EventLog, FencedEvent, NoticeEvent, UnrecoverableEvent
@@ -54,6 +55,7 @@ from node.stage.presence import NodeIdentity, Presence
 from node.stage.runtime import Reject, warm_up
 from node.stage.seat import Seat
 from node.stage.service import NodeStatus, StageService
+from node.storage import StorageError, open_storage
 from node.train.optim import pick_device
 from node.transport.channels import ChannelPool
 from node.transport.server import ServerLimits, StageServer
@@ -122,11 +124,22 @@ class StageDaemon:
         if strategy is RecoveryStrategy.CHECKPOINT:
             assert opts.recovery.checkpoint_dir is not None  # NodeOptions checks it
             self.checkpoints = CheckpointKeeper(
-                opts.recovery.checkpoint_dir, opts.recovery.checkpoint_every, self.seat, cfg, self.device,
+                open_storage(opts.recovery.checkpoint_dir, opts.durability.storage_endpoint),
+                opts.recovery.checkpoint_every, self.seat, cfg, self.device,
                 self.compute, self.participant.install, self.metrics, self.events,
                 secret=creds.secret if creds is not None else None,
             )  # fmt: skip
             self.participant.after_commit.append(self.checkpoints.after_commit)
+        self.snapshots: SnapshotKeeper | None = None
+        durability = opts.durability
+        if durability.snapshot_to is not None:
+            self.snapshots = SnapshotKeeper(
+                open_storage(durability.snapshot_to, durability.storage_endpoint), durability.snapshot_every,
+                self.seat, cfg, self.device, self.compute, self.participant.install, self.metrics, self.events,
+                secret=creds.secret if creds is not None else None,
+            )  # fmt: skip
+            self.participant.after_commit.append(self.snapshots.after_commit)
+        self.resume_step: int | None = None  # the snapshot a --resume start takes (found in run())
         self.methods: list[RecoveryMethod] = [NeighbourRebuild(opts.recovery.lr_scale), self.copies, Handoff()]
         if self.checkpoints is not None:
             self.methods.append(self.checkpoints)
@@ -208,8 +221,9 @@ class StageDaemon:
                 self.opts.timing, self.faults,
             )  # fmt: skip
             builder = StageBuilder(
-                ctx, self.seat, self.opts.recovery.strategy, self.methods, self.metrics, self.events, self.stopping
-            )
+                ctx, self.seat, self.opts.recovery.strategy, self.methods, self.metrics, self.events, self.stopping,
+                resume_step=self.resume_step,
+            )  # fmt: skip
             try:
                 recovered = await builder.build()
             except StageTaken as err:  # our view had missed its serving peer
@@ -253,6 +267,8 @@ class StageDaemon:
         self.background.spawn(self._count_dht_rejections())
         exit_code = 0
         try:
+            if opts.durability.resume_url is not None and not await self._find_snapshot():
+                return 2
             stage = self.seat.stage
             if stage is not None and (holder := await self.presence.serving_peer(stage)) is not None:
                 # e.g. a restarted container whose stage a spare took over meanwhile: become the spare
@@ -279,6 +295,32 @@ class StageDaemon:
             periodic.cancel()
             await self.shutdown()
         return exit_code
+
+    async def _find_snapshot(self) -> bool:
+        """``--resume``: the newest complete snapshot becomes the ``resume`` method's source. False (the node
+        exits) when the storage cannot be read or the snapshot was taken with another configuration."""
+        durability, creds = self.opts.durability, self.credentials
+        url = durability.resume_url
+        assert url is not None
+        secret = creds.secret if creds is not None else None
+        try:
+            storage = open_storage(url, durability.storage_endpoint)
+            found, skipped = await asyncio.to_thread(find_snapshot, storage, self.opts.config, secret)
+        except (SnapshotMismatch, StorageError) as err:
+            logger.error("cannot resume: %s", err)
+            return False
+        except OSError as err:
+            logger.error("cannot resume from %s: %s", url, err)
+            return False
+        for reason in skipped:
+            logger.warning("%s", reason)
+        if found is None:
+            logger.warning("--resume: no complete snapshot at %s; starting from the seed's initial weights", url)
+            return True
+        logger.info("--resume: the snapshot of step %d at %s (%d bytes)", found.step, url, found.nbytes)
+        self.resume_step = found.step
+        self.methods.append(SnapshotResume(storage, found, secret))
+        return True
 
     async def _serve(self) -> int:
         """Serves the stage until the daemon stops or the stage is claimed by a newer epoch; stage 0 with
@@ -367,8 +409,9 @@ class StageDaemon:
             await asyncio.wait_for(self.presence.announce(StageState.OFFLINE), timeout=OFFLINE_SECONDS)
         except TimeoutError:
             logger.warning("could not announce offline within %.0f s", OFFLINE_SECONDS)
-        if self.checkpoints is not None:
-            await self.checkpoints.close()
+        for keeper in (self.checkpoints, self.snapshots):
+            if keeper is not None:
+                await keeper.close()
         self.background.cancel_all()
         self.participant.close()
         self.presence.close()

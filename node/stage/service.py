@@ -19,12 +19,14 @@ asks again or another source. A reader that takes no chunk for ``stall_seconds``
 past ``stream_seconds``, loses the stream (``DEADLINE_EXCEEDED``), so a stalled caller cannot hold the turn.
 
 The service depends on the pipeline participant, the stage-0 copy store and (``--recovery checkpoint``)
-the checkpoint keeper; ``status`` describes the node for ``Heartbeat`` and ``GetStatus``.
+the checkpoint keeper; ``status`` describes the node for ``Heartbeat`` and ``GetStatus``, and
+``GetStatus(swarm=True)`` also returns the presence's view of the swarm (for ``swarm-node status --peer``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import weakref
@@ -44,6 +46,7 @@ from node.stage.participant import PipelineParticipant
 from node.stage.refusals import Refusals
 from node.stage.runtime import Reject, StepError
 from node.topology import check_route
+from node.wire.records import StageRecord, stages_key
 from node.wire.tensors import WireError, decode_stream, encode_stream
 
 logger = logging.getLogger(__name__)
@@ -411,7 +414,22 @@ class StageService(stage_pb2_grpc.StageServicer):
             rejected_messages=self.refusals.total,
             pid=me.pid,
             checkpoint_steps=sorted(self.checkpoints.durable_steps) if self.checkpoints is not None else [],
+            swarm=self._swarm_name(),
+            records=self._swarm_view() if request.swarm else [],
         )
+
+    def _swarm_name(self) -> str:
+        """The swarm this node announces into (empty when its directory does not say)."""
+        presence = getattr(self.participant, "presence", None)
+        key = getattr(getattr(presence, "directory", None), "key", "")
+        swarm = key.removeprefix("swarm-node:").removesuffix(":stages") if isinstance(key, str) else ""
+        return swarm if swarm and stages_key(swarm) == key else ""
+
+    def _swarm_view(self) -> list[str]:
+        """``GetStatus(swarm=True)``: the records this node last read from the DHT, as JSON (``status --peer``)."""
+        presence = getattr(self.participant, "presence", None)
+        view: list[StageRecord] = list(getattr(presence, "view", None) or [])
+        return [json.dumps(r.to_json(), separators=(",", ":")) for r in view]
 
     async def Rollback(self, request: pb.RollbackRequest, context) -> pb.RollbackReply:
         if not await self._ready(context) or not await self._addressed(context, request):

@@ -66,7 +66,7 @@ def test_live_runs_give_the_local_swarm_their_strategy(tmp_path) -> None:
     none = local_options(opts, BenchStrategy.NONE, 0.0, tmp_path / "none")
     assert none.recovery.strategy is RecoveryStrategy.CHECKFREE and (none.failure_rate, none.spares) == (0.0, 0)
     ckpt = local_options(opts, BenchStrategy.CHECKPOINT, 0.1, tmp_path / "ckpt")
-    assert ckpt.recovery.checkpoint_dir == tmp_path / "ckpt" / "checkpoints"
+    assert ckpt.recovery.checkpoint_dir == str(tmp_path / "ckpt" / "checkpoints")
     assert (ckpt.recovery.checkpoint_every, ckpt.recovery.lr_scale) == (opts.checkpoint_every, opts.lr_scale)
     assert (ckpt.failure_rate, ckpt.spares, ckpt.steps, ckpt.workdir) == (0.1, 1, 6, tmp_path / "ckpt")
     assert ckpt.timing.step_timeout == opts.step_timeout and ckpt.eval == EvalOptions(every=2, batches=4)

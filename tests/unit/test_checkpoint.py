@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from node.checkpoint import CheckpointError, CheckpointStore, rollback_target
-from node.checkpoint import store as store_module
 from node.recovery.planner import Method, plan_recovery
+from node.storage import backends
 
 
 def _state(value: float) -> dict[str, torch.Tensor]:
@@ -212,14 +212,14 @@ def test_a_full_disk_leaves_no_partial_file_and_the_writer_goes_on(tmp_path: pat
 def test_a_manifest_that_cannot_be_written_takes_its_payload_with_it(tmp_path, monkeypatch) -> None:
     store = CheckpointStore(tmp_path, 0, "fp")
     _write(store, 2)
-    real = store_module._write_atomically
+    real = backends.write_atomically
 
     def no_space_for_manifests(path: pathlib.Path, data: bytes) -> None:
         if path.suffix == ".json":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(store_module, "_write_atomically", no_space_for_manifests)
+    monkeypatch.setattr(backends, "write_atomically", no_space_for_manifests)
     with pytest.raises(OSError, match="No space"):
         _write(store, 4)
     assert sorted(p.name for p in store.dir.iterdir()) == ["step-00000002.json", "step-00000002.safetensors"]
@@ -230,9 +230,9 @@ def test_write_atomically_removes_its_temporary_file_when_the_write_fails(tmp_pa
     def fsync_fails(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module.os, "fsync", fsync_fails)
+    monkeypatch.setattr(backends.os, "fsync", fsync_fails)
     with pytest.raises(OSError, match="No space"):
-        store_module._write_atomically(tmp_path / "x.safetensors", b"data")
+        backends.write_atomically(tmp_path / "x.safetensors", b"data")
     assert list(tmp_path.iterdir()) == []
 
 

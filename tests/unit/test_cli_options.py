@@ -94,7 +94,7 @@ def test_run_flags_fill_their_fields() -> None:
     )
     assert opts.recovery == RecoveryOptions(
         strategy=RecoveryStrategy.CHECKPOINT,
-        checkpoint_dir=pathlib.Path("/tmp/ck"),
+        checkpoint_dir="/tmp/ck",
         checkpoint_every=7,
         lr_scale=1.5,
         embed_sync_every=2,
@@ -157,7 +157,7 @@ def test_local_hands_each_node_what_the_same_run_flags_give(tmp_path: pathlib.Pa
     flags = ["--recovery", "checkpoint", "--lr-scale", "1.3", "--refresh", "0.5", "--heartbeat-timeout", "2",
              "--eval-every", "4", "--checkpoint-every", "3", "--seed", "5"]  # fmt: skip
     local = cli._local_options(parse("local", "--stages", "4", "--kill", "2@3", "--threads", "1", *flags), tmp_path)
-    assert local.recovery.checkpoint_dir == tmp_path / "checkpoints"  # the default of `local`
+    assert local.recovery.checkpoint_dir == str(tmp_path / "checkpoints")  # the default of `local`
     swarm = LocalSwarm(local)
     swarm.bootstrap_maddrs = ["/ip4/127.0.0.1/tcp/1/p2p/Qm"]
     node = swarm.node_options(2)

@@ -1,0 +1,110 @@
+"""Whole-swarm durability against a real S3-compatible server on loopback (moto): snapshot, kill every
+process, resume on new processes exactly; bad storage fails at start-up in one line."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import time
+
+import pytest
+
+from node.checkpoint.snapshots import snapshot_steps
+from node.local import local_argv, node_argv
+from node.local.objectstore import CREDENTIALS, create_bucket, local_s3
+from node.storage import open_storage
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+ENV = {**os.environ, **CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "swarm-snapshots"
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> str:
+    for name, value in CREDENTIALS.items():  # this process reads the bucket too
+        monkeypatch.setenv(name, value)
+    with local_s3() as endpoint:
+        create_bucket(endpoint, BUCKET)
+        yield endpoint
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the launcher's nodes, each the leader of its own session)."""
+    out = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
+def _kill_everything(launcher: subprocess.Popen[str]) -> None:
+    """SIGKILL the launcher first (so it respawns nothing), then every node's whole session: the whole swarm
+    goes at once, as when a zone's spot capacity is reclaimed."""
+    nodes = _children(launcher.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(launcher.pid, signal.SIGKILL)
+    for pid in nodes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    launcher.wait(timeout=10)
+
+
+@pytest.mark.timeout(600)
+def test_new_processes_resume_from_the_newest_snapshot_bit_for_bit(tmp_path: pathlib.Path, s3: str) -> None:
+    url = f"s3://{BUCKET}/run"
+    storage = open_storage(url, s3)
+    workdir = tmp_path / "swarm"  # the same swarm authority for both runs (manifests carry its HMAC)
+    flags = ["--stages", "4", "--snapshot-to", url, "--snapshot-every", "4", "--storage-endpoint", s3]
+    first = subprocess.Popen(
+        local_argv(*flags, "--steps", "200", workdir=workdir, json_out=tmp_path / "first.json"),
+        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not [s for s in snapshot_steps(storage) if s >= 8]:
+            assert first.poll() is None, f"the first swarm exited early: {first.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no snapshot of step 8 was sealed"
+            time.sleep(0.5)
+    finally:
+        _kill_everything(first)
+    sealed = snapshot_steps(storage)
+
+    out = tmp_path / "second.json"
+    second = subprocess.run(
+        local_argv(*flags, "--resume", "--steps", "24", "--check-reference", workdir=workdir, json_out=out),
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    resumed = summary["resumed"]
+    assert resumed is not None and resumed["stages"] == [0, 1, 2, 3]
+    # the newest complete snapshot: every sealed one is complete here, a later one may be torn by the kill
+    assert resumed["step"] == max(sealed) and resumed["bytes"] > 0
+    assert summary["steps"] == 24 - resumed["step"]
+    # the resumed swarm's weights after step 24 equal one process training steps 1..24 from the seed
+    assert summary["reference_max_abs_diff"] == 0.0
+    # and it kept snapshotting: 24 is sealed too
+    assert 24 in snapshot_steps(storage)
+
+
+def _run_node(*flags: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    argv = node_argv("run", "--stage", "1", "--num-stages", "4", "--insecure", *flags)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_wrong_bucket_or_wrong_credentials_fail_at_start_in_one_line(s3: str) -> None:
+    proc = _run_node("--snapshot-to", "s3://no-such-bucket/x", "--storage-endpoint", s3, env=ENV)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no-such-bucket" in proc.stderr and "does not exist" in proc.stderr
+    with local_s3(check_credentials=True) as strict:
+        proc = _run_node("--snapshot-to", f"s3://{BUCKET}/x", "--storage-endpoint", strict, env=ENV)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "access denied" in proc.stderr and "credentials" in proc.stderr
