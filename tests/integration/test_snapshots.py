@@ -13,11 +13,13 @@ import time
 
 import pytest
 
-from node.checkpoint.snapshots import snapshot_steps
+from node.checkpoint import CheckpointError
+from node.checkpoint.snapshots import find_snapshot, seal, snapshot_steps
 from node.local import local_argv, node_argv
 from node.local.objectstore import CREDENTIALS, create_bucket, local_s3
 from node.storage import open_storage
 from tests.conftest import REPO
+from tests.unit.test_snapshots import CFG, SECRET, _part, _snapshot
 
 pytestmark = pytest.mark.integration
 ENV = {**os.environ, **CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"}
@@ -108,3 +110,18 @@ def test_a_wrong_bucket_or_wrong_credentials_fail_at_start_in_one_line(s3: str) 
         proc = _run_node("--snapshot-to", f"s3://{BUCKET}/x", "--storage-endpoint", strict, env=ENV)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "access denied" in proc.stderr and "credentials" in proc.stderr
+
+
+def test_a_snapshot_interrupted_mid_write_is_skipped_on_s3(s3: str) -> None:
+    storage = open_storage(f"s3://{BUCKET}/torn", s3)
+    _snapshot(storage, 4)
+    _part(storage, 0, 8)
+    _part(storage, 1, 8)  # the swarm went before stage 2's part of step 8 was stored: step 8 is never sealed
+    with pytest.raises(CheckpointError):
+        seal(storage, 8, CFG, SECRET)
+    _snapshot(storage, 12)
+    torn = "stage2/step-00000012.safetensors"
+    storage.put(torn, storage.get(torn)[:-100])  # and a sealed one loses the end of a part
+    found, skipped = find_snapshot(storage, CFG, SECRET)
+    assert found is not None and found.step == 4
+    assert snapshot_steps(storage) == [4, 12] and len(skipped) == 1 and "stage 2" in skipped[0]
