@@ -86,6 +86,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+LOCAL_FIELDS = frozenset({"data", "preset", "tokenizer", "init_from"})  # not hashed: paths differ per machine
+
+
 class SwarmConfig(BaseModel):
     """Everything the stages of one swarm must agree on."""
 
@@ -96,6 +99,10 @@ class SwarmConfig(BaseModel):
     train: TrainConfig = TrainConfig()
     num_stages: int = Field(4, ge=2, le=256)
     data: str | None = None  # path of the user's corpus; None = built-in
+    # a Hugging Face tokenizer.json (None: byte-level); its vocabulary size is model.vocab_size, which is hashed
+    tokenizer: str | None = None
+    # an exported model (swarm-node export) whose weights replace the seed's initial ones (--init-from)
+    init_from: str | None = None
     wire_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the activation's own dtype
     # CheckFree+: odd microbatches swap the first two and the last two block stages (changes the math, so
     # it is part of the config every stage must share).
@@ -132,8 +139,9 @@ class SwarmConfig(BaseModel):
         return range((stage - 1) * k, stage * k)
 
     def fingerprint(self) -> str:
-        """Short hash of the fields that must match across stages (the data path is not hashed)."""
-        payload = self.model_dump(exclude={"data", "preset"})
+        """Short hash of the fields that must match across stages (paths are not hashed: data, tokenizer and
+        init_from may live in different places on different machines; the vocabulary size is hashed)."""
+        payload = self.model_dump(exclude=LOCAL_FIELDS)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

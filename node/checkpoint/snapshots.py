@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from node.checkpoint.keeper import CheckpointKeeper
 from node.checkpoint.restore import restore_runtime
 from node.checkpoint.store import CheckpointError, CheckpointStore, manifest_key
-from node.config import SwarmConfig
+from node.config import LOCAL_FIELDS, SwarmConfig
 from node.events import SnapshotEvent
 from node.recovery.methods import Recovered, RecoveryContext
 from node.recovery.planner import Method, RecoveryPlan
@@ -90,7 +90,7 @@ def _manifest_name(step: int) -> str:
 
 
 def _comparable(config: SwarmConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json", exclude={"data", "preset"})
+    return config.model_dump(mode="json", exclude=LOCAL_FIELDS)
 
 
 def config_difference(taken: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:

@@ -39,6 +39,7 @@ from node.cli.flags import (
     _positive_int,
     _probability,
 )
+from node.cli.model import cmd_data, cmd_export, cmd_generate, cmd_tokenizer
 from node.cli.parser import _parser
 
 __all__ = [  # main, and what tests reach as ``cli.<name>``
@@ -63,6 +64,10 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "local": cmd_local,
     "bench": cmd_bench,
     "status": cmd_status,
+    "export": cmd_export,
+    "generate": cmd_generate,
+    "tokenizer": cmd_tokenizer,
+    "data": cmd_data,
 }
 
 

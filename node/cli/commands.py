@@ -29,6 +29,7 @@ from node.cli.flags import (
     _strategy,
     _validate,
 )
+from node.cli.model import after_local_run, build_swarm_config
 from node.cli.parser import _BENCH_EVAL_POINTS, _BENCH_ITERATIONS
 from node.options import (
     DurabilityOptions,
@@ -185,7 +186,7 @@ def _options_from_flags(args: argparse.Namespace) -> NodeOptions:
     if missing:
         raise CliError(f"the following arguments are required: {', '.join(missing)} (or --options FILE)")
     given = _given(args)
-    cfg = _build_config(args, args.num_stages, out_of_order=_strategy(given).out_of_order)
+    cfg = build_swarm_config(args, args.num_stages, out_of_order=_strategy(given).out_of_order)
     given["faults"] = [str(f) for f in _parse_faults(given.get("faults", []), args.num_stages)]
     return _validate(NodeOptions, {**given, "config": cfg})
 
@@ -223,9 +224,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         opts = opts.model_copy(update={"initial_peers": peers})
     _check_storages(opts.recovery, opts.durability)
     if opts.stage in (0, None) and opts.config.data is not None:
-        from node.data import load_corpus
+        from node.data import load_corpus_for
 
-        load_corpus(opts.config.data).check_fits(opts.config.train.seq_len)  # fail now, with the file named
+        load_corpus_for(opts.config).check_fits(opts.config.train.seq_len)  # fail now, with the file named
     load_credentials(opts.security.keys)  # fail now, with the file named
     return run_daemon(opts)
 
@@ -240,13 +241,13 @@ def _check_storages(recovery: RecoveryOptions, durability: DurabilityOptions) ->
 
 def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOptions:
     """``local``'s swarm from its flags; its files go to ``workdir``."""
-    from node.data import load_corpus
+    from node.data import load_corpus_for
     from node.local.launcher import LocalOptions
 
     given = _given(args)
     strategy = _strategy(given)
-    cfg = _build_config(args, args.stages, out_of_order=strategy.out_of_order)
-    load_corpus(cfg.data).check_fits(cfg.train.seq_len)
+    cfg = build_swarm_config(args, args.stages, out_of_order=strategy.out_of_order)
+    load_corpus_for(cfg).check_fits(cfg.train.seq_len)
     recovery = given.get("recovery", {})
     if strategy is RecoveryStrategy.CHECKPOINT and "checkpoint_dir" not in recovery:
         recovery = {**recovery, "checkpoint_dir": str(workdir / "checkpoints")}
@@ -294,6 +295,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             workdir = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="swarm-node-local-")))
         swarm = LocalSwarm(_local_options(args, workdir))
         summary = swarm.run()
+        after_local_run(args, swarm.opts.config, swarm.save_dir, swarm.console)  # --export / --sample
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -33,9 +33,14 @@ from node.cli.flags import (
     _strategies,
     _swarm_name,
 )
+from node.cli.model import add_local_model_flags, add_model_source_flags
+from node.cli.model import add_parsers as add_model_parsers
 from node.options import NodeOptions, SecurityOptions, default, describe
 
-DESCRIPTION = "The ``swarm-node`` command line: ``dht``, ``run``, ``local``, ``status``."
+DESCRIPTION = (
+    "The ``swarm-node`` command line: ``dht``, ``run``, ``local``, ``status``; ``export``, ``generate``, "
+    "``tokenizer``, ``data``."
+)
 _BENCH_ITERATIONS = {"simulate": 300, "live": 60}  # default --iterations of each mode
 _BENCH_EVAL_POINTS = 30  # default --eval-every: about this many validation points per run
 
@@ -47,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_keys, _add_dht, _add_run, _add_local, _add_bench, _add_status):
         add(sub)
+    add_model_parsers(sub)  # export, generate, tokenizer, data
     return parser
 
 
@@ -154,6 +160,7 @@ def _add_run(sub: Any) -> None:
     _add_preemption_flags(p)
     _option(p, "--fault", "faults", action="append", help=argparse.SUPPRESS)  # tests: STAGE@STEP[:PHASE]
     _add_model_flags(p)
+    add_model_source_flags(p)
 
 
 def _add_local(sub: Any) -> None:
@@ -207,9 +214,10 @@ def _add_local(sub: Any) -> None:
         "--preempt",
         action="append",
         default=[],
-        metavar="STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]",
+        metavar="STAGE@STEP[:NOTICE_SECONDS][:PROVIDER][:soft@SOFT_STEP]",
         help="once that step starts, a local metadata server (aws, gcp, azure) announces the preemption of that "
-        "stage's node, or it gets SIGTERM (signal); SIGKILL when the notice ends (default 30 s, aws); repeatable",
+        "stage's node, or it gets SIGTERM (signal); SIGKILL when the notice ends (default 30 s, aws); soft@N: "
+        "a soft notice (aws rebalance, gcp migration) once step N starts; repeatable",
     )
     _flag_of_field(
         g,
@@ -239,6 +247,8 @@ def _add_local(sub: Any) -> None:
         g, "--spares", LocalOptions, type=_non_negative_int, help="extra --stage auto nodes waiting as spares"
     )
     _add_model_flags(p)
+    add_model_source_flags(p)
+    add_local_model_flags(p)
 
 
 def _add_bench(sub: Any) -> None:

@@ -1,4 +1,5 @@
-"""Corpora: the built-in generated one (no download) and the user's ``.txt`` / ``.jsonl`` files."""
+"""Corpora: the built-in generated one (no download), the user's ``.txt`` / ``.jsonl`` / ``.parquet`` files
+(tokenized in memory), and directories prepared by ``swarm-node data prepare`` (memory-mapped shards)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ import logging
 import os
 import pathlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from node.data.tokenizer import ByteTokenizer
+from node.data.shards import ShardError, TokenArray, is_prepared, open_shards
+from node.data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer
+
+if TYPE_CHECKING:
+    from node.config import SwarmConfig
 
 log = logging.getLogger(__name__)
 
 VAL_FRACTION = 0.05
-SUFFIXES = (".txt", ".jsonl")
+SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 class DataError(ValueError):
@@ -188,8 +195,9 @@ class Corpus:
     """Tokens of a corpus, split into training and held-out validation parts (the last 5%)."""
 
     name: str
-    train: torch.Tensor
-    val: torch.Tensor
+    train: torch.Tensor | TokenArray
+    val: torch.Tensor | TokenArray
+    max_token: int | None = None  # the largest token id in it (None: not known, e.g. byte-level text)
 
     def check_fits(self, seq_len: int) -> None:
         """Raise :class:`DataError` unless both splits hold at least one window of ``seq_len + 1`` tokens."""
@@ -200,11 +208,19 @@ class Corpus:
                     f" seq_len + 1 = {seq_len + 1}; use more text or a shorter seq_len"
                 )
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise :class:`DataError` when a token id of the corpus is outside a model vocabulary of ``vocab_size``."""
+        if self.max_token is not None and self.max_token >= vocab_size:
+            raise DataError(
+                f"{self.name}: token id {self.max_token} is outside the model's vocabulary (vocab_size={vocab_size})"
+            )
 
-def _split(name: str, text: str) -> Corpus:
-    tokens = ByteTokenizer().encode(text)
+
+def _split(name: str, text: str, tokenizer: Any = None) -> Corpus:
+    tokens = (tokenizer or ByteTokenizer()).encode(text)
     cut = len(tokens) - max(1, int(len(tokens) * VAL_FRACTION))
-    corpus = Corpus(name, tokens[:cut].clone(), tokens[cut:].clone())
+    max_token = int(tokens.max()) if tokenizer is not None and len(tokens) else None
+    corpus = Corpus(name, tokens[:cut].clone(), tokens[cut:].clone(), max_token)
     log.info("corpus %s: %d training and %d validation tokens", name, len(corpus.train), len(corpus.val))
     return corpus
 
@@ -216,11 +232,13 @@ def _one_line(text: object) -> str:
 def _read_file(path: pathlib.Path) -> str:
     """Text of one ``.txt`` or ``.jsonl`` file; :class:`DataError` naming the file (and line) otherwise."""
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes() if path.suffix.lower() != ".parquet" else b""
     except PermissionError:
         raise DataError(f"{path}: permission denied") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read it ({_one_line(err.strerror or err)})") from None
+    if path.suffix.lower() == ".parquet":
+        return "\n\n".join(_parquet_texts(path))
     text = raw.decode("utf-8-sig", errors="replace")  # "-sig": a leading byte-order mark is dropped
     if path.suffix.lower() == ".txt":
         return text
@@ -257,8 +275,11 @@ def _data_files(root: pathlib.Path) -> list[pathlib.Path]:
     return sorted(files)
 
 
-def load_corpus(path: str | os.PathLike[str] | None) -> Corpus:
-    """Load and split a corpus.
+def load_corpus(path: str | os.PathLike[str] | None, tokenizer: Any = None) -> Corpus:
+    """Load and split a corpus, tokenized with ``tokenizer`` (default: byte-level).
+
+    A directory written by ``data prepare`` (it holds ``manifest.json``) is memory-mapped instead (its shards
+    checked; ``tokenizer`` is not used): the last 5% of its tokens are the validation split.
 
     ``None`` gives the built-in corpus (name ``"builtin"``). Otherwise ``path`` is a ``.txt`` file (UTF-8,
     invalid bytes replaced), a ``.jsonl`` file (each non-blank line an object with a string ``text`` field,
@@ -275,18 +296,122 @@ def load_corpus(path: str | os.PathLike[str] | None) -> Corpus:
         raise DataError(f"{p}: cannot access it ({_one_line(err.strerror or err)})") from None
     if not exists:
         raise DataError(f"{p}: no such file or directory")
+    if is_prepared(p):
+        return load_prepared(p)
     if p.is_dir():
         files = _data_files(p)
         if not files:
-            raise DataError(f"{p}: directory has no .txt or .jsonl files")
+            raise DataError(f"{p}: directory has no .txt, .jsonl or .parquet files")
         log.debug("corpus %s: reading %d files", p, len(files))
         text = "\n\n".join(_read_file(f) for f in files)
     elif p.suffix.lower() not in SUFFIXES:
-        raise DataError(f"{p}: unsupported file type {p.suffix or '(no suffix)'!r}; use .txt or .jsonl")
+        raise DataError(f"{p}: unsupported file type {p.suffix or '(no suffix)'!r}; use .txt, .jsonl or .parquet")
     elif not p.is_file():
         raise DataError(f"{p}: not a regular file")
     else:
         text = _read_file(p)
     if not text.strip():
         raise DataError(f"{p}: no text in it")
-    return _split(str(p), text)
+    return _split(str(p), text, tokenizer)
+
+
+def load_prepared(path: str | os.PathLike[str], vocab_size: int | None = None) -> Corpus:
+    """A prepared directory's shards, memory-mapped and split (the last 5% of tokens held out)."""
+    try:
+        tokens, manifest = open_shards(path, vocab_size=vocab_size)
+    except ShardError as err:
+        raise DataError(str(err)) from None
+    cut = len(tokens) - max(1, int(len(tokens) * VAL_FRACTION))
+    max_token = max(s.max_token for s in manifest["shards"])
+    corpus = Corpus(str(path), tokens[:cut], tokens[cut:], max_token)  # type: ignore[arg-type]
+    log.info("corpus %s: %d training and %d validation tokens (memory-mapped)", path, len(corpus.train),
+             len(corpus.val))  # fmt: skip
+    return corpus
+
+
+def load_corpus_for(config: SwarmConfig) -> Corpus:
+    """The corpus of ``config`` (its ``data`` with its ``tokenizer``), checked against its vocabulary."""
+    try:
+        tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer is not None else None
+    except TokenizerError as err:
+        raise DataError(str(err)) from None
+    corpus = load_corpus(config.data, tokenizer)
+    corpus.check_vocab(config.model.vocab_size)
+    return corpus
+
+
+# --------------------------------------------------------------------------- streaming (data prepare, tokenizer train)
+
+
+def _parquet_texts(path: pathlib.Path, batch_rows: int = 4096) -> Iterator[str]:
+    """The strings of a Parquet file's ``text`` column (or its only string column), a batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        fields = pf.schema_arrow
+        strings = [f.name for f in fields if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        column = "text" if "text" in fields.names else strings[0] if len(strings) == 1 else None
+        if column is None:
+            raise DataError(f"{path}: no 'text' column (string columns: {', '.join(strings) or 'none'})")
+        if column not in strings:
+            raise DataError(f"{path}: column 'text' is not a string column")
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[column]):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+    except DataError:
+        raise
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({_one_line(err)[:160]})") from None
+
+
+def _stream_file(path: pathlib.Path, block_chars: int) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet_texts(path)
+        return
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            if suffix == ".txt":  # blocks of whole lines
+                while True:
+                    block = f.read(block_chars)
+                    if not block:
+                        return
+                    block += f.readline()
+                    yield block
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
+                yield obj["text"]
+    except PermissionError:
+        raise DataError(f"{path}: permission denied") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({_one_line(err.strerror or err)})") from None
+
+
+def source_files(path: str | os.PathLike[str]) -> list[pathlib.Path]:
+    """The input files of ``data prepare`` / ``tokenizer train``: ``path`` itself or the files under it."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    if p.is_dir():
+        files = _data_files(p)
+        if not files:
+            raise DataError(f"{p}: directory has no .txt, .jsonl or .parquet files")
+        return files
+    if p.suffix.lower() not in SUFFIXES:
+        raise DataError(f"{p}: unsupported file type {p.suffix or '(no suffix)'!r}; use .txt, .jsonl or .parquet")
+    return [p]
+
+
+def iter_documents(files: list[pathlib.Path], block_chars: int = 1 << 20) -> Iterator[str]:
+    """The documents of ``files`` in order, streamed: a ``.jsonl`` line's text, a Parquet row's text, or a
+    block of about ``block_chars`` characters of whole lines of a ``.txt`` file."""
+    for f in files:
+        yield from _stream_file(f, block_chars)

@@ -298,7 +298,7 @@ class LocalSwarm:
                     spares_started = True
                 self.faults.inject(events, records, self.children, self.auto_children)
                 serving_now = functools.partial(serving, self.children, records)
-                for _ in range(self.preemptions.inject(events, self.stage_children, serving_now)):
+                for _ in range(self.preemptions.inject(events, self.stage_children, serving_now, records)):
                     if self.opts.respawn:  # a replacement arrives with the notice: the stage can be handed over
                         self.start_stage(None)
                 live.update(self._view(events, records))

@@ -7,6 +7,11 @@ with probability P its node gets SIGTERM, and SIGKILL when the ``--notice-second
 that speaks PROVIDER's metadata protocol (``aws``, ``gcp``, ``azure``; :mod:`node.local.metadata`), or only
 signals (``signal``). Once step STEP starts, the launcher raises the notice (or sends SIGTERM), and when the
 notice window ends it SIGKILLs the node if it is still there: the cloud takes the machine.
+
+``...:soft@SOFT_STEP`` (``aws`` and ``gcp`` only) adds a soft notice first: once step SOFT_STEP starts, the
+server raises an AWS rebalance recommendation or a GCP live migration (``MIGRATE_ON_HOST_MAINTENANCE``). The
+node pre-stages its state and spares stand by for its stage; with no spare waiting, the launcher starts a
+replacement node then (as it does on a hard notice), and none more on the hard notice that follows.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from dataclasses import dataclass
 
 from node import events as ev
 from node.local.children import Child
-from node.local.metadata import MetadataServer, metadata_server
+from node.local.metadata import AwsMetadataServer, MetadataServer, metadata_server
 from node.options import PreemptionMode, PreemptionOptions
+from node.wire.records import StageRecord, StageState
 
 PROVIDERS = ("aws", "gcp", "azure", "signal")
+SOFT_PROVIDERS = ("aws", "gcp")  # the clouds whose metadata services give soft notices
 DEFAULT_NOTICE_SECONDS = 30.0
-_SPEC = re.compile(r"^(\d+)@(\d+)(?::(\d+(?:\.\d+)?))?(?::([a-z]+))?$")
+_SPEC = re.compile(r"^(\d+)@(\d+)(?::(\d+(?:\.\d+)?))?(?::([a-z]+))?(?::soft@(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -34,16 +41,18 @@ class PreemptSpec:
     step: int
     notice_seconds: float = DEFAULT_NOTICE_SECONDS
     provider: str = "aws"
+    soft_step: int | None = None  # a soft notice once this step starts (before ``step``'s hard one)
 
     def __str__(self) -> str:
-        return f"{self.stage}@{self.step}:{self.notice_seconds:g}:{self.provider}"
+        soft = f":soft@{self.soft_step}" if self.soft_step is not None else ""
+        return f"{self.stage}@{self.step}:{self.notice_seconds:g}:{self.provider}{soft}"
 
 
 def parse_preempt(text: str, num_stages: int) -> PreemptSpec:
-    """``STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]``; raises ValueError with what is wrong."""
-    m = _SPEC.match(text.strip())  # e.g. 2@10, 2@10:30, 2@10:30:gcp, 2@10:gcp
+    """``STAGE@STEP[:NOTICE_SECONDS][:PROVIDER][:soft@SOFT_STEP]``; raises ValueError with what is wrong."""
+    m = _SPEC.match(text.strip())  # e.g. 2@10, 2@10:30, 2@10:30:gcp, 2@10:gcp, 2@10:30:aws:soft@5
     if m is None:
-        raise ValueError(f"{text!r} is not STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]")
+        raise ValueError(f"{text!r} is not STAGE@STEP[:NOTICE_SECONDS][:PROVIDER][:soft@SOFT_STEP]")
     stage, step = int(m.group(1)), int(m.group(2))
     notice = float(m.group(3)) if m.group(3) else DEFAULT_NOTICE_SECONDS
     provider = m.group(4) or "aws"
@@ -55,7 +64,12 @@ def parse_preempt(text: str, num_stages: int) -> PreemptSpec:
         raise ValueError(f"{text!r}: the notice must last between 0 and 3600 s")
     if provider not in PROVIDERS:
         raise ValueError(f"{text!r}: provider {provider!r} is not one of {', '.join(PROVIDERS)}")
-    return PreemptSpec(stage, step, notice, provider)
+    soft = int(m.group(5)) if m.group(5) else None
+    if soft is not None and provider not in SOFT_PROVIDERS:
+        raise ValueError(f"{text!r}: only {' and '.join(SOFT_PROVIDERS)} give soft notices")
+    if soft is not None and not 1 <= soft < step:
+        raise ValueError(f"{text!r}: the soft notice's step must lie between 1 and {step - 1}")
+    return PreemptSpec(stage, step, notice, provider, soft)
 
 
 class Preemptions:
@@ -81,6 +95,8 @@ class Preemptions:
         self.specs = {s.stage: s for s in specs}
         self.servers: dict[int, MetadataServer] = {}
         self.fired: set[int] = set()  # stages whose notice was raised
+        self.soft_fired: set[int] = set()  # stages whose soft notice was raised
+        self.soft_replaced: set[int] = set()  # ... and got a replacement node with it (no spare was waiting)
         self.kill_log = kill_log  # the launcher's: a node killed at the end of its window is a planned death
         self._due: list[tuple[float, int, int, Child]] = []  # (when, stage, step, node): the machine goes
 
@@ -106,12 +122,18 @@ class Preemptions:
         return default.model_copy(update={"mode": PreemptionMode(spec.provider), "metadata_url": url})
 
     def inject(
-        self, events: list[ev.Event], nodes: dict[int, Child], serving: Callable[[int], Child | None] = lambda s: None
+        self,
+        events: list[ev.Event],
+        nodes: dict[int, Child],
+        serving: Callable[[int], Child | None] = lambda s: None,
+        records: list[StageRecord] | None = None,
     ) -> int:
         """Raises each notice once its step has started, and the drawn ones; SIGKILLs a node whose window has
-        ended. ``serving(stage)``: the node serving a stage now. Returns how many notices it raised now (the
-        launcher starts a replacement node for each, as an autoscaler would)."""
-        raised = 0
+        ended. ``serving(stage)``: the node serving a stage now; ``records``: the swarm's records (spares
+        waiting). Returns how many replacement nodes the launcher should start now, as an autoscaler would:
+        one for each hard notice raised, and one for each soft notice raised while no spare waits (a stage
+        whose soft notice brought one gets none more with its hard notice)."""
+        raised = self._soft(events, nodes, records or [])
         for e in ev.of_type(events, ev.AttemptEvent):
             if not self.rate or (e.step, e.attempt) in self._drawn:
                 continue
@@ -134,13 +156,35 @@ class Preemptions:
             else:
                 self.servers[stage].preempt("terminate", spec.notice_seconds)
             self._due.append((now + spec.notice_seconds, stage, started, node))
-            raised += 1
+            raised += stage not in self.soft_replaced
         for item in [d for d in self._due if d[0] <= now]:
             self._due.remove(item)
             _, stage, step, node = item
             if node.proc.poll() is None:
                 self.kill_log.append(ev.KilledEvent(stage=stage, step=step, by="preempt", pid=node.proc.pid))
                 node.kill_group(signal.SIGKILL)
+        return raised
+
+    def _soft(self, events: list[ev.Event], nodes: dict[int, Child], records: list[StageRecord]) -> int:
+        """Raises the soft notices whose step has started; returns how many replacement nodes they need."""
+        started = max((e.step for e in ev.of_type(events, ev.AttemptEvent)), default=0)
+        spares = sum(r.state == StageState.SPARE for r in records)
+        raised = 0
+        for stage, spec in self.specs.items():
+            due = spec.soft_step is not None and started >= spec.soft_step
+            if not due or stage in self.soft_fired or stage in self.fired or stage not in nodes:
+                continue
+            self.soft_fired.add(stage)
+            server = self.servers[stage]
+            if isinstance(server, AwsMetadataServer):
+                server.rebalance()
+            else:
+                server.preempt("rebalance")  # GCP: a live migration
+            if spares == 0:
+                self.soft_replaced.add(stage)
+                raised += 1
+            else:
+                spares -= 1  # that spare stands by for this stage
         return raised
 
     def acknowledged(self) -> dict[int, list[str]]:

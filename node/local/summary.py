@@ -59,6 +59,8 @@ class StageLog:
                     "metrics_port": r.metrics_port if r else None,
                     "peer_id": r.peer_id if r else None,
                     "last_recovery": r.last_recovery.model_dump() if r and r.last_recovery else None,
+                    # a preempted neighbour's state this node still keeps (dropped once that stage is served again)
+                    "parked_stage": r.parked_stage if r else None,
                 }
             )
         return info
@@ -244,10 +246,10 @@ def reference_diff(
     weights in ``save_dir`` against a reference trained here with the same ``threads``."""
     from safetensors.torch import load_file
 
-    from node.data import load_corpus
+    from node.data import load_corpus_for
     from node.train.reference import train_reference
 
-    corpus = load_corpus(config.data)
+    corpus = load_corpus_for(config)
     console.print("training the single-process reference ...")
     ref = train_reference(config, corpus.train, steps, threads=threads)
     worst = 0.0

@@ -143,10 +143,18 @@ class BlockStage(nn.Module):
 
 
 def build_stage(cfg: SwarmConfig, stage: int) -> nn.Module:
-    """The module that pipeline stage ``stage`` owns, freshly initialised from the config's seed."""
+    """The module that pipeline stage ``stage`` owns, freshly initialised from the config's seed, or with
+    ``cfg.init_from`` (an exported model) its slice of that model's weights."""
+    module: nn.Module
     if stage == 0:
-        return EmbeddingStage(cfg.model, cfg.train.seed)
-    return BlockStage(cfg.model, cfg.stage_layers(stage), cfg.train.seed)
+        module = EmbeddingStage(cfg.model, cfg.train.seed)
+    else:
+        module = BlockStage(cfg.model, cfg.stage_layers(stage), cfg.train.seed)
+    if cfg.init_from is not None:
+        from node.export.io import stage_from_export
+
+        module.load_state_dict(stage_from_export(cfg, stage), strict=True)
+    return module
 
 
 class FullModel(nn.Module):

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Iterable
 
 import grpc
 import torch
@@ -22,13 +23,14 @@ from node.recovery.methods import Recovered, RecoveryContext, SourceLost
 from node.recovery.planner import Method, RecoveryPlan
 from node.recovery.rebuild import BadSource, TensorSpec, check_weights, expected_state, state_bytes
 from node.stage.runtime import StageRuntime
-from node.wire.records import StageRecord, StageState
+from node.wire.records import SERVING_STATES, StageRecord, StageState
 from node.wire.tensors import TensorAssembler, WireError
 
 logger = logging.getLogger(__name__)
 
 HANDING_OVER = frozenset({StageState.HANDING_OVER})
 META_TENSORS = ("meta.lr_scale", "meta.last_grad_norm")
+BUSY_RETRY_SECONDS = 0.05  # asking again an owner that settles a prepared step (one cheap refusal per retry)
 
 
 def check_handoff(meta: pb.MicrobatchMeta | None, tensors: dict[str, torch.Tensor], spec: TensorSpec, source: str):
@@ -56,6 +58,47 @@ def check_handoff(meta: pb.MicrobatchMeta | None, tensors: dict[str, torch.Tenso
 def max_state_bytes(spec: TensorSpec) -> int:
     """Size limit of a stage's full state: weights and two AdamW moments, plus step counters."""
     return 3 * state_bytes(spec) + (1 << 20)
+
+
+def parked_state_served(
+    parked: tuple[int, int] | None, records: Iterable[StageRecord], owner: str | None = None
+) -> StageRecord | None:
+    """The record that makes a parked state unneeded, if ``records`` (the other peers of this swarm, suspects
+    left out) hold one; None: keep it. ``parked`` is (stage, committed step) of the state a preempted
+    neighbour left here. Its stage is served again when a peer serves it (``online``/``waiting``, so its
+    recovery is over: a node that took the parked copy only serves once it loaded it) and that peer is at or
+    past the parked step, or has gone through a recovery (a rebuild by another method when the holder was
+    unreachable). A peer that serves the stage behind the parked step without any recovery (a fresh start
+    that has not caught up) does not count: the copy may still be wanted. Nor does ``owner``, the peer that
+    parked the state: a view older than the park may still show it serving."""
+    if parked is None:
+        return None
+    stage, step = parked
+    return next(
+        (
+            r
+            for r in records
+            if r.stage == stage
+            and r.peer_id != owner
+            and r.state in SERVING_STATES
+            and (r.committed_step >= step or r.last_recovery is not None)
+        ),
+        None,
+    )
+
+
+def soft_noticed(records: Iterable[StageRecord]) -> frozenset[int]:
+    """Stages whose owner announces a soft preemption notice (``soft_notice``): spares stand by for them."""
+    return frozenset(r.stage for r in records if r.soft_notice and r.stage is not None)
+
+
+def standby_order(vacant: list[int], records: Iterable[StageRecord]) -> list[int]:
+    """The vacant stages in the order a spare claims them: those whose owner warned of its preemption (a soft
+    notice, or already handing over) first, then the rest; lowest first within each group (every spare
+    computes the same order from the same view, so rival claims meet on one stage)."""
+    records = list(records)
+    warned = soft_noticed(records) | {r.stage for r in records if r.state == StageState.HANDING_OVER}
+    return sorted(vacant, key=lambda s: (s not in warned, s))
 
 
 class Handoff:
@@ -89,7 +132,7 @@ class Handoff:
             except grpc.aio.AioRpcError as err:
                 busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 if busy and time.monotonic() < deadline:  # a prepared step is still being committed or aborted
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(BUSY_RETRY_SECONDS)
                     continue
                 raise SourceLost(f"handoff of stage {stage} from {peer.peer_id}: {err.code().name}") from None
             except WireError as err:
@@ -128,4 +171,7 @@ class Handoff:
             raise SourceLost(f"the handed-over state of stage {stage} cannot be loaded: {err}", peer.peer_id) from None
         if step != committed:
             logger.warning("stage %d handed over at step %d; the swarm is at %d", stage, step, committed)
-        return Recovered(runtime, step, lr_scale, nbytes=nbytes, fetch_seconds=fetch_seconds, stale_steps=stale)
+        # audit=False: the state is the owner's own, exactly; saving it first would only delay serving the stage
+        return Recovered(
+            runtime, step, lr_scale, nbytes=nbytes, fetch_seconds=fetch_seconds, stale_steps=stale, audit=False
+        )

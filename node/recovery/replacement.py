@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from node.events import EventLog, RecoveryEvent
 from node.metrics import StageMetrics
 from node.options import RecoveryStrategy
+from node.recovery.handoff import standby_order
 from node.recovery.methods import Recovered, RecoveryContext, RecoveryMethod, SourceLost
 from node.recovery.planner import Method, claim_winner, live_stages, plan_recovery, vacant_stages
 from node.stage.presence import Presence
@@ -51,6 +52,7 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
             )
         except Exception:  # no view this round: claim nothing on a stale one
             vacant = []
+        vacant = standby_order(vacant, presence.members(None))  # stages warned of a preemption first
         if vacant:
             seat.stage, seat.epoch = vacant[0], presence.claim_epoch(vacant[0])
             await presence.announce(StageState.RECOVERING)

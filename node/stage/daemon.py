@@ -95,6 +95,7 @@ class StageDaemon:
         self.presence = Presence(
             SwarmDirectory(dht, opts.swarm, creds), self.io, self.seat, self.me, timing, self.channels, self.metrics,
             self.events, replica_step=lambda: self.copies.replica_step, parked=lambda: self.service.handoffs.parked_at,
+            soft_notice=lambda: self.service.handoffs.prestaging,
             stage0_rebuildable=strategy in (RecoveryStrategy.CHECKFREE_PLUS, RecoveryStrategy.CHECKPOINT),
         )  # fmt: skip
         self.presence.on_fenced.append(self._on_fenced)
@@ -265,6 +266,7 @@ class StageDaemon:
         periodic = self.background.spawn(self.presence.run_periodic(self.stopping))
         self.background.spawn(self.presence.run_heartbeats(self.stopping))
         self.background.spawn(self._count_dht_rejections())
+        self.background.spawn(self.service.handoffs.release_parked(self.presence, self.stopping))
         exit_code = 0
         try:
             if opts.durability.resume_url is not None and not await self._find_snapshot():
@@ -357,7 +359,8 @@ class StageDaemon:
 
     def _on_notice(self, notice: Notice) -> None:
         """A preemption notice: a hard one makes a node that serves a stage hand it over and exit (a spare, or
-        a node still building its stage, just exits; a second signal stops at once); a soft one is logged."""
+        a node still building its stage, just exits; a second signal stops at once); a soft one makes it prepare:
+        it pre-stages its full state and announces ``soft_notice`` so that spares stand by for its stage."""
         self.metrics.notices.labels(provider=notice.provider, kind=notice.kind.value).inc()
         self.events.emit(
             NoticeEvent(
@@ -366,7 +369,13 @@ class StageDaemon:
             )
         )  # fmt: skip
         if not notice.hard:
-            logger.warning("%s warns of a preemption (%s); carrying on", notice.provider, notice.kind)
+            # stand by: pre-stage the full state (a stage still being built: from its first commit on), and
+            # announce the notice so that spares stand by for this stage
+            logger.warning("%s warns of a preemption (%s); carrying on, prepared to hand over", notice.provider,
+                           notice.kind)  # fmt: skip
+            if self.seat.stage is not None and not self.service.handoffs.prestaging:
+                self.service.handoffs.prestage()
+                self.background.spawn(self.presence.announce())
             return
         if self.notice is not None or not self.seat.ready:
             self.stopping.set()
@@ -377,9 +386,10 @@ class StageDaemon:
     async def _hand_over(self) -> None:
         """Hands the stage over (or gives up when the notice runs out), then acknowledges the notice."""
         assert self.notice is not None
-        await Handover(self.seat, self.presence, self.participant, self.channels, self.metrics, self.events).run(
-            self.notice, self.stopping
-        )
+        await Handover(
+            self.seat, self.presence, self.participant, self.channels, self.metrics, self.events,
+            full_stream=self.service.handoffs.full_stream,
+        ).run(self.notice, self.stopping)  # fmt: skip
         await self.watcher.acknowledge(self.notice)
 
     def _on_fenced(self, newer: StageRecord) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from node.checkpoint.keeper import CheckpointKeeper
 from node.config import SwarmConfig
-from node.data import load_corpus, training_batch, validation_batches
+from node.data import load_corpus_for, training_batch, validation_batches
 from node.events import AbortEvent, AttemptEvent, DoneEvent, EvalEvent, EventLog, RolledBackEvent, StepEvent
 from node.metrics import StageMetrics
 from node.options import EvalOptions, RecoveryOptions, TimingOptions
@@ -70,7 +70,7 @@ class Stage0Driver:
         return self.config.num_stages
 
     async def drive(self, steps: int) -> None:
-        corpus = await self.compute.run(load_corpus, self.config.data)
+        corpus = await self.compute.run(load_corpus_for, self.config)
         corpus.check_fits(self.config.train.seq_len)
         attempt = max(self.runtime.attempt, int(time.time() * 1000) * 1000)
         t, every = self.config.train, self.evaluation.every

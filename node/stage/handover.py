@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
@@ -34,12 +35,12 @@ from node.proto import stage_pb2 as pb
 from node.recovery.handoff import max_state_bytes
 from node.recovery.rebuild import expected_state
 from node.security.authz import route_neighbours
+from node.stage.handoffs import EncodedState
 from node.stage.participant import PipelineParticipant
 from node.stage.presence import Presence
 from node.stage.seat import Seat
 from node.transport.channels import ChannelPool
 from node.wire.records import StageRecord, StageState
-from node.wire.tensors import encode_stream
 
 logger = logging.getLogger(__name__)
 EXIT_MARGIN_SECONDS = 3.0  # left of the notice for the clean exit (announce offline, stop serving)
@@ -59,9 +60,13 @@ class Handover:
         channels: ChannelPool,
         metrics: StageMetrics,
         events: EventLog,
+        full_stream: Callable[[], Awaitable[tuple[int, Iterable[bytes]]]] | None = None,
     ) -> None:
+        """``full_stream``: (committed step, the full state as messages), e.g. ``Handoffs.full_stream``, which
+        serves a stream pre-staged on a soft notice; by default a snapshot encoded as it is sent."""
         self.seat, self.presence, self.participant, self.channels = seat, presence, participant, channels
         self.metrics, self.events = metrics, events
+        self.full_stream = full_stream or self._snapshot_stream
 
     def park_seconds(self) -> float:
         """Time kept back from the notice to park the state if no successor comes: its size at a modest rate."""
@@ -117,6 +122,11 @@ class Handover:
             await asyncio.sleep(POLL_SECONDS)
         return None
 
+    async def _snapshot_stream(self) -> tuple[int, Iterable[bytes]]:
+        step, state = await self.participant.snapshot_full()
+        meta = pb.MicrobatchMeta(step=step, sender_stage=self.seat.stage, sender_peer=self.presence.me.peer_id)
+        return step, EncodedState(meta, state)
+
     async def _park(self, stage: int, until: float) -> int | None:
         """Leaves the full state with the first serving route neighbour that takes it; returns that stage."""
         seat, cfg = self.seat, self.participant.config
@@ -124,8 +134,7 @@ class Handover:
             await asyncio.sleep(0.05)  # a prepared step is settled (committed or aborted) first
         if seat.runtime is None or seat.runtime.prepared:
             return None
-        step, state = await self.participant.snapshot_full()
-        meta = pb.MicrobatchMeta(step=step, sender_stage=stage, sender_peer=self.presence.me.peer_id)
+        step, chunks = await self.full_stream()
         # block stages first: stage 0 carries the most state and work already
         for neighbour in sorted(route_neighbours(stage, cfg.num_stages, cfg.out_of_order), key=lambda n: (n == 0, n)):
             peer = self.presence.peer_of(neighbour)
@@ -133,7 +142,7 @@ class Handover:
             if peer is None or remaining <= 0:
                 continue
             try:
-                await self.channels.stub(peer).ParkState(encode_stream(meta, list(state.items())), timeout=remaining)
+                await self.channels.stub(peer).ParkState(iter(chunks), timeout=remaining)
             except grpc.aio.AioRpcError as err:
                 logger.warning("stage %d could not park its state on stage %d: %s", stage, neighbour, err.code().name)
                 continue

@@ -86,12 +86,14 @@ class Presence:
         events: EventLog,
         replica_step: Callable[[], int | None] = lambda: None,
         parked: Callable[[], tuple[int, int] | None] = lambda: None,
+        soft_notice: Callable[[], bool] = lambda: False,
         stage0_rebuildable: bool = False,
     ) -> None:
         self.directory, self.io, self.seat, self.me = directory, io, seat, me
         self.timing, self.channels, self.metrics, self.events = timing, channels, metrics, events
         self.replica_step = replica_step
         self.parked = parked  # (stage, committed step) of a preempted neighbour's state held here
+        self.soft_notice = soft_notice  # a soft preemption notice is active (spares stand by for this stage)
         self.stage0_rebuildable = stage0_rebuildable  # checkfree+, checkpoint: a claim of stage 0 can succeed
         self.stalled_at = -math.inf  # when this node last found itself back from a stall (see yielding)
         self.state = StageState.JOINING
@@ -126,6 +128,7 @@ class Presence:
             epoch=self.seat.epoch if stage is not None else 0,
             parked_stage=parked[0] if (parked := self.parked()) else None,
             parked_step=parked[1] if parked else None,
+            soft_notice=self.soft_notice() and stage is not None,
         )
 
     async def announce(self, state: StageState | None = None) -> None:

@@ -163,7 +163,7 @@ def _dir_of_blank_files(d: pathlib.Path) -> pathlib.Path:
         (_dir_of_blank_files, "no text"),
         (_write("x.csv", "a,b"), "unsupported file type '.csv'"),
         (_write("noext", "a,b"), "unsupported file type"),
-        (_empty_dir, "has no .txt or .jsonl files"),
+        (_empty_dir, "has no .txt, .jsonl or .parquet files"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_path(

@@ -13,9 +13,11 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from node.local.metadata import (
     AwsMetadataServer,
@@ -35,6 +37,12 @@ from node.preemption.notice import (
 )
 from node.preemption.providers import AzureProvider, ProviderError
 from node.preemption.watcher import MODES, PreemptionWatcher
+from node.proto import stage_pb2 as pb
+from node.recovery.handoff import parked_state_served, soft_noticed, standby_order
+from node.stage.handoffs import Handoffs
+from node.stage.seat import Seat
+from node.wire.records import RecordError, RecoveryRecord, StageRecord, StageState
+from node.wire.tensors import TensorAssembler
 
 NOW = 1_790_000_000.0  # 2026-09-21T14:13:20Z
 POLL = 0.05
@@ -467,3 +475,147 @@ async def test_mode_none_leaves_signals_alone() -> None:
     assert signal.getsignal(signal.SIGTERM) == before
     await asyncio.wait_for(watcher.run(asyncio.Event()), 1)  # returns at once
     watcher.remove_signal_handlers()
+
+
+# Parked states are dropped once their stage is served again; soft notices: standing by and pre-staging
+
+
+def record(stage: int | None, state: str, step: int = 0, peer: str = "p", **extra: object) -> StageRecord:
+    return StageRecord(
+        stage=stage, num_stages=5, peer_id=peer, grpc_address="127.0.0.1:9", state=StageState(state),
+        committed_step=step, config_fingerprint="f", version="1", **extra,
+    )  # fmt: skip
+
+
+RECOVERED = RecoveryRecord(method="handoff", step=3, seconds=1.0)
+
+
+def test_a_parked_state_is_dropped_only_once_its_stage_is_served_again() -> None:
+    rebuilt = RecoveryRecord(method="checkfree", step=7, seconds=1.0)
+    leaving = record(3, "handing_over", 7, "owner")
+    claiming = record(3, "recovering", 0, "spare")
+    assert parked_state_served(None, [record(3, "online", 9)]) is None  # nothing parked
+    assert parked_state_served((3, 7), []) is None
+    assert parked_state_served((3, 7), [leaving, claiming]) is None  # its successor is still fetching it
+    assert parked_state_served((3, 7), [record(2, "online", 9), record(4, "waiting", 9)]) is None  # other stages
+    assert parked_state_served((3, 7), [record(3, "offline", 9)]) is None
+    # a peer serving the stage behind the parked step, with no recovery behind it, may still want the copy
+    assert parked_state_served((3, 7), [record(3, "online", 2)]) is None
+    for served in (record(3, "online", 7), record(3, "waiting", 8), record(3, "online", 2, last_recovery=rebuilt)):
+        assert parked_state_served((3, 7), [leaving, served]) == served
+        # a view older than the park still shows the owner that parked it serving: that is no successor
+        assert parked_state_served((3, 7), [served], owner=served.peer_id) is None
+
+
+def test_spares_stand_by_for_stages_warned_of_a_preemption() -> None:
+    warned = record(2, "online", 5, "a", soft_notice=True)
+    records = [record(1, "online", 5, "b"), warned, record(4, "handing_over", 5, "c"), record(None, "spare")]
+    assert soft_noticed(records) == {2}
+    assert standby_order([0, 1, 2, 3, 4], records) == [2, 4, 0, 1, 3]
+    assert standby_order([0, 3], records) == [0, 3] and standby_order([], records) == []
+    assert StageRecord.from_wire(warned.to_wire()).soft_notice is True
+    assert record(3, "online").soft_notice is False  # the default: no notice
+    for bad in ("yes", 1, None):
+        with pytest.raises(RecordError):
+            StageRecord.from_wire({**warned.to_wire(), "soft_notice": bad})
+
+
+class StagingParticipant:
+    """What :class:`Handoffs` uses of a participant, with a committed step that the test moves."""
+
+    def __init__(self) -> None:
+        self.seat = Seat(1, SimpleNamespace(committed_step=4, prepared=False))  # type: ignore[arg-type]
+        self.after_commit: list[Callable[[int], None]] = []
+        self.snapshots = 0
+
+    async def snapshot_full(self) -> tuple[int, dict[str, torch.Tensor]]:
+        self.snapshots += 1
+        step = self.seat.runtime.committed_step
+        return step, {"w.x": torch.full((3,), float(step)), "meta.lr_scale": torch.tensor(1.0, dtype=torch.float64)}
+
+    def commit(self) -> None:
+        self.seat.runtime.committed_step += 1
+        for hook in self.after_commit:
+            hook(self.seat.runtime.committed_step)
+
+
+def decoded(chunks: Iterable[bytes]) -> tuple[int, dict[str, torch.Tensor]]:
+    asm = TensorAssembler(1 << 20, 1 << 20)
+    for chunk in chunks:
+        asm.feed(chunk)
+    return asm.meta.step, asm.finish()
+
+
+async def staged(handoffs: Handoffs) -> None:
+    while handoffs._staging is not None and not handoffs._staging.done():
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.timeout(30)
+async def test_a_soft_notice_pre_stages_the_full_state_after_every_commit() -> None:
+    participant = StagingParticipant()
+    me = SimpleNamespace(peer_id="me")
+    handoffs = Handoffs(participant, None, None, lambda: me)  # type: ignore[arg-type]
+    step, stream = await handoffs.full_stream()  # no soft notice: a snapshot, encoded as it is sent
+    assert step == 4 and not isinstance(stream, list) and participant.snapshots == 1
+    assert decoded(stream)[0] == 4 and decoded(stream)[0] == 4  # it can be sent twice (parking retries)
+    handoffs.prestage()
+    handoffs.prestage()  # idempotent: one commit hook
+    await staged(handoffs)
+    assert handoffs.prestaging and len(participant.after_commit) == 1 and handoffs.prestaged is not None
+    snapshots = participant.snapshots
+    step, stream = await handoffs.full_stream()  # the hard notice: streamed at once, no new snapshot
+    assert step == 4 and stream is handoffs.prestaged[1] and participant.snapshots == snapshots
+    got_step, tensors = decoded(stream)
+    assert got_step == 4 and torch.equal(tensors["w.x"], torch.full((3,), 4.0))
+    participant.commit()  # each commit refreshes it
+    participant.commit()
+    await staged(handoffs)
+    step, stream = await handoffs.full_stream()
+    assert step == 6 and isinstance(stream, list) and torch.equal(decoded(stream)[1]["w.x"], torch.full((3,), 6.0))
+    participant.seat.runtime.committed_step = 7  # committed without the hook: never stream an older state
+    step, stream = await handoffs.full_stream()
+    assert step == 7 and not isinstance(stream, list) and decoded(stream)[0] == 7
+
+
+def test_a_holder_drops_a_parked_state_and_stops_announcing_it() -> None:
+    handoffs = Handoffs(StagingParticipant(), None, None, lambda: None)  # type: ignore[arg-type]
+    handoffs.parked, handoffs.parked_by = (3, 7, {"w.x": torch.zeros(1 << 16)}), "owner"
+    assert not handoffs.drop_parked_if_served([record(3, "recovering", 0)])
+    assert not handoffs.drop_parked_if_served([record(3, "online", 6, "owner", last_recovery=RECOVERED)])
+    assert handoffs.parked_at == (3, 7)
+    assert handoffs.drop_parked_if_served([record(3, "online", 7)])
+    assert handoffs.parked is None and handoffs.parked_at is None
+    assert not handoffs.drop_parked_if_served([record(3, "online", 7)])  # nothing left to drop
+
+
+@pytest.mark.timeout(30)
+async def test_a_parked_state_is_in_the_holders_record_before_the_park_is_acknowledged() -> None:
+    from node.config import build_config
+    from node.recovery.rebuild import expected_state
+
+    participant = StagingParticipant()
+    participant.config = build_config(overrides={"num_stages": 4})  # type: ignore[attr-defined]
+
+    async def refuse(context: object, reason: object, text: str) -> None:
+        raise AssertionError(f"refused: {text}")
+
+    handoffs = Handoffs(participant, SimpleNamespace(refuse=refuse), None, lambda: None)  # type: ignore[arg-type]
+    announced: list[tuple[int, int] | None] = []
+
+    async def announce() -> None:
+        announced.append(handoffs.parked_at)  # what the stored record says
+
+    presence = SimpleNamespace(announce=announce, members=lambda: [])
+    stopping = asyncio.Event()
+    releasing = asyncio.create_task(handoffs.release_parked(presence, stopping))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    spec = expected_state(participant.config, 2)  # type: ignore[attr-defined]
+    state = {f"w.{k}": torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in spec.items()}
+    state["meta.lr_scale"] = torch.tensor(1.1, dtype=torch.float64)
+    state["meta.last_grad_norm"] = torch.tensor(0.3, dtype=torch.float64)
+    meta = pb.MicrobatchMeta(step=5, sender_stage=2, sender_peer="owner")
+    await handoffs.keep(meta, state, SimpleNamespace(time_remaining=lambda: 5.0))
+    assert announced == [(2, 5)] and handoffs.parked_by == "owner"  # stored before keep returned (the ack)
+    stopping.set()
+    await asyncio.wait_for(releasing, 5)
