@@ -90,6 +90,8 @@ class StageRecord(BaseModel):
     # the full state a preempted neighbour left here (no successor in time), and its committed step
     parked_stage: int | None = Field(None, ge=0, le=4096, strict=True)
     parked_step: int | None = Field(None, ge=0, le=MAX_STEP, strict=True)
+    # microbatches per second this peer computes (forward and backward), measured: stage 0 routes by it
+    throughput: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
     # the node's name: its certificate's CN with credentials, else its peer id (the default)
     node: str = Field("", min_length=1, max_length=128)
     cert: bytes | None = Field(None, max_length=MAX_CERT, strict=True)  # the node certificate (DER), with credentials
