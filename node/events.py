@@ -50,6 +50,9 @@ class StepEvent(_Event):
     attempt: int
     grad_norm: float = Field(description="global gradient norm before clipping")
     stage_grad_norms: list[float] = Field(description="each stage's gradient norm before clipping")
+    assignment: dict[str, list[list[int]]] | None = Field(
+        None, description="stages served by several replicas: each replica's microbatches, in summation order"
+    )
 
 
 class AbortEvent(_Event):

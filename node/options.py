@@ -172,6 +172,16 @@ class NodeOptions(BaseModel):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics here (0: any)")
     metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint listens on")
     faults: list[str] = Field(default_factory=list, description="fault injection specs STAGE@STEP[:PHASE] (tests)")
+    slowdown: float = Field(
+        1.0, ge=1.0, le=100.0, description="benchmark aid: make this node's compute take this many times as long"
+    )
+    emulate_compute: float = Field(
+        0.0,
+        ge=0.0,
+        le=60.0,
+        description="benchmark aid: a block stage also sleeps this long per microbatch and direction on its "
+        "compute thread (times --slowdown), so that parallel replicas can be measured on few CPU cores",
+    )
     timing: TimingOptions = TimingOptions()
     recovery: RecoveryOptions = RecoveryOptions()
     eval: EvalOptions = EvalOptions()

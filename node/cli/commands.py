@@ -272,11 +272,31 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
         failure_rate=args.failure_rate,
         respawn=args.respawn,
         spares=args.spares,
+        replicas=_parse_replicas(args.replicas, args.stages),
+        replica_slowdown=max(1.0, args.replica_slowdown),
+        emulate_compute=args.emulate_compute,
         seed=cfg.train.seed,
         prometheus_dir=args.prometheus_dir,
         metrics=args.metrics,
         insecure=args.insecure,
     )
+
+
+def _parse_replicas(text: str | None, stages: int) -> list[int]:
+    """``--replicas``: R (every block stage) or a count per stage, as a list of S counts (stage 0: 1)."""
+    if text is None:
+        return []
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CliError(f"--replicas {text!r}: give a count, or one count per stage separated by commas") from None
+    if len(counts) == 1:
+        counts = [1] + counts * (stages - 1)
+    if len(counts) != stages or any(c < 1 or c > 16 for c in counts):
+        raise CliError(f"--replicas {text!r}: one count of 1..16 per stage ({stages} stages)")
+    if counts[0] != 1:
+        raise CliError("--replicas: stage 0 has exactly one peer")
+    return counts
 
 
 def cmd_local(args: argparse.Namespace) -> int:

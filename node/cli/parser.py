@@ -246,6 +246,26 @@ def _add_local(sub: Any) -> None:
     _flag_of_field(
         g, "--spares", LocalOptions, type=_non_negative_int, help="extra --stage auto nodes waiting as spares"
     )
+    p.add_argument(
+        "--replicas",
+        metavar="R|R0,R1,...",
+        help="peers per stage: R for every block stage, or one count per stage (stage 0 always has one); the "
+        "extra replicas join once the swarm trains, each with an exact copy of a live replica",
+    )
+    p.add_argument(
+        "--replica-slowdown",
+        type=_positive_float,
+        default=1.0,
+        help="benchmark aid: every extra replica computes this many times slower (default %(default)s)",
+    )
+    p.add_argument(
+        "--emulate-compute",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="benchmark aid: block stages also sleep this long per microbatch and direction, so that replica "
+        "parallelism can be measured on few cores (never used by tests to pass)",
+    )
     _add_model_flags(p)
     add_model_source_flags(p)
     add_local_model_flags(p)

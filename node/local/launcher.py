@@ -83,6 +83,9 @@ class LocalOptions:
     preempts: list[PreemptSpec] = field(default_factory=list)  # --preempt: notices from local metadata servers
     preemption_rate: float = 0.0  # each block stage gets a SIGTERM notice with this probability per attempt
     notice_seconds: float = 30.0  # --preemption-rate: the notice's window, then SIGKILL
+    replicas: list[int] = field(default_factory=list)  # peers per stage (stage 0 always has one); empty: one each
+    replica_slowdown: float = 1.0  # benchmark aid: every extra replica computes this many times slower
+    emulate_compute: float = 0.0  # benchmark aid: seconds of sleep per microbatch and direction on block stages
 
 
 class LocalSwarm:
@@ -94,6 +97,7 @@ class LocalSwarm:
         self.children: list[Child] = []
         self.stage_children: dict[int, Child] = {}
         self.auto_children: list[Child] = []  # --stage auto: spares and replacements
+        self.replica_children: list[Child] = []  # --replicas: the extra peers of replicated stages
         self.bootstrap_maddrs: list[str] = []
         self.workdir = opts.workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -157,10 +161,12 @@ class LocalSwarm:
         keys = self.credentials("local").keys
         return None if keys is None else NodeCredentials.load(keys)
 
-    def node_options(self, stage: int | None, name: str | None = None) -> NodeOptions:
+    def node_options(self, stage: int | None, name: str | None = None, slowdown: float = 1.0) -> NodeOptions:
         """What a node started now for ``stage`` (None: ``--stage auto``) is told to do."""
         o = self.opts
         return NodeOptions(
+            slowdown=slowdown,
+            emulate_compute=o.emulate_compute,
             config=o.config,
             stage=stage,
             swarm=SWARM,
@@ -187,15 +193,21 @@ class LocalSwarm:
             return o.preemption
         return o.preemption.model_copy(update={"drain_seconds": o.notice_seconds})
 
-    def start_stage(self, stage: int | None) -> Child:
-        """Starts a daemon for ``stage`` (None: ``--stage auto``, a spare or replacement node)."""
+    def start_stage(self, stage: int | None, replica: int = 0) -> Child:
+        """Starts a daemon for ``stage`` (None: ``--stage auto``, a spare or replacement node); ``replica`` > 0
+        starts another replica of a served stage."""
         self.node_count += 1
         name = f"stage{stage}" if stage is not None else f"node{self.node_count}"
+        if replica:
+            name += f"r{replica}"
         self.options_dir.mkdir(exist_ok=True)
         options_file = self.options_dir / f"{name}.json"
-        options_file.write_text(self.node_options(stage, name).model_dump_json(indent=2), encoding="utf-8")
+        slowdown = self.opts.replica_slowdown if replica else 1.0
+        options_file.write_text(self.node_options(stage, name, slowdown).model_dump_json(indent=2), encoding="utf-8")
         child = self._spawn(name, ["run", "--options", str(options_file)])
-        if stage is not None:
+        if replica:
+            self.replica_children.append(child)
+        elif stage is not None:
             self.stage_children[stage] = child
         else:
             self.auto_children.append(child)
@@ -295,6 +307,10 @@ class LocalSwarm:
                 if not spares_started and ev.of_type(events, ev.StepEvent):
                     for _ in range(self.opts.spares):  # spares join once the swarm trains
                         self.start_stage(None)
+                    # extra replicas join a training swarm too: each copies a live replica's exact state
+                    for stage, count in enumerate(self.opts.replicas):
+                        for k in range(1, count if stage else 1):
+                            self.start_stage(stage, replica=k)
                     spares_started = True
                 self.faults.inject(events, records, self.children, self.auto_children)
                 serving_now = functools.partial(serving, self.children, records)
@@ -357,4 +373,5 @@ class LocalSwarm:
     def reference_diff(self) -> float:
         """Largest |swarm - single-process| parameter difference after the same number of steps."""
         o = self.opts
-        return reference_diff(o.config, o.steps, o.threads, self.save_dir, self.console)
+        assignments = {e.step: e.assignment for e in ev.of_type(self.read_events(), ev.StepEvent) if e.assignment}
+        return reference_diff(o.config, o.steps, o.threads, self.save_dir, self.console, assignments)

@@ -196,6 +196,8 @@ def run_summary(
         "steps": len(steps),
         "loss": [e.loss for e in steps],
         "step_seconds": [e.seconds for e in steps],
+        # stages served by several replicas: each replica's microbatches, per step (None: one peer each)
+        "step_assignments": [e.assignment for e in steps],
         "tokens_per_second": tokens / seconds if seconds else 0.0,
         "wall_seconds": wall,
         "threads_per_stage": threads,  # a reference run needs the same count to match bit for bit
@@ -240,7 +242,12 @@ def checkpoint_summary(events: list[ev.Event]) -> dict[str, Any]:
 
 
 def reference_diff(
-    config: SwarmConfig, steps: int, threads: int | None, save_dir: pathlib.Path, console: Console
+    config: SwarmConfig,
+    steps: int,
+    threads: int | None,
+    save_dir: pathlib.Path,
+    console: Console,
+    assignments: dict[int, dict[str, list[list[int]]]] | None = None,
 ) -> float:
     """Largest |swarm - single-process| parameter difference after the same number of steps: the stages' saved
     weights in ``save_dir`` against a reference trained here with the same ``threads``."""
@@ -251,7 +258,7 @@ def reference_diff(
 
     corpus = load_corpus_for(config)
     console.print("training the single-process reference ...")
-    ref = train_reference(config, corpus.train, steps, threads=threads)
+    ref = train_reference(config, corpus.train, steps, threads=threads, assignments=assignments)
     worst = 0.0
     for stage in range(config.num_stages):
         path = save_dir / f"stage{stage}.safetensors"

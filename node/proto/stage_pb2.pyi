@@ -35,7 +35,7 @@ class TensorHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class MicrobatchMeta(_message.Message):
-    __slots__ = ("step", "microbatch", "route", "hop", "sender_stage", "sender_peer", "attempt", "grad_norm", "eval")
+    __slots__ = ("step", "microbatch", "route", "hop", "sender_stage", "sender_peer", "attempt", "grad_norm", "eval", "route_peers", "prev_microbatch")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,8 @@ class MicrobatchMeta(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     EVAL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_PEERS_FIELD_NUMBER: _ClassVar[int]
+    PREV_MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     step: int
     microbatch: int
     route: _containers.RepeatedScalarFieldContainer[int]
@@ -54,7 +56,9 @@ class MicrobatchMeta(_message.Message):
     attempt: int
     grad_norm: float
     eval: bool
-    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., route: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., attempt: _Optional[int] = ..., grad_norm: _Optional[float] = ..., eval: _Optional[bool] = ...) -> None: ...
+    route_peers: _containers.RepeatedScalarFieldContainer[str]
+    prev_microbatch: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., route: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., attempt: _Optional[int] = ..., grad_norm: _Optional[float] = ..., eval: _Optional[bool] = ..., route_peers: _Optional[_Iterable[str]] = ..., prev_microbatch: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("meta", "header", "data")
@@ -74,17 +78,27 @@ class Ack(_message.Message):
     reason: str
     def __init__(self, ok: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class ReplicaShare(_message.Message):
+    __slots__ = ("peer_id", "microbatches")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    microbatches: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, peer_id: _Optional[str] = ..., microbatches: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class PrepareRequest(_message.Message):
-    __slots__ = ("step", "attempt", "stage", "epoch")
+    __slots__ = ("step", "attempt", "stage", "epoch", "shares")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     stage: int
     epoch: int
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    shares: _containers.RepeatedCompositeFieldContainer[ReplicaShare]
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[ReplicaShare, _Mapping]]] = ...) -> None: ...
 
 class PrepareReply(_message.Message):
     __slots__ = ("stage", "grad_norm_sq", "microbatches")
@@ -157,18 +171,20 @@ class HeartbeatReply(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
-    __slots__ = ("requester_stage", "requester_peer", "step", "full_state", "parked")
+    __slots__ = ("requester_stage", "requester_peer", "step", "full_state", "parked", "replica")
     REQUESTER_STAGE_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_PEER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FULL_STATE_FIELD_NUMBER: _ClassVar[int]
     PARKED_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     requester_stage: int
     requester_peer: str
     step: int
     full_state: bool
     parked: bool
-    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ..., full_state: _Optional[bool] = ..., parked: _Optional[bool] = ...) -> None: ...
+    replica: bool
+    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ..., full_state: _Optional[bool] = ..., parked: _Optional[bool] = ..., replica: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("swarm",)

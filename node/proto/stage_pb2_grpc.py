@@ -94,6 +94,11 @@ class StageStub:
                 request_serializer=node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
                 response_deserializer=node_dot_proto_dot_stage__pb2.Ack.FromString,
                 _registered_method=True)
+        self.PushGradients = channel.stream_unary(
+                '/swarm_node.v1.Stage/PushGradients',
+                request_serializer=node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
+                response_deserializer=node_dot_proto_dot_stage__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -179,6 +184,15 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushGradients(self, request_iterator, context):
+        """Several peers per stage, at Prepare: a replica's partial gradient (meta.step, meta.attempt,
+        meta.sender_stage = the stage, meta.microbatch = the first microbatch of its share), one tensor per
+        parameter, to each other replica of the stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +253,11 @@ def add_StageServicer_to_server(servicer, server):
             ),
             'ParkState': grpc.stream_unary_rpc_method_handler(
                     servicer.ParkState,
+                    request_deserializer=node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
+                    response_serializer=node_dot_proto_dot_stage__pb2.Ack.SerializeToString,
+            ),
+            'PushGradients': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushGradients,
                     request_deserializer=node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
                     response_serializer=node_dot_proto_dot_stage__pb2.Ack.SerializeToString,
             ),
@@ -565,6 +584,33 @@ class Stage:
             request_iterator,
             target,
             '/swarm_node.v1.Stage/ParkState',
+            node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
+            node_dot_proto_dot_stage__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushGradients(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/swarm_node.v1.Stage/PushGradients',
             node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
             node_dot_proto_dot_stage__pb2.Ack.FromString,
             options,

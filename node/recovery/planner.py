@@ -17,6 +17,8 @@ method          when
 ``checkpoint``  ``--recovery checkpoint`` (any stage, also at start-up: a restarted swarm resumes): the
                 stage's newest checkpoint; stage 0 then rolls the whole swarm back to the newest
                 checkpoint every stage has
+``replica``     the stage is served by another live peer: this node joins it as one more replica, with an
+                exact copy of a live replica's state (block stages; stage 0 has one peer)
 ``resume``      ``--resume``: the swarm has not moved past the newest complete swarm snapshot (a swarm of
                 new nodes after the whole swarm was lost): the stage's exact part of that snapshot
 ``handoff``     the stage's owner got a preemption notice and is handing over: its exact state (weights,
@@ -52,6 +54,7 @@ class Method(enum.StrEnum):
     CHECKPOINT = "checkpoint"
     HANDOFF = "handoff"
     RESUME = "resume"
+    REPLICA = "replica"
     UNRECOVERABLE = "unrecoverable"
 
 
@@ -135,15 +138,19 @@ def plan_recovery(
     handing_over: frozenset[int] = frozenset(),
     parked: Mapping[int, tuple[int, int]] | None = None,
     resume_step: int | None = None,
+    served: bool = False,
 ) -> RecoveryPlan:
     """How to rebuild ``stage`` given the live stages and the swarm's committed step.
 
     ``replicas`` maps each live stage holding a copy of stage 0 to that copy's committed step (checkfree+);
     ``handing_over`` are the stages whose preempted owner is handing its state over; ``parked`` maps a stage to
     (the live stage holding the state its preempted owner left there, that state's committed step);
-    ``resume_step`` is the step of the newest complete swarm snapshot when resuming (``--resume``).
+    ``resume_step`` is the step of the newest complete swarm snapshot when resuming (``--resume``);
+    ``served``: another live peer serves ``stage`` (this node joins it as a replica).
     """
     strategy = RecoveryStrategy(strategy)
+    if served and stage != 0:  # exact, and nothing is lost: no rebuild at all
+        return RecoveryPlan(stage, Method.REPLICA, (stage,), "another live replica of the stage: an exact copy")
     if stage in handing_over:  # exact, so it beats every rebuild, whatever the strategy
         return RecoveryPlan(stage, Method.HANDOFF, (stage,), "the preempted owner hands its exact state over")
     holder, step = (parked or {}).get(stage, (None, 0))

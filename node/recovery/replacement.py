@@ -109,7 +109,7 @@ class StageBuilder:
             }
             plan = plan_recovery(
                 ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving, parked,
-                self.resume_step,
+                self.resume_step, served=ctx.stage in live,
             )
             if plan.method == Method.UNRECOVERABLE:
                 if await self._served_by_another():

@@ -7,6 +7,7 @@ swarm CA certified). What it may call depends on what the DHT says it is:
 - Forward and Backward: only a stage that some microbatch route makes this stage's neighbour;
 - FetchWeights and FetchReplica: only a node that is rebuilding or taking over a stage;
 - ParkState: only a node handing over a route neighbour's stage;
+- PushGradients: only another replica of this node's stage;
 - Heartbeat, GetStatus (also with the swarm view, for ``swarm-node status --peer``) and the health service:
   any member.
 
@@ -37,6 +38,7 @@ class Role(enum.StrEnum):
     FETCH = "fetch"
     MEMBER = "member"
     PARK = "park"
+    REPLICA = "replica"
 
 
 RPC_ROLES: dict[str, Role] = {
@@ -46,6 +48,7 @@ RPC_ROLES: dict[str, Role] = {
     "Rollback": Role.CONTROL,
     "PushReplica": Role.CONTROL,
     "ParkState": Role.PARK,
+    "PushGradients": Role.REPLICA,
     "Forward": Role.PIPELINE,
     "Backward": Role.PIPELINE,
     "FetchWeights": Role.FETCH,
@@ -94,6 +97,10 @@ def decide(
         if my_stage is not None and any(s in route_neighbours(my_stage, num_stages, out_of_order) for s in leaving):
             return None
         return f"{caller} is not handing over a route neighbour of stage {my_stage}"
+    if role is Role.REPLICA:
+        if my_stage is not None and any(r.stage == my_stage for r in owning):
+            return None
+        return f"{caller} is not a replica of stage {my_stage}"
     if role is Role.PIPELINE:
         if my_stage is None:
             return "this node serves no stage"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 from node.checkpoint.store import rollback_target
@@ -37,19 +37,25 @@ class PeerError(Exception):
         self.stage, self.refused = stage, refused
 
 
+Shares = list[tuple[str, list[int]]]  # one stage's replicas in a step: (peer id, its microbatches)
+
+
 class PeerRPC(Protocol):
     """The control calls stage 0 makes to the other stages. Each raises :class:`PeerError` or
-    :class:`StepFailed` (no serving peer), and returns the id of the peer that answered where it matters."""
+    :class:`StepFailed` (no serving peer), and returns the id of the peer that answered where it matters.
+    ``peer`` addresses one replica of the stage (empty: the stage's serving peer)."""
 
-    async def prepare(self, stage: int, step: int, attempt: int) -> float: ...
+    async def prepare(
+        self, stage: int, step: int, attempt: int, peer: str = "", shares: Shares | None = None
+    ) -> float: ...
 
     async def commit(
-        self, stage: int, step: int, attempt: int, global_norm: float, clip_coef: float
+        self, stage: int, step: int, attempt: int, global_norm: float, clip_coef: float, peer: str = ""
     ) -> tuple[int, str]:
         """Returns (the stage's committed step, the answering peer)."""
         ...
 
-    async def abort(self, stage: int, step: int, attempt: int) -> None: ...
+    async def abort(self, stage: int, step: int, attempt: int, peer: str = "") -> None: ...
 
     async def rollback(self, stage: int, step: int, attempt: int) -> tuple[int, str]: ...
 
@@ -99,17 +105,28 @@ class CommitCoordinator:
         self.refused_commit_is_final = refused_commit_is_final
         self.retry_seconds = retry_seconds
         self.in_sync: dict[int, str] = {}  # stage -> peer that acknowledged the last commit (or rollback)
+        self.acked: dict[int, set[str]] = {}  # stage -> every replica that acknowledged the last commit
 
     @property
     def others(self) -> range:
         return range(1, self.num_stages)
 
-    async def prepare_all(self, step: int, attempt: int) -> CommitDecision:
-        """Phase 1 on every stage; the decision, or :class:`StepFailed` when it is not to commit."""
+    async def prepare_all(self, step: int, attempt: int, shares: Mapping[int, Shares] | None = None) -> CommitDecision:
+        """Phase 1 on every stage (on every replica of a stage, given its ``shares``); the decision, or
+        :class:`StepFailed` when it is not to commit. Replicas of a stage must report the same norm."""
+        shares = shares or {}
+
+        async def stage_norm(stage: int) -> float:
+            group = shares.get(stage, [])
+            if len(group) <= 1:
+                return await self.peers.prepare(stage, step, attempt, group[0][0] if group else "")
+            norms = await asyncio.gather(*(self.peers.prepare(stage, step, attempt, p, group) for p, _ in group))
+            if len(set(norms)) != 1:
+                raise PeerError(stage, f"replicas disagree on the gradient norm: {norms}")
+            return norms[0]
+
         answers = await asyncio.gather(
-            self.local.prepare(step, attempt),
-            *(self.peers.prepare(s, step, attempt) for s in self.others),
-            return_exceptions=True,
+            self.local.prepare(step, attempt), *(stage_norm(s) for s in self.others), return_exceptions=True
         )
         decision = decide_commit(dict(enumerate(answers)), self.num_stages, self.grad_clip)
         if not decision.commit:
@@ -122,44 +139,63 @@ class CommitCoordinator:
         attempt: int,
         decision: CommitDecision,
         after_local: Callable[[], Awaitable[None]] | None = None,
+        shares: Mapping[int, Shares] | None = None,
     ) -> None:
-        """Phase 2: stage 0 first, then ``after_local``, then every other stage (retried until it answers)."""
+        """Phase 2: stage 0 first, then ``after_local``, then every other stage (each replica of a stage in
+        ``shares``), retried until it answers."""
         await self.local.commit(step, attempt, decision.clip_coef)
+        self.acked = {}
         if after_local is not None:
             await after_local()
+        g, c = decision.global_norm, decision.clip_coef
         await asyncio.gather(
-            *(self.commit_remote(s, step, attempt, decision.global_norm, decision.clip_coef) for s in self.others)
+            *(
+                self.commit_remote(s, step, attempt, g, c, peer)
+                for s in self.others
+                for peer in ([p for p, _ in (shares or {}).get(s, [])] or [""])
+            )
         )
 
-    async def commit_remote(self, stage: int, step: int, attempt: int, global_norm: float, clip_coef: float) -> None:
-        """Commits a decided step on ``stage``, retrying until it is acknowledged (or refused for good)."""
+    async def commit_remote(
+        self, stage: int, step: int, attempt: int, global_norm: float, clip_coef: float, peer: str = ""
+    ) -> None:
+        """Commits a decided step on ``stage`` (on its replica ``peer``), retrying until it is acknowledged
+        (or refused for good). A replica that is gone leaves the commit to whoever serves the stage then (a
+        replica that committed acknowledges again; a rebuilt stage starts after the step)."""
         while not self.stopping.is_set():
             try:
-                committed, peer = await self.peers.commit(stage, step, attempt, global_norm, clip_coef)
+                committed, answered = await self.peers.commit(stage, step, attempt, global_norm, clip_coef, peer)
             except (PeerError, StepFailed) as err:
                 if self.refused_commit_is_final and isinstance(err, PeerError) and err.refused:
                     logger.warning("stage %d cannot take the commit of step %d: %s", stage, step, err)
                     return
+                if peer and "is gone" in str(err):
+                    peer = ""
+                    continue
                 logger.warning("commit of step %d on stage %d not acknowledged (%s); retrying", step, stage, err)
                 await asyncio.sleep(self.retry_seconds)
                 continue
             if committed == step + 1:
-                self.in_sync[stage] = peer
+                self.in_sync[stage] = answered
+                self.acked.setdefault(stage, set()).add(answered)
             else:
                 logger.error("stage %d reports committed step %d after committing %d", stage, committed, step)
             return
 
-    async def abort_all(self, step: int, attempt: int) -> None:
-        """Discards the attempt everywhere (best effort: a stage that misses it refuses the old attempt later)."""
+    async def abort_all(self, step: int, attempt: int, shares: Mapping[int, Shares] | None = None) -> None:
+        """Discards the attempt everywhere, on every replica in ``shares`` too (best effort: a stage that
+        misses it refuses the old attempt later)."""
         await self.local.abort(step, attempt)
 
-        async def one(stage: int) -> None:
+        async def one(stage: int, peer: str) -> None:
             try:
-                await self.peers.abort(stage, step, attempt)
+                await self.peers.abort(stage, step, attempt, peer)
             except (PeerError, StepFailed) as err:
                 logger.debug("abort of step %d attempt %d not delivered: %s", step, attempt, err)
 
-        await asyncio.gather(*(one(s) for s in self.others))
+        await asyncio.gather(
+            *(one(s, p) for s in self.others for p in ([p for p, _ in (shares or {}).get(s, [])] or [""]))
+        )
 
     async def rollback_all(self, attempt: int, checkpoints: Checkpoints) -> int:
         """Every stage back to the newest checkpoint they all have (0: the seed's weights); returns it.

@@ -38,9 +38,11 @@ from node.preemption.notice import Notice
 from node.preemption.watcher import PreemptionWatcher
 from node.recovery.faults import FaultInjector, parse_fault
 from node.recovery.handoff import Handoff
-from node.recovery.methods import RecoveryContext, RecoveryMethod
+from node.recovery.methods import RecoveryContext, RecoveryMethod, SourceLost
 from node.recovery.neighbours import NeighbourRebuild
+from node.recovery.planner import Method, RecoveryPlan
 from node.recovery.replacement import StageBuilder, StageTaken, Unrecoverable, claim_vacant_stage
+from node.recovery.replica import ReplicaCopy, behind
 from node.recovery.stage0_copies import Stage0Copies
 from node.security.authz import MemberInterceptor, ViewCheck
 from node.security.keys import NodeCredentials
@@ -59,7 +61,7 @@ from node.storage import StorageError, open_storage
 from node.train.optim import pick_device
 from node.transport.channels import ChannelPool
 from node.transport.server import ServerLimits, StageServer
-from node.wire.records import StageRecord, StageState
+from node.wire.records import StageRecord, StageState, current_epochs
 
 logger = logging.getLogger(__name__)
 OFFLINE_SECONDS = 5.0  # a clean exit waits this long at most to announce ``offline``
@@ -97,6 +99,7 @@ class StageDaemon:
             self.events, replica_step=lambda: self.copies.replica_step, parked=lambda: self.service.handoffs.parked_at,
             soft_notice=lambda: self.service.handoffs.prestaging,
             stage0_rebuildable=strategy in (RecoveryStrategy.CHECKFREE_PLUS, RecoveryStrategy.CHECKPOINT),
+            throughput=lambda: self.participant.throughput(),
         )  # fmt: skip
         self.presence.on_fenced.append(self._on_fenced)
         self.faults = FaultInjector(
@@ -107,7 +110,7 @@ class StageDaemon:
         )
         self.participant = PipelineParticipant(
             self.seat, self.compute, self.presence, self.channels, cfg, timing, self.metrics, self.faults,
-            self.stopping,
+            self.stopping, slowdown=opts.slowdown, emulate_compute=opts.emulate_compute,
         )  # fmt: skip
         self.coordinator = CommitCoordinator(
             cfg.num_stages,
@@ -141,7 +144,9 @@ class StageDaemon:
             )  # fmt: skip
             self.participant.after_commit.append(self.snapshots.after_commit)
         self.resume_step: int | None = None  # the snapshot a --resume start takes (found in run())
-        self.methods: list[RecoveryMethod] = [NeighbourRebuild(opts.recovery.lr_scale), self.copies, Handoff()]
+        self.methods: list[RecoveryMethod] = [
+            NeighbourRebuild(opts.recovery.lr_scale), self.copies, Handoff(), ReplicaCopy()
+        ]
         if self.checkpoints is not None:
             self.methods.append(self.checkpoints)
         self.watcher = PreemptionWatcher(
@@ -214,7 +219,10 @@ class StageDaemon:
                 await claim_vacant_stage(self.presence, self.seat, self.stopping)
             else:
                 await self.presence.try_refresh()
-                self.seat.epoch = self.presence.claim_epoch(self.seat.stage)
+                # a replica of a served stage holds it by the same claim as the others; any other start is a claim
+                serving = current_epochs(self.presence.members()).get(self.seat.stage)
+                replica = serving is not None and self.seat.stage != 0
+                self.seat.epoch = serving if replica else self.presence.claim_epoch(self.seat.stage)
                 await self.presence.announce(StageState.JOINING)
             assert self.seat.stage is not None
             ctx = RecoveryContext(
@@ -273,9 +281,11 @@ class StageDaemon:
                 return 2
             stage = self.seat.stage
             if stage is not None and (holder := await self.presence.serving_peer(stage)) is not None:
-                # e.g. a restarted container whose stage a spare took over meanwhile: become the spare
-                logger.warning("stage %d is already served by %s; waiting as a spare", stage, holder)
-                self.seat.stage = None
+                if stage == 0:  # stage 0 has one peer: e.g. a restarted container whose stage a spare took over
+                    logger.warning("stage 0 is already served by %s; waiting as a spare", holder)
+                    self.seat.stage = None
+                else:
+                    logger.info("stage %d is served by %s: joining it as another replica", stage, holder)
             while not self.stopping.is_set():
                 await self.take_stage()
                 exit_code = await self._serve()
@@ -336,6 +346,7 @@ class StageDaemon:
         )  # fmt: skip
         await self.presence.announce(StageState.ONLINE if self.seat.stage else StageState.WAITING)
         waits = {self.background.spawn(e.wait()) for e in (self.stopping, self.fenced, self.leaving)}
+        keep_up = self.background.spawn(self._keep_up()) if self.seat.stage else None
         drive = None
         if self.seat.stage == 0 and opts.steps is not None:
             driver = Stage0Driver(
@@ -352,10 +363,43 @@ class StageDaemon:
                 await asyncio.wait({drive}, timeout=opts.timing.step_timeout + opts.timing.rpc_timeout)
         for task in waits:
             task.cancel()
+        if keep_up is not None:
+            keep_up.cancel()
         if drive is not None and drive.done() and not drive.cancelled() and drive.exception() is not None:
             logger.error("training driver failed", exc_info=drive.exception())
             return 1
         return 0
+
+    async def _keep_up(self) -> None:
+        """A replica that lags another replica of its stage (it missed a commit: it joined while the stage
+        committed another step, or a commit did not reach it) copies the stage again, between steps."""
+        lagging = 0
+        period = self.opts.timing.refresh_seconds
+        while not self.stopping.is_set():
+            await asyncio.sleep(period)
+            rt, stage = self.seat.runtime, self.seat.stage
+            if rt is None or stage is None or rt.prepared:
+                continue
+            lagging = lagging + 1 if behind(stage, rt.committed_step, self.presence.members()) else 0
+            if lagging < 2:  # a commit may still be on its way here
+                continue
+            lagging = 0
+            ctx = RecoveryContext(
+                stage, self.opts.config, self.device, self.compute, self.presence, self.channels, self.opts.timing,
+                self.faults,
+            )  # fmt: skip
+            plan = RecoveryPlan(stage, Method.REPLICA, (stage,), "this replica lags the stage's others")
+            await self.presence.announce(StageState.JOINING)  # its source serves copies to joiners only
+            try:
+                recovered = await ReplicaCopy().recover(plan, ctx, rt.committed_step)
+            except SourceLost as err:
+                logger.warning("could not catch up with stage %d's replicas: %s", stage, err)
+                await self.presence.announce(StageState.ONLINE)
+                continue
+            if self.seat.runtime is rt and self.seat.stage == stage:
+                await self.participant.install(recovered.runtime)
+                logger.info("replica of stage %d caught up at step %d", stage, recovered.step)
+            await self.presence.announce(StageState.ONLINE)
 
     def _on_notice(self, notice: Notice) -> None:
         """A preemption notice: a hard one makes a node that serves a stage hand it over and exit (a spare, or
@@ -441,7 +485,7 @@ class StageDaemon:
             "grad_norm": repr(norm),
             "config_fingerprint": self.me.fingerprint,
         }
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # replicas of a stage save to the same name
         await self.compute.run(save_file, {k: v.contiguous() for k, v in state.items()}, str(tmp), meta)
         os.replace(tmp, path)
 

@@ -25,6 +25,7 @@ from node.stage.compute import Compute
 from node.stage.coordinator import CommitCoordinator
 from node.stage.participant import PipelineParticipant
 from node.stage.presence import Presence
+from node.stage.routing import Replica, StepRouting, plan_step
 from node.stage.runtime import StageRuntime, StepError, StepFailed
 from node.topology import route_for
 from node.wire.records import StageState
@@ -60,6 +61,7 @@ class Stage0Driver:
         self.leaving = leaving or asyncio.Event()  # preempted: finish the step in flight, start no other
         t = config.train
         self.tokens_per_step = t.microbatches_per_step * t.microbatch_size * t.seq_len
+        self.routing: StepRouting | None = None  # the replica assignment of the attempt in flight
 
     @property
     def runtime(self) -> StageRuntime:
@@ -123,7 +125,7 @@ class Stage0Driver:
             logger.warning("step %d attempt %d failed: %s; aborting and replaying", step, attempt, err)
             self.metrics.steps_aborted.inc()
             self.events.emit(AbortEvent(step=step, attempt=attempt, reason=str(err)))
-            await self.coordinator.abort_all(step, attempt)
+            await self.coordinator.abort_all(step, attempt, self._shares())
             return
         seconds = time.perf_counter() - started
         self.metrics.loss.set(loss)
@@ -137,6 +139,7 @@ class Stage0Driver:
                 attempt=attempt,
                 grad_norm=decision.global_norm,
                 stage_grad_norms=list(decision.stage_norms),
+                assignment=(self.routing.assignment() or None) if self.routing is not None else None,
             )
         )
         logger.info("step %d loss %.4f (%.2fs)", step + 1, loss, seconds)
@@ -148,16 +151,18 @@ class Stage0Driver:
         batch = training_batch(tokens, self.config.train, step)
         inflight.start({mb: y for mb, (_, y) in enumerate(batch)})
         await self.compute.run(rt.check_step, step, attempt)
+        self.routing = routing = self.plan_routing(len(batch))
         for mb, (x, _) in enumerate(batch):
             h = await self.compute.run(rt.embed, mb, x)
             route = route_for(mb, self.num_stages, self.config.out_of_order)
             meta = pb.MicrobatchMeta(
                 step=step, microbatch=mb, route=route, hop=0, sender_stage=0,
                 sender_peer=self.presence.me.peer_id, attempt=attempt,
+                route_peers=routing.route_peers(route, mb), prev_microbatch=routing.prev_microbatches(route, mb),
             )  # fmt: skip
             self.participant.push(meta, h, "Forward", 1)
         try:
-            await asyncio.wait_for(asyncio.gather(*inflight.pending.values()), self.timing.step_timeout)
+            await self._wait_for_microbatches(inflight, routing)
         except TimeoutError:
             done = sum(f.done() for f in inflight.pending.values())
             raise StepFailed(
@@ -165,7 +170,8 @@ class Stage0Driver:
             ) from None
         finally:
             inflight.cancel_rest()
-        decision = await self.coordinator.prepare_all(step, attempt)
+        shares = self._shares(joiners=True)
+        decision = await self.coordinator.prepare_all(step, attempt, shares)
 
         async def leave_copies() -> None:
             # checkfree+: the decision (and every K steps stage 0's new state) goes to stages 1 and S-1, so
@@ -174,8 +180,65 @@ class Stage0Driver:
             await self.copies.push(rt, step, attempt, decision.global_norm, with_state)
 
         after_local = leave_copies if self.config.out_of_order else None
-        await self.coordinator.commit_all(step, attempt, decision, after_local)
+        await self.coordinator.commit_all(step, attempt, decision, after_local, shares)
         return sum(inflight.losses.values()) / len(inflight.losses), decision
+
+    async def _wait_for_microbatches(self, inflight, routing: StepRouting) -> None:
+        """Until every microbatch is home (TimeoutError after the step timeout). A replica of the routing that
+        leaves this node's view fails the step at once: its microbatches will not come back."""
+        everything = asyncio.ensure_future(asyncio.gather(*inflight.pending.values()))
+        deadline = time.monotonic() + self.timing.step_timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                done, _ = await asyncio.wait({everything}, timeout=min(left, self.timing.refresh_seconds))
+                if done:
+                    everything.result()
+                    return
+                # gone: found dead, or its record expired (a replica catching up is still there)
+                seen = {r.peer_id for r in self.presence.view} - self.presence.suspected()
+                for stage, shares in routing.replicated().items():
+                    gone = [p for p, mbs in shares.items() if mbs and p not in seen]
+                    if gone:
+                        raise StepFailed(f"replica {gone[0]} of stage {stage} left the swarm during the step")
+        finally:
+            everything.cancel()
+
+    def plan_routing(self, num_microbatches: int) -> StepRouting:
+        """This step's assignment of microbatches to the replicas of every stage at our committed step, by
+        their measured throughput (:mod:`node.stage.routing`)."""
+        committed, acked = self.runtime.committed_step, self.coordinator.acked
+        replicas = {}
+        for stage in range(1, self.num_stages):
+            peers = [
+                r
+                for r in self.presence.replicas_of(stage)
+                if r.committed_step == committed or r.peer_id in acked.get(stage, ())
+            ]
+            if not peers:  # in sync by its last acknowledged commit although its record lags behind
+                peer = self.presence.peer_of(stage)
+                peers = [peer] if peer is not None else []
+            if not peers:
+                raise StepFailed(f"no serving peer for stage {stage}")
+            replicas[stage] = [Replica(r.peer_id, r.throughput) for r in peers]
+        return plan_step(num_microbatches, self.presence.me.peer_id, replicas)
+
+    def _shares(self, joiners: bool = False) -> dict[int, list[tuple[str, list[int]]]]:
+        """The attempt's replica shares per stage; with ``joiners``, plus an empty share for every replica that
+        reached our committed step since the step began (it joins at this commit without computing)."""
+        if self.routing is None:
+            return {}
+        out = {s: list(shares.items()) for s, shares in self.routing.shares.items() if s != 0}
+        if joiners:
+            committed = self.runtime.committed_step
+            for stage, group in out.items():
+                known = {peer for peer, _ in group}
+                group += [
+                    (r.peer_id, []) for r in self.presence.replicas_of(stage, committed) if r.peer_id not in known
+                ]
+        return out
 
     async def wait_for_swarm(self) -> bool:
         """Blocks (state ``waiting``) until every stage has a serving peer at our committed step.

@@ -55,7 +55,9 @@ WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 
 class MicrobatchOrder:
-    """Admits the microbatches of the step in flight to the compute thread in index order, per direction.
+    """Admits the microbatches of the step in flight to the compute thread in order, per direction: each after
+    the microbatch this node computes before it in the step (``prev``: the one below it, or with replicas the
+    one below it in this replica's share; -1 for its first).
 
     Messages that are not for the step in flight (stale, ahead, older attempt) are not held back: the
     runtime refuses them. A newer attempt of the step releases everyone waiting on the older one.
@@ -64,32 +66,74 @@ class MicrobatchOrder:
     def __init__(self) -> None:
         self._cond = asyncio.Condition()
         self._key: tuple[int, int] = (-1, -1)
-        self._next: dict[str, int] = {}
+        self._done: dict[str, set[int]] = {}
 
-    async def turn(self, step: int, attempt: int, direction: str, mb: int, committed: int, timeout: float) -> None:
+    async def turn(
+        self, step: int, attempt: int, direction: str, prev: int, committed: int, timeout: float
+    ) -> None:
         async with self._cond:
             if step != committed or (step, attempt) < self._key:
                 return
             if (step, attempt) > self._key:
-                self._key, self._next = (step, attempt), {}
+                self._key, self._done = (step, attempt), {}
                 self._cond.notify_all()
             key = self._key
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    self._cond.wait_for(lambda: self._key != key or self._next.get(direction, 0) >= mb), timeout
+                    self._cond.wait_for(lambda: self._key != key or prev < 0 or prev in self._done.get(direction, ())),
+                    timeout,
                 )
 
     async def reset(self) -> None:
         """Forgets the step in flight (after a rollback the next step is an older one); releases waiters."""
         async with self._cond:
-            self._key, self._next = (-1, -1), {}
+            self._key, self._done = (-1, -1), {}
             self._cond.notify_all()
 
     async def advance(self, step: int, attempt: int, direction: str, mb: int) -> None:
         async with self._cond:
             if (step, attempt) == self._key:
-                self._next[direction] = max(self._next.get(direction, 0), mb + 1)
+                self._done.setdefault(direction, set()).add(mb)
                 self._cond.notify_all()
+
+
+class PartialGradients:
+    """The partial gradients this replica's co-replicas sent for the step in flight (``PushGradients``), until
+    its own ``Prepare`` takes them. Only the newest (step, attempt) is kept, from at most ``max_peers`` peers."""
+
+    def __init__(self, max_peers: int = 64) -> None:
+        self._cond = asyncio.Condition()
+        self._key: tuple[int, int] = (-1, -1)
+        self._got: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
+        self.max_peers = max_peers
+
+    async def put(self, step: int, attempt: int, peer: str, first: int, grads: dict[str, torch.Tensor]) -> bool:
+        async with self._cond:
+            if (step, attempt) > self._key:
+                self._key, self._got = (step, attempt), {}
+            if (step, attempt) != self._key or (peer not in self._got and len(self._got) >= self.max_peers):
+                return False
+            self._got[peer] = (first, grads)
+            self._cond.notify_all()
+            return True
+
+    async def take(
+        self, step: int, attempt: int, expected: dict[str, int], timeout: float
+    ) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        """The partials of the peers in ``expected`` (peer -> first microbatch of its share), waiting for them."""
+
+        def complete() -> bool:
+            return self._key == (step, attempt) and all(
+                p in self._got and self._got[p][0] == first for p, first in expected.items()
+            )
+
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(complete), timeout)
+            except TimeoutError:
+                missing = sorted(p for p in expected if p not in self._got or self._key != (step, attempt))
+                raise StepError(Reject.INCOMPLETE, f"step {step}: no partial gradient from {missing}") from None
+            return [self._got[p] for p in expected]
 
 
 class StepInFlight:
@@ -148,7 +192,14 @@ class PipelineParticipant:
         metrics: StageMetrics,
         faults: FaultInjector,
         stopping: asyncio.Event,
+        slowdown: float = 1.0,
+        emulate_compute: float = 0.0,
     ) -> None:
+        """Benchmark aids: ``slowdown`` makes every microbatch's compute take this many times as long (the
+        compute thread sleeps for the difference); ``emulate_compute`` adds that many seconds of sleep per
+        microbatch and direction on a block stage, so replica parallelism shows on few cores."""
+        self.slowdown, self.emulate_compute = slowdown, emulate_compute
+        self._ema_seconds: dict[str, float] = {}  # direction -> compute seconds per microbatch (moving average)
         self.seat, self.compute, self.presence, self.channels = seat, compute, presence, channels
         self.config, self.timing, self.metrics, self.faults, self.stopping = config, timing, metrics, faults, stopping
         t = config.train
@@ -157,6 +208,7 @@ class PipelineParticipant:
         self.wire_dtype = WIRE_DTYPES.get(config.wire_dtype or "")
         self.order = MicrobatchOrder()
         self.inflight = StepInFlight()
+        self.gradients = PartialGradients()
         self.after_commit: list[Callable[[int], None]] = []  # called with each newly committed step
         self._last_commit_at: float | None = None  # monotonic time of this node's last commit (step_seconds)
         self._background = Background()
@@ -175,16 +227,34 @@ class PipelineParticipant:
 
     # ---- sending ----------------------------------------------------------------------------------
     async def send_tensor(
-        self, rpc: str, target: int, meta: pb.MicrobatchMeta, tensor: torch.Tensor, deadline: float
+        self,
+        rpc: str,
+        target: int,
+        meta: pb.MicrobatchMeta,
+        tensor: torch.Tensor,
+        deadline: float,
+        peer_id: str = "",
     ) -> None:
-        """Streams ``tensor`` to stage ``target``; retries another/new peer on transport errors."""
+        """Streams ``tensor`` to stage ``target`` (to its replica ``peer_id`` when given); retries another/new
+        peer on transport errors. A chosen replica that is gone fails the microbatch: another replica lacks
+        its activations, so stage 0 replays the step with a new assignment."""
         payload = tensor if self.wire_dtype is None else tensor.to(self.wire_dtype)
         nbytes = payload.numel() * payload.element_size()
         while True:
             rt = self.seat.runtime
             if rt is not None and (rt.committed_step > meta.step or rt.attempt > meta.attempt):
                 raise StepFailed(f"step {meta.step} attempt {meta.attempt} was superseded")
-            peer = await self.presence.resolve(target, deadline, self.stopping)
+            if peer_id:
+                peer = self.presence.member(peer_id)
+                if peer is None or peer.stage != target:
+                    # not in this node's view yet (it starts up), or gone: wait for it as for any stage's peer
+                    if peer_id in self.presence.suspected() or time.monotonic() >= deadline or self.stopping.is_set():
+                        raise StepFailed(f"replica {peer_id} of stage {target} is gone")
+                    await asyncio.sleep(min(0.2, self.timing.refresh_seconds))
+                    await self.presence.try_refresh()
+                    continue
+            else:
+                peer = await self.presence.resolve(target, deadline, self.stopping)
             stub = self.channels.stub(peer)
             try:
                 await getattr(stub, rpc)(
@@ -195,6 +265,8 @@ class PipelineParticipant:
                 if retryable(err) and time.monotonic() < deadline and not self.stopping.is_set():
                     if err.code() == grpc.StatusCode.UNAVAILABLE:
                         self.presence.suspect(peer, f"{rpc} failed: {err.code().name}")
+                        if peer_id:
+                            raise StepFailed(f"replica {peer_id} of stage {target} is unreachable") from None
                     await asyncio.sleep(0.1 if err.code() == grpc.StatusCode.UNAVAILABLE else 0.5)
                     await self.presence.try_refresh()
                     continue
@@ -212,9 +284,11 @@ class PipelineParticipant:
         nxt.hop, nxt.sender_stage, nxt.sender_peer = hop, self.seat.stage, self.presence.me.peer_id
         deadline = time.monotonic() + self.timing.step_timeout
 
+        peer_id = meta.route_peers[hop] if len(meta.route_peers) > hop else ""
+
         async def send() -> None:
             try:
-                await self.send_tensor(rpc, meta.route[hop], nxt, tensor, deadline)
+                await self.send_tensor(rpc, meta.route[hop], nxt, tensor, deadline, peer_id)
             except StepFailed as err:
                 logger.warning("%s", err)
                 self.inflight.fail(err, meta.microbatch)
@@ -225,16 +299,37 @@ class PipelineParticipant:
     async def _compute_in_order(self, meta: pb.MicrobatchMeta, direction: str, fn: Callable[[], T]) -> T:
         """Runs ``fn`` on the compute thread after every lower microbatch of this step went the same way."""
         self.faults.check(direction, stage=self.seat.stage, step=meta.step + 1, microbatch=meta.microbatch)
+        prev = meta.prev_microbatch[meta.hop] if len(meta.prev_microbatch) > meta.hop else meta.microbatch - 1
         await self.order.turn(
-            meta.step, meta.attempt, direction, meta.microbatch, self.runtime.committed_step, self.timing.step_timeout
+            meta.step, meta.attempt, direction, prev, self.runtime.committed_step, self.timing.step_timeout
         )
         started = time.perf_counter()
-        future = self.compute.submit(fn)
+        slowed = self.slowdown != 1.0 or (self.emulate_compute and self.seat.stage)
+        future = self.compute.submit(self._slowed(fn) if slowed else fn)
         await self.order.advance(meta.step, meta.attempt, direction, meta.microbatch)
         result = await future
-        self.metrics.compute_seconds.labels(direction=direction).observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.metrics.compute_seconds.labels(direction=direction).observe(seconds)
+        old = self._ema_seconds.get(direction)
+        self._ema_seconds[direction] = seconds if old is None else 0.8 * old + 0.2 * seconds
         self.metrics.microbatches.labels(direction=direction).inc()
         return result
+
+    def _slowed(self, fn: Callable[[], T]) -> Callable[[], T]:
+        emulated = self.emulate_compute if self.seat.stage else 0.0
+
+        def slow() -> T:
+            started = time.perf_counter()
+            result = fn()
+            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - started) + self.slowdown * emulated)
+            return result
+
+        return slow
+
+    def throughput(self) -> float | None:
+        """Microbatches per second this node computes, forward and backward (None until it has done both)."""
+        f, b = self._ema_seconds.get("forward"), self._ema_seconds.get("backward")
+        return None if f is None or b is None or f + b <= 0 else 1.0 / (f + b)
 
     async def on_eval_forward(self, meta: pb.MicrobatchMeta, x: torch.Tensor) -> None:
         """Evaluation: forward only on the committed weights, outside the step in flight."""
@@ -298,9 +393,51 @@ class PipelineParticipant:
         self.push(meta, await self._compute_in_order(meta, "backward", backward), "Backward", meta.hop - 1)
 
     # ---- the local side of the two-phase commit ----------------------------------------------------
-    async def prepare(self, step: int, attempt: int) -> float:
-        """Phase 1: every microbatch's backward is in; the squared gradient norm before clipping."""
-        return await self.compute.run(self.runtime.prepare, step, attempt)
+    async def prepare(self, step: int, attempt: int, shares: list[tuple[str, list[int]]] | None = None) -> float:
+        """Phase 1: every microbatch's backward is in; the squared gradient norm before clipping. With
+        ``shares`` (several replicas of this stage in the step: peer -> its microbatches), the replicas first
+        exchange their partial gradients and each sums them in the same order."""
+        rt, me = self.runtime, self.presence.me.peer_id
+        if not shares or len(shares) == 1:
+            share = shares[0][1] if shares else None
+            return await self.compute.run(rt.prepare, step, attempt, share)
+        mine = next((mbs for peer, mbs in shares if peer == me), None)
+        if mine is None:
+            raise StepError(Reject.BAD_ROUTE, f"step {step}: this replica has no share")
+        others = [(peer, mbs) for peer, mbs in shares if peer != me]
+        sends = []
+        if mine:
+            partial = await self.compute.run(self._own_partial, rt, step, attempt, mine)
+            meta = pb.MicrobatchMeta(
+                step=step, attempt=attempt, microbatch=mine[0], sender_stage=self.seat.stage, sender_peer=me
+            )
+            sends = [self._send_partial(peer, meta, partial) for peer, _ in others]
+        expected = {peer: mbs[0] for peer, mbs in others if mbs}
+        timeout = self.timing.rpc_timeout
+        results = await asyncio.gather(self.gradients.take(step, attempt, expected, timeout), *sends)
+        partials = results[0]
+        return await self.compute.run(rt.prepare, step, attempt, mine, partials)
+
+    @staticmethod
+    def _own_partial(rt: StageRuntime, step: int, attempt: int, share: list[int]) -> dict[str, torch.Tensor]:
+        rt.check_step(step, attempt)
+        done = rt.done_microbatches()
+        if done != share:
+            raise StepError(Reject.INCOMPLETE, f"step {step}: microbatches {done} are done, the share is {share}")
+        return rt.partial_grads()
+
+    async def _send_partial(self, peer_id: str, meta: pb.MicrobatchMeta, partial: dict[str, torch.Tensor]) -> None:
+        peer = self.presence.member(peer_id)
+        if peer is None or peer.stage != self.seat.stage:
+            raise StepError(Reject.INCOMPLETE, f"co-replica {peer_id} of stage {self.seat.stage} is gone")
+        try:
+            await self.channels.stub(peer).PushGradients(
+                encode_stream(meta, list(partial.items())), timeout=self.timing.rpc_timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise StepError(
+                Reject.INCOMPLETE, f"partial gradient to {peer_id}: {err.code().name} {err.details()}"
+            ) from None
 
     async def commit(self, step: int, attempt: int, clip_coef: float) -> int:
         """Phase 2: clip and apply AdamW (idempotent); returns the committed step."""

@@ -9,7 +9,7 @@ import grpc
 
 from node.options import TimingOptions
 from node.proto import stage_pb2 as pb
-from node.stage.coordinator import PeerError
+from node.stage.coordinator import PeerError, Shares
 from node.stage.presence import Presence
 from node.stage.runtime import Reject
 from node.transport.channels import ChannelPool
@@ -23,9 +23,17 @@ class GrpcPeers:
     def __init__(self, presence: Presence, channels: ChannelPool, timing: TimingOptions) -> None:
         self.presence, self.channels, self.timing = presence, channels, timing
 
-    async def _call(self, stage: int, rpc: str, request: Any, seconds: float | None = None) -> tuple[Any, str]:
+    async def _call(
+        self, stage: int, rpc: str, request: Any, seconds: float | None = None, peer_id: str = ""
+    ) -> tuple[Any, str]:
+        """``rpc`` on ``stage``'s serving peer, or on its replica ``peer_id`` when given."""
         deadline = time.monotonic() + (seconds or self.timing.rpc_timeout)
-        peer = await self.presence.resolve(stage, deadline, leaving_ok=True)
+        if peer_id:
+            peer = self.presence.member(peer_id) or self.presence.leaving_peer(stage)
+            if peer is None or peer.peer_id != peer_id or peer.stage != stage:
+                raise PeerError(stage, f"{rpc}: replica {peer_id} is gone")
+        else:
+            peer = await self.presence.resolve(stage, deadline, leaving_ok=True)
         if "epoch" in request.DESCRIPTOR.fields_by_name:  # control requests name the claim they address
             request.stage, request.epoch = stage, peer.epoch
         stub = self.channels.stub(peer)
@@ -40,19 +48,25 @@ class GrpcPeers:
             raise PeerError(stage, f"{rpc}: {err.code().name} {err.details()}", refused=refused) from None
         return reply, peer.peer_id
 
-    async def prepare(self, stage: int, step: int, attempt: int) -> float:
-        reply, _ = await self._call(stage, "Prepare", pb.PrepareRequest(step=step, attempt=attempt))
+    async def prepare(
+        self, stage: int, step: int, attempt: int, peer: str = "", shares: Shares | None = None
+    ) -> float:
+        request = pb.PrepareRequest(step=step, attempt=attempt)
+        for peer_id, mbs in shares or ():
+            request.shares.add(peer_id=peer_id, microbatches=mbs)
+        reply, _ = await self._call(stage, "Prepare", request, peer_id=peer)
         return reply.grad_norm_sq
 
     async def commit(
-        self, stage: int, step: int, attempt: int, global_norm: float, clip_coef: float
+        self, stage: int, step: int, attempt: int, global_norm: float, clip_coef: float, peer: str = ""
     ) -> tuple[int, str]:
         request = pb.CommitRequest(step=step, attempt=attempt, global_grad_norm=global_norm, clip_coef=clip_coef)
-        reply, peer = await self._call(stage, "Commit", request)
-        return reply.committed_step, peer
+        reply, answered = await self._call(stage, "Commit", request, peer_id=peer)
+        return reply.committed_step, answered
 
-    async def abort(self, stage: int, step: int, attempt: int) -> None:
-        await self._call(stage, "Abort", pb.AbortRequest(step=step, attempt=attempt, reason="replay"), ABORT_SECONDS)
+    async def abort(self, stage: int, step: int, attempt: int, peer: str = "") -> None:
+        request = pb.AbortRequest(step=step, attempt=attempt, reason="replay")
+        await self._call(stage, "Abort", request, ABORT_SECONDS, peer_id=peer)
 
     async def rollback(self, stage: int, step: int, attempt: int) -> tuple[int, str]:
         request = pb.RollbackRequest(step=step, attempt=attempt, sender_peer=self.presence.me.peer_id)

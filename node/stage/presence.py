@@ -88,12 +88,14 @@ class Presence:
         parked: Callable[[], tuple[int, int] | None] = lambda: None,
         soft_notice: Callable[[], bool] = lambda: False,
         stage0_rebuildable: bool = False,
+        throughput: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.directory, self.io, self.seat, self.me = directory, io, seat, me
         self.timing, self.channels, self.metrics, self.events = timing, channels, metrics, events
         self.replica_step = replica_step
         self.parked = parked  # (stage, committed step) of a preempted neighbour's state held here
         self.soft_notice = soft_notice  # a soft preemption notice is active (spares stand by for this stage)
+        self.throughput = throughput  # microbatches/s this node computes (measured), for stage 0's routing
         self.stage0_rebuildable = stage0_rebuildable  # checkfree+, checkpoint: a claim of stage 0 can succeed
         self.stalled_at = -math.inf  # when this node last found itself back from a stall (see yielding)
         self.state = StageState.JOINING
@@ -129,6 +131,7 @@ class Presence:
             parked_stage=parked[0] if (parked := self.parked()) else None,
             parked_step=parked[1] if parked else None,
             soft_notice=self.soft_notice() and stage is not None,
+            throughput=self.throughput(),
         )
 
     async def announce(self, state: StageState | None = None) -> None:
@@ -246,6 +249,17 @@ class Presence:
         me = self.me
         exclude = exclude | self.suspected() | {me.peer_id}
         return pick_peer(self.view, stage, fingerprint=me.fingerprint, num_stages=me.num_stages, exclude=exclude)
+
+    def member(self, peer_id: str) -> StageRecord | None:
+        """The live record of ``peer_id`` (None: gone, suspected, or not of this swarm)."""
+        return next((r for r in self.members() if r.peer_id == peer_id), None)
+
+    def replicas_of(self, stage: int, committed_step: int | None = None) -> list[StageRecord]:
+        """Every live peer serving ``stage`` (at ``committed_step``, when given), ordered by peer id."""
+        peers = [r for r in self.members() if r.stage == stage]
+        if committed_step is not None:
+            peers = [r for r in peers if r.committed_step == committed_step]
+        return sorted(peers, key=lambda r: r.peer_id)
 
     def swarm_committed(self) -> int:
         """The highest committed step any other live peer of this swarm announces."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from node.model import build_stage
 from node.model.llama import EmbeddingStage, init_module
 from node.train.commit import apply_update
 from node.train.optim import autocast_for, grad_norm_sq, make_optimizer
+from node.train.partials import combine_partials
 
 
 class Reject(enum.StrEnum):
@@ -137,6 +139,19 @@ class StageRuntime:
     def microbatches_done(self) -> int:
         return sum(slot.backward_done for slot in self._slots.values())
 
+    def done_microbatches(self) -> list[int]:
+        """The microbatches whose backward this stage has accumulated in the step in flight, ascending."""
+        return sorted(mb for mb, slot in self._slots.items() if slot.backward_done)
+
+    def partial_grads(self) -> dict[str, torch.Tensor]:
+        """This replica's accumulated gradient (its share of the step), cloned to CPU, by parameter name."""
+        params = self.module.named_parameters()
+        return {n: p.grad.detach().to("cpu", copy=True) for n, p in params if p.grad is not None}
+
+    def gradient_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every parameter: what a partial gradient from a co-replica must match."""
+        return {n: (tuple(p.shape), p.dtype) for n, p in self.module.named_parameters()}
+
     def activation_shape(self) -> tuple[int, int, int]:
         t = self.cfg.train
         return (t.microbatch_size, t.seq_len, self.cfg.model.d_model)
@@ -226,12 +241,36 @@ class StageRuntime:
             return float(self.module.loss(h.to(self.device, torch.float32), targets.to(self.device)))
 
     # ---- two-phase commit --------------------------------------------------------------------------
-    def prepare(self, step: int, attempt: int) -> float:
-        """Phase 1: every microbatch's backward is in; returns the squared gradient norm."""
+    def prepare(
+        self,
+        step: int,
+        attempt: int,
+        share: Sequence[int] | None = None,
+        partials: Sequence[tuple[int, Mapping[str, torch.Tensor]]] = (),
+    ) -> float:
+        """Phase 1: every microbatch's backward is in; returns the squared gradient norm.
+
+        With replicas, ``share`` lists the microbatches this replica computed and ``partials`` holds the other
+        replicas' partial gradients (first microbatch of their share, gradients): the stage's gradient is
+        their sum with this replica's in the fixed order of :func:`combine_partials`."""
         self.check_step(step, attempt)
-        done, need = self.microbatches_done, self.cfg.train.microbatches_per_step
-        if done != need:
-            raise StepError(Reject.INCOMPLETE, f"step {step}: {done} of {need} microbatches have finished backward")
+        done = self.done_microbatches()
+        expected = list(range(self.cfg.train.microbatches_per_step)) if share is None else list(share)
+        if done != expected:
+            raise StepError(
+                Reject.INCOMPLETE, f"step {step}: microbatches {done} have finished backward, expected {expected}"
+            )
+        if partials:
+            params = dict(self.module.named_parameters())
+            own = {n: p.grad for n, p in params.items() if p.grad is not None}
+            try:
+                total = combine_partials([*partials, *([(expected[0], own)] if expected else [])])
+            except ValueError as err:
+                raise StepError(Reject.BAD_STREAM, f"step {step}: {err}") from None
+            if total.keys() - params.keys():
+                raise StepError(Reject.BAD_STREAM, f"step {step}: partial gradients of unknown parameters")
+            for name, grad in total.items():
+                params[name].grad = grad.to(self.device)
         self._prepared_norm_sq = grad_norm_sq(self.module)
         return self._prepared_norm_sq
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -55,6 +56,33 @@ MAX_STEP = 1 << 48  # far beyond any run; steps stay exact as floats and in int6
 ATTEMPT_CLOCK_SLACK_SECONDS = 3600.0
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def replica_route_problem(meta: pb.MicrobatchMeta, me: str) -> str | None:
+    """Why a microbatch's replica routing does not fit this node (None: it does, or it names no replicas)."""
+    hops = len(meta.route)
+    if meta.route_peers and len(meta.route_peers) != hops:
+        return f"{len(meta.route_peers)} route peers for a route of {hops} hops"
+    if meta.prev_microbatch and len(meta.prev_microbatch) != hops:
+        return f"{len(meta.prev_microbatch)} previous microbatches for a route of {hops} hops"
+    if meta.route_peers and meta.route_peers[meta.hop] != me:
+        return f"microbatch {meta.microbatch} was routed to replica {meta.route_peers[meta.hop]}, not this one"
+    if meta.prev_microbatch and not -1 <= meta.prev_microbatch[meta.hop] < meta.microbatch:
+        return f"previous microbatch {meta.prev_microbatch[meta.hop]} of {meta.microbatch} is not below it"
+    return None
+
+
+def shares_problem(shares: list[tuple[str, list[int]]], num_microbatches: int) -> str | None:
+    """Why the replica shares of a Prepare are malformed (None: they partition the step's microbatches)."""
+    if not shares:
+        return None
+    peers = [peer for peer, _ in shares]
+    if len(set(peers)) != len(peers) or not all(peers):
+        return "replica shares name a peer twice (or none)"
+    every = sorted(mb for _, mbs in shares for mb in mbs)
+    if every != list(range(num_microbatches)) or any(mbs != sorted(mbs) for _, mbs in shares):
+        return "replica shares do not split the step's microbatches"
+    return None
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -228,6 +256,10 @@ class StageService(stage_pb2_grpc.StageServicer):
         if problem is not None:
             await self._reject(context, Reject.BAD_ROUTE, problem)
             return None
+        problem = replica_route_problem(meta, self.status().peer_id)
+        if problem is not None:
+            await self._reject(context, Reject.BAD_ROUTE, problem)
+            return None
         if list(tensors) != [""]:
             await self._reject(context, Reject.BAD_STREAM, f"expected one activation tensor, got {len(tensors)}")
             return None
@@ -269,8 +301,12 @@ class StageService(stage_pb2_grpc.StageServicer):
             return pb.PrepareReply()
         if self.participant.seat.handing_over:  # a step prepared now could commit after the state has gone
             await self._reject(context, Reject.DRAINING, "this node is handing its stage over; replay the step")
+        shares = [(share.peer_id, list(share.microbatches)) for share in request.shares]
+        problem = shares_problem(shares, self.participant.config.train.microbatches_per_step)
+        if problem is not None:
+            await self._reject(context, Reject.BAD_ROUTE, problem)
         try:
-            norm_sq = await self.participant.prepare(request.step, request.attempt)
+            norm_sq = await self.participant.prepare(request.step, request.attempt, shares)
         except StepError as err:
             await self._reject(context, err.reason, str(err))
         return pb.PrepareReply(
@@ -351,6 +387,9 @@ class StageService(stage_pb2_grpc.StageServicer):
             if request.full_state:
                 await self.handoffs.hand_over(request, context)
                 return
+            if request.replica:
+                await self._copy_to_replica(request, context)
+                return
             step, norm, state = await self._committed_snapshot()
             me = self.status()
             meta = pb.MicrobatchMeta(step=step, sender_stage=me.stage, sender_peer=me.peer_id, grad_norm=norm)
@@ -359,6 +398,45 @@ class StageService(stage_pb2_grpc.StageServicer):
             self._weights_turn.release()
         return
         yield  # an async generator (as interceptors expect of a server stream), writing with context.write
+
+    async def _copy_to_replica(self, request: pb.FetchWeightsRequest, context) -> None:
+        """This replica's exact state, to a node joining its stage as another replica. Only between steps: a
+        step prepared here waits for its commit or abort first (the caller asks again)."""
+        seat = self.participant.seat
+        if request.requester_stage != seat.stage:
+            await self._reject(context, Reject.BAD_ROUTE, f"stage {seat.stage} is not {request.requester_stage}")
+        if seat.runtime is None or seat.runtime.prepared:
+            await self._reject(context, Reject.BUSY, "a prepared step waits for its commit or abort; ask again")
+        step, state = await self.participant.snapshot_full()
+        me = self.status()
+        meta = pb.MicrobatchMeta(step=step, sender_stage=me.stage, sender_peer=me.peer_id)
+        await self._send(context, encode_stream(meta, list(state.items())), "FetchWeights")
+
+    async def PushGradients(self, request_iterator, context) -> pb.Ack:
+        """A co-replica's partial gradient for the step in flight (kept until this replica's Prepare)."""
+        p = self.participant
+        if not await self._ready(context):
+            return pb.Ack()
+        spec = p.runtime.gradient_spec()
+        limit = sum(math.prod(shape) * 4 for shape, _ in spec.values()) + (1 << 20)
+        meta, tensors = await self._decode(request_iterator, context, limit)
+        if meta is None or meta.sender_stage != p.seat.stage or not meta.sender_peer:
+            await self._reject(context, Reject.BAD_STREAM, "a partial gradient must come from a replica of this stage")
+        if not await self._in_range(context, meta.step, meta.attempt):
+            return pb.Ack()
+        if meta.microbatch >= p.config.train.microbatches_per_step:
+            await self._reject(context, Reject.BAD_MICROBATCH, f"first microbatch {meta.microbatch} out of range")
+        for name, t in tensors.items():
+            if name not in spec or (tuple(t.shape), t.dtype) != spec[name]:
+                await self._reject(context, Reject.BAD_SHAPE, f"partial gradient {name!r} does not fit this stage")
+            if not all_finite(t):
+                await self._reject(context, Reject.NON_FINITE, f"partial gradient {name!r} holds NaN or Inf")
+        if meta.step != p.committed_step:
+            await self._reject(context, Reject.STALE_STEP, f"partial gradient of step {meta.step}")
+        kept = await p.gradients.put(meta.step, meta.attempt, meta.sender_peer, meta.microbatch, tensors)
+        if not kept:
+            await self._reject(context, Reject.STALE_ATTEMPT, f"partial gradient of an old attempt {meta.attempt}")
+        return pb.Ack(ok=True)
 
     async def ParkState(self, request_iterator, context) -> pb.Ack:
         """Keeps the full state of a route neighbour whose owner is leaving with nobody to hand it to."""

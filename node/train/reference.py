@@ -7,7 +7,7 @@ efficiency benchmark uses its throughput as the baseline.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +18,7 @@ from node.model import FullModel
 from node.topology import route_for
 from node.train.commit import apply_update, decide_commit
 from node.train.optim import autocast_for, grad_norm_sq, make_optimizer
+from node.train.partials import combine_partials
 
 
 @dataclass
@@ -37,18 +38,23 @@ def train_reference(
     device: torch.device | None = None,
     on_step: Callable[[int, float], None] | None = None,
     threads: int | None = None,
+    assignments: Mapping[int, Mapping[str, list[list[int]]]] | None = None,
 ) -> ReferenceRun:
     """Trains ``steps`` steps exactly as the swarm does (per-stage AdamW is per-parameter, so one optimizer
     over the whole model is the same math).
 
     ``threads``: torch CPU threads for this run (restored afterwards). Pass the stages' count to compare bit for
     bit: MKL splits a weight gradient's reduction across threads on some CPUs (AVX-512), so the order of the
-    sums, and the last bits, depend on the thread count."""
+    sums, and the last bits, depend on the thread count.
+
+    ``assignments``: committed step (from 1) -> stage -> the microbatches each replica of that stage computed
+    (as the swarm's step events record them). Such a stage's gradient is then summed as the replicas sum it:
+    each share's microbatches in order, then the shares by :func:`combine_partials`."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _train(cfg, tokens, steps, device or torch.device("cpu"), on_step)
+        return _train(cfg, tokens, steps, device or torch.device("cpu"), on_step, assignments or {})
     finally:
         torch.set_num_threads(previous)
 
@@ -59,6 +65,7 @@ def _train(
     steps: int,
     device: torch.device,
     on_step: Callable[[int, float], None] | None,
+    assignments: Mapping[int, Mapping[str, list[list[int]]]],
 ) -> ReferenceRun:
     t = cfg.train
     model = FullModel(cfg).to(device)
@@ -68,12 +75,28 @@ def _train(
         started = time.perf_counter()
         batch = training_batch(tokens, t, step)
         losses = []
+        shares = {int(s): groups for s, groups in assignments.get(step + 1, {}).items()}
+        partials = {s: [{} for _ in groups] for s, groups in shares.items()}
         for mb, (x, y) in enumerate(batch):
             route = route_for(mb, cfg.num_stages, cfg.out_of_order)[1:-1]
             with autocast_for(device):
                 loss = model(x.to(device), y.to(device), route)
             (loss / t.microbatches_per_step).backward()
             losses.append(float(loss.detach()))
+            for s, groups in shares.items():  # this microbatch's gradient goes to its replica's partial
+                k = next(i for i, group in enumerate(groups) if mb in group)
+                for name, p in model.stages[s].named_parameters():
+                    if p.grad is not None:
+                        if name in partials[s][k]:
+                            partials[s][k][name] += p.grad
+                        else:
+                            partials[s][k][name] = p.grad
+                        p.grad = None
+        for s, groups in shares.items():
+            total = combine_partials([(group[0], partials[s][k]) for k, group in enumerate(groups)])
+            for name, p in model.stages[s].named_parameters():
+                if name in total:
+                    p.grad = total[name]
         norms = {s: grad_norm_sq(stage) for s, stage in enumerate(model.stages)}
         decision = decide_commit(norms, cfg.num_stages, t.grad_clip)
         if not decision.commit:

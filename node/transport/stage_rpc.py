@@ -66,7 +66,7 @@ def add_stage_service(servicer: stage_pb2_grpc.StageServicer, server: grpc.aio.S
         name: grpc.stream_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=_identity, response_serializer=pb.Ack.SerializeToString
         )
-        for name in ("Forward", "Backward", "PushReplica", "ParkState")
+        for name in ("Forward", "Backward", "PushReplica", "ParkState", "PushGradients")
     }
     for name in ("FetchWeights", "FetchReplica"):
         handlers[name] = grpc.unary_stream_rpc_method_handler(
@@ -101,7 +101,7 @@ class StageClient(stage_pb2_grpc.StageStub):
         self.Backward = channel.stream_unary(
             f"/{SERVICE}/Backward", request_serializer=_identity, response_deserializer=pb.Ack.FromString
         )
-        for name in ("PushReplica", "ParkState"):
+        for name in ("PushReplica", "ParkState", "PushGradients"):
             setattr(
                 self,
                 name,

@@ -92,6 +92,8 @@ class StageRecord(BaseModel):
     parked_step: int | None = Field(None, ge=0, le=MAX_STEP, strict=True)
     # a soft preemption notice (rebalance recommendation, live migration) is active: spares stand by for the stage
     soft_notice: bool = Field(False, strict=True)
+    # microbatches per second this peer computes (forward and backward), measured: stage 0 routes by it
+    throughput: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
     # the node's name: its certificate's CN with credentials, else its peer id (the default)
     node: str = Field("", min_length=1, max_length=128)
     cert: bytes | None = Field(None, max_length=MAX_CERT, strict=True)  # the node certificate (DER), with credentials

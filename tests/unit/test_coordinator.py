@@ -51,13 +51,13 @@ class FakePeers:
         self.calls: list[tuple[str, int]] = []
         self.order: list[str] = []
 
-    async def prepare(self, stage: int, step: int, attempt: int) -> float:
+    async def prepare(self, stage: int, step: int, attempt: int, peer: str = "", shares=None) -> float:
         self.calls.append(("prepare", stage))
         if stage in self.prepare_errors:
             raise self.prepare_errors[stage]
         return await self.stages[stage].prepare(step, attempt)
 
-    async def commit(self, stage, step, attempt, global_norm, clip_coef) -> tuple[int, str]:
+    async def commit(self, stage, step, attempt, global_norm, clip_coef, peer: str = "") -> tuple[int, str]:
         self.calls.append(("commit", stage))
         failures = self.commit_failures.get(stage, [])
         if failures:
@@ -65,7 +65,7 @@ class FakePeers:
         self.order.append(f"commit{stage}")
         return await self.stages[stage].commit(step, attempt, clip_coef), f"peer{stage}"
 
-    async def abort(self, stage: int, step: int, attempt: int) -> None:
+    async def abort(self, stage: int, step: int, attempt: int, peer: str = "") -> None:
         if stage in self.abort_errors:
             raise self.abort_errors[stage]
         await self.stages[stage].abort(step, attempt)

@@ -58,18 +58,18 @@ class FakeParticipant:
 
 class FakeCoordinator:
     def __init__(self, seat: Seat) -> None:
-        self.seat, self.in_sync, self.log = seat, {}, []
+        self.seat, self.in_sync, self.acked, self.log = seat, {}, {}, []
 
-    async def prepare_all(self, step, attempt) -> CommitDecision:
+    async def prepare_all(self, step, attempt, shares=None) -> CommitDecision:
         self.log.append(("prepare", step, attempt))
         return CommitDecision(True, global_norm=2.0, clip_coef=0.5, stage_norms=(1.0, 1.0, 1.4))
 
-    async def commit_all(self, step, attempt, decision, after_local=None) -> None:
+    async def commit_all(self, step, attempt, decision, after_local=None, shares=None) -> None:
         self.log.append(("commit", step, attempt))
         self.seat.runtime.committed_step += 1  # what the real local commit does, minus AdamW
         self.in_sync = {1: "p1", 2: "p2"}
 
-    async def abort_all(self, step, attempt) -> None:
+    async def abort_all(self, step, attempt, shares=None) -> None:
         self.log.append(("abort", step, attempt))
 
     async def rollback_all(self, attempt, checkpoints) -> int:
@@ -84,7 +84,10 @@ class FakePresence:
         self.me, self.steps, self.states = SimpleNamespace(peer_id="p0"), steps, []
 
     def peer_of(self, stage: int) -> StageRecord | None:
-        return SimpleNamespace(peer_id=f"p{stage}", committed_step=self.steps[stage])
+        return SimpleNamespace(peer_id=f"p{stage}", committed_step=self.steps[stage], throughput=None)
+
+    def replicas_of(self, stage: int, committed_step: int | None = None) -> list[StageRecord]:
+        return [self.peer_of(stage)]
 
     async def try_refresh(self) -> None:
         return None
@@ -165,7 +168,7 @@ async def test_a_step_error_on_stage0_itself_is_a_failed_step_not_an_exit(tmp_pa
     driver, _, coord, _ = make(tmp_path)
     commit = coord.commit_all
 
-    async def forged_abort_lands(step, attempt, decision, after_local=None) -> None:
+    async def forged_abort_lands(step, attempt, decision, after_local=None, shares=None) -> None:
         await commit(step, attempt, decision, after_local)
         driver.runtime.attempt = 2**63  # e.g. a forged Abort raised stage 0's attempt past the driver's
 

@@ -10,7 +10,7 @@ async def _admitted_order(order: MicrobatchOrder, step: int, attempt: int, commi
     admitted: list[int] = []
 
     async def one(mb: int) -> None:
-        await order.turn(step, attempt, "forward", mb, committed, timeout=5.0)
+        await order.turn(step, attempt, "forward", mb - 1, committed, timeout=5.0)
         admitted.append(mb)
         await order.advance(step, attempt, "forward", mb)
 
@@ -34,3 +34,20 @@ async def test_an_older_step_after_a_reset_is_ordered_again() -> None:
     # ...until the order forgets it, as the daemon's rollback does
     await order.reset()
     assert await _admitted_order(order, step=6, attempt=2, committed=6) == [0, 1, 2]
+
+
+async def test_a_replica_waits_only_for_the_microbatch_before_it_in_its_share() -> None:
+    """Replica shares 1, 3 (and 0, 2 elsewhere): microbatch 3 waits for 1, and 1 (its first) for nothing."""
+    order, admitted = MicrobatchOrder(), []
+
+    async def one(mb: int, prev: int) -> None:
+        await order.turn(5, 1, "backward", prev, 5, timeout=5.0)
+        admitted.append(mb)
+        await order.advance(5, 1, "backward", mb)
+
+    late = asyncio.create_task(one(3, 1))
+    await asyncio.sleep(0.02)
+    assert admitted == []
+    await one(1, -1)
+    await late
+    assert admitted == [1, 3]

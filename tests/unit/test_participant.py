@@ -40,7 +40,7 @@ def part():
     )  # fmt: skip
     p.sent = []
 
-    async def send_tensor(rpc, target, meta, tensor, deadline):
+    async def send_tensor(rpc, target, meta, tensor, deadline, peer_id=""):
         p.sent.append((rpc, target, meta.microbatch, meta.hop, tensor))
 
     p.send_tensor = send_tensor
@@ -119,7 +119,7 @@ async def test_install_serves_an_older_runtime_and_frees_the_order(part) -> None
 async def test_a_push_that_cannot_be_delivered_fails_only_its_microbatch_on_stage0(part) -> None:
     part.inflight.start({0: torch.zeros(1), 1: torch.zeros(1)})
 
-    async def failing(rpc, target, m, tensor, deadline):
+    async def failing(rpc, target, m, tensor, deadline, peer_id=""):
         raise StepFailed("no serving peer for stage 2")
 
     part.send_tensor = failing

@@ -1,0 +1,119 @@
+"""Several peers per stage: the routing decision (pure), the fixed summation order of partial gradients, and
+that replicas summing their shares reproduce the single-process reference given the same assignment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from node.config import build_config
+from node.data import training_batch
+from node.proto import stage_pb2 as pb
+from node.recovery.planner import Method, plan_recovery
+from node.recovery.replica import behind
+from node.stage.routing import Replica, assign_microbatches, canonical_shares, plan_step, previous_in_share
+from node.stage.runtime import StageRuntime
+from node.stage.service import replica_route_problem, shares_problem
+from node.train.partials import combine_partials
+from node.train.reference import train_reference
+
+CFG = build_config(overrides={"num_stages": 3, "train": {"microbatches_per_step": 4, "microbatch_size": 2}})
+
+
+def test_equal_replicas_get_interleaved_equal_shares() -> None:
+    shares = assign_microbatches(4, [Replica("a", 2.0), Replica("b", 2.0)])
+    assert shares == {"a": [0, 2], "b": [1, 3]}
+    assert previous_in_share(shares) == {0: -1, 2: 0, 1: -1, 3: 1}
+    assert canonical_shares(shares) == [("a", [0, 2]), ("b", [1, 3])]
+
+
+def test_a_replica_twice_as_slow_gets_a_third() -> None:
+    shares = assign_microbatches(12, [Replica("fast", 10.0), Replica("slow", 5.0)])
+    assert (len(shares["fast"]), len(shares["slow"])) == (8, 4)
+    # an unmeasured newcomer counts as the stage's average; an only replica takes everything
+    new = assign_microbatches(6, [Replica("old", 3.0), Replica("new", None)])
+    assert (len(new["old"]), len(new["new"])) == (3, 3)
+    assert assign_microbatches(3, [Replica("x", None)]) == {"x": [0, 1, 2]}
+    with pytest.raises(ValueError):
+        assign_microbatches(3, [])
+
+
+def test_the_step_plan_is_deterministic_and_names_a_peer_per_hop() -> None:
+    replicas = {1: [Replica("b", 1.0), Replica("a", 1.0)], 2: [Replica("c", None)]}
+    plan = plan_step(4, "s0", replicas)
+    assert plan == plan_step(4, "s0", {1: list(reversed(replicas[1])), 2: replicas[2]})
+    assert plan.route_peers([0, 1, 2, 0], 1) == ["s0", "b", "c", "s0"]
+    assert plan.prev_microbatches([0, 1, 2, 0], 3) == [2, 1, 2, 2]
+    assert plan.assignment() == {"1": [[0, 2], [1, 3]]}
+
+
+def test_partials_are_summed_in_the_order_of_their_first_microbatch() -> None:
+    a, b, c = (torch.tensor([1.0]), torch.tensor([1e8]), torch.tensor([-1e8]))
+    # (a + b) + c != a + (b + c) in float32: the order is fixed by first microbatch, not by arrival
+    total = combine_partials([(2, {"w": c}), (0, {"w": a}), (1, {"w": b})])["w"]
+    assert torch.equal(total, (a + b) + c) and not torch.equal(total, a + (b + c))
+    with pytest.raises(ValueError):
+        combine_partials([(0, {"w": a}), (1, {"v": b})])
+
+
+def test_replicas_summing_their_shares_match_the_reference_bit_for_bit() -> None:
+    """Two replicas of stage 1 (shares 0,2,3 and 1) and the rest single, as the daemons compute it."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, CFG.model.vocab_size, (4096,))
+    assignment = {"1": [[0, 2, 3], [1]]}
+    ref = train_reference(CFG, tokens, 1, assignments={1: assignment})
+    # the same step by hand: per-stage runtimes, stage 1 split over two replicas that exchange partials
+    stages = [StageRuntime(CFG, s, torch.device("cpu")) for s in range(3)]
+    replica = StageRuntime(CFG, 1, torch.device("cpu"))
+    for rt in [*stages, replica]:
+        rt.check_step(0, 1)
+    batch = training_batch(tokens, CFG.train, 0)
+    for mb, (x, y) in enumerate(batch):
+        one = replica if mb == 1 else stages[1]
+        h = stages[2].forward(mb, one.forward(mb, stages[0].embed(mb, x)))
+        _, g = stages[0].head(mb, h, y)
+        stages[0].embed_backward(mb, one.backward(mb, stages[2].backward(mb, g)))
+    mine, theirs = stages[1].partial_grads(), replica.partial_grads()
+    norms = (stages[1].prepare(0, 1, [0, 2, 3], [(1, theirs)]), replica.prepare(0, 1, [1], [(0, mine)]))
+    assert norms[0] == norms[1]
+    for rt in (stages[0], stages[2]):
+        rt.prepare(0, 1)
+    from node.train.commit import decide_commit
+
+    decision = decide_commit({0: stages[0].prepare(0, 1), 1: norms[0], 2: stages[2].prepare(0, 1)}, 3, 1.0)
+    for rt in [*stages, replica]:
+        rt.commit(0, 1, decision.clip_coef)
+    for s, rt in enumerate(stages):
+        for name, t in ref.stage_state(s).items():
+            assert torch.equal(rt.module.state_dict()[name], t), (s, name)
+    for name, t in replica.module.state_dict().items():
+        assert torch.equal(t, stages[1].module.state_dict()[name])
+    # and it differs from summing all four in order: the assignment matters, so it is recorded
+    plain = train_reference(CFG, tokens, 1)
+    assert any(not torch.equal(plain.stage_state(1)[n], t) for n, t in ref.stage_state(1).items())
+
+
+def test_malformed_replica_routing_and_shares_are_refused() -> None:
+    meta = pb.MicrobatchMeta(route=[0, 1, 2, 0], hop=1, microbatch=2, route_peers=["s", "me", "x", "s"])
+    assert replica_route_problem(meta, "me") is None
+    assert "routed to replica" in replica_route_problem(meta, "other")
+    meta.prev_microbatch.extend([1, 2, 1, 1])  # 2 is not below microbatch 2
+    assert "not below" in replica_route_problem(meta, "me")
+    assert shares_problem([("a", [0, 2]), ("b", [1, 3])], 4) is None
+    assert shares_problem([("a", [0, 2]), ("b", [1])], 4) is not None  # microbatch 3 missing
+    assert shares_problem([("a", [0, 1]), ("a", [2, 3])], 4) is not None  # a peer twice
+    assert shares_problem([("a", [2, 0]), ("b", [1, 3])], 4) is not None  # not ascending
+
+
+def test_a_served_block_stage_is_joined_as_a_replica_and_lagging_replicas_catch_up() -> None:
+    plan = plan_recovery(2, 4, frozenset({0, 1, 2, 3}), 50, served=True)
+    assert plan.method == Method.REPLICA and plan.sources == (2,)
+    assert plan_recovery(0, 4, frozenset({1, 2, 3}), 50, served=True).method != Method.REPLICA
+
+    class R:
+        def __init__(self, stage: int, step: int) -> None:
+            self.stage, self.committed_step = stage, step
+
+    assert behind(2, 9, [R(2, 10), R(1, 12)])
+    assert not behind(2, 10, [R(2, 10), R(1, 12)])
+    assert not behind(0, 1, [R(0, 5)])
