@@ -38,6 +38,7 @@ def _stall(swarm: LocalSwarm, stage: int, seconds: float) -> float:
 LONG_RUN = 80  # steps: the spare starts (slowly, on a loaded machine), the stall and what follows, well before the end
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("running_swarm", [LONG_RUN], indirect=True, ids=[f"{LONG_RUN}steps"])
 def test_a_short_stall_is_not_a_death(running_swarm: LocalSwarm) -> None:

@@ -45,6 +45,7 @@ def _spare_waiting(swarm: LocalSwarm) -> int:
     return spare.proc.pid
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("running_swarm", [STEPS], indirect=True, ids=[f"{STEPS}steps"])
 def test_sigterm_hands_a_block_stage_over_exactly(running_swarm: LocalSwarm) -> None:
