@@ -122,3 +122,27 @@ def running_swarm(request: pytest.FixtureRequest, tmp_path) -> Iterator[Any]:
         yield swarm
     finally:
         swarm.stop_all(grace=10)
+
+
+def launcher_children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the launcher's nodes, each the leader of its own session)."""
+    out = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
+def kill_swarm(launcher: subprocess.Popen[str]) -> None:
+    """SIGKILL the launcher first (so it respawns nothing), then every node's whole session: the whole swarm
+    goes at once, as when a zone's spot capacity is reclaimed."""
+    nodes = launcher_children(launcher.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(launcher.pid, signal.SIGKILL)
+    for pid in nodes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    launcher.wait(timeout=10)

@@ -83,8 +83,12 @@ class StageBuilder:
         events: EventLog,
         stopping: asyncio.Event,
         resume_step: int | None = None,
+        join_served: bool = False,
     ) -> None:
-        """``resume_step``: the step of the swarm snapshot a ``--resume`` start takes (the planner's ``resume``)."""
+        """``resume_step``: the step of the swarm snapshot a ``--resume`` start takes (the planner's ``resume``);
+        ``join_served``: the node joins a stage another peer serves, as a replica (a spare that claimed a vacant
+        stage never does: the peer it sees there may be one its neighbours found dead)."""
+        self.join_served = join_served
         self.ctx, self.seat, self.strategy, self.metrics, self.events = ctx, seat, strategy, metrics, events
         self.resume_step = resume_step
         self.stopping = stopping
@@ -109,7 +113,7 @@ class StageBuilder:
             }
             plan = plan_recovery(
                 ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving, parked,
-                self.resume_step, served=ctx.stage in live,
+                self.resume_step, served=self.join_served and ctx.stage in live,
             )
             if plan.method == Method.UNRECOVERABLE:
                 if await self._served_by_another():

@@ -209,6 +209,7 @@ class StageDaemon:
         """Waits as a spare for a vacant stage when it has none, then builds the stage's state."""
         warmed = False
         while True:
+            replica = False  # joining a served block stage (an explicit --stage N), never a claimed vacancy
             if self.seat.stage is None:
                 if not warmed:
                     await self.compute.run(warm_up, self.opts.config, self.device)
@@ -231,7 +232,7 @@ class StageDaemon:
             )  # fmt: skip
             builder = StageBuilder(
                 ctx, self.seat, self.opts.recovery.strategy, self.methods, self.metrics, self.events, self.stopping,
-                resume_step=self.resume_step,
+                resume_step=self.resume_step, join_served=replica,
             )  # fmt: skip
             try:
                 recovered = await builder.build()

@@ -15,7 +15,7 @@ import pytest
 
 from node.events import RecoveryEvent, StepEvent, of_type, read_events
 from node.local import local_argv
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_swarm, launcher_children
 
 pytestmark = pytest.mark.integration
 
@@ -23,13 +23,11 @@ pytestmark = pytest.mark.integration
 def _daemon_pid(launcher: int, options: str) -> int | None:
     """The pid of the launcher's child started with ``run --options .../<options>`` (not its DHT process,
     a fork with the same command line)."""
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if ppid == launcher and any(a.endswith(options.encode()) for a in argv):
-                    return int(entry.name)
+    for pid in launcher_children(launcher):
+        with contextlib.suppress(OSError):
+            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if any(a.endswith(options.encode()) for a in argv):
+                return pid
     return None
 
 
@@ -60,8 +58,8 @@ def test_two_replicas_per_stage_share_the_work_and_one_can_die_without_a_rebuild
         killed_at = time.time()
         proc.wait(timeout=420)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            kill_swarm(proc)  # the launcher and every node's session (each daemon leads its own)
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
     summary = json.loads(out.read_text())
     assert summary["steps"] == 70

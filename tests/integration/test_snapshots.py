@@ -3,11 +3,9 @@ process, resume on new processes exactly; bad storage fails at start-up in one l
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import time
 
@@ -18,7 +16,7 @@ from node.checkpoint.snapshots import find_snapshot, seal, snapshot_steps
 from node.local import local_argv, node_argv
 from node.local.objectstore import CREDENTIALS, create_bucket, local_s3
 from node.storage import open_storage
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_swarm
 from tests.unit.test_snapshots import CFG, SECRET, _part, _snapshot
 
 pytestmark = pytest.mark.integration
@@ -33,30 +31,6 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> str:
     with local_s3() as endpoint:
         create_bucket(endpoint, BUCKET)
         yield endpoint
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the launcher's nodes, each the leader of its own session)."""
-    out = []
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry.name))
-    return out
-
-
-def _kill_everything(launcher: subprocess.Popen[str]) -> None:
-    """SIGKILL the launcher first (so it respawns nothing), then every node's whole session: the whole swarm
-    goes at once, as when a zone's spot capacity is reclaimed."""
-    nodes = _children(launcher.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(launcher.pid, signal.SIGKILL)
-    for pid in nodes:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-    launcher.wait(timeout=10)
 
 
 @pytest.mark.timeout(600)
@@ -76,7 +50,7 @@ def test_new_processes_resume_from_the_newest_snapshot_bit_for_bit(tmp_path: pat
             assert time.monotonic() < deadline, "no snapshot of step 8 was sealed"
             time.sleep(0.5)
     finally:
-        _kill_everything(first)
+        kill_swarm(first)
     sealed = snapshot_steps(storage)
 
     out = tmp_path / "second.json"
