@@ -34,9 +34,8 @@ from node.checkpoint.restore import restore_runtime
 from node.checkpoint.store import CheckpointError, CheckpointStore, manifest_key
 from node.config import LOCAL_FIELDS, SwarmConfig
 from node.events import SnapshotEvent
-from node.recovery.methods import Recovered, RecoveryContext
+from node.recovery.methods import Recovered, RecoveryContext, Unrecoverable
 from node.recovery.planner import Method, RecoveryPlan
-from node.recovery.replacement import Unrecoverable
 from node.storage import Storage
 
 logger = logging.getLogger(__name__)

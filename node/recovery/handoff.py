@@ -101,6 +101,61 @@ def standby_order(vacant: list[int], records: Iterable[StageRecord]) -> list[int
     return sorted(vacant, key=lambda s: (s not in warned, s))
 
 
+async def fetch_full_state(
+    ctx: RecoveryContext,
+    peer: StageRecord,
+    request: pb.FetchWeightsRequest,
+    limit: int,
+    retry_seconds: float,
+    what: str,
+    retry: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.RESOURCE_EXHAUSTED,),
+) -> tuple[pb.MicrobatchMeta | None, dict[str, torch.Tensor], int]:
+    """A full stage state streamed by ``FetchWeights(request)`` from ``peer``: (meta, tensors, bytes). Codes in
+    ``retry`` (``busy``: a prepared step is still being committed or aborted there) are asked again for up to
+    ``retry_seconds``; anything else is :class:`SourceLost`."""
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        asm, nbytes = TensorAssembler(max_tensor_bytes=limit, max_stream_bytes=limit), 0
+        try:
+            async for message in ctx.channels.stub(peer).FetchWeights(request, timeout=ctx.timing.rpc_timeout):
+                asm.feed(message)
+                nbytes += len(message)
+            return asm.meta, asm.finish(), nbytes
+        except grpc.aio.AioRpcError as err:
+            if err.code() in retry and time.monotonic() < deadline:
+                await asyncio.sleep(BUSY_RETRY_SECONDS)
+                continue
+            stage = request.requester_stage
+            raise SourceLost(f"{what} of stage {stage} from {peer.peer_id}: {err.code().name}") from None
+        except WireError as err:
+            raise SourceLost(f"{peer.peer_id} sent a bad {what} stream: {err}", peer.peer_id) from None
+
+
+async def load_full_state(
+    ctx: RecoveryContext,
+    stage: int,
+    state: dict[str, torch.Tensor],
+    step: int,
+    lr_scale: float,
+    norm: float,
+    source: str,
+) -> StageRuntime:
+    """The runtime of ``stage`` at committed ``step`` from a full state (weights and AdamW state), built on the
+    compute thread; a state that does not load is :class:`SourceLost` naming ``source``."""
+
+    def build() -> StageRuntime:
+        runtime = StageRuntime(
+            ctx.config, stage, ctx.device, lr_scale=lr_scale, committed_step=step, last_grad_norm=norm
+        )
+        runtime.load_full_state(state)
+        return runtime
+
+    try:
+        return await ctx.compute.run(build)
+    except (RuntimeError, ValueError, KeyError) as err:  # e.g. optimizer state of the wrong shape
+        raise SourceLost(f"the state of stage {stage} from {source} cannot be loaded: {err}", source) from None
+
+
 class Handoff:
     """Carries out :attr:`Method.HANDOFF` plans. ``retry_seconds``: how long to keep asking an owner that is
     still finishing a prepared step (it answers ``busy`` meanwhile)."""
@@ -118,26 +173,6 @@ class Handoff:
         ]
         return max(leaving, key=lambda r: r.epoch, default=None)
 
-    async def _fetch(self, ctx: RecoveryContext, peer: StageRecord, stage: int, limit: int, parked: bool):
-        deadline = time.monotonic() + self.retry_seconds
-        me = ctx.presence.me.peer_id
-        request = pb.FetchWeightsRequest(requester_stage=stage, requester_peer=me, full_state=not parked, parked=parked)
-        while True:
-            asm, nbytes = TensorAssembler(max_tensor_bytes=limit, max_stream_bytes=limit), 0
-            try:
-                async for message in ctx.channels.stub(peer).FetchWeights(request, timeout=ctx.timing.rpc_timeout):
-                    asm.feed(message)
-                    nbytes += len(message)
-                return asm.meta, asm.finish(), nbytes
-            except grpc.aio.AioRpcError as err:
-                busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                if busy and time.monotonic() < deadline:  # a prepared step is still being committed or aborted
-                    await asyncio.sleep(BUSY_RETRY_SECONDS)
-                    continue
-                raise SourceLost(f"handoff of stage {stage} from {peer.peer_id}: {err.code().name}") from None
-            except WireError as err:
-                raise SourceLost(f"{peer.peer_id} handed over a bad stream: {err}", peer.peer_id) from None
-
     async def recover(self, plan: RecoveryPlan, ctx: RecoveryContext, committed: int) -> Recovered:
         stage, started = plan.stage, time.monotonic()
         parked = plan.sources[0] != stage  # the owner is gone: it left its state on this route neighbour
@@ -146,7 +181,9 @@ class Handoff:
             raise SourceLost(f"the state of stage {stage} is no longer on stage {plan.sources[0]}")
         spec = expected_state(ctx.config, stage)
         limit = max_state_bytes(spec)
-        meta, tensors, nbytes = await self._fetch(ctx, peer, stage, limit, parked)
+        me = ctx.presence.me.peer_id
+        request = pb.FetchWeightsRequest(requester_stage=stage, requester_peer=me, full_state=not parked, parked=parked)
+        meta, tensors, nbytes = await fetch_full_state(ctx, peer, request, limit, self.retry_seconds, "handoff")
         try:
             step, lr_scale, norm = check_handoff(meta, tensors, spec, f"the owner of stage {stage}")
         except BadSource as err:
@@ -158,17 +195,7 @@ class Handoff:
         else:
             stale = 0
 
-        def build() -> StageRuntime:
-            runtime = StageRuntime(
-                ctx.config, stage, ctx.device, lr_scale=lr_scale, committed_step=step, last_grad_norm=norm
-            )
-            runtime.load_full_state(state)
-            return runtime
-
-        try:
-            runtime = await ctx.compute.run(build)
-        except (RuntimeError, ValueError, KeyError) as err:  # e.g. optimizer state of the wrong shape
-            raise SourceLost(f"the handed-over state of stage {stage} cannot be loaded: {err}", peer.peer_id) from None
+        runtime = await load_full_state(ctx, stage, state, step, lr_scale, norm, peer.peer_id)
         if step != committed:
             logger.warning("stage %d handed over at step %d; the swarm is at %d", stage, step, committed)
         # audit=False: the state is the owner's own, exactly; saving it first would only delay serving the stage

@@ -24,6 +24,10 @@ from node.transport.channels import ChannelPool
 from node.wire.records import StageRecord
 
 
+class Unrecoverable(RuntimeError):
+    """The stage cannot be rebuilt with the chosen strategy; training cannot go on."""
+
+
 class SourceLost(ConnectionError):
     """A source of the recovery died, disagreed or sent bad data: plan again with whoever is alive.
     ``bad_peer``: a peer that sent state this stage cannot use; it is not asked again."""

@@ -20,7 +20,7 @@ from node.events import EventLog, RecoveryEvent
 from node.metrics import StageMetrics
 from node.options import RecoveryStrategy
 from node.recovery.handoff import standby_order
-from node.recovery.methods import Recovered, RecoveryContext, RecoveryMethod, SourceLost
+from node.recovery.methods import Recovered, RecoveryContext, RecoveryMethod, SourceLost, Unrecoverable
 from node.recovery.planner import Method, claim_winner, live_stages, plan_recovery, vacant_stages
 from node.stage.presence import Presence
 from node.stage.runtime import StageRuntime
@@ -33,10 +33,6 @@ UNRECOVERABLE_PATIENCE_SECONDS = 15.0  # how long a stage that looks lost must s
 
 class StageTaken(RuntimeError):
     """The stage this node was to build turned out to be served by another peer: it waits as a spare."""
-
-
-class Unrecoverable(RuntimeError):
-    """The stage cannot be rebuilt with the chosen strategy; training cannot go on."""
 
 
 async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.Event) -> int:

@@ -8,21 +8,18 @@ whose committed step lags the stage's others is left out and copies again: :func
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
 
 from node.proto import stage_pb2 as pb
-from node.recovery.handoff import check_handoff, max_state_bytes
+from node.recovery.handoff import check_handoff, fetch_full_state, load_full_state, max_state_bytes
 from node.recovery.methods import Recovered, RecoveryContext, SourceLost
 from node.recovery.planner import Method, RecoveryPlan
 from node.recovery.rebuild import BadSource, expected_state
-from node.stage.runtime import StageRuntime
 from node.wire.records import StageRecord
-from node.wire.tensors import TensorAssembler, WireError
 
-BUSY_RETRY_SECONDS = 30.0  # a source with a prepared step answers busy until it commits or aborts
+RETRY_SECONDS = 30.0  # a source with a prepared step answers busy until it commits or aborts
 
 
 def behind(stage: int, committed: int, peers: list[StageRecord]) -> bool:
@@ -50,40 +47,13 @@ class ReplicaCopy:
         spec = expected_state(ctx.config, stage)
         limit = max_state_bytes(spec)
         request = pb.FetchWeightsRequest(requester_stage=stage, requester_peer=ctx.presence.me.peer_id, replica=True)
-        deadline = time.monotonic() + BUSY_RETRY_SECONDS
-        while True:
-            asm, nbytes = TensorAssembler(max_tensor_bytes=limit, max_stream_bytes=limit), 0
-            try:
-                async for message in ctx.channels.stub(peer).FetchWeights(request, timeout=ctx.timing.rpc_timeout):
-                    asm.feed(message)
-                    nbytes += len(message)
-                meta, tensors = asm.meta, asm.finish()
-                break
-            except grpc.aio.AioRpcError as err:
-                # busy: a prepared step waits for its commit; permission denied: the source has not yet seen
-                # this node's record that claims to join the stage
-                retry = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED)
-                if err.code() in retry and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
-                    continue
-                raise SourceLost(f"copy of stage {stage} from {peer.peer_id}: {err.code().name}") from None
-            except WireError as err:
-                raise SourceLost(f"{peer.peer_id} sent a bad copy: {err}", peer.peer_id) from None
+        # permission denied: the source has not yet seen this node's record that claims to join the stage
+        retry = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED)
+        meta, tensors, nbytes = await fetch_full_state(ctx, peer, request, limit, RETRY_SECONDS, "copy", retry)
         try:
             step, lr_scale, norm = check_handoff(meta, tensors, spec, f"replica {peer.peer_id} of stage {stage}")
         except BadSource as err:
             raise SourceLost(str(err), peer.peer_id) from None
         state = {k: v for k, v in tensors.items() if not k.startswith("meta.")}
-
-        def build() -> StageRuntime:
-            runtime = StageRuntime(
-                ctx.config, stage, ctx.device, lr_scale=lr_scale, committed_step=step, last_grad_norm=norm
-            )
-            runtime.load_full_state(state)
-            return runtime
-
-        try:
-            runtime = await ctx.compute.run(build)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise SourceLost(f"the copy of stage {stage} cannot be loaded: {err}", peer.peer_id) from None
+        runtime = await load_full_state(ctx, stage, state, step, lr_scale, norm, peer.peer_id)
         return Recovered(runtime, step, lr_scale, nbytes=nbytes, fetch_seconds=time.monotonic() - started, audit=False)
