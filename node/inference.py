@@ -87,7 +87,7 @@ class CausalLM(nn.Module):
 def load_model(root: str | os.PathLike[str], device: str | torch.device = "cpu") -> CausalLM:
     """The model of an export directory (``swarm-node export``), in eval mode on ``device``."""
     from node.export.hf import from_hf
-    from node.export.io import read_export_config, read_export_tensors
+    from node.export.load import read_export_config, read_export_tensors
 
     model = read_export_config(root)
     tensors = read_export_tensors(root)

@@ -28,6 +28,7 @@ from node.cli.flags import (
     _one_line,
     _strategy,
     _validate,
+    load_credentials,
 )
 from node.cli.model import after_local_run, build_swarm_config
 from node.cli.parser import _BENCH_EVAL_POINTS, _BENCH_ITERATIONS
@@ -67,18 +68,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
     else:
         print(f"{bundle}  (node {creds.name}, certificate {creds.fingerprint[:16]}…): run it with --keys {bundle}")
     return 0
-
-
-def load_credentials(bundle: pathlib.Path | None):
-    """The node bundle at ``bundle`` (None: --insecure), checked; a bad bundle is a one-line error."""
-    if bundle is None:
-        return None
-    from node.security.keys import CredentialsError, NodeCredentials
-
-    try:
-        return NodeCredentials.load(bundle)
-    except CredentialsError as err:
-        raise CliError(f"--keys {err}") from None
 
 
 def _security_of(args: argparse.Namespace):

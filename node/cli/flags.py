@@ -70,6 +70,29 @@ def _maddr(text: str) -> str:
     return text
 
 
+def _peer(text: str) -> str:
+    """A ``--peer`` value: a stage daemon's gRPC ``HOST:PORT`` (as ``status`` shows under address)."""
+    from node.status import StatusError, split_address
+
+    try:
+        split_address(text)
+    except StatusError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a stage's gRPC address)") from None
+    return text
+
+
+def load_credentials(bundle: pathlib.Path | None):
+    """The node bundle at ``bundle`` (None: --insecure), checked; a bad bundle is a one-line error."""
+    if bundle is None:
+        return None
+    from node.security.keys import CredentialsError, NodeCredentials
+
+    try:
+        return NodeCredentials.load(bundle)
+    except CredentialsError as err:
+        raise CliError(f"--keys {err}") from None
+
+
 def _swarm_name(text: str) -> str:
     if not text or len(text) > 64 or not all(c.isalnum() or c in "-_." for c in text):
         raise argparse.ArgumentTypeError(f"{text!r}: swarm names use letters, digits, '-', '_', '.' (at most 64)")

@@ -15,10 +15,15 @@ from node.cli.flags import (
     CliError,
     _add_model_flags,
     _build_config,
+    _maddr,
     _non_negative_float,
     _non_negative_int,
+    _peer,
+    _positive_float,
     _positive_int,
     _probability,
+    _swarm_name,
+    load_credentials,
 )
 
 
@@ -93,7 +98,7 @@ def build_swarm_config(args: argparse.Namespace, num_stages: int, *, out_of_orde
     exported model that does not match is refused in one line."""
     from node.config import SwarmConfig
     from node.export.hf import ExportError
-    from node.export.io import check_init_from
+    from node.export.load import check_init_from
 
     cfg = _build_config(args, num_stages, out_of_order=out_of_order, **train)
     extra = model_overrides(args, cfg.model.vocab_size)
@@ -121,12 +126,27 @@ def add_parsers(sub: Any) -> None:
         help="a --save-dir directory (stage<i>.safetensors), or --snapshot-to storage (directory or s3:// URL: "
         "its newest complete snapshot)",
     )  # fmt: skip
-    p.add_argument(
-        "--initial-peers", action="append", default=[], metavar="MADDR",
-        help="export from a live swarm (not available yet: use --from with its snapshot storage)",
+    live = p.add_argument_group("from a live swarm (a member: --keys, or --insecure for an open swarm)")
+    live.add_argument(
+        "--initial-peers", type=_maddr, action="append", default=[], metavar="MADDR",
+        help="export from a live swarm, found through its DHT: every stage's committed weights at one step, "
+        "while it trains on",
+    )  # fmt: skip
+    live.add_argument(
+        "--peer", type=_peer, action="append", default=[], metavar="HOST:PORT",
+        help="a stage daemon's gRPC address: read the swarm from it instead of the DHT (faster); repeatable",
+    )  # fmt: skip
+    live.add_argument("--swarm", type=_swarm_name, default="default", help="swarm name (default %(default)s)")
+    live.add_argument("--insecure", action="store_true", help="a swarm without keys (cleartext gRPC, open DHT)")
+    live.add_argument(
+        "--wait-seconds", type=_positive_float, default=120.0,
+        help="how long a stage may take to reach the step asked of it (default %(default)s)",
     )  # fmt: skip
     p.add_argument("--storage-endpoint", metavar="URL", help="S3-compatible endpoint of an s3:// --from")
-    p.add_argument("--keys", type=pathlib.Path, help="a member bundle: verifies the snapshot manifests' HMACs")
+    p.add_argument(
+        "--keys", type=pathlib.Path,
+        help="a member bundle: verifies the snapshot manifests' HMACs, and is the exporter's identity in a live swarm",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print {out, step, source} as JSON")
     _add_model_flags(p, "the swarm's model (a --save-dir holds no configuration)")
     p.add_argument("--tokenizer", type=pathlib.Path, default=argparse.SUPPRESS, help="the swarm's tokenizer.json")
@@ -162,19 +182,20 @@ def add_parsers(sub: Any) -> None:
 
 # ---- commands -------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    """``export --out DIR --from PATH`` (or ``--initial-peers``)."""
+    """``export --out DIR``, ``--from PATH`` (saved files or snapshots) or ``--initial-peers`` / ``--peer``."""
     from node.export.hf import ExportError
     from node.export.io import from_save_dir, from_snapshot, is_snapshot, write_export
 
-    if (args.source is None) == (not args.initial_peers):
-        raise CliError("export needs exactly one source: --from PATH (saved files or snapshots) or --initial-peers")
+    live = bool(args.initial_peers or args.peer)
+    if (args.source is None) == (not live):
+        raise CliError(
+            "export needs exactly one source: --from PATH (saved files or snapshots), or a live swarm "
+            "(--initial-peers MADDR or --peer HOST:PORT)"
+        )
     try:
-        if args.initial_peers:
-            raise CliError(
-                "export from a live swarm (--initial-peers) is not available yet; export the swarm's newest "
-                "snapshot instead: --from its --snapshot-to storage (every stage at one committed step)"
-            )
-        if is_snapshot(args.source):
+        if live:
+            weights = _export_live(args)
+        elif is_snapshot(args.source):
             weights = from_snapshot(args.source, args.storage_endpoint, _secret(args.keys))
         else:
             path = pathlib.Path(args.source)
@@ -192,11 +213,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _secret(bundle: pathlib.Path | None) -> bytes | None:
-    if bundle is None:
-        return None
-    from node.cli.commands import load_credentials
+def _export_live(args: argparse.Namespace):
+    """Every stage's weights at one committed step, from the live swarm that ``--peer`` or the DHT shows
+    (joined before any gRPC channel exists: hivemind forks)."""
+    import asyncio
 
+    from node.export.live import choose_peers, export_live, match_config
+    from node.security.tls import channel_credentials
+    from node.status import StatusError, SwarmReader
+    from node.transport.channels import ChannelPool
+
+    if (args.keys is None) == (not args.insecure):
+        raise CliError("a live export joins the swarm: pass its member bundle (--keys BUNDLE) or --insecure")
+    creds = load_credentials(args.keys)
+    reader = SwarmReader(args.peer, args.initial_peers, args.swarm, args.keys)
+    try:
+        view = reader.read()
+    except StatusError as err:
+        raise CliError(str(err)) from None
+    finally:
+        reader.close()
+    counts = sorted({r.num_stages for r in view.records})
+    cfg = match_config(
+        view.records,
+        [build_swarm_config(args, n, out_of_order=o) for n in counts for o in (False, True)],
+    )
+    peers = choose_peers(view.records, cfg)
+
+    async def fetch():
+        channels = ChannelPool(None if creds is None else channel_credentials(creds))
+        try:
+            source = f"live swarm {view.swarm!r} ({cfg.num_stages} stages)"
+            return await export_live(channels, peers, cfg, source, wait_seconds=args.wait_seconds)
+        finally:
+            await channels.close()
+
+    return asyncio.run(fetch())
+
+
+def _secret(bundle: pathlib.Path | None) -> bytes | None:
     return getattr(load_credentials(bundle), "secret", None)
 
 

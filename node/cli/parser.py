@@ -24,6 +24,7 @@ from node.cli.flags import (
     _non_negative_float,
     _non_negative_int,
     _option,
+    _peer,
     _port,
     _positive_float,
     _positive_int,
@@ -362,17 +363,6 @@ def _add_bench(sub: Any) -> None:
         microbatches=2,
         microbatch_size=4,
     )
-
-
-def _peer(text: str) -> str:
-    """A ``--peer`` value: a stage daemon's gRPC ``HOST:PORT`` (as ``status`` shows under address)."""
-    from node.status import StatusError, split_address
-
-    try:
-        split_address(text)
-    except StatusError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (a stage's gRPC address)") from None
-    return text
 
 
 def _add_status(sub: Any) -> None:

@@ -151,7 +151,7 @@ def build_stage(cfg: SwarmConfig, stage: int) -> nn.Module:
     else:
         module = BlockStage(cfg.model, cfg.stage_layers(stage), cfg.train.seed)
     if cfg.init_from is not None:
-        from node.export.io import stage_from_export
+        from node.export.load import stage_from_export
 
         module.load_state_dict(stage_from_export(cfg, stage), strict=True)
     return module

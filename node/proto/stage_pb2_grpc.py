@@ -99,6 +99,11 @@ class StageStub:
                 request_serializer=node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
                 response_deserializer=node_dot_proto_dot_stage__pb2.Ack.FromString,
                 _registered_method=True)
+        self.ExportWeights = channel.unary_stream(
+                '/swarm_node.v1.Stage/ExportWeights',
+                request_serializer=node_dot_proto_dot_stage__pb2.FetchWeightsRequest.SerializeToString,
+                response_deserializer=node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -193,6 +198,15 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportWeights(self, request, context):
+        """swarm-node export from a live swarm: the committed weights of exactly request.step (the first chunk's
+        meta.step), waiting for that step's commit if it is still ahead; refused (unknown_step) once the stage
+        has committed past it. Any member may call it; one weight stream at a time, as FetchWeights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +274,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.PushGradients,
                     request_deserializer=node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
                     response_serializer=node_dot_proto_dot_stage__pb2.Ack.SerializeToString,
+            ),
+            'ExportWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportWeights,
+                    request_deserializer=node_dot_proto_dot_stage__pb2.FetchWeightsRequest.FromString,
+                    response_serializer=node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -613,6 +632,33 @@ class Stage:
             '/swarm_node.v1.Stage/PushGradients',
             node_dot_proto_dot_stage__pb2.TensorChunk.SerializeToString,
             node_dot_proto_dot_stage__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarm_node.v1.Stage/ExportWeights',
+            node_dot_proto_dot_stage__pb2.FetchWeightsRequest.SerializeToString,
+            node_dot_proto_dot_stage__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,

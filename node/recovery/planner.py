@@ -58,6 +58,11 @@ class Method(enum.StrEnum):
     UNRECOVERABLE = "unrecoverable"
 
 
+# methods that set the stage back (or start it afresh) against ones that continue it exactly
+LOSSY = frozenset({Method.CHECKFREE, Method.COPY, Method.RANDOM, Method.PARTNER_COPY, Method.EMBEDDING_REPLICA})
+EXACT = frozenset({Method.HANDOFF, Method.REPLICA, Method.RESUME})
+
+
 @dataclass(frozen=True)
 class RecoveryPlan:
     stage: int

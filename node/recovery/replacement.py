@@ -21,7 +21,16 @@ from node.metrics import StageMetrics
 from node.options import RecoveryStrategy
 from node.recovery.handoff import standby_order
 from node.recovery.methods import Recovered, RecoveryContext, RecoveryMethod, SourceLost, Unrecoverable
-from node.recovery.planner import Method, claim_winner, live_stages, plan_recovery, vacant_stages
+from node.recovery.planner import (
+    EXACT,
+    LOSSY,
+    Method,
+    RecoveryPlan,
+    claim_winner,
+    live_stages,
+    plan_recovery,
+    vacant_stages,
+)
 from node.stage.presence import Presence
 from node.stage.runtime import StageRuntime
 from node.stage.seat import Seat
@@ -92,25 +101,10 @@ class StageBuilder:
 
     async def build(self) -> Recovered | None:
         """Builds ``seat.runtime`` for ``seat.stage``; returns what a recovery did (None: a fresh start)."""
-        ctx, presence = self.ctx, self.ctx.presence
+        ctx = self.ctx
         claimed_at = time.monotonic()
         while not self.stopping.is_set():
-            await presence.try_refresh()
-            others = [r for r in presence.members(None) if r.peer_id not in ctx.distrusted]
-            me = presence.me
-            live = live_stages(others, fingerprint=me.fingerprint, num_stages=me.num_stages)
-            committed = presence.swarm_committed()
-            copies = {r.stage: r.replica_step for r in others if r.replica_step is not None and r.stage is not None}
-            leaving = frozenset(r.stage for r in others if r.state == StageState.HANDING_OVER and r.stage is not None)
-            parked = {
-                r.parked_stage: (r.stage, r.parked_step)
-                for r in others
-                if r.parked_stage is not None and r.parked_step is not None and r.stage is not None
-            }
-            plan = plan_recovery(
-                ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving, parked,
-                self.resume_step, served=self.join_served and ctx.stage in live,
-            )
+            plan, committed = await self._plan()
             if plan.method == Method.UNRECOVERABLE:
                 if await self._served_by_another():
                     raise StageTaken(f"stage {ctx.stage} is served by another peer after all")
@@ -130,11 +124,44 @@ class StageBuilder:
                     ctx.distrusted.add(err.bad_peer)
                 await asyncio.sleep(0.2)
                 continue
+            if plan.method in LOSSY and (exact := await self._exact_after_all()) is not None:
+                # the view the plan was made from missed an exact state (records arrive late under load): a
+                # lossy rebuild would set the model back for nothing
+                logger.warning("stage %d: %s would be lossy, but %s is possible now; re-planning", ctx.stage,
+                               plan.method, exact.method)  # fmt: skip
+                continue
             self.seat.runtime = recovered.runtime
             if recovered.report:
                 self._record(plan.method, plan.sources, recovered, started, claimed_at)
             return recovered
         raise asyncio.CancelledError
+
+    async def _plan(self) -> tuple[RecoveryPlan, int]:
+        """(the plan for this stage from a fresh view of the swarm, the swarm's committed step)."""
+        ctx, presence = self.ctx, self.ctx.presence
+        await presence.try_refresh()
+        others = [r for r in presence.members(None) if r.peer_id not in ctx.distrusted]
+        me = presence.me
+        live = live_stages(others, fingerprint=me.fingerprint, num_stages=me.num_stages)
+        committed = presence.swarm_committed()
+        copies = {r.stage: r.replica_step for r in others if r.replica_step is not None and r.stage is not None}
+        leaving = frozenset(r.stage for r in others if r.state == StageState.HANDING_OVER and r.stage is not None)
+        parked = {
+            r.parked_stage: (r.stage, r.parked_step)
+            for r in others
+            if r.parked_stage is not None and r.parked_step is not None and r.stage is not None
+        }
+        plan = plan_recovery(
+            ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving, parked,
+            self.resume_step, served=self.join_served and ctx.stage in live,
+        )  # fmt: skip
+        return plan, committed
+
+    async def _exact_after_all(self) -> RecoveryPlan | None:
+        """After a lossy rebuild, before it is installed: a plan from a fresh view that is exact (a handoff,
+        a parked state, a replica), if the swarm shows one now."""
+        plan, _ = await self._plan()
+        return plan if plan.method in EXACT else None
 
     async def _served_by_another(self) -> bool:
         """Before calling a stage unrecoverable: is it served after all? A view taken just after start can

@@ -8,8 +8,9 @@ swarm CA certified). What it may call depends on what the DHT says it is:
 - FetchWeights and FetchReplica: only a node that is rebuilding or taking over a stage;
 - ParkState: only a node handing over a route neighbour's stage;
 - PushGradients: only another replica of this node's stage;
-- Heartbeat, GetStatus (also with the swarm view, for ``swarm-node status --peer``) and the health service:
-  any member.
+- Heartbeat, GetStatus (also with the swarm view, for ``swarm-node status --peer``), ExportWeights (the
+  committed weights, for ``swarm-node export`` from a live swarm: members are trusted with the model) and the
+  health service: any member.
 
 The rules are a pure function (:func:`decide`) over plain records; the interceptor only maps the
 certificate to a name, asks, and turns a refusal into ``UNAUTHENTICATED`` or ``PERMISSION_DENIED``.
@@ -53,6 +54,7 @@ RPC_ROLES: dict[str, Role] = {
     "Backward": Role.PIPELINE,
     "FetchWeights": Role.FETCH,
     "FetchReplica": Role.FETCH,
+    "ExportWeights": Role.MEMBER,
     "Heartbeat": Role.MEMBER,
     "GetStatus": Role.MEMBER,
 }

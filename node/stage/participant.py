@@ -68,9 +68,7 @@ class MicrobatchOrder:
         self._key: tuple[int, int] = (-1, -1)
         self._done: dict[str, set[int]] = {}
 
-    async def turn(
-        self, step: int, attempt: int, direction: str, prev: int, committed: int, timeout: float
-    ) -> None:
+    async def turn(self, step: int, attempt: int, direction: str, prev: int, committed: int, timeout: float) -> None:
         async with self._cond:
             if step != committed or (step, attempt) < self._key:
                 return
@@ -210,6 +208,7 @@ class PipelineParticipant:
         self.inflight = StepInFlight()
         self.gradients = PartialGradients()
         self.after_commit: list[Callable[[int], None]] = []  # called with each newly committed step
+        self._committed = asyncio.Event()  # set and replaced at each commit: wakes wait_committed
         self._last_commit_at: float | None = None  # monotonic time of this node's last commit (step_seconds)
         self._background = Background()
         presence.on_peer_lost.append(self.inflight.fail)
@@ -452,7 +451,20 @@ class PipelineParticipant:
             self._last_commit_at = now
             for hook in self.after_commit:
                 hook(committed)
+            self._committed.set()
+            self._committed = asyncio.Event()
         return committed
+
+    async def wait_committed(self, step: int, timeout: float) -> bool:
+        """Whether this stage has committed ``step`` (or a later one), waiting up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.seat.committed_step < step:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._committed.wait(), remaining)
+        return True
 
     async def abort(self, step: int, attempt: int) -> None:
         """Discards the step in flight (parameters untouched)."""

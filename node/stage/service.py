@@ -10,13 +10,8 @@ driver could have made by now (it numbers attempts from the wall clock in millis
 ``ATTEMPT_CLOCK_SLACK_SECONDS`` for clock differences. A forged huge attempt would otherwise make this stage
 refuse every real one.
 
-``FetchWeights`` is served one stream at a time from a single snapshot of the committed weights, made once
-per committed step and shared by every caller of that step (dropped when the stage commits again);
-``FetchReplica`` (copies already in memory) is served one at a time too. A caller finding a stream in
-progress waits for its turn, at most ``FetchLimits.wait_seconds`` and behind at most
-``FetchLimits.max_waiting`` others; otherwise it is refused with ``RESOURCE_EXHAUSTED`` (reason ``busy``) and
-asks again or another source. A reader that takes no chunk for ``stall_seconds``, or whose stream runs
-past ``stream_seconds``, loses the stream (``DEADLINE_EXCEEDED``), so a stalled caller cannot hold the turn.
+Weight streams (``FetchWeights``, ``ExportWeights``, ``FetchReplica``) are served by
+:class:`~node.stage.weights.WeightStreams`, one at a time and bounded in time.
 
 The service depends on the pipeline participant, the stage-0 copy store and (``--recovery checkpoint``)
 the checkpoint keeper; ``status`` describes the node for ``Heartbeat`` and ``GetStatus``, and
@@ -25,13 +20,11 @@ the checkpoint keeper; ``status`` describes the node for ``Heartbeat`` and ``Get
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import time
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -46,6 +39,7 @@ from node.stage.handoffs import Handoffs
 from node.stage.participant import PipelineParticipant
 from node.stage.refusals import Refusals
 from node.stage.runtime import Reject, StepError
+from node.stage.weights import FetchLimits, WeightStreams
 from node.topology import check_route
 from node.wire.records import StageRecord, stages_key
 from node.wire.tensors import WireError, decode_stream, encode_stream
@@ -107,48 +101,6 @@ def range_problem(step: int, attempt: int | None = None, now: float | None = Non
 
 
 @dataclass(frozen=True)
-class FetchLimits:
-    """How weight streams (FetchWeights, FetchReplica) are shared: one at a time, each bounded in time."""
-
-    wait_seconds: float = 20.0  # a caller waits this long for the stream in progress, then gets ``busy``
-    max_waiting: int = 4  # callers waiting beyond this get ``busy`` at once
-    stall_seconds: float = 20.0  # a reader that takes no chunk for this long loses its stream
-    stream_seconds: float = 300.0  # no stream lasts longer
-
-
-class OneAtATime:
-    """A turn for one stream at a time; a bounded number of callers wait for it, for a bounded time."""
-
-    def __init__(self, limits: FetchLimits) -> None:
-        self.limits = limits
-        self._lock = asyncio.Lock()
-        self._waiting = 0
-
-    async def acquire(self) -> bool:
-        """Takes the turn (True), or gives up (False) when too many wait or the wait runs out."""
-        if self._lock.locked() and self._waiting >= self.limits.max_waiting:
-            return False
-        self._waiting += 1
-        try:
-            await asyncio.wait_for(self._lock.acquire(), self.limits.wait_seconds)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            self._waiting -= 1
-
-    def release(self) -> None:
-        self._lock.release()
-
-
-@dataclass
-class _Snapshot:
-    runtime: weakref.ref  # the runtime it was taken from: a rollback installs another one
-    step: int
-    value: tuple[int, float, dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
 class NodeStatus:
     """What Heartbeat and GetStatus report about this node."""
 
@@ -175,10 +127,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.superseded = superseded  # a control request addressed this stage by a newer claim epoch
         self.status, self.metrics, self.fetch_limits = status, metrics, fetch_limits
         self.refusals = Refusals(metrics)
-        self.handoffs = Handoffs(participant, self.refusals, self._send, status)
-        self._weights_turn, self._replica_turn = OneAtATime(fetch_limits), OneAtATime(fetch_limits)
-        self._snapshot: _Snapshot | None = None
-        participant.after_commit.append(self._drop_snapshot)
+        self.weights = WeightStreams(participant, self.refusals, status, fetch_limits)
+        self.handoffs = Handoffs(participant, self.refusals, self.weights.send, status)
 
     async def _reject(self, context: grpc.aio.ServicerContext, reason: Reject, message: str) -> None:
         await self.refusals.refuse(context, reason, message)
@@ -340,77 +290,29 @@ class StageService(stage_pb2_grpc.StageServicer):
             committed_step=self.participant.seat.committed_step,
         )
 
-    def _drop_snapshot(self, committed: int | None = None) -> None:
-        """The stage moved on: the snapshot of the previous committed step is of no more use."""
-        self._snapshot = None
-
-    async def _committed_snapshot(self) -> tuple[int, float, dict[str, torch.Tensor]]:
-        """The committed weights, snapshotted at most once per committed step (of the installed runtime)."""
-        seat, cached = self.participant.seat, self._snapshot
-        if cached is not None and cached.runtime() is seat.runtime and cached.step == seat.committed_step:
-            return cached.value
-        self._snapshot = None  # the old copy is dropped before the new one is made
-        runtime = seat.runtime
-        value = await self.participant.snapshot_committed()
-        self._snapshot = _Snapshot(weakref.ref(runtime), value[0], value)
-        return value
-
-    async def _send(self, context, chunks: Iterable[bytes], rpc: str) -> None:
-        """Writes ``chunks`` to the caller, each within the stall limit and all within the stream limit; a
-        reader that falls behind loses its stream (``DEADLINE_EXCEEDED``) and with it the turn."""
-        loop, limits = asyncio.get_running_loop(), self.fetch_limits
-        end = loop.time() + limits.stream_seconds
-        for chunk in chunks:
-            try:
-                async with asyncio.timeout(min(limits.stall_seconds, end - loop.time())):
-                    await context.write(chunk)
-            except TimeoutError:
-                self.refusals.log.log(f"{rpc} stalled", "cut off a %s stream: its reader fell behind", rpc)
-                try:  # the status waits behind the chunk in flight: it goes out if the reader ever reads again
-                    async with asyncio.timeout(1.0):
-                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{rpc}: the reader fell behind")
-                except TimeoutError:
-                    raise asyncio.CancelledError from None  # ends the handler (and the turn) without it
-
     async def FetchWeights(self, request: pb.FetchWeightsRequest, context):
         if not await self._ready(context):
             return
         if request.parked:
             await self.handoffs.give_back(request, context)
             return
-        if not await self._weights_turn.acquire():
-            await self._reject(context, Reject.BUSY, "another FetchWeights stream is being served")
-            return
-        try:
+        async with self.weights.turn(context, "FetchWeights"):
             if not await self._ready(context):  # the stage may have been lost while this call waited
                 return
             if request.full_state:
                 await self.handoffs.hand_over(request, context)
-                return
-            if request.replica:
-                await self._copy_to_replica(request, context)
-                return
-            step, norm, state = await self._committed_snapshot()
-            me = self.status()
-            meta = pb.MicrobatchMeta(step=step, sender_stage=me.stage, sender_peer=me.peer_id, grad_norm=norm)
-            await self._send(context, encode_stream(meta, list(state.items())), "FetchWeights")
-        finally:
-            self._weights_turn.release()
+            elif request.replica:
+                await self.weights.copy_to_replica(request, context)
+            else:
+                await self.weights.send_committed(context, "FetchWeights")
         return
         yield  # an async generator (as interceptors expect of a server stream), writing with context.write
 
-    async def _copy_to_replica(self, request: pb.FetchWeightsRequest, context) -> None:
-        """This replica's exact state, to a node joining its stage as another replica. Only between steps: a
-        step prepared here waits for its commit or abort first (the caller asks again)."""
-        seat = self.participant.seat
-        if request.requester_stage != seat.stage:
-            await self._reject(context, Reject.BAD_ROUTE, f"stage {seat.stage} is not {request.requester_stage}")
-        if seat.runtime is None or seat.runtime.prepared:
-            await self._reject(context, Reject.BUSY, "a prepared step waits for its commit or abort; ask again")
-        step, state = await self.participant.snapshot_full()
-        me = self.status()
-        meta = pb.MicrobatchMeta(step=step, sender_stage=me.stage, sender_peer=me.peer_id)
-        await self._send(context, encode_stream(meta, list(state.items())), "FetchWeights")
+    async def ExportWeights(self, request: pb.FetchWeightsRequest, context):
+        if await self._ready(context) and await self._in_range(context, request.step):
+            await self.weights.export(request, context)
+        return
+        yield  # an async generator, as FetchWeights
 
     async def PushGradients(self, request_iterator, context) -> pb.Ack:
         """A co-replica's partial gradient for the step in flight (kept until this replica's Prepare)."""
@@ -463,20 +365,14 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def FetchReplica(self, request: pb.FetchWeightsRequest, context):
         if not await self._in_range(context, request.step):
             return
-        if not await self._replica_turn.acquire():
-            await self._reject(context, Reject.BUSY, "another FetchReplica stream is being served")
-            return
-        try:
+        async with self.weights.turn(context, "FetchReplica", replica=True):
             found = self.copies.copy_for(request.step)
             if found is None:
                 await self._reject(context, Reject.UNKNOWN_STEP, f"no stage-0 copy at or before step {request.step}")
-                return
             meta, tensors = found
             me = self.status()
             meta.sender_stage, meta.sender_peer = me.stage or 0, me.peer_id
-            await self._send(context, encode_stream(meta, tensors.items()), "FetchReplica")
-        finally:
-            self._replica_turn.release()
+            await self.weights.send(context, encode_stream(meta, tensors.items()), "FetchReplica")
         return
         yield  # an async generator, writing with context.write
 

@@ -68,7 +68,7 @@ def add_stage_service(servicer: stage_pb2_grpc.StageServicer, server: grpc.aio.S
         )
         for name in ("Forward", "Backward", "PushReplica", "ParkState", "PushGradients")
     }
-    for name in ("FetchWeights", "FetchReplica"):
+    for name in ("FetchWeights", "FetchReplica", "ExportWeights"):
         handlers[name] = grpc.unary_stream_rpc_method_handler(
             _server_stream(getattr(servicer, name), pb.FetchWeightsRequest, bad),
             request_deserializer=_identity,
@@ -109,7 +109,7 @@ class StageClient(stage_pb2_grpc.StageStub):
                     f"/{SERVICE}/{name}", request_serializer=_identity, response_deserializer=pb.Ack.FromString
                 ),
             )
-        for name in ("FetchWeights", "FetchReplica"):
+        for name in ("FetchWeights", "FetchReplica", "ExportWeights"):
             setattr(
                 self,
                 name,

@@ -57,7 +57,7 @@ ACTIVATION_BYTES = math.prod(ACTIVATION) * 4  # float32 on the wire (no wire dty
 ROUTE = route_for(0, STAGES, CFG.out_of_order)
 UNARY_RPCS = ("Prepare", "Commit", "Abort", "Rollback", "Heartbeat", "GetStatus")
 STREAM_RPCS = ("Forward", "Backward", "PushReplica")
-FETCH_RPCS = ("FetchWeights", "FetchReplica")
+FETCH_RPCS = ("FetchWeights", "FetchReplica", "ExportWeights")
 ALL_RPCS = (*STREAM_RPCS, *FETCH_RPCS, *UNARY_RPCS)
 # every call of a channel that only this call uses: a fresh TCP connection and TLS handshake each time
 FRESH = [("grpc.use_local_subchannel_pool", 1)]
@@ -233,6 +233,7 @@ def every_rpc(channel: grpc.Channel, step: int) -> dict[str, Callable[[], Any]]:
         "PushReplica": lambda: stub.PushReplica(iter(replica), timeout=t),
         "FetchWeights": lambda: list(stub.FetchWeights(pb.FetchWeightsRequest(step=step), timeout=t)),
         "FetchReplica": lambda: list(stub.FetchReplica(pb.FetchWeightsRequest(step=0), timeout=t)),
+        "ExportWeights": lambda: list(stub.ExportWeights(pb.FetchWeightsRequest(step=step), timeout=t)),
         "Prepare": lambda: stub.Prepare(pb.PrepareRequest(step=step, attempt=U64), timeout=t),
         "Commit": lambda: stub.Commit(
             pb.CommitRequest(step=step, attempt=U64, global_grad_norm=1e300, clip_coef=1e-300), timeout=t
@@ -445,6 +446,7 @@ def unary_requests(rpc: str) -> dict[str, bytes]:
         "GetStatus": pb.StatusRequest,
         "FetchWeights": pb.FetchWeightsRequest,
         "FetchReplica": pb.FetchWeightsRequest,
+        "ExportWeights": pb.FetchWeightsRequest,
     }
     cls = typed[rpc]
     fields = {f.name: f for f in cls.DESCRIPTOR.fields}

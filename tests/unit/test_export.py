@@ -214,3 +214,31 @@ def test_causal_lm_from_stages_equals_the_swarm_model() -> None:
     idx = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
         assert torch.equal(lm(idx), _logits(model, idx))
+
+
+# ---- from a live swarm: choosing the configuration and the peers ------------------------------------------
+def _record(stage, peer, cfg=CFG, state="online", step=7, epoch=1):
+    from node.wire.records import StageRecord
+
+    return StageRecord(
+        stage=stage, num_stages=cfg.num_stages, peer_id=peer, grpc_address="127.0.0.1:1", state=state,
+        committed_step=step, config_fingerprint=cfg.fingerprint(), version="0", epoch=epoch,
+    )  # fmt: skip
+
+
+def test_a_live_export_takes_the_configuration_the_swarm_runs_and_one_serving_peer_per_stage() -> None:
+    from node.export.live import choose_peers, match_config
+
+    flipped = CFG.model_copy(update={"out_of_order": not CFG.out_of_order})
+    other = build_config(overrides={"num_stages": 3, "model": {**MODEL, "d_model": 32}, "train": {"seq_len": 32}})
+    swarm = [_record(0, "a"), _record(1, "b"), _record(1, "b2", epoch=2), _record(2, "c")]
+    swarm.append(_record(2, "r", state="recovering", epoch=3))  # a claim not serving yet
+    assert match_config(swarm, [flipped, CFG]) is CFG
+    with pytest.raises(ExportError, match="pass the swarm's --preset"):
+        match_config(swarm, [other])
+    with pytest.raises(ExportError, match="no stage of this swarm is serving"):
+        match_config([_record(0, "a", state="recovering")], [CFG])
+    peers = choose_peers(swarm, CFG)
+    assert {s: p.peer_id for s, p in peers.items()} == {0: "a", 1: "b2", 2: "c"}  # the current claim of stage 1
+    with pytest.raises(ExportError, match=r"stage\(s\) 2 have no serving peer"):
+        choose_peers([r for r in swarm if r.stage != 2 or r.state != "online"], CFG)

@@ -130,6 +130,24 @@ async def test_the_plan_goes_to_its_plug_in_and_a_lost_source_makes_it_plan_agai
     assert (event.stage, event.method, event.sources, event.bytes_fetched) == (2, "checkfree", [1, 3], 99)
 
 
+async def test_a_lossy_rebuild_is_dropped_when_an_exact_state_shows_up_before_it_is_installed(tmp_path) -> None:
+    class LateView(FakePresence):  # the parked state's record arrives after the first plan (a slow DHT)
+        reads = 0
+
+        async def try_refresh(self) -> None:
+            self.reads += 1
+            if self.reads == 2:
+                self.records[1] = self.records[1].model_copy(update={"parked_stage": 2, "parked_step": 8})
+
+    method = ScriptedMethod(failures=0)
+    method.methods = frozenset({Method.CHECKFREE, Method.HANDOFF})
+    b, seat = builder(2, [record(0, "p0", 8), record(1, "p1", 8), record(3, "p3", 8)], [method], tmp_path)
+    b.ctx.presence = LateView(b.ctx.presence.records)
+    recovered = await b.build()
+    assert [p.method for p in method.plans] == [Method.CHECKFREE, Method.HANDOFF]  # the average is never installed
+    assert seat.runtime is recovered.runtime and seat.last_recovery.method == "handoff"
+
+
 async def test_stage0_under_plain_checkfree_is_unrecoverable(tmp_path) -> None:
     b, _ = builder(0, [record(1, "p1", 8), record(2, "p2", 8), record(3, "p3", 8)], [ScriptedMethod(0)], tmp_path)
     with pytest.raises(Unrecoverable, match="stage 0 cannot be rebuilt"):

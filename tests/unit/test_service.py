@@ -19,7 +19,8 @@ from node.proto import stage_pb2 as pb
 from node.recovery.stage0_copies import Stage0Copies
 from node.stage.runtime import Reject, StepError
 from node.stage.seat import Seat
-from node.stage.service import MAX_STEP, FetchLimits, NodeStatus, StageService, attempt_ceiling
+from node.stage.service import MAX_STEP, NodeStatus, StageService, attempt_ceiling
+from node.stage.weights import FetchLimits
 from node.topology import route_for
 from node.transport.channels import GRPC_OPTIONS
 from node.transport.server import StageServer
@@ -67,6 +68,12 @@ class FakeParticipant:
         state = {f"w.{k}": v.clone() for k, v in self.weights.items()}
         state["meta.lr_scale"] = torch.tensor(1.1, dtype=torch.float64)
         return self.seat.runtime.committed_step, state
+
+    async def wait_committed(self, step: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.seat.runtime.committed_step < step and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return self.seat.runtime.committed_step >= step
 
     def commit_one(self) -> None:
         self.seat.runtime.committed_step += 1
@@ -237,10 +244,10 @@ async def test_callers_of_one_step_share_one_snapshot_and_a_commit_drops_it(serv
     for meta_, tensors in got:
         assert (meta_.step, meta_.grad_norm, meta_.sender_peer) == (4, 0.25, "peer-1")
         assert all(torch.equal(tensors[k], v) for k, v in p.weights.items())
-    assert served.service._snapshot is not None  # kept for the next caller of step 4
+    assert served.service.weights._snapshot is not None  # kept for the next caller of step 4
     p.weights["w.a"] += 1
     p.commit_one()
-    assert served.service._snapshot is None  # the stage moved on: the copy is dropped at once
+    assert served.service.weights._snapshot is None  # the stage moved on: the copy is dropped at once
     meta_, tensors = await _fetch(served.stub)
     assert p.snapshots == 2 and meta_.step == 5 and torch.equal(tensors["w.a"], torch.arange(6.0) + 1)
     p.seat.runtime = FakeRuntime(5)  # a rollback installs another runtime at the same step number
@@ -248,9 +255,29 @@ async def test_callers_of_one_step_share_one_snapshot_and_a_commit_drops_it(serv
     assert p.snapshots == 3
 
 
+async def test_export_gives_exactly_the_step_asked_for_waiting_for_its_commit(served) -> None:
+    p = served.participant
+    meta_, tensors = await _fetch(served.stub, "ExportWeights", step=4)  # the committed step: at once
+    assert meta_.step == 4 and torch.equal(tensors["w.a"], p.weights["w.a"])
+    ahead = asyncio.ensure_future(_fetch(served.client(), "ExportWeights", step=5))
+    await asyncio.sleep(0.2)
+    assert not ahead.done()  # step 5 is not committed yet: the call waits for it
+    p.weights["w.a"] = torch.arange(6.0) * 2
+    p.commit_one()
+    meta_, tensors = await ahead
+    assert meta_.step == 5 and torch.equal(tensors["w.a"], torch.arange(6.0) * 2)
+    with pytest.raises(grpc.aio.AioRpcError) as past:
+        await _fetch(served.stub, "ExportWeights", step=4)
+    assert past.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "past 4" in past.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await served.stub.ExportWeights(pb.FetchWeightsRequest(step=9), timeout=0.5).read()
+    assert late.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert p.seat.runtime.committed_step == 5  # nothing an exporter asks changes the stage
+
+
 async def test_streams_are_served_one_at_a_time(served) -> None:
     active, peak = 0, 0
-    send = served.service._send
+    send = served.service.weights.send
 
     async def counting(context, chunks, rpc):
         nonlocal active, peak
@@ -261,7 +288,7 @@ async def test_streams_are_served_one_at_a_time(served) -> None:
         finally:
             active -= 1
 
-    served.service._send = counting
+    served.service.weights.send = counting
     served.participant.weights = {f"w.{i}": torch.full((1 << 18,), float(i)) for i in range(4)}  # 4 MiB
     got = await asyncio.gather(*(_fetch(served.client(), read_delay=0.001) for _ in range(3)))
     assert peak == 1 and len(got) == 3 and served.participant.snapshots == 1
@@ -298,7 +325,7 @@ async def test_a_stalled_reader_loses_its_stream_and_the_next_caller_is_served()
             while await stalled.read() is not grpc.aio.EOF:
                 pass
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "fell behind" in err.value.details()
-        assert not s.service._weights_turn._lock.locked()
+        assert not s.service.weights.weights_turn._lock.locked()
 
 
 async def test_fetch_replica_is_served_one_at_a_time_too() -> None:
