@@ -2,9 +2,8 @@
 
 For each corpus size (default 100 MiB and 1 GiB) it generates a text corpus (the built-in grammar, varied
 per block), prepares it with ``swarm-node data prepare`` (byte-level: the default tokenizer) and trains
-``--steps`` steps from the prepared directory in a fresh process that runs stage 0's data path
-(:func:`node.data.load_corpus_for` + :func:`node.data.training_batch`, through the single-process
-reference trainer), recording that process's peak RSS. It also measures a trained byte-level BPE tokenizer's
+``--steps`` steps from the prepared directory with ``swarm-node local --stages 2``, recording the stage 0
+daemon's peak RSS (``VmHWM``, read from /proc while it runs). It also measures a trained byte-level BPE tokenizer's
 throughput on a sample. Goal: peak RSS independent of corpus size (within 10 % between the sizes).
 
     python benchmarks/data.py [--sizes 100M,1G] [--steps 20] [--bpe-sample-mb 32]
@@ -13,6 +12,7 @@ throughput on a sample. Goal: peak RSS independent of corpus size (within 10 % b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import subprocess
@@ -21,25 +21,49 @@ import tempfile
 import time
 from typing import Any
 
-from _common import REPO, RESULTS, write_results
+from _common import REPO, RESULTS, local_swarm, write_results
 
-_CHILD = """
-import json, resource, sys, time
-import torch
-from node.config import build_config
-from node.data import load_corpus_for
-from node.train.reference import train_reference
-torch.set_num_threads(1)
-cfg = build_config(overrides={"num_stages": 2, "data": sys.argv[1],
-                              "model": {"n_layers": 2}, "train": {"microbatches_per_step": 2}})
-started = time.perf_counter()
-corpus = load_corpus_for(cfg)
-loaded = time.perf_counter() - started
-run = train_reference(cfg, corpus.train, int(sys.argv[2]))
-print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "load_seconds": loaded, "tokens": len(corpus.train) + len(corpus.val),
-                  "final_loss": run.losses[-1]}))
-"""
+
+def stage0_pid(launcher: int) -> int | None:
+    """The pid of the launcher's stage 0 daemon (``swarm-node run ... --stage 0``), if it runs yet."""
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"run" in argv and b"--stage" in argv and argv[argv.index(b"--stage") + 1] == b"0":
+                return int(entry.name)
+    return None
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """The peak resident set (VmHWM) of process ``pid`` so far, in MiB."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(x for x in (pathlib.Path(f"/proc/{pid}/status").read_text().splitlines()) if x.startswith("VmHWM"))
+        return int(line.split()[1]) / 1024
+    return None
+
+
+def train_from(prepared: pathlib.Path, steps: int) -> dict[str, Any]:
+    """``swarm-node local --stages 2`` trained from ``prepared``: stage 0 daemon's peak RSS (read from /proc
+    while it runs), the run's wall time and final loss."""
+    args = ["--stages", "2", "--steps", str(steps), "--data", str(prepared), "--threads", "1",
+            "--microbatches", "2"]  # fmt: skip
+    peak, started = 0.0, time.perf_counter()
+    with local_swarm(args) as swarm:
+        pid = None
+        while swarm.running():
+            pid = pid or stage0_pid(swarm.process.pid)
+            if pid is not None:
+                peak = max(peak, peak_rss_mib(pid) or 0.0)
+            time.sleep(0.2)
+        summary = swarm.summary()
+    if not peak:
+        raise RuntimeError("never saw stage 0's daemon")
+    return {"peak_rss_mib": peak, "run_seconds": time.perf_counter() - started,
+            "steps": summary["steps"], "final_loss": summary["loss"][-1]}  # fmt: skip
 
 
 def _size(text: str) -> int:
@@ -74,9 +98,7 @@ def run_size(nbytes: int, steps: int, tmp: pathlib.Path) -> dict[str, Any]:
     ).stdout  # fmt: skip
     prep = json.loads(out.splitlines()[-1])
     corpus.unlink()
-    child = subprocess.run([sys.executable, "-c", _CHILD, str(prepared), str(steps)], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout  # fmt: skip
-    train = json.loads(child.splitlines()[-1])
+    train = train_from(prepared, steps)
     for shard in prepared.glob("shard-*.bin"):
         shard.unlink()
     return {

@@ -23,7 +23,7 @@ from node.recovery.methods import Recovered, RecoveryContext, SourceLost
 from node.recovery.planner import Method, RecoveryPlan
 from node.recovery.rebuild import BadSource, TensorSpec, check_weights, expected_state, state_bytes
 from node.stage.runtime import StageRuntime
-from node.wire.records import SERVING_STATES, StageRecord, StageState
+from node.wire.records import CLAIMING_STATES, SERVING_STATES, StageRecord, StageState
 from node.wire.tensors import TensorAssembler, WireError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,37 @@ def parked_state_served(
 def soft_noticed(records: Iterable[StageRecord]) -> frozenset[int]:
     """Stages whose owner announces a soft preemption notice (``soft_notice``): spares stand by for them."""
     return frozenset(r.stage for r in records if r.soft_notice and r.stage is not None)
+
+
+def choose_successor(records: Iterable[StageRecord]) -> str | None:
+    """The spare a leaving node names to take its stage: the lowest peer id among the waiting spares of its
+    swarm (``records``: the other peers of this swarm), or None (then spares claim the stage as any vacancy)."""
+    spares = sorted(r.peer_id for r in records if r.state == StageState.SPARE)
+    return spares[0] if spares else None
+
+
+def named_successor(vacant: list[int], records: Iterable[StageRecord], me: str) -> tuple[int | None, set[int]]:
+    """For a spare ``me``: (a vacant stage whose leaving owner names ``me`` its successor, which ``me`` takes
+    at once; the vacant stages named for another spare that still waits or claims, which ``me`` leaves to it).
+    A stage named for a spare whose record is gone is an ordinary vacancy again."""
+    records = list(records)
+    mine, reserved = None, set()
+    for r in records:
+        if r.state != StageState.HANDING_OVER or r.stage not in vacant or r.successor is None:
+            continue
+        if r.successor == me:
+            mine = r.stage if mine is None else min(mine, r.stage)
+        elif successor_pending(records, r.stage, r.successor):
+            reserved.add(r.stage)
+    return mine, reserved
+
+
+def successor_pending(records: Iterable[StageRecord], stage: int, successor: str) -> bool:
+    """Whether the spare named to take ``stage`` may still do so: it waits as a spare, or is taking ``stage``."""
+    return any(
+        r.peer_id == successor and (r.state == StageState.SPARE or (r.stage == stage and r.state in CLAIMING_STATES))
+        for r in records
+    )
 
 
 def standby_order(vacant: list[int], records: Iterable[StageRecord]) -> list[int]:

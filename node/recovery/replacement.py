@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from node.events import EventLog, RecoveryEvent
 from node.metrics import StageMetrics
 from node.options import RecoveryStrategy
-from node.recovery.handoff import standby_order
+from node.recovery.handoff import named_successor, standby_order
 from node.recovery.methods import Recovered, RecoveryContext, RecoveryMethod, SourceLost, Unrecoverable
 from node.recovery.planner import (
     EXACT,
@@ -57,7 +57,14 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
             )
         except Exception:  # no view this round: claim nothing on a stale one
             vacant = []
-        vacant = standby_order(vacant, presence.members(None))  # stages warned of a preemption first
+        named, reserved = named_successor(vacant, presence.view, me.peer_id)
+        if named is not None:  # a leaving owner hands its stage to this node: nobody else claims it
+            seat.stage, seat.epoch = named, presence.claim_epoch(named)
+            await presence.announce(StageState.RECOVERING)
+            logger.info("taking over stage %d, which its leaving owner hands to this node", named)
+            return named
+        # stages warned of a preemption first; a stage named for another waiting spare is left to it
+        vacant = standby_order([s for s in vacant if s not in reserved], presence.members(None))
         if vacant:
             seat.stage, seat.epoch = vacant[0], presence.claim_epoch(vacant[0])
             await presence.announce(StageState.RECOVERING)

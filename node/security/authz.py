@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 
 from node.topology import route_for
-from node.wire.records import HOLDING_STATES, StageRecord, StageState, current_epochs
+from node.wire.records import CLAIMING_STATES, HOLDING_STATES, StageRecord, StageState, current_epochs
 
 SERVICE_PREFIX = "/swarm_node.v1.Stage/"
 
@@ -58,7 +58,6 @@ RPC_ROLES: dict[str, Role] = {
     "Heartbeat": Role.MEMBER,
     "GetStatus": Role.MEMBER,
 }
-CLAIMING = frozenset({StageState.JOINING, StageState.RECOVERING})
 
 
 def route_neighbours(stage: int, num_stages: int, out_of_order: bool) -> frozenset[int]:
@@ -89,9 +88,9 @@ def decide(
     records = list(records)
     current = current_epochs(records)  # a fenced-off former owner of a stage speaks for it no more
     mine = [r for r in records if r.node == caller and r.state in HOLDING_STATES]
-    owning = [r for r in mine if r.state not in CLAIMING and r.epoch >= current.get(r.stage, 0)]
+    owning = [r for r in mine if r.state not in CLAIMING_STATES and r.epoch >= current.get(r.stage, 0)]
     if role is Role.CONTROL:
-        if any(r.stage == 0 for r in mine if r.state in CLAIMING or r in owning):
+        if any(r.stage == 0 for r in mine if r.state in CLAIMING_STATES or r in owning):
             return None
         return f"{caller} is not stage 0"
     if role is Role.PARK:
@@ -110,7 +109,7 @@ def decide(
         if any(r.stage in allowed for r in owning):
             return None
         return f"{caller} is not a route neighbour of stage {my_stage}"
-    if any(r.state in CLAIMING for r in mine):
+    if any(r.state in CLAIMING_STATES for r in mine):
         return None
     return f"{caller} is not rebuilding or taking over a stage"
 

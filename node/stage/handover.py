@@ -3,9 +3,10 @@
 On a hard notice the daemon stops taking steps (stage 0's driver finishes the step in flight; a block stage
 refuses ``Prepare`` from then on) and hands over:
 
-1. the seat is marked ``handing_over`` and the node announces its stage ``handing_over``: spares see the stage
-   vacant and claim it as they claim any vacant stage (lowest peer id wins), and stage 0 stops sending it
-   new work;
+1. the seat is marked ``handing_over`` and the node announces its stage ``handing_over``, naming a waiting
+   spare its ``successor`` (the lowest peer id; another if that one goes): the named spare takes the stage at
+   once, without the claim's settle period, and other spares leave it alone; with no spare named, spares claim
+   it as they claim any vacant stage (lowest peer id wins). Stage 0 stops sending it new work;
 2. the winner plans ``handoff`` and fetches the full state with ``FetchWeights(full_state=True)``; the service
    serves it once no prepared step waits for its commit or abort;
 3. the successor serves the stage under a newer claim epoch; this node sees that claim (it is fenced in)
@@ -32,7 +33,7 @@ from node.events import EventLog, HandedOverEvent
 from node.metrics import StageMetrics
 from node.preemption.notice import Notice
 from node.proto import stage_pb2 as pb
-from node.recovery.handoff import max_state_bytes
+from node.recovery.handoff import choose_successor, max_state_bytes, successor_pending
 from node.recovery.rebuild import expected_state
 from node.security.authz import route_neighbours
 from node.stage.handoffs import EncodedState
@@ -79,6 +80,7 @@ class Handover:
         stage = seat.stage
         assert stage is not None and seat.runtime is not None
         seat.handing_over = True
+        presence.successor = choose_successor(presence.members(None))
         await presence.announce(StageState.HANDING_OVER)
         window = max(0.0, notice.seconds_left() - EXIT_MARGIN_SECONDS)
         logger.warning(
@@ -115,10 +117,18 @@ class Handover:
 
     async def _successor(self, stopping: asyncio.Event, until: float) -> StageRecord | None:
         """Waits for a serving record of this stage by a newer epoch (the successor), until ``until``."""
+        stage = self.seat.stage
+        presence = self.presence
         while not stopping.is_set() and time.monotonic() < until:
-            await self.presence.try_refresh()
-            if (successor := self.presence.newer_claim()) is not None:
+            await presence.try_refresh()
+            if (successor := presence.newer_claim()) is not None:
                 return successor
+            others = presence.members(None)
+            named = presence.successor
+            # none named yet, or the named spare has gone or took another stage: name another
+            if (named is None or not successor_pending(others, stage, named)) and (other := choose_successor(others)):
+                presence.successor = other
+                await presence.announce()
             await asyncio.sleep(POLL_SECONDS)
         return None
 

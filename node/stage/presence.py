@@ -97,6 +97,7 @@ class Presence:
         self.soft_notice = soft_notice  # a soft preemption notice is active (spares stand by for this stage)
         self.throughput = throughput  # microbatches/s this node computes (measured), for stage 0's routing
         self.stage0_rebuildable = stage0_rebuildable  # checkfree+, checkpoint: a claim of stage 0 can succeed
+        self.successor: str | None = None  # handing over: the spare named to take the stage
         self.stalled_at = -math.inf  # when this node last found itself back from a stall (see yielding)
         self.state = StageState.JOINING
         self.view: list[StageRecord] = []
@@ -131,6 +132,7 @@ class Presence:
             parked_stage=parked[0] if (parked := self.parked()) else None,
             parked_step=parked[1] if parked else None,
             soft_notice=self.soft_notice() and stage is not None,
+            successor=self.successor if (state or self.state) == StageState.HANDING_OVER else None,
             throughput=self.throughput(),
         )
 

@@ -92,6 +92,8 @@ class StageRecord(BaseModel):
     parked_step: int | None = Field(None, ge=0, le=MAX_STEP, strict=True)
     # a soft preemption notice (rebalance recommendation, live migration) is active: spares stand by for the stage
     soft_notice: bool = Field(False, strict=True)
+    # handing over: the spare this node names to take its stage (it claims at once, with no rivals to wait for)
+    successor: str | None = Field(None, min_length=1, max_length=128)
     # microbatches per second this peer computes (forward and backward), measured: stage 0 routes by it
     throughput: float | None = Field(None, ge=0, le=1e9, allow_inf_nan=False)
     # the node's name: its certificate's CN with credentials, else its peer id (the default)
@@ -185,7 +187,8 @@ def same_swarm(
     ]
 
 
-HOLDING_STATES = SERVING_STATES | {StageState.RECOVERING, StageState.JOINING}  # a record that claims a stage
+CLAIMING_STATES = frozenset({StageState.JOINING, StageState.RECOVERING})  # taking a stage, not serving it yet
+HOLDING_STATES = SERVING_STATES | CLAIMING_STATES  # a record that claims a stage
 
 
 def current_epochs(records: Iterable[StageRecord]) -> dict[int, int]:

@@ -38,7 +38,13 @@ from node.preemption.notice import (
 from node.preemption.providers import AzureProvider, ProviderError
 from node.preemption.watcher import MODES, PreemptionWatcher
 from node.proto import stage_pb2 as pb
-from node.recovery.handoff import parked_state_served, soft_noticed, standby_order
+from node.recovery.handoff import (
+    choose_successor,
+    named_successor,
+    parked_state_served,
+    soft_noticed,
+    standby_order,
+)
 from node.stage.handoffs import Handoffs
 from node.stage.seat import Seat
 from node.wire.records import RecordError, RecoveryRecord, StageRecord, StageState
@@ -619,3 +625,21 @@ async def test_a_parked_state_is_in_the_holders_record_before_the_park_is_acknow
     assert announced == [(2, 5)] and handoffs.parked_by == "owner"  # stored before keep returned (the ack)
     stopping.set()
     await asyncio.wait_for(releasing, 5)
+
+
+def test_a_leaving_owner_names_a_waiting_spare_which_takes_the_stage_while_others_leave_it() -> None:
+    spares = [record(None, "spare", 0, "s2"), record(None, "spare", 0, "s1"), record(1, "online", 5, "b")]
+    assert choose_successor(spares) == "s1" and choose_successor(spares[2:]) is None
+    leaving = record(3, "handing_over", 5, "owner", successor="s1")
+    view = [leaving, *spares]
+    assert named_successor([3], view, "s1") == (3, set())  # the named spare takes it at once
+    assert named_successor([3], view, "s2") == (None, {3})  # another spare leaves it to s1
+    claiming_it = record(3, "recovering", 0, "s1")
+    assert named_successor([3], [leaving, claiming_it, spares[0]], "s2") == (None, {3})
+    # the named spare is gone, or took another stage: stage 3 is an ordinary vacancy again
+    assert named_successor([3], [leaving, spares[0]], "s2") == (None, set())
+    assert named_successor([3, 2], [leaving, record(2, "recovering", 0, "s1")], "s2") == (None, set())
+    assert named_successor([2], view, "s1") == (None, set())  # stage 3 is not vacant in this view
+    assert StageRecord.from_wire(leaving.to_wire()).successor == "s1"
+    with pytest.raises(RecordError):
+        StageRecord.from_wire({**leaving.to_wire(), "successor": ""})
