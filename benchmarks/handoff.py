@@ -1,5 +1,5 @@
 """Handoff on a preemption notice: how long a preempted stage takes to reach its successor, against the transfer
-bound, for block stages of about 1.5 MiB, 13.5 MiB and 145 MiB of fp32 weights.
+bound, for block stages of about 1.5 MiB, 13.5 MiB, 145 MiB and 1.03 GiB of fp32 weights.
 
 Each run is ``swarm-node local`` with 4 stages, a spare waiting, and ``--preempt 2@STEP:30:signal`` (SIGTERM,
 as docker stop or systemd send it, with a 30 s window), under ``--check-reference``. The model is cut down to
@@ -19,7 +19,7 @@ tiny microbatches (16 tokens), so that compute stays small next to the state tha
 (``--preempt 2@STEP:30:aws``): the hard notice alone, and the same hard notice after a rebalance recommendation
 40 steps earlier (``:soft@STEP-40``), with which the node pre-stages its state and the spare stands by.
 
-    python benchmarks/handoff.py [--sizes small,medium,large] [--repeats 2] [--soft-first] [--out FILE]
+    python benchmarks/handoff.py [--sizes small,medium,large,huge] [--repeats 2] [--soft-first] [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,12 +36,16 @@ from _common import REPO, RESULTS, local_swarm, write_results
 
 from node import events as ev
 
-# block-stage weights: ~1.5 MiB (the default tiny model), ~13.5 MiB, ~145 MiB
+# block-stage weights: ~1.5 MiB (the default tiny model), ~13.5 MiB, ~145 MiB, and ~1.03 GiB (one layer of
+# d_model 8192 per block stage, 3 stages: a 4-stage swarm of that size does not fit in 24 GiB with its spare)
 SIZES = {
     "small": {},
     "medium": {"d_model": 544},
     "large": {"d_model": 2048},
+    "huge": {"d_model": 8192, "n_layers": 2},
 }
+STAGES = {"huge": 3}  # the others run 4 stages
+PREEMPT_AT = {"huge": 12}  # steps take seconds at that size: preempt early (the spare is up by then)
 TRAIN = "[train]\nseq_len = 16\nmicrobatch_size = 1\nmicrobatches_per_step = 2\n"
 PREEMPT_STEP = 100  # late enough for the spare (started once training starts) to be waiting
 STEPS = 110
@@ -59,11 +63,13 @@ def loopback_rate() -> float:
     return row["bytes"] / row["bare_seconds"]
 
 
-VARIANTS = {  # --preempt of stage 2 per variant
-    "signal": f"2@{PREEMPT_STEP}:30:signal",
-    "hard": f"2@{PREEMPT_STEP}:30:aws",
-    "soft-first": f"2@{PREEMPT_STEP}:30:aws:soft@{PREEMPT_STEP - SOFT_LEAD_STEPS}",
-}
+def preempt_spec(variant: str, at: int) -> str:
+    """``--preempt`` of stage 2 for ``variant``, at step ``at``."""
+    return {
+        "signal": f"2@{at}:30:signal",
+        "hard": f"2@{at}:30:aws",
+        "soft-first": f"2@{at}:30:aws:soft@{max(1, at - SOFT_LEAD_STEPS)}",
+    }[variant]
 
 
 def phases(events: list[ev.Event], stage: int = 2) -> dict[str, float]:
@@ -92,9 +98,11 @@ def one_run(size: str, rate: float, variant: str = "signal") -> dict:
         cfg = pathlib.Path(tmp) / "cfg.toml"
         model = "".join(f"{k} = {v}\n" for k, v in SIZES[size].items())
         cfg.write_text(f"[model]\n{model}{TRAIN}")
-        steps = STEPS if variant == "signal" else AWS_STEPS
-        args = ["--config", str(cfg), "--stages", "4", "--steps", str(steps), "--threads", "1", "--spares", "1",
-                "--preempt", VARIANTS[variant], "--check-reference"]  # fmt: skip
+        at = PREEMPT_AT.get(size, PREEMPT_STEP)
+        steps = at + (STEPS - PREEMPT_STEP if variant == "signal" else AWS_STEPS - PREEMPT_STEP)
+        preempt = preempt_spec(variant, at)
+        args = ["--config", str(cfg), "--stages", str(STAGES.get(size, 4)), "--steps", str(steps), "--threads", "1",
+                "--spares", "1", "--preempt", preempt, "--check-reference"]  # fmt: skip
         with local_swarm(args) as swarm:
             summary = swarm.summary(timeout=1800)
             events = ev.read_events(pathlib.Path(summary["workdir"]) / "events.jsonl")

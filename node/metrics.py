@@ -47,6 +47,17 @@ class StageMetrics:
             "swarm_node_microbatches_total", "Microbatches processed", ["direction"], registry=r
         )
         self.tokens = Counter("swarm_node_tokens_total", "Tokens trained on in committed steps (stage 0)", registry=r)
+        self.throughput = Gauge(
+            "swarm_node_throughput_microbatches_per_second",
+            "Microbatches per second this peer computes, forward and backward (as announced for routing)",
+            registry=r,
+        )
+        self.microbatches_routed = Counter(
+            "swarm_node_microbatches_routed_total",
+            "Microbatches stage 0 routed to each peer of each stage (several peers per stage)",
+            ["stage", "peer"],
+            registry=r,
+        )
         self.compute_seconds = Histogram(
             "swarm_node_compute_seconds",
             "Compute time per microbatch",

@@ -151,6 +151,13 @@ class PreemptionOptions(_Group):
     )
 
 
+class Placement(enum.StrEnum):
+    """Where a ``--stage auto`` node serves."""
+
+    VACANT = "vacant"  # claim vacant stages only; wait as an idle spare otherwise
+    THROUGHPUT = "throughput"  # also join (and move to) the block stage with the least throughput, as a replica
+
+
 class NodeOptions(BaseModel):
     """Everything ``swarm-node run`` configures."""
 
@@ -181,6 +188,12 @@ class NodeOptions(BaseModel):
         le=60.0,
         description="benchmark aid: a block stage also sleeps this long per microbatch and direction on its "
         "compute thread (times --slowdown), so that parallel replicas can be measured on few CPU cores",
+    )
+    placement: Placement = Field(
+        Placement.VACANT,
+        description="vacant: a spare claims vacant stages only; throughput: with none vacant it joins the block "
+        "stage with the least throughput as a replica, and replicas move to refill a vacant stage or to lift "
+        "the slowest one",
     )
     timing: TimingOptions = TimingOptions()
     recovery: RecoveryOptions = RecoveryOptions()

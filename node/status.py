@@ -70,9 +70,11 @@ class SwarmView:
     seen: dict[str, int] = field(default_factory=dict)  # swarm name -> records seen of it
 
     def to_json(self) -> dict[str, Any]:
-        """``status --json``: ``stages`` and ``malformed_records`` as always, plus where and what was seen."""
+        """``status --json``: ``stages`` (each record with its expected ``share`` of its stage's microbatches, null
+        for a lone peer) and ``malformed_records`` as always, plus where and what was seen."""
+        split = shares(self.records)
         return {
-            "stages": [r.to_json() for r in self.records],
+            "stages": [{**r.to_json(), "share": split.get(r.peer_id)} for r in self.records],
             "malformed_records": self.malformed,
             "swarm": self.swarm,
             "source": self.source,
@@ -283,15 +285,30 @@ def _recovery(r: StageRecord, wide: bool) -> str:
     return f"{rec.method} @ step {rec.step} ({rec.seconds:.1f}s)" if wide else f"{rec.method}@{rec.step}"
 
 
-NARROW_COLUMNS = ("stage", "state", "committed", "address", "pid", "recovery")
+NARROW_COLUMNS = ("stage", "state", "committed", "address", "pid", "share", "recovery")
 WIDE_COLUMNS = (
-    "stage", "node", "peer", "address", "state", "committed", "epoch", "pid", "metrics", "last recovery",
-    "swap partner", "stage-0 copy",
+    "stage", "node", "peer", "address", "state", "committed", "epoch", "pid", "mb/s", "share", "metrics",
+    "last recovery", "swap partner", "stage-0 copy",
 )  # fmt: skip
 
 
-def _cells(r: StageRecord, wide: bool) -> dict[str, str]:
+def shares(records: Sequence[StageRecord]) -> dict[str, float]:
+    """Peer id -> its expected share of its stage's microbatches (serving peers of stages with several; stage 0
+    and lone peers take everything and are left out): its throughput over its stage's, as stage 0 routes."""
+    from node.stage.routing import Replica, expected_shares
+    from node.wire.records import SERVING_STATES
+
+    by_stage: dict[int, list[Replica]] = {}
+    for r in records:
+        if r.stage and r.state in SERVING_STATES:
+            by_stage.setdefault(r.stage, []).append(Replica(r.peer_id, r.throughput))
+    return {p: f for peers in by_stage.values() if len(peers) > 1 for p, f in expected_shares(peers).items()}
+
+
+def _cells(r: StageRecord, wide: bool, share: float | None = None) -> dict[str, str]:
     return {
+        "mb/s": "-" if r.throughput is None else f"{r.throughput:.1f}",
+        "share": "-" if share is None else f"{share:.0%}",
         "stage": "spare" if r.stage is None else str(r.stage),
         "node": r.node,
         "peer": r.peer_id[-12:],
@@ -317,8 +334,9 @@ def records_table(records: Sequence[StageRecord], title: str = "swarm", wide: bo
         table.add_column(
             col, no_wrap=col != "address", overflow="fold", justify="right" if col == "committed" else "left"
         )
+    split = shares(records)
     for r in records:
-        cells = _cells(r, wide)
+        cells = _cells(r, wide, split.get(r.peer_id))
         table.add_row(*(cells[c] for c in columns))
     return table
 

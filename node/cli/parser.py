@@ -36,7 +36,7 @@ from node.cli.flags import (
 )
 from node.cli.model import add_local_model_flags, add_model_source_flags
 from node.cli.model import add_parsers as add_model_parsers
-from node.options import NodeOptions, SecurityOptions, default, describe
+from node.options import NodeOptions, Placement, SecurityOptions, default, describe
 
 DESCRIPTION = (
     "The ``swarm-node`` command line: ``dht``, ``run``, ``local``, ``status``; ``export``, ``generate``, "
@@ -148,6 +148,7 @@ def _add_run(sub: Any) -> None:
     _option(p, "--events-file", "events_file", type=pathlib.Path)
     _option(p, "--save-dir", "save_dir", type=pathlib.Path)
     _option(p, "--device", "device", choices=["auto", "cpu", "cuda"])
+    _option(p, "--placement", "placement", choices=[p.value for p in Placement])
     _option(p, "--threads", "threads", type=_positive_int)
     _add_timing_flags(p)
     _option(p, "--rpc-timeout", "timing.rpc_timeout", type=_positive_float)
@@ -247,6 +248,11 @@ def _add_local(sub: Any) -> None:
     _flag_of_field(
         g, "--spares", LocalOptions, type=_non_negative_int, help="extra --stage auto nodes waiting as spares"
     )
+    _flag_of_field(
+        g, "--placement", LocalOptions, choices=[p.value for p in Placement],
+        help="vacant: spares claim vacant stages only; throughput: with none vacant they join the block stage "
+        "with the least throughput as replicas, and replicas move to refill a vacant stage (default %(default)s)",
+    )  # fmt: skip
     p.add_argument(
         "--replicas",
         metavar="R|R0,R1,...",

@@ -40,6 +40,7 @@ from node.options import (
     DurabilityOptions,
     EvalOptions,
     NodeOptions,
+    Placement,
     PreemptionMode,
     PreemptionOptions,
     RecoveryOptions,
@@ -86,6 +87,7 @@ class LocalOptions:
     replicas: list[int] = field(default_factory=list)  # peers per stage (stage 0 always has one); empty: one each
     replica_slowdown: float = 1.0  # benchmark aid: every extra replica computes this many times slower
     emulate_compute: float = 0.0  # benchmark aid: seconds of sleep per microbatch and direction on block stages
+    placement: Placement = Placement.VACANT  # where --stage auto nodes (spares, respawned nodes) serve
 
 
 class LocalSwarm:
@@ -167,6 +169,7 @@ class LocalSwarm:
         return NodeOptions(
             slowdown=slowdown,
             emulate_compute=o.emulate_compute,
+            placement=o.placement,
             config=o.config,
             stage=stage,
             swarm=SWARM,

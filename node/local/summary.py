@@ -18,7 +18,7 @@ from node import events as ev
 from node.config import SwarmConfig
 from node.local.children import LocalSwarmError, present
 from node.local.faults import Death
-from node.wire.records import StageRecord
+from node.wire.records import SERVING_STATES, StageRecord
 
 
 class StageLog:
@@ -48,7 +48,7 @@ class StageLog:
     def stage_info(self, num_stages: int, first_pids: dict[int, int]) -> list[dict[str, Any]]:
         """The node serving each stage at the end (a replacement, if the original was killed); without a record,
         the pid of the node first started for it (``first_pids``)."""
-        info = []
+        info, final = [], present(self.final_records)
         for stage in range(num_stages):
             r = next((r for r in present(self.final_records) if r.stage == stage), self.last_seen.get(stage))
             info.append(
@@ -58,6 +58,8 @@ class StageLog:
                     "grpc_address": r.grpc_address if r else None,
                     "metrics_port": r.metrics_port if r else None,
                     "peer_id": r.peer_id if r else None,
+                    # peers serving the stage at the end (several: replicas)
+                    "replicas": sum(x.stage == stage and x.state in SERVING_STATES for x in final),
                     "last_recovery": r.last_recovery.model_dump() if r and r.last_recovery else None,
                     # a preempted neighbour's state this node still keeps (dropped once that stage is served again)
                     "parked_stage": r.parked_stage if r else None,

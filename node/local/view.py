@@ -24,7 +24,8 @@ def progress_table(
     bootstrap: str,
     deaths: Sequence[Death] = (),
 ) -> Table:
-    """One row: step, loss, tokens/s and the state of every stage (``a+b`` when two nodes claim one); under it,
+    """One row: step, loss, tokens/s and the state of every stage (``online×2`` for two replicas, ``a+b`` for
+    peers in different states); under it,
     the newest of ``deaths`` that were not planned: who, which stage, the exit code or signal, and the log."""
     done = ev.of_type(events, ev.StepEvent)
     table = Table(title=f"swarm-node local: {num_stages} stages, bootstrap {bootstrap}")
@@ -39,10 +40,11 @@ def progress_table(
         row = [f"{last.step}/{steps}", f"{last.loss:.4f}", f"{tps:,.0f}"]
     else:
         row = [f"0/{steps}", "-", "-"]
-    by_stage: dict[int, str] = {}
+    states: dict[int, list[str]] = {}
     for r in records:
-        by_stage[r.stage] = r.state.value if r.stage not in by_stage else by_stage[r.stage] + "+" + r.state.value
-    row += [by_stage.get(s, "starting") for s in range(num_stages)]
+        if r.stage is not None:
+            states.setdefault(r.stage, []).append(r.state.value)
+    row += [_peers(states[s]) if s in states else "starting" for s in range(num_stages)]
     table.add_row(*row)
     unplanned = [d for d in deaths if not d.planned]
     if unplanned:
@@ -55,3 +57,9 @@ def progress_table(
         table.caption = caption
         table.caption_justify = "left"
     return table
+
+
+def _peers(states: list[str]) -> str:
+    """The states of one stage's peers: ``online``, ``online×2``, ``online×2+joining``."""
+    counts = {state: states.count(state) for state in dict.fromkeys(states)}
+    return "+".join(state if n == 1 else f"{state}×{n}" for state, n in counts.items())

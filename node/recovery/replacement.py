@@ -31,6 +31,7 @@ from node.recovery.planner import (
     plan_recovery,
     vacant_stages,
 )
+from node.stage.placement import join_stage
 from node.stage.presence import Presence
 from node.stage.runtime import StageRuntime
 from node.stage.seat import Seat
@@ -44,8 +45,10 @@ class StageTaken(RuntimeError):
     """The stage this node was to build turned out to be served by another peer: it waits as a spare."""
 
 
-async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.Event) -> int:
-    """Waits as a spare until a stage is vacant and this node wins the claim; returns the stage."""
+async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.Event, join: bool = False) -> bool:
+    """Waits as a spare until a stage is vacant and this node wins the claim (``seat.stage``, returns False).
+    With ``join`` (``--placement throughput``), once the swarm trains and no stage is vacant, it joins the
+    block stage with the least throughput as a replica instead (``seat.stage``, returns True)."""
     settle = presence.timing.refresh_seconds  # a rival's claim is one DHT store away: visible within a period
     poll = min(0.5, presence.timing.refresh_seconds)
     me = presence.me
@@ -62,7 +65,7 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
             seat.stage, seat.epoch = named, presence.claim_epoch(named)
             await presence.announce(StageState.RECOVERING)
             logger.info("taking over stage %d, which its leaving owner hands to this node", named)
-            return named
+            return False
         # stages warned of a preemption first; a stage named for another waiting spare is left to it
         vacant = standby_order([s for s in vacant if s not in reserved], presence.members(None))
         if vacant:
@@ -73,9 +76,15 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
             await presence.try_refresh()
             winner = claim_winner(presence.view, seat.stage, fingerprint=me.fingerprint, num_stages=me.num_stages)
             if winner == me.peer_id:
-                return seat.stage
+                return False
             logger.info("stage %d went to %s; staying spare", seat.stage, winner)
             seat.stage = None
+        elif join and presence.swarm_committed() > 0:
+            pick = join_stage([*presence.members(None), presence.record()], me.peer_id, me.num_stages)
+            if pick is not None:
+                logger.info("no stage is vacant: joining stage %d, the one with the least throughput", pick)
+                seat.stage = pick
+                return True
         await presence.announce(StageState.SPARE)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), poll)

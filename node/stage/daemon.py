@@ -33,16 +33,15 @@ from node.dht.directory import SwarmDirectory
 from node.dht.factory import dht_rejections, make_dht
 from node.events import EventLog, FencedEvent, NoticeEvent, UnrecoverableEvent
 from node.metrics import StageMetrics
-from node.options import NodeOptions, PreemptionMode, RecoveryStrategy
+from node.options import NodeOptions, Placement, PreemptionMode, RecoveryStrategy
 from node.preemption.notice import Notice
 from node.preemption.watcher import PreemptionWatcher
 from node.recovery.faults import FaultInjector, parse_fault
 from node.recovery.handoff import Handoff
-from node.recovery.methods import RecoveryContext, RecoveryMethod, SourceLost
+from node.recovery.methods import RecoveryContext, RecoveryMethod
 from node.recovery.neighbours import NeighbourRebuild
-from node.recovery.planner import Method, RecoveryPlan
 from node.recovery.replacement import StageBuilder, StageTaken, Unrecoverable, claim_vacant_stage
-from node.recovery.replica import ReplicaCopy, behind
+from node.recovery.replica import ReplicaCopy
 from node.recovery.stage0_copies import Stage0Copies
 from node.security.authz import MemberInterceptor, ViewCheck
 from node.security.keys import NodeCredentials
@@ -54,6 +53,7 @@ from node.stage.handover import Handover
 from node.stage.participant import PipelineParticipant
 from node.stage.peers import GrpcPeers
 from node.stage.presence import NodeIdentity, Presence
+from node.stage.replicas import ReplicaWatch
 from node.stage.runtime import Reject, warm_up
 from node.stage.seat import Seat
 from node.stage.service import NodeStatus, StageService
@@ -112,6 +112,7 @@ class StageDaemon:
             self.seat, self.compute, self.presence, self.channels, cfg, timing, self.metrics, self.faults,
             self.stopping, slowdown=opts.slowdown, emulate_compute=opts.emulate_compute,
         )  # fmt: skip
+        self.replicas = ReplicaWatch(self.seat, self.presence, self.participant, self._context, timing.refresh_seconds)
         self.coordinator = CommitCoordinator(
             cfg.num_stages,
             GrpcPeers(self.presence, self.channels, timing),
@@ -205,11 +206,18 @@ class StageDaemon:
             }
         )
 
+    def _context(self, stage: int) -> RecoveryContext:
+        """What a recovery (or a replica's copy) of ``stage`` works with."""
+        return RecoveryContext(
+            stage, self.opts.config, self.device, self.compute, self.presence, self.channels, self.opts.timing,
+            self.faults,
+        )  # fmt: skip
+
     async def take_stage(self) -> None:
         """Waits as a spare for a vacant stage when it has none, then builds the stage's state."""
         warmed = False
         while True:
-            replica = False  # joining a served block stage (an explicit --stage N), never a claimed vacancy
+            replica = claimed = False  # a served block stage is joined (never a claimed vacancy: see StageBuilder)
             if self.seat.stage is None:
                 if not warmed:
                     await self.compute.run(warm_up, self.opts.config, self.device)
@@ -217,8 +225,9 @@ class StageDaemon:
                 self.publish_identity()
                 await self.presence.announce(StageState.SPARE)
                 logger.info("spare node %s waiting for a vacant stage", self.me.peer_id)
-                await claim_vacant_stage(self.presence, self.seat, self.stopping)
-            else:
+                join = self.opts.placement is Placement.THROUGHPUT
+                claimed = not await claim_vacant_stage(self.presence, self.seat, self.stopping, join=join)
+            if not claimed:  # an explicit --stage N, or a stage chosen to join by throughput
                 await self.presence.try_refresh()
                 # a replica of a served stage holds it by the same claim as the others; any other start is a claim
                 serving = current_epochs(self.presence.members()).get(self.seat.stage)
@@ -226,13 +235,9 @@ class StageDaemon:
                 self.seat.epoch = serving if replica else self.presence.claim_epoch(self.seat.stage)
                 await self.presence.announce(StageState.JOINING)
             assert self.seat.stage is not None
-            ctx = RecoveryContext(
-                self.seat.stage, self.opts.config, self.device, self.compute, self.presence, self.channels,
-                self.opts.timing, self.faults,
-            )  # fmt: skip
             builder = StageBuilder(
-                ctx, self.seat, self.opts.recovery.strategy, self.methods, self.metrics, self.events, self.stopping,
-                resume_step=self.resume_step, join_served=replica,
+                self._context(self.seat.stage), self.seat, self.opts.recovery.strategy, self.methods, self.metrics,
+                self.events, self.stopping, resume_step=self.resume_step, join_served=replica,
             )  # fmt: skip
             try:
                 recovered = await builder.build()
@@ -294,6 +299,9 @@ class StageDaemon:
                     if not self.stopping.is_set():  # a second signal: stop at once
                         await self._hand_over()
                     break
+                if self.replicas.moving.is_set():
+                    await self._move()
+                    continue
                 if not self.fenced.is_set():
                     break
                 await self._step_down()
@@ -346,8 +354,11 @@ class StageDaemon:
             self.seat.stage, self.me.grpc_address, self.me.peer_id, self.device,
         )  # fmt: skip
         await self.presence.announce(StageState.ONLINE if self.seat.stage else StageState.WAITING)
-        waits = {self.background.spawn(e.wait()) for e in (self.stopping, self.fenced, self.leaving)}
-        keep_up = self.background.spawn(self._keep_up()) if self.seat.stage else None
+        watch = self.replicas
+        waits = {self.background.spawn(e.wait()) for e in (self.stopping, self.fenced, self.leaving, watch.moving)}
+        helpers = [self.background.spawn(watch.keep_up())] if self.seat.stage else []
+        if self.seat.stage and self.opts.placement is Placement.THROUGHPUT:
+            helpers.append(self.background.spawn(watch.watch_placement()))
         drive = None
         if self.seat.stage == 0 and opts.steps is not None:
             driver = Stage0Driver(
@@ -364,43 +375,12 @@ class StageDaemon:
                 await asyncio.wait({drive}, timeout=opts.timing.step_timeout + opts.timing.rpc_timeout)
         for task in waits:
             task.cancel()
-        if keep_up is not None:
-            keep_up.cancel()
+        for task in helpers:
+            task.cancel()
         if drive is not None and drive.done() and not drive.cancelled() and drive.exception() is not None:
             logger.error("training driver failed", exc_info=drive.exception())
             return 1
         return 0
-
-    async def _keep_up(self) -> None:
-        """A replica that lags another replica of its stage (it missed a commit: it joined while the stage
-        committed another step, or a commit did not reach it) copies the stage again, between steps."""
-        lagging = 0
-        period = self.opts.timing.refresh_seconds
-        while not self.stopping.is_set():
-            await asyncio.sleep(period)
-            rt, stage = self.seat.runtime, self.seat.stage
-            if rt is None or stage is None or rt.prepared:
-                continue
-            lagging = lagging + 1 if behind(stage, rt.committed_step, self.presence.members()) else 0
-            if lagging < 2:  # a commit may still be on its way here
-                continue
-            lagging = 0
-            ctx = RecoveryContext(
-                stage, self.opts.config, self.device, self.compute, self.presence, self.channels, self.opts.timing,
-                self.faults,
-            )  # fmt: skip
-            plan = RecoveryPlan(stage, Method.REPLICA, (stage,), "this replica lags the stage's others")
-            await self.presence.announce(StageState.JOINING)  # its source serves copies to joiners only
-            try:
-                recovered = await ReplicaCopy().recover(plan, ctx, rt.committed_step)
-            except SourceLost as err:
-                logger.warning("could not catch up with stage %d's replicas: %s", stage, err)
-                await self.presence.announce(StageState.ONLINE)
-                continue
-            if self.seat.runtime is rt and self.seat.stage == stage:
-                await self.participant.install(recovered.runtime)
-                logger.info("replica of stage %d caught up at step %d", stage, recovered.step)
-            await self.presence.announce(StageState.ONLINE)
 
     def _on_notice(self, notice: Notice) -> None:
         """A preemption notice: a hard one makes a node that serves a stage hand it over and exit (a spare, or
@@ -453,6 +433,23 @@ class StageDaemon:
         seat.runtime, seat.stage, seat.epoch, seat.last_recovery = None, None, 0, None
         await self.participant.order.reset()
         self.fenced.clear()
+
+    async def _move(self) -> None:
+        """``--placement throughput``: leave this stage (between steps) for ``replicas.move_to``: join it if it is
+        served, else wait as a spare and claim it."""
+        seat, watch = self.seat, self.replicas
+        target, watch.move_to = watch.move_to, None
+        watch.moving.clear()
+        timeout = self.opts.timing.step_timeout
+        with contextlib.suppress(TimeoutError):  # a prepared step is committed or aborted first
+            async with asyncio.timeout(timeout):
+                while seat.runtime is not None and seat.runtime.prepared:
+                    await asyncio.sleep(0.05)
+        served = target is not None and current_epochs(self.presence.members()).get(target) is not None
+        logger.warning("moving from stage %s to stage %s (%s)", seat.stage, target, "join" if served else "claim")
+        seat.runtime, seat.last_recovery, seat.epoch = None, None, 0
+        seat.stage = target if served else None
+        await self.participant.order.reset()
 
     async def shutdown(self) -> None:
         """Clean exit: save the committed weights, announce ``offline`` (so nobody waits for a record to

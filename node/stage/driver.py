@@ -152,6 +152,9 @@ class Stage0Driver:
         inflight.start({mb: y for mb, (_, y) in enumerate(batch)})
         await self.compute.run(rt.check_step, step, attempt)
         self.routing = routing = self.plan_routing(len(batch))
+        for stage, shares in routing.shares.items():
+            for peer, mbs in shares.items():
+                self.metrics.microbatches_routed.labels(stage=str(stage), peer=peer).inc(len(mbs))
         for mb, (x, _) in enumerate(batch):
             h = await self.compute.run(rt.embed, mb, x)
             route = route_for(mb, self.num_stages, self.config.out_of_order)

@@ -449,6 +449,8 @@ class PipelineParticipant:
             if self._last_commit_at is not None:
                 self.metrics.step_seconds.observe(now - self._last_commit_at)
             self._last_commit_at = now
+            if (throughput := self.throughput()) is not None:
+                self.metrics.throughput.set(throughput)
             for hook in self.after_commit:
                 hook(committed)
             self._committed.set()

@@ -32,14 +32,26 @@ def assign_microbatches(num_microbatches: int, replicas: Sequence[Replica]) -> d
     earliest (ties: the order of ``replicas``). Every replica appears, possibly with an empty share."""
     if not replicas:
         raise ValueError("a stage needs at least one replica")
-    measured = [r.throughput for r in replicas if r.throughput is not None and r.throughput > 0]
-    average = sum(measured) / len(measured) if measured else DEFAULT_THROUGHPUT
-    speed = [r.throughput if r.throughput is not None and r.throughput > 0 else average for r in replicas]
+    speed = speeds(replicas)
     shares: dict[str, list[int]] = {r.peer_id: [] for r in replicas}
     for mb in range(num_microbatches):
         best = min(range(len(replicas)), key=lambda i: ((len(shares[replicas[i].peer_id]) + 1) / speed[i], i))
         shares[replicas[best].peer_id].append(mb)
     return shares
+
+
+def speeds(replicas: Sequence[Replica]) -> list[float]:
+    """Each replica's speed for routing: its measured throughput, or the stage's average while unmeasured."""
+    measured = [r.throughput for r in replicas if r.throughput is not None and r.throughput > 0]
+    average = sum(measured) / len(measured) if measured else DEFAULT_THROUGHPUT
+    return [r.throughput if r.throughput is not None and r.throughput > 0 else average for r in replicas]
+
+
+def expected_shares(replicas: Sequence[Replica]) -> dict[str, float]:
+    """The fraction of a stage's microbatches each replica gets, in the long run (its speed over the stage's)."""
+    speed = speeds(replicas)
+    total = sum(speed)
+    return {r.peer_id: v / total for r, v in zip(replicas, speed, strict=True)}
 
 
 def previous_in_share(shares: Mapping[str, Sequence[int]]) -> dict[int, int]:

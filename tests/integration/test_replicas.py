@@ -69,3 +69,60 @@ def test_two_replicas_per_stage_share_the_work_and_one_can_die_without_a_rebuild
     assert any(d.get("signal") == "SIGKILL" or d.get("exit_code") == -9 for d in summary["deaths"]), summary["deaths"]
     # every replica summed its share in the recorded order: the weights are the reference's, bit for bit
     assert summary["reference_max_abs_diff"] == 0.0
+
+
+@pytest.mark.timeout(420)
+def test_spares_placed_by_throughput_serve_every_block_stage_and_refill_one_that_lost_every_peer(tmp_path) -> None:
+    """``--placement throughput``: three spares on a 4-stage swarm each join a different block stage as a working
+    replica; when both peers of stage 3 die (no spare left), a replica of another stage moves and rebuilds it."""
+    from node.config import build_config
+    from node.dht.factory import make_dht
+    from node.local.launcher import LocalOptions, LocalSwarm
+    from node.options import Placement
+    from node.wire.records import SERVING_STATES
+    from tests.conftest import wait_for
+
+    cfg = build_config(overrides={"num_stages": 4})
+    opts = LocalOptions(config=cfg, steps=100_000, workdir=tmp_path, threads=1, quiet=True,
+                        placement=Placement.THROUGHPUT)  # fmt: skip
+    swarm = LocalSwarm(opts)
+
+    def serving() -> dict[int, list]:
+        by_stage: dict[int, list] = {}
+        for r in swarm.swarm_records():
+            if r.state in SERVING_STATES and r.stage is not None:
+                by_stage.setdefault(r.stage, []).append(r)
+        return by_stage
+
+    try:
+        swarm.start_bootstrap()
+        swarm.dht = make_dht(swarm.bootstrap_maddrs, None, swarm.own_credentials, client_mode=True)
+        for stage in range(4):
+            swarm.start_stage(stage)
+        wait_for(lambda: all(r.committed_step >= 1 for rs in serving().values() for r in rs) and len(serving()) == 4,
+                 180, "four stages training", interval=0.5)  # fmt: skip
+        for _ in range(3):
+            swarm.start_stage(None)
+        placed = wait_for(lambda: (s := serving()) and [len(s.get(k, [])) for k in range(4)] == [1, 2, 2, 2] and s,
+                          180, "one spare joined to each block stage", interval=0.5)  # fmt: skip
+        movers = {r.peer_id for k in (1, 2) for r in placed[k]}
+        for r in placed[3]:
+            os.kill(r.pid, signal.SIGKILL)  # stage 3 loses every peer, and no spare waits
+        killed_at = time.time()
+
+        def refilled() -> list | None:
+            now = serving()
+            return now.get(3) if now.get(3) and all(r.peer_id in movers for r in now[3]) else None
+
+        [new] = wait_for(refilled, 180, "a replica of stage 1 or 2 serving stage 3", interval=0.5)
+        assert new.last_recovery is not None and new.last_recovery.method in ("checkfree", "copy", "partner_copy")
+        after = serving()
+        assert sorted(after) == [0, 1, 2, 3] and all(after[k] for k in (1, 2))  # no stage left without a peer
+        step = max(r.committed_step for r in after[0])
+        wait_for(lambda: max(r.committed_step for r in serving().get(0, [])) > step + 2, 120, "training going on")
+        rebuilt = [e for e in of_type(swarm.read_events(), RecoveryEvent) if e.time > killed_at and e.stage == 3]
+        assert len(rebuilt) == 1, rebuilt  # one node moved: one rebuild
+    finally:
+        swarm.stop_all(grace=10)
+        if swarm.dht is not None:
+            swarm.dht.shutdown()

@@ -117,3 +117,58 @@ def test_a_served_block_stage_is_joined_as_a_replica_and_lagging_replicas_catch_
     assert behind(2, 9, [R(2, 10), R(1, 12)])
     assert not behind(2, 10, [R(2, 10), R(1, 12)])
     assert not behind(0, 1, [R(0, 5)])
+
+
+# ---- placement by throughput (--placement throughput) ----------------------------------------------------
+def _peer(stage, peer, throughput=None, state="online", n=4):
+    from node.wire.records import StageRecord
+
+    return StageRecord(
+        stage=stage, num_stages=n, peer_id=peer, grpc_address="127.0.0.1:1", state=state, committed_step=5,
+        config_fingerprint="f", version="0", throughput=throughput,
+    )  # fmt: skip
+
+
+def test_spares_join_the_slowest_stages_and_spread_out_when_they_arrive_together() -> None:
+    from node.stage.placement import join_stage, stage_throughputs
+
+    swarm = [_peer(0, "s0", 9.0), _peer(1, "a", 4.0), _peer(2, "b", 4.0), _peer(3, "c", 4.0)]
+    spares = [_peer(None, p, state="spare") for p in ("x", "y", "z")]
+    picks = {p: join_stage(swarm + spares, p, 4) for p in ("x", "y", "z")}
+    assert picks == {"x": 1, "y": 2, "z": 3}  # three extra nodes on a 4-stage swarm: one per block stage
+    slow = [_peer(0, "s0", 9.0), _peer(1, "a", 4.0), _peer(2, "b", 1.0), _peer(3, "c", 4.0)]
+    assert join_stage(slow, "x", 4) == 2  # the stage that limits the swarm
+    joining = [*slow, _peer(2, "w", state="joining")]  # a replica joining counts at once (as an average peer)
+    assert stage_throughputs(joining, 4)[2] == 1.0 + (9.0 + 4.0 + 1.0 + 4.0) / 4
+    assert join_stage([_peer(None, "x", state="spare")], "x", 4) is None  # nothing served yet
+
+
+def test_a_replica_moves_only_to_refill_a_vacancy_or_for_a_clear_gain_and_never_leaves_its_stage_empty() -> None:
+    from node.stage.placement import move_stage
+
+    base = [_peer(0, "s0", 9.0), _peer(1, "a", 4.0), _peer(1, "a2", 4.0), _peer(2, "b", 4.0), _peer(3, "c", 4.0)]
+    me = base[1]
+    assert move_stage(base, base[3], 4) is None  # the only peer of stage 2 never leaves it
+    assert move_stage(base, me, 4) is None  # 8/4/4 -> 4/8/4: the slowest stage is no faster
+    assert move_stage(base, base[2], 4) is None
+    # stage 3 lost its peer and no spare waits: one replica of the richest stage (lowest peer id) refills it
+    lost = [r for r in base if r.peer_id != "c"]
+    assert move_stage(lost, me, 4) == 3 and move_stage(lost, base[2], 4) is None
+    assert move_stage([*lost, _peer(None, "sp", state="spare")], me, 4) is None  # the spare claims it
+    # a very slow stage: moving a replica there lifts the minimum by more than the margin
+    skewed = [_peer(0, "s0", 9.0), _peer(1, "a", 4.0), _peer(1, "a2", 4.0), _peer(2, "b", 4.0), _peer(3, "c", 1.0)]
+    assert move_stage(skewed, skewed[1], 4) == 3 and move_stage(skewed, skewed[2], 4) is None
+    assert move_stage(skewed, skewed[1], 4, margin=10.0) is None  # hysteresis
+    assert move_stage(base, base[0], 4) is None  # stage 0 has one peer and never moves
+
+
+def test_the_local_table_shows_how_many_replicas_serve_each_stage() -> None:
+    from rich.console import Console
+
+    from node.local.view import progress_table
+
+    records = [_peer(0, "s0"), _peer(1, "a"), _peer(2, "b"), _peer(2, "b2"), _peer(2, "b3", state="joining")]
+    console = Console(width=200, record=True, color_system=None)
+    console.print(progress_table([], records, num_stages=4, steps=9, bootstrap="/ip4/x"))
+    row = next(line for line in console.export_text().splitlines() if "0/9" in line)
+    assert "online×2+joining" in row and row.count("starting") == 1  # stage 3 has no record yet

@@ -52,6 +52,23 @@ def rendered(renderable, width: int) -> list[str]:
     return console.export_text().splitlines()
 
 
+def test_status_shows_each_replicas_throughput_and_share_of_its_stage() -> None:
+    replicas = [
+        record(0, throughput=30.0),
+        record(2, peer_id="fast", throughput=10.0),
+        record(2, peer_id="slow", throughput=5.0),
+        record(2, peer_id="joining", state=StageState.JOINING),
+        record(3, peer_id="lone", throughput=7.0),
+    ]
+    lines = rendered(records_table(replicas, "swarm local", wide=False), 80)
+    assert all(len(line) <= 80 for line in lines)
+    assert sorted(x for line in lines for x in line.split() if x.endswith("%")) == ["33%", "67%"]
+    stages = SwarmView("local", replicas).to_json()["stages"]
+    assert {s["peer_id"]: s["share"] for s in stages if s["share"] is not None} == {"fast": 2 / 3, "slow": 1 / 3}
+    wide = "\n".join(rendered(records_table(replicas, "swarm local", wide=True), 200))
+    assert "mb/s" in wide and "10.0" in wide and "7.0" in wide
+
+
 def test_the_default_table_fits_80_columns_without_cutting_a_cell() -> None:
     lines = rendered(records_table(REALISTIC, "swarm local: 6 records via peer 10.200.100.123:50051"), 80)
     assert all(len(line) <= 80 for line in lines)
