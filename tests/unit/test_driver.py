@@ -180,3 +180,32 @@ async def test_a_step_error_on_stage0_itself_is_a_failed_step_not_an_exit(tmp_pa
     assert aborts and "superseded" in aborts[0].reason and ("abort", 1, aborts[0].attempt) in coord.log
     driver.stopping.set()
     await asyncio.wait_for(task, 5)
+
+
+async def test_routing_leaves_out_a_replica_of_another_configuration_or_behind_the_committed_step(tmp_path) -> None:
+    from node.stage.compute import BlockingIO
+    from node.stage.presence import NodeIdentity, Presence
+    from tests.unit.test_presence import FakeChannels, FakeDirectory, rec
+
+    driver, participant, _, _ = make(tmp_path)
+    participant.seat.runtime.committed_step = 5
+    records = [
+        rec(0, "p0"), rec(1, "b"), rec(1, "b-foreign", fp="other"), rec(1, "b-stale", step=4),
+        rec(2, "c"), rec(2, "c2"),
+    ]  # fmt: skip
+    me = NodeIdentity(peer_id="p0", fingerprint="fp", num_stages=4, out_of_order=False, grpc_address="127.0.0.1:9")
+    presence = Presence(
+        FakeDirectory(records), BlockingIO(), participant.seat, me, TimingOptions(refresh_seconds=0.05),
+        FakeChannels(), StageMetrics(), EventLog(tmp_path / "p.jsonl"),
+    )  # fmt: skip
+    await presence.refresh()
+    driver.presence = presence
+    try:
+        routing = driver.plan_routing(4)
+        assert sorted(routing.shares[1]) == ["b"]  # another fingerprint, or a step behind: not used
+        assert sorted(routing.shares[2]) == ["c", "c2"]
+        assert sorted(mb for mbs in routing.shares[2].values() for mb in mbs) == [0, 1, 2, 3]
+        driver.coordinator.acked = {1: {"b-stale"}}  # it acknowledged the last commit: its record only lags
+        assert sorted(driver.plan_routing(4).shares[1]) == ["b", "b-stale"]
+    finally:
+        presence.close()
