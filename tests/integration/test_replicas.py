@@ -126,3 +126,26 @@ def test_spares_placed_by_throughput_serve_every_block_stage_and_refill_one_that
         swarm.stop_all(grace=10)
         if swarm.dht is not None:
             swarm.dht.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_replicas_killed_mid_forward_and_mid_backward_cost_no_rebuild(tmp_path: pathlib.Path) -> None:
+    """Stage 2 has three replicas; one dies as it is about to compute a forward, a second one as it is about to
+    compute a backward (the daemons' own fault injection): the last one carries the stage, with no rebuild,
+    and the weights are still the reference's."""
+    workdir, out = tmp_path / "swarm", tmp_path / "summary.json"
+    argv = local_argv(
+        "--stages", "4", "--replicas", "1,1,3,1", "--steps", "110", "--kill", "2@70:forward", "--kill",
+        "2@90:backward", "--no-respawn", "--check-reference", workdir=workdir, json_out=out,
+    )  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=560)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    events = read_events(workdir / "events.jsonl")
+    shared = [s for s in of_type(events, StepEvent) if s.step < 70 and len((s.assignment or {}).get("2", [])) == 3]
+    assert shared, "the three replicas of stage 2 never shared a step before the kills"
+    assert summary["steps"] == 110 and len(summary["deaths"]) == 2, summary["deaths"]
+    rebuilt = [r for r in of_type(events, RecoveryEvent) if r.stage == 2 and r.method != "replica"]
+    assert not rebuilt, rebuilt
+    assert summary["reference_max_abs_diff"] == 0.0
