@@ -122,8 +122,11 @@ class MemberInterceptor(grpc.aio.ServerInterceptor):
         self,
         check: Callable[[str, str], Awaitable[str | None]],
         on_refused: Callable[[grpc.StatusCode, str], None],
+        on_authenticated: Callable[[str], None] = lambda peer: None,
     ) -> None:
-        self.check, self.on_refused = check, on_refused
+        """``on_authenticated(peer)``: a call from connection ``peer`` carried a node certificate (the TLS
+        handshake's refusals are counted from it: :class:`node.security.tls.HandshakeLedger`)."""
+        self.check, self.on_refused, self.on_authenticated = check, on_refused, on_authenticated
 
     async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> None:
         rpc = method.removeprefix(SERVICE_PREFIX) if method.startswith(SERVICE_PREFIX) else method
@@ -132,6 +135,7 @@ class MemberInterceptor(grpc.aio.ServerInterceptor):
             self.on_refused(grpc.StatusCode.UNAUTHENTICATED, rpc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
         caller = names[0].decode(errors="replace")
+        self.on_authenticated(context.peer())
         reason = await self.check(rpc, caller)
         if reason is not None:
             self.on_refused(grpc.StatusCode.PERMISSION_DENIED, rpc)
@@ -139,9 +143,15 @@ class MemberInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
-            return handler  # health and reflection: any member (TLS already required a swarm certificate)
+        if handler is None:
+            return handler
+        if not details.method.startswith(SERVICE_PREFIX):  # health and reflection: any member (TLS checked it)
+            return wrap_handler(handler, self._connected)
         return wrap_handler(handler, lambda context: self._authorize(details.method, context))
+
+    async def _connected(self, context: grpc.aio.ServicerContext) -> None:
+        if context.auth_context().get("x509_common_name"):
+            self.on_authenticated(context.peer())
 
 
 def wrap_handler(handler, before: Callable[[grpc.aio.ServicerContext], Awaitable[None]]):

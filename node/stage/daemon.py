@@ -45,7 +45,7 @@ from node.recovery.replica import ReplicaCopy
 from node.recovery.stage0_copies import Stage0Copies
 from node.security.authz import MemberInterceptor, ViewCheck
 from node.security.keys import NodeCredentials
-from node.security.tls import channel_credentials, server_credentials
+from node.security.tls import HandshakeLedger, channel_credentials, server_credentials
 from node.stage.compute import Background, BlockingIO, Compute
 from node.stage.coordinator import CommitCoordinator
 from node.stage.driver import Stage0Driver
@@ -159,15 +159,17 @@ class StageDaemon:
             superseded=lambda epoch: self.background.spawn(self.presence.try_refresh()),  # fences via on_fenced
         )  # fmt: skip
         interceptors: tuple[MemberInterceptor, ...] = ()
+        ledger = None
         if creds is not None:
             check = ViewCheck(
                 lambda: self.presence.members(None), self.presence.try_refresh, lambda: self.seat.stage,
                 cfg.num_stages, cfg.out_of_order,
             )  # fmt: skip
-            interceptors = (MemberInterceptor(check, self._refused),)
+            ledger = HandshakeLedger(lambda n: service.refusals.count(Reject.TLS_HANDSHAKE, "a connection", n))
+            interceptors = (MemberInterceptor(check, self._refused, ledger.authenticated),)
         self.server = StageServer(
             service,
-            server_credentials(creds) if creds is not None else None,
+            server_credentials(creds, ledger) if creds is not None else None,
             interceptors,
             ServerLimits(call_seconds=timing.step_timeout + timing.rpc_timeout),
             with_reflection=opts.security.reflection,

@@ -53,9 +53,9 @@ class Refusals:
         self.total = 0
         self.log = LogLimiter(logger, REJECT_LOG_SECONDS, what="rejected")
 
-    def count(self, reason: Reject, message: str) -> None:
-        self.metrics.rejected.labels(reason=reason.value).inc()
-        self.total += 1
+    def count(self, reason: Reject, message: str, times: int = 1) -> None:
+        self.metrics.rejected.labels(reason=reason.value).inc(times)
+        self.total += times
         self.log.log(reason.value, "rejected message: %s: %s", reason.value, printable(message))
 
     async def refuse(self, context: grpc.aio.ServicerContext, reason: Reject, message: str) -> None:

@@ -40,6 +40,7 @@ class Reject(enum.StrEnum):
     INCOMPLETE = "incomplete_step"
     NO_CHECKPOINT = "no_checkpoint"
     UNAUTHENTICATED = "unauthenticated"  # a TLS peer whose certificate names no node
+    TLS_HANDSHAKE = "tls_handshake"  # a connection without a swarm certificate, refused at the handshake
     PERMISSION_DENIED = "permission_denied"  # a member calling an RPC its role does not allow
     BAD_MESSAGE = "bad_message"  # a request that does not parse as its RPC's message
     OUT_OF_RANGE = "out_of_range"  # a step or attempt no honest peer sends

@@ -34,7 +34,7 @@ from node.events import DoneEvent, StepEvent, of_type
 from node.local.launcher import LocalOptions, LocalSwarm
 from node.proto import stage_pb2 as pb
 from node.security.keys import NodeCredentials, init_authority, issue_node
-from node.security.tls import channel_credentials, target_name_options
+from node.security.tls import HANDSHAKE_GRACE_SECONDS, channel_credentials, target_name_options
 from node.stage.service import MAX_STEP, attempt_ceiling
 from node.topology import route_for
 from node.train.reference import train_reference
@@ -291,7 +291,17 @@ def test_outsiders_are_refused_at_the_handshake(live: Live, reference_losses: li
     refused = {k for k in outcomes if k[3] != grpc.StatusCode.UNAVAILABLE}
     assert not refused, sorted(refused)
     assert len(outcomes) == len(kinds) * STAGES * len(ALL_RPCS)
+    # every refused handshake is counted: once past the ledger's grace period, at the next member's call
+    time.sleep(HANDSHAKE_GRACE_SECONDS + 1)
+    for stage in (s for s, alive in live.alive().items() if alive and s != 0):  # stage 0 exits once done
+        with live.channel(stage, member, fresh=True) as channel:
+            code = call_code(lambda c=channel: StageClient(c).GetStatus(pb.StatusRequest(), timeout=5))
+        assert code == grpc.StatusCode.OK
+        attempts = sum(n for (_, s, _, _), n in outcomes.items() if s == stage)
+        counted = live.rejected(stage, "tls_handshake")
+        assert counted >= attempts, (stage, counted, attempts)
     live.assert_trained_exactly(reference_losses)
+
 
 
 # ---- 2. members that are not stage 0 ---------------------------------------------------------------------------

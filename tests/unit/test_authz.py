@@ -13,7 +13,7 @@ from node.proto import stage_pb2 as pb
 from node.recovery.planner import declared_dead
 from node.security.authz import MemberInterceptor, ViewCheck, decide, route_neighbours
 from node.security.keys import NodeCredentials, init_authority, issue_node
-from node.security.tls import channel_credentials, server_credentials, target_name_options
+from node.security.tls import HandshakeLedger, channel_credentials, server_credentials, target_name_options
 from node.transport.channels import GRPC_OPTIONS
 from node.transport.stage_rpc import StageClient
 from node.wire.records import StageRecord, current_epochs, next_epoch
@@ -138,10 +138,12 @@ async def test_mtls_and_roles_on_a_real_server(bundles: dict[str, NodeCredential
             response_serializer=pb.PrepareReply.SerializeToString,
         )},
     )  # fmt: skip
-    interceptor = MemberInterceptor(check, lambda code, rpc: refused.append((code, rpc)))
+    handshakes_refused: list[int] = []
+    ledger = HandshakeLedger(handshakes_refused.append, grace=0.5)
+    interceptor = MemberInterceptor(check, lambda code, rpc: refused.append((code, rpc)), ledger.authenticated)
     server = grpc.aio.server(interceptors=(interceptor,))
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(bundles["server"]))
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(bundles["server"], ledger))
     await server.start()
 
     async def call(client: str | None) -> grpc.StatusCode:
@@ -166,6 +168,11 @@ async def test_mtls_and_roles_on_a_real_server(bundles: dict[str, NodeCredential
         # outsiders never get past the handshake: no certificate, or one from another CA
         assert await call(None) == grpc.StatusCode.UNAVAILABLE
         assert await call("foreign") == grpc.StatusCode.UNAVAILABLE
+        # ... and those refused handshakes are counted once they are past the grace period (the members'
+        # connections, authenticated, are not)
+        await asyncio.sleep(0.6)
+        assert await call("s0") == grpc.StatusCode.OK
+        assert sum(handshakes_refused) == ledger.refused == 2, handshakes_refused
     finally:
         await server.stop(0)
     await asyncio.sleep(0)
@@ -197,3 +204,25 @@ def test_only_the_current_claim_of_a_stage_speaks_for_it() -> None:
     claim = rec(1, "claimer", "recovering").model_copy(update={"epoch": 20})
     assert decide("Forward", "new1", 2, [*view, claim], 5, False) is None
     assert next_epoch(view, 1, now_ms=3) == 10 and next_epoch(view, 3, now_ms=1_000) == 1_000
+
+
+def test_the_handshake_ledger_counts_handshakes_no_authenticated_connection_matched() -> None:
+    now = [0.0]
+    seen: list[int] = []
+    ledger = HandshakeLedger(seen.append, grace=10.0, clock=lambda: now[0])
+    for _ in range(3):
+        ledger.handshake()
+    now[0] = 1.0
+    ledger.authenticated("ipv4:127.0.0.1:5000")
+    ledger.authenticated("ipv4:127.0.0.1:5000")  # the same connection's next call: no second handshake
+    ledger.sweep()
+    assert seen == [] and ledger.refused == 0  # still within the grace period
+    now[0] = 10.5
+    ledger.sweep()
+    assert seen == [2] and ledger.refused == 2
+    ledger.handshake()
+    now[0] = 12.0
+    ledger.authenticated("ipv4:127.0.0.1:5001")  # a new connection, authenticated: nothing refused
+    now[0] = 30.0
+    ledger.sweep()
+    assert ledger.refused == 2
