@@ -1,7 +1,10 @@
 """Transport: activation-sized tensors through the real Stage service, over mutual TLS and in cleartext, vs bare
 gRPC byte streaming.
 
-All three run in the same server process on loopback, in the same run, interleaved round by round. The Stage
+All three run in the same server process, in the same run, interleaved round by round: on loopback (client
+and server share this machine's cores, so TLS's encryption competes with both), and with ``--links-gbit``
+also across a veth pair between two network namespaces shaped with ``tbf`` to each rate, as two VMs on a
+link of that speed (root needed). The Stage
 path is the production one: ``encode_stream`` on the client, the ``Forward`` handler with ``decode_stream`` and
 every validation check (route, dtype, shape, finiteness) on the server; only the stage's compute is left out
 (the handler returns as soon as the tensor is accepted). The mTLS path is the same service behind the
@@ -10,24 +13,28 @@ membership interceptor and the call limits); the cleartext path is what ``--inse
 streams pre-cut 1 MiB ``bytes`` with no (de)serialization at all, the best gRPC can do.
 Goals: Stage (cleartext) ≥ 0.8 × bare; mTLS ≥ 0.9 × cleartext.
 
-    python benchmarks/transport.py [--sizes-mib 1,4,16,64] [--repeats 5] [--out benchmarks/results/transport.json]
+    python benchmarks/transport.py [--sizes-mib 1,4,16,64] [--repeats 5] [--links-gbit 1,5] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
+import contextlib
+import json
 import os
 import pathlib
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import grpc
 import torch
-from _common import RESULTS, write_results
+from _common import REPO, RESULTS, write_results
 
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
@@ -72,7 +79,7 @@ async def _allow(rpc: str, caller: str) -> str | None:
     return None  # the membership check's cost is the interceptor and the certificate lookup, not the rules
 
 
-async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]], keys: pathlib.Path) -> None:
+async def _serve(shapes: list[tuple[int, int, int]], keys: pathlib.Path, host: str) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
     participants = {}
 
@@ -90,7 +97,7 @@ async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]], keys: pat
         s = grpc.aio.server(options=SERVER_OPTIONS)
         p = _AcceptingParticipant(shape)
         add_stage_service(StageService(p, None, None, _status, StageMetrics()), s)  # type: ignore[arg-type]
-        ports[shape] = s.add_insecure_port("127.0.0.1:0")
+        ports[shape] = s.add_insecure_port(f"{host}:0")
         await s.start()
         participants[shape] = (s, p)
     tls_ports = {}
@@ -98,18 +105,14 @@ async def _serve(port_q: mp.Queue, shapes: list[tuple[int, int, int]], keys: pat
         service = StageService(_AcceptingParticipant(shape), None, None, _status, StageMetrics())  # type: ignore[arg-type]
         interceptor = MemberInterceptor(_allow, lambda code, rpc: None)
         tls = StageServer(service, server_credentials(NodeCredentials.load(keys / "server")), (interceptor,))
-        address = await tls.start("127.0.0.1", 0)
+        address = await tls.start(host, 0)
         tls_ports[shape] = int(address.rsplit(":", 1)[1])
         participants[("tls", shape)] = (tls, None)
-    bare_port = server.add_insecure_port("127.0.0.1:0")
+    bare_port = server.add_insecure_port(f"{host}:0")
     await server.start()
-    port_q.put((bare_port, ports, tls_ports))
+    ordered = [ports[shape] for shape in shapes], [tls_ports[shape] for shape in shapes]
+    print(json.dumps({"bare": bare_port, "stage": ordered[0], "mtls": ordered[1]}), flush=True)
     await asyncio.Event().wait()
-
-
-def _server_main(port_q: mp.Queue, shapes: list[tuple[int, int, int]], keys: pathlib.Path) -> None:
-    torch.set_num_threads(1)
-    asyncio.run(_serve(port_q, shapes, keys))
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -117,10 +120,10 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 async def _measure(
-    bare_port: int, ports: dict, tls_ports: dict, keys: pathlib.Path, sizes: list[int], repeats: int
+    host: str, bare_port: int, ports: dict, tls_ports: dict, keys: pathlib.Path, sizes: list[int], repeats: int
 ) -> list[dict]:
     rows = []
-    bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{bare_port}", options=GRPC_OPTIONS)
+    bare_channel = grpc.aio.insecure_channel(f"{host}:{bare_port}", options=GRPC_OPTIONS)
     push = bare_channel.stream_unary(BARE_METHOD)
     for mib in sizes:
         shape = _shape_for(mib)
@@ -128,10 +131,10 @@ async def _measure(
         nbytes = tensor.numel() * 4
         raw = tensor.view(-1).view(torch.uint8).numpy().tobytes()
         chunks = [raw[i : i + CHUNK_BYTES] for i in range(0, len(raw), CHUNK_BYTES)]
-        stage_channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports[shape]}", options=GRPC_OPTIONS)
+        stage_channel = grpc.aio.insecure_channel(f"{host}:{ports[shape]}", options=GRPC_OPTIONS)
         stub = StageClient(stage_channel)
         tls_channel = grpc.aio.secure_channel(
-            f"127.0.0.1:{tls_ports[shape]}",
+            f"{host}:{tls_ports[shape]}",
             channel_credentials(NodeCredentials.load(keys / "client")),
             options=GRPC_OPTIONS + target_name_options("server"),
         )
@@ -174,40 +177,105 @@ async def _measure(
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes-mib", default="1,4,16,64")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "transport.json")
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes_mib.split(",")]
+def measure(sizes: list[int], repeats: int, host: str = "127.0.0.1", netns: str | None = None) -> list[dict]:
+    """Starts the server (in network namespace ``netns``, listening on ``host``) and measures from here."""
     shapes = [_shape_for(m) for m in sizes]
-    ctx = mp.get_context("spawn")
-    q: mp.Queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         bundles = ephemeral_swarm(pathlib.Path(tmp), ["server", "client"])
         keys = bundles["server"].parent
-        server = ctx.Process(target=_server_main, args=(q, shapes, keys), daemon=True)
-        server.start()
+        cmd = [sys.executable, __file__, "--serve", "--host", host, "--keys", str(keys),
+               "--sizes-mib", ",".join(map(str, sizes))]  # fmt: skip
+        server = subprocess.Popen([*(["ip", "netns", "exec", netns] if netns else []), *cmd], stdout=subprocess.PIPE,
+                                  text=True, cwd=REPO)  # fmt: skip
         try:
-            bare_port, ports, tls_ports = q.get(timeout=60)
-            rows = asyncio.run(_measure(bare_port, ports, tls_ports, keys, sizes, args.repeats))
+            assert server.stdout is not None
+            got = json.loads(server.stdout.readline())
+            ports = dict(zip(shapes, got["stage"], strict=True))
+            tls_ports = dict(zip(shapes, got["mtls"], strict=True))
+            return asyncio.run(_measure(host, got["bare"], ports, tls_ports, keys, sizes, repeats))
         finally:
             server.kill()
-            server.join(5)
-    header = (
-        f"{'MiB':>5} {'bare GiB/s':>11} {'stage GiB/s':>12} {'mTLS GiB/s':>11} {'stage/bare':>11} {'mTLS/stage':>17}"
-    )
-    print(header)
+            server.wait(10)
+
+
+@contextlib.contextmanager
+def shaped_link(gbit: float) -> Iterator[tuple[str, str]]:
+    """Two network namespaces joined by a veth pair, each end shaped to ``gbit`` Gbit/s (``tbf``), as two VMs
+    on a link of that speed; yields (server namespace, server address). Needs root."""
+    server_ns, client_ns, address = "swarm-bench-srv", "swarm-bench-cli", "10.77.0.1"
+    script = f"""
+    ip netns add {server_ns}; ip netns add {client_ns}
+    ip link add swb-a type veth peer name swb-b
+    ip link set swb-a netns {server_ns}; ip link set swb-b netns {client_ns}
+    ip -n {server_ns} addr add {address}/24 dev swb-a; ip -n {client_ns} addr add 10.77.0.2/24 dev swb-b
+    for ns in {server_ns} {client_ns}; do ip -n $ns link set lo up; done
+    ip -n {server_ns} link set swb-a up; ip -n {client_ns} link set swb-b up
+    tc -n {server_ns} qdisc add dev swb-a root tbf rate {gbit}gbit burst 4mb latency 100ms
+    tc -n {client_ns} qdisc add dev swb-b root tbf rate {gbit}gbit burst 4mb latency 100ms
+    """
+    subprocess.run(["sh", "-ec", script], check=True)
+    try:
+        yield server_ns, address
+    finally:
+        subprocess.run(["sh", "-c", f"ip netns del {server_ns}; ip netns del {client_ns}"], check=False)
+
+
+def over_link(gbit: float, sizes: list[int], repeats: int) -> list[dict]:
+    """The same measurement with server and client in two namespaces on a link shaped to ``gbit``."""
+    with shaped_link(gbit) as (server_ns, address), tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "rows.json"
+        cmd = ["ip", "netns", "exec", "swarm-bench-cli", sys.executable, __file__, "--client-of", server_ns,
+               "--host", address, "--sizes-mib", ",".join(map(str, sizes)), "--repeats", str(repeats),
+               "--rows-out", str(out)]  # fmt: skip
+        subprocess.run(cmd, check=True, cwd=REPO)
+        return json.loads(out.read_text())
+
+
+def _print_rows(rows: list[dict], title: str) -> None:
+    print(title)
+    print(f"{'MiB':>5} {'bare GiB/s':>11} {'stage GiB/s':>12} {'mTLS GiB/s':>11} {'stage/bare':>11} {'mTLS/stage':>17}")
     for r in rows:
         sp = r["mtls_ratio_spread"]
         print(
             f"{r['mib']:>5} {r['bare_gib_per_s']:>11.2f} {r['stage_gib_per_s']:>12.2f} {r['mtls_gib_per_s']:>11.2f}"
             f" {r['ratio']:>11.2f} {r['mtls_ratio']:>6.2f} [{sp['min']:.2f}-{sp['max']:.2f}]"
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mib", default="1,4,16,64")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--links-gbit", default="", help="also measure over veth links shaped to these rates, e.g. 1,10 (root)"
+    )
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "transport.json")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
+    parser.add_argument("--keys", type=pathlib.Path, help=argparse.SUPPRESS)
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    parser.add_argument("--client-of", help=argparse.SUPPRESS)  # measuring inside a namespace: the server's
+    parser.add_argument("--rows-out", type=pathlib.Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes_mib.split(",")]
+    if args.serve:
+        torch.set_num_threads(1)
+        asyncio.run(_serve([_shape_for(m) for m in sizes], args.keys, args.host))
+        return
+    if args.client_of:
+        args.rows_out.write_text(json.dumps(measure(sizes, args.repeats, args.host, args.client_of)))
+        return
+    rows = measure(sizes, args.repeats)
+    _print_rows(rows, "loopback (client and server on this machine's cores)")
+    links = {}
+    for gbit in (float(g) for g in args.links_gbit.split(",") if g):
+        links[str(gbit)] = over_link(gbit, sizes, args.repeats)
+        _print_rows(links[str(gbit)], f"a {gbit:g} Gbit/s link (two network namespaces, tbf)")
     overall = min(r["ratio"] for r in rows)
     mtls = min(r["mtls_ratio"] for r in rows)
-    print(f"worst stage/bare ratio: {overall:.2f} (goal >= 0.8); worst mTLS/cleartext ratio: {mtls:.2f} (goal >= 0.9)")
+    print(f"loopback: worst stage/bare ratio: {overall:.2f} (goal >= 0.8); worst mTLS/cleartext ratio: {mtls:.2f} "
+          "(goal >= 0.9)")  # fmt: skip
+    for gbit, link_rows in links.items():
+        print(f"{gbit} Gbit/s: worst mTLS/cleartext ratio: {min(r['mtls_ratio'] for r in link_rows):.2f}")
     write_results(
         args.out,
         {
@@ -217,6 +285,9 @@ def main() -> None:
             "goal": 0.8,
             "worst_mtls_ratio": mtls,
             "mtls_goal": 0.9,
+            "links_gbit": {
+                g: {"rows": r, "worst_mtls_ratio": min(x["mtls_ratio"] for x in r)} for g, r in links.items()
+            },
             "torch": torch.__version__,
             "grpc": grpc.__version__,
         },

@@ -36,7 +36,7 @@ from node.config import LOCAL_FIELDS, SwarmConfig
 from node.events import SnapshotEvent
 from node.recovery.methods import Recovered, RecoveryContext, Unrecoverable
 from node.recovery.planner import Method, RecoveryPlan
-from node.storage import Storage
+from node.storage import Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
 MANIFESTS = "swarm"
@@ -279,3 +279,28 @@ class SnapshotResume:
         return Recovered(
             runtime, step, runtime.lr_scale, nbytes=info.size, fetch_seconds=time.monotonic() - started, audit=False
         )
+
+
+async def find_resume_source(
+    durability: Any, config: SwarmConfig, secret: bytes | None
+) -> SnapshotResume | bool | None:
+    """``--resume``: the ``resume`` method over the newest complete snapshot at ``durability.resume_url``; None
+    when there is none (the swarm starts from the seed's weights); False (the node exits) when the storage
+    cannot be read or the snapshot was taken with another configuration. Says which in the log."""
+    url = durability.resume_url
+    try:
+        storage = open_storage(url, durability.storage_endpoint)
+        found, skipped = await asyncio.to_thread(find_snapshot, storage, config, secret)
+    except (SnapshotMismatch, StorageError) as err:
+        logger.error("cannot resume: %s", err)
+        return False
+    except OSError as err:
+        logger.error("cannot resume from %s: %s", url, err)
+        return False
+    for reason in skipped:
+        logger.warning("%s", reason)
+    if found is None:
+        logger.warning("--resume: no complete snapshot at %s; starting from the seed's initial weights", url)
+        return None
+    logger.info("--resume: the snapshot of step %d at %s (%d bytes)", found.step, url, found.nbytes)
+    return SnapshotResume(storage, found, secret)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -63,6 +64,19 @@ def make_dht(
 def dht_rejections(dht: hivemind.DHT) -> DHTRejections | None:
     """The rejection counters of a DHT made by :func:`make_dht` with credentials (None without)."""
     return _REJECTIONS.get(dht)
+
+
+async def mirror_dht_rejections(dht: hivemind.DHT, counter: Any, stopping: asyncio.Event, period: float) -> None:
+    """Mirrors the refusals the DHT's child process counts into ``counter`` (a labelled Prometheus counter:
+    ``swarm_node_dht_rejected_total{kind}``) every ``period`` seconds, until ``stopping``."""
+    counts = dht_rejections(dht)
+    seen = {"request": 0, "record": 0}
+    while counts is not None and not stopping.is_set():
+        for kind, now in (("request", counts.requests), ("record", counts.records)):
+            counter.labels(kind=kind).inc(now - seen[kind])
+            seen[kind] = now
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), period)
 
 
 @contextlib.contextmanager

@@ -85,6 +85,22 @@ def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def save_stage_file(
+    path: pathlib.Path, stage: int, step: int, grad_norm: float, state: dict[str, torch.Tensor], fingerprint: str
+) -> None:
+    """One stage's committed weights as ``--save-dir`` keeps them (``stage<i>.safetensors``, read back by
+    :func:`from_save_dir`), with the stage, committed step, gradient norm and configuration fingerprint as
+    metadata; written atomically (replicas of a stage save to one name)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"stage": str(stage), "committed_step": str(step), "grad_norm": repr(grad_norm),
+            "config_fingerprint": fingerprint}  # fmt: skip
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), meta)
+    os.replace(tmp, path)
+
+
 # ---- gathering a swarm's weights from saved files ----------------------------------------------------
 def from_save_dir(path: pathlib.Path, config: SwarmConfig | None) -> StageWeights:
     """Every ``stage<i>.safetensors`` of a ``--save-dir``: all at the same committed step, written by a swarm

@@ -17,21 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import pathlib
 import signal
 
 import grpc
 import hivemind
 import torch
-from safetensors.torch import save_file
 
 from node import __version__
 from node.checkpoint.keeper import CheckpointKeeper
-from node.checkpoint.snapshots import SnapshotKeeper, SnapshotMismatch, SnapshotResume, find_snapshot
+from node.checkpoint.snapshots import SnapshotKeeper, find_resume_source
 from node.dht.directory import SwarmDirectory
-from node.dht.factory import dht_rejections, make_dht
+from node.dht.factory import make_dht, mirror_dht_rejections
 from node.events import EventLog, FencedEvent, NoticeEvent, UnrecoverableEvent
+from node.export.io import save_stage_file
 from node.metrics import StageMetrics
 from node.options import NodeOptions, Placement, PreemptionMode, RecoveryStrategy
 from node.preemption.notice import Notice
@@ -57,7 +56,7 @@ from node.stage.replicas import ReplicaWatch
 from node.stage.runtime import Reject, warm_up
 from node.stage.seat import Seat
 from node.stage.service import NodeStatus, StageService
-from node.storage import StorageError, open_storage
+from node.storage import open_storage
 from node.train.optim import pick_device
 from node.transport.channels import ChannelPool
 from node.transport.server import ServerLimits, StageServer
@@ -176,17 +175,6 @@ class StageDaemon:
             on_refused=lambda reason, text: service.refusals.count(Reject(reason), text),
         )
 
-    async def _count_dht_rejections(self) -> None:
-        """``swarm_node_dht_rejected_total``: the DHT's child process counts what it refused; mirror it."""
-        counts = dht_rejections(self.dht)
-        seen = {"request": 0, "record": 0}
-        while counts is not None and not self.stopping.is_set():
-            for kind, now in (("request", counts.requests), ("record", counts.records)):
-                self.metrics.dht_rejected.labels(kind=kind).inc(now - seen[kind])
-                seen[kind] = now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.opts.timing.refresh_seconds)
-
     def _refused(self, code: grpc.StatusCode, rpc: str) -> None:
         reason = Reject.UNAUTHENTICATED if code == grpc.StatusCode.UNAUTHENTICATED else Reject.PERMISSION_DENIED
         self.service.refusals.count(reason, f"a {rpc} call")
@@ -250,7 +238,7 @@ class StageDaemon:
             if recovered is not None and recovered.audit and self.opts.save_dir is not None:
                 # what was built, for audit and tests
                 name = f"stage{self.seat.stage}.recovered-step{recovered.step}.safetensors"
-                await self.save_weights(self.opts.save_dir / name)
+                await self._save(self.opts.save_dir / name)
             return
 
     async def run(self) -> int:
@@ -281,12 +269,19 @@ class StageDaemon:
         self.me.grpc_address = await self.server.start(opts.host, opts.port, opts.announce_host)
         periodic = self.background.spawn(self.presence.run_periodic(self.stopping))
         self.background.spawn(self.presence.run_heartbeats(self.stopping))
-        self.background.spawn(self._count_dht_rejections())
+        rejected, period = self.metrics.dht_rejected, opts.timing.refresh_seconds
+        self.background.spawn(mirror_dht_rejections(self.dht, rejected, self.stopping, period))
         self.background.spawn(self.service.handoffs.release_parked(self.presence, self.stopping))
         exit_code = 0
         try:
-            if opts.durability.resume_url is not None and not await self._find_snapshot():
-                return 2
+            if opts.durability.resume_url is not None:
+                secret = self.credentials.secret if self.credentials is not None else None
+                found = await find_resume_source(opts.durability, opts.config, secret)
+                if found is False:
+                    return 2
+                if found is not None:
+                    self.resume_step = found.manifest.step
+                    self.methods.append(found)
             stage = self.seat.stage
             if stage is not None and (holder := await self.presence.serving_peer(stage)) is not None:
                 if stage == 0:  # stage 0 has one peer: e.g. a restarted container whose stage a spare took over
@@ -318,32 +313,6 @@ class StageDaemon:
             periodic.cancel()
             await self.shutdown()
         return exit_code
-
-    async def _find_snapshot(self) -> bool:
-        """``--resume``: the newest complete snapshot becomes the ``resume`` method's source. False (the node
-        exits) when the storage cannot be read or the snapshot was taken with another configuration."""
-        durability, creds = self.opts.durability, self.credentials
-        url = durability.resume_url
-        assert url is not None
-        secret = creds.secret if creds is not None else None
-        try:
-            storage = open_storage(url, durability.storage_endpoint)
-            found, skipped = await asyncio.to_thread(find_snapshot, storage, self.opts.config, secret)
-        except (SnapshotMismatch, StorageError) as err:
-            logger.error("cannot resume: %s", err)
-            return False
-        except OSError as err:
-            logger.error("cannot resume from %s: %s", url, err)
-            return False
-        for reason in skipped:
-            logger.warning("%s", reason)
-        if found is None:
-            logger.warning("--resume: no complete snapshot at %s; starting from the seed's initial weights", url)
-            return True
-        logger.info("--resume: the snapshot of step %d at %s (%d bytes)", found.step, url, found.nbytes)
-        self.resume_step = found.step
-        self.methods.append(SnapshotResume(storage, found, secret))
-        return True
 
     async def _serve(self) -> int:
         """Serves the stage until the daemon stops or the stage is claimed by a newer epoch; stage 0 with
@@ -453,12 +422,17 @@ class StageDaemon:
         seat.stage = target if served else None
         await self.participant.order.reset()
 
+    async def _save(self, path: pathlib.Path) -> None:
+        """``--save-dir``: the committed weights (see :func:`node.export.io.save_stage_file`)."""
+        step, norm, state = await self.participant.snapshot_committed()
+        await self.compute.run(save_stage_file, path, self.seat.stage, step, norm, state, self.me.fingerprint)
+
     async def shutdown(self) -> None:
         """Clean exit: save the committed weights, announce ``offline`` (so nobody waits for a record to
         expire), finish checkpoint writes, then stop serving."""
         await self.server.set_serving(False)
         if self.opts.save_dir is not None and self.seat.ready:
-            await self.save_weights(self.opts.save_dir / f"stage{self.seat.stage}.safetensors")
+            await self._save(self.opts.save_dir / f"stage{self.seat.stage}.safetensors")
         try:
             await asyncio.wait_for(self.presence.announce(StageState.OFFLINE), timeout=OFFLINE_SECONDS)
         except TimeoutError:
@@ -474,20 +448,6 @@ class StageDaemon:
         self.compute.close()
         self.io.close()
         self.metrics.close()
-
-    async def save_weights(self, path: pathlib.Path) -> None:
-        """The committed weights as safetensors, with the committed step and gradient norm as metadata."""
-        step, norm, state = await self.participant.snapshot_committed()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "stage": str(self.seat.stage),
-            "committed_step": str(step),
-            "grad_norm": repr(norm),
-            "config_fingerprint": self.me.fingerprint,
-        }
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # replicas of a stage save to the same name
-        await self.compute.run(save_file, {k: v.contiguous() for k, v in state.items()}, str(tmp), meta)
-        os.replace(tmp, path)
 
 
 def run_daemon(opts: NodeOptions) -> int:

@@ -23,7 +23,7 @@ from node.metrics import StageMetrics
 from node.options import EvalOptions, RecoveryOptions, TimingOptions
 from node.stage.compute import Compute
 from node.stage.driver import Stage0Driver
-from node.stage.participant import StepInFlight
+from node.stage.inflight import StepInFlight
 from node.stage.runtime import StageRuntime, StepFailed
 from node.stage.seat import Seat
 from node.train.commit import CommitDecision

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from node.stage.participant import MicrobatchOrder
+from node.stage.inflight import MicrobatchOrder
 
 
 async def _admitted_order(order: MicrobatchOrder, step: int, attempt: int, committed: int) -> list[int]:
