@@ -29,11 +29,10 @@ from node.checkpoint.keeper import CheckpointKeeper
 from node.checkpoint.snapshots import SnapshotKeeper, find_resume_source
 from node.dht.directory import SwarmDirectory
 from node.dht.factory import make_dht, mirror_dht_rejections
-from node.events import EventLog, FencedEvent, NoticeEvent, UnrecoverableEvent
+from node.events import EventLog, FencedEvent, UnrecoverableEvent
 from node.export.io import save_stage_file
 from node.metrics import StageMetrics
 from node.options import NodeOptions, Placement, PreemptionMode, RecoveryStrategy
-from node.preemption.notice import Notice
 from node.preemption.watcher import PreemptionWatcher
 from node.recovery.faults import FaultInjector, parse_fault
 from node.recovery.handoff import Handoff
@@ -48,7 +47,7 @@ from node.security.tls import HandshakeLedger, channel_credentials, server_crede
 from node.stage.compute import Background, BlockingIO, Compute
 from node.stage.coordinator import CommitCoordinator
 from node.stage.driver import Stage0Driver
-from node.stage.handover import Handover
+from node.stage.handover import Notices
 from node.stage.participant import PipelineParticipant
 from node.stage.peers import GrpcPeers
 from node.stage.presence import NodeIdentity, Presence
@@ -74,8 +73,6 @@ class StageDaemon:
         self.stopping = asyncio.Event()
         self.fenced = asyncio.Event()  # another peer claimed this node's stage with a newer epoch
         self.newer_claim: StageRecord | None = None
-        self.leaving = asyncio.Event()  # a hard preemption notice: hand the stage over, then exit
-        self.notice: Notice | None = None
         self.metrics = StageMetrics()
         self.events = EventLog(opts.events_file)
         self.device = pick_device(opts.device)
@@ -150,13 +147,18 @@ class StageDaemon:
         if self.checkpoints is not None:
             self.methods.append(self.checkpoints)
         self.watcher = PreemptionWatcher(
-            opts.preemption.mode.value, opts.preemption.metadata_url, opts.preemption.drain_seconds, self._on_notice,
+            opts.preemption.mode.value, opts.preemption.metadata_url, opts.preemption.drain_seconds,
+            lambda notice: self.notices.on_notice(notice),
             on_error=lambda provider: self.metrics.metadata_errors.labels(provider=provider).inc(),
         )  # fmt: skip
         self.service = service = StageService(
             self.participant, self.copies, self.checkpoints, self.status, self.metrics,
             superseded=lambda epoch: self.background.spawn(self.presence.try_refresh()),  # fences via on_fenced
         )  # fmt: skip
+        self.notices = Notices(
+            self.seat, self.presence, service.handoffs, self.metrics, self.events, self.background, self.stopping
+        )
+        self.leaving = self.notices.leaving  # a hard notice: hand the stage over, then exit
         interceptors: tuple[MemberInterceptor, ...] = ()
         ledger = None
         if creds is not None:
@@ -294,7 +296,7 @@ class StageDaemon:
                 exit_code = await self._serve()
                 if self.leaving.is_set():
                     if not self.stopping.is_set():  # a second signal: stop at once
-                        await self._hand_over()
+                        await self.notices.hand_over(self.participant, self.channels, self.watcher)
                     break
                 if self.replicas.moving.is_set():
                     await self._move()
@@ -352,41 +354,6 @@ class StageDaemon:
             logger.error("training driver failed", exc_info=drive.exception())
             return 1
         return 0
-
-    def _on_notice(self, notice: Notice) -> None:
-        """A preemption notice: a hard one makes a node that serves a stage hand it over and exit (a spare, or
-        a node still building its stage, just exits; a second signal stops at once); a soft one makes it prepare:
-        it pre-stages its full state and announces ``soft_notice`` so that spares stand by for its stage."""
-        self.metrics.notices.labels(provider=notice.provider, kind=notice.kind.value).inc()
-        self.events.emit(
-            NoticeEvent(
-                stage=self.seat.stage, provider=notice.provider, kind=notice.kind.value,
-                seconds_left=notice.seconds_left(),
-            )
-        )  # fmt: skip
-        if not notice.hard:
-            # stand by: pre-stage the full state (a stage still being built: from its first commit on), and
-            # announce the notice so that spares stand by for this stage
-            logger.warning("%s warns of a preemption (%s); carrying on, prepared to hand over", notice.provider,
-                           notice.kind)  # fmt: skip
-            if self.seat.stage is not None and not self.service.handoffs.prestaging:
-                self.service.handoffs.prestage()
-                self.background.spawn(self.presence.announce())
-            return
-        if self.notice is not None or not self.seat.ready:
-            self.stopping.set()
-            return
-        self.notice = notice
-        self.leaving.set()
-
-    async def _hand_over(self) -> None:
-        """Hands the stage over (or gives up when the notice runs out), then acknowledges the notice."""
-        assert self.notice is not None
-        await Handover(
-            self.seat, self.presence, self.participant, self.channels, self.metrics, self.events,
-            full_stream=self.service.handoffs.full_stream,
-        ).run(self.notice, self.stopping)  # fmt: skip
-        await self.watcher.acknowledge(self.notice)
 
     def _on_fenced(self, newer: StageRecord) -> None:
         if not self.fenced.is_set():

@@ -26,17 +26,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 
-from node.events import EventLog, HandedOverEvent
+from node.events import EventLog, HandedOverEvent, NoticeEvent
 from node.metrics import StageMetrics
 from node.preemption.notice import Notice
 from node.proto import stage_pb2 as pb
 from node.recovery.handoff import choose_successor, max_state_bytes, successor_pending
 from node.recovery.rebuild import expected_state
 from node.security.authz import route_neighbours
-from node.stage.handoffs import EncodedState
+from node.stage.compute import Background
+from node.stage.handoffs import EncodedState, Handoffs
 from node.stage.participant import PipelineParticipant
 from node.stage.presence import Presence
 from node.stage.seat import Seat
@@ -160,3 +162,58 @@ class Handover:
                            neighbour)  # fmt: skip
             return neighbour
         return None
+
+
+class Notices:
+    """What a preemption notice does to a node (``PreemptionWatcher`` calls :meth:`on_notice`): a hard one makes
+    a node that serves a stage leave (:attr:`leaving`: the daemon stops taking steps, then :meth:`hand_over`,
+    then exits; a spare, a node still building its stage, or a second notice stops at once); a soft one makes
+    it prepare: it pre-stages its full state and announces ``soft_notice`` so that spares stand by for it."""
+
+    def __init__(
+        self,
+        seat: Seat,
+        presence: Presence,
+        handoffs: Handoffs,
+        metrics: StageMetrics,
+        events: EventLog,
+        background: Background,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.seat, self.presence, self.handoffs, self.metrics, self.events = seat, presence, handoffs, metrics, events
+        self.background, self.stopping = background, stopping
+        self.leaving = asyncio.Event()
+        self.notice: Notice | None = None
+
+    def on_notice(self, notice: Notice) -> None:
+        """Called on the event loop for every notice."""
+        self.metrics.notices.labels(provider=notice.provider, kind=notice.kind.value).inc()
+        self.events.emit(
+            NoticeEvent(
+                stage=self.seat.stage, provider=notice.provider, kind=notice.kind.value,
+                seconds_left=notice.seconds_left(),
+            )
+        )  # fmt: skip
+        if not notice.hard:
+            # stand by: pre-stage the full state (a stage still being built: from its first commit on), and
+            # announce the notice so that spares stand by for this stage
+            logger.warning("%s warns of a preemption (%s); carrying on, prepared to hand over", notice.provider,
+                           notice.kind)  # fmt: skip
+            if self.seat.stage is not None and not self.handoffs.prestaging:
+                self.handoffs.prestage()
+                self.background.spawn(self.presence.announce())
+            return
+        if self.notice is not None or not self.seat.ready:
+            self.stopping.set()
+            return
+        self.notice = notice
+        self.leaving.set()
+
+    async def hand_over(self, participant: PipelineParticipant, channels: ChannelPool, watcher: Any) -> None:
+        """Hands the stage over (or gives up when the notice runs out), then acknowledges the notice (Azure)."""
+        assert self.notice is not None
+        await Handover(
+            self.seat, self.presence, participant, channels, self.metrics, self.events,
+            full_stream=self.handoffs.full_stream,
+        ).run(self.notice, self.stopping)  # fmt: skip
+        await watcher.acknowledge(self.notice)
