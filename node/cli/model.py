@@ -233,11 +233,17 @@ def _export_live(args: argparse.Namespace):
         raise CliError(str(err)) from None
     finally:
         reader.close()
-    counts = sorted({r.num_stages for r in view.records})
-    cfg = match_config(
-        view.records,
-        [build_swarm_config(args, n, out_of_order=o) for n in counts for o in (False, True)],
-    )
+    candidates: list[Any] = []
+    errors: list[Exception] = []
+    for n in sorted({r.num_stages for r in view.records}):
+        for out_of_order in (False, True):  # checkfree+ swarms run the out-of-order pipeline
+            try:
+                candidates.append(build_swarm_config(args, n, out_of_order=out_of_order))
+            except (CliError, ValueError) as err:  # e.g. out of order with fewer than 5 stages (ConfigError)
+                errors.append(err)
+    if not candidates:
+        raise errors[0] if errors else CliError(f"no stage record of swarm {view.swarm!r}")
+    cfg = match_config(view.records, candidates)
     peers = choose_peers(view.records, cfg)
 
     async def fetch():

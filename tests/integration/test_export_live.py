@@ -39,7 +39,8 @@ def test_a_live_export_is_one_committed_step_of_the_reference(running_swarm, tmp
         online = sorted(s["stage"] for s in stages if s["state"] == "online") == [0, 1, 2, 3]
         return stages if online and min(s["committed_step"] for s in stages) >= 5 else None
 
-    wait_for(training, 180, "four online stages past step 5", interval=2)
+    stages = wait_for(training, 180, "four online stages past step 5", interval=2)
+    stage0 = next(s["grpc_address"] for s in stages if s["stage"] == 0)
     exporter = tmp_path / "exporter"
     issue_node(swarm.workdir / "keys", "exporter", exporter)  # a member of the swarm, serving no stage
     out = tmp_path / "model"
@@ -49,8 +50,12 @@ def test_a_live_export_is_one_committed_step_of_the_reference(running_swarm, tmp
     step = reply["step"]
     assert step >= 5 and reply["source"].startswith("live swarm 'local'")
 
-    after = wait_for(training, 60, "the swarm still training", interval=1)
-    assert min(s["committed_step"] for s in after) > step  # the swarm went on training after the export
+    def after() -> bool:  # fast: stage 0's view (status --peer), not a DHT client
+        out = subprocess.run(node_argv("status", "--keys", str(status_keys), "--peer", stage0, "--json"), cwd=REPO,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        return out.returncode == 0 and min(s["committed_step"] for s in json.loads(out.stdout)["stages"]) > step
+
+    wait_for(after, 60, "the swarm training on after the export", interval=1)
 
     cfg = swarm.opts.config
     ref = train_reference(cfg, load_corpus_for(cfg).train, step, threads=1)
