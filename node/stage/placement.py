@@ -10,7 +10,7 @@ swarm's average peer, or 1.0 when nobody has measured. Stage 0 has exactly one p
   spares in peer-id order (every pick adds an average peer to the stage it picks) and takes its own pick.
 - :func:`move_stage`: a replica leaves its stage (never its last peer) when
   - a block stage is vacant and no spare waits to claim it: one replica, the lowest peer id of the stage with
-    the most throughput, moves to claim it (the stage is then rebuilt as after any death);
+    the most peers (the lowest such stage), moves to claim it (the stage is then rebuilt as after any death);
   - or moving to the stage with the least throughput raises the swarm's minimum stage throughput by more
     than ``margin`` (hysteresis, so that noise in the measurements moves nobody): the lowest peer id of the
     stage moves, one node per round.
@@ -80,10 +80,10 @@ def move_stage(
     if vacant:
         if any(r.state == StageState.SPARE for r in records):
             return None  # a spare claims it
-        multi = {
-            s: t for s, t in totals.items() if sum(r.stage == s and r.state in SERVING_STATES for r in records) > 1
-        }
-        donor = max(multi, key=lambda s: (multi[s], -s))
+        # the donor is chosen by peer count, not measured throughput: every replica must name the same donor
+        # from its own view, and two stages of near-equal throughput would each see themselves as the richest
+        served = {s: sum(r.stage == s and r.state in SERVING_STATES for r in records) for s in totals}
+        donor = max((s for s in served if served[s] > 1), key=lambda s: (served[s], -s))
         return vacant[0] if me.stage == donor and mates[0] == me.peer_id else None
     if mates[0] != me.peer_id:
         return None  # one move per stage and round: the lowest peer id

@@ -155,6 +155,9 @@ def test_a_replica_moves_only_to_refill_a_vacancy_or_for_a_clear_gain_and_never_
     lost = [r for r in base if r.peer_id != "c"]
     assert move_stage(lost, me, 4) == 3 and move_stage(lost, base[2], 4) is None
     assert move_stage([*lost, _peer(None, "sp", state="spare")], me, 4) is None  # the spare claims it
+    # two stages with two peers each: whatever their measured throughputs, both name the same donor (stage 1)
+    pair = [_peer(0, "s0", 9.0), _peer(1, "a", 4.0), _peer(1, "a2", 4.1), _peer(2, "b", 4.2), _peer(2, "b2", 4.3)]
+    assert [move_stage(pair, r, 4) for r in pair] == [None, 3, None, None, None]
     # a very slow stage: moving a replica there lifts the minimum by more than the margin
     skewed = [_peer(0, "s0", 9.0), _peer(1, "a", 4.0), _peer(1, "a2", 4.0), _peer(2, "b", 4.0), _peer(3, "c", 1.0)]
     assert move_stage(skewed, skewed[1], 4) == 3 and move_stage(skewed, skewed[2], 4) is None
