@@ -87,14 +87,17 @@ class RecoveryEvent(_Event):
     event: Literal["recovery"] = "recovery"
     stage: int
     step: int = Field(description="committed step the rebuilt stage starts from")
-    method: str = Field(description="fresh, checkfree, copy, random, partner_copy, embedding_replica, checkpoint")
+    method: str = Field(description="a planner method: fresh, checkfree, copy, random, partner_copy, "
+                        "embedding_replica, checkpoint, handoff, resume, replica, snapshot")
     sources: list[int] = Field(description="stages whose state was fetched")
     source_grad_norms: list[float]
     bytes_fetched: int
     rebuild_seconds: float
     fetch_seconds: float
     lr_scale: float = Field(description="learning-rate multiplier of the rebuilt stage's optimizer")
-    stale_steps: int = Field(0, description="handoff from a parked state: steps the swarm committed since")
+    stale_steps: int = Field(
+        0, description="a parked state or a neighbour snapshot: steps the swarm committed since it was taken"
+    )
 
 
 class UnrecoverableEvent(_Event):
@@ -153,6 +156,17 @@ class SnapshotEvent(_Event):
     step: int
     bytes: int = Field(description="all stages' parts together")
     seconds: float = Field(description="from stage 0's commit to the sealed manifest")
+
+
+class NeighbourSnapshotEvent(_Event):
+    """A stage's neighbour snapshot is held by its snapshot holder (``--recovery ladder``)."""
+
+    event: Literal["neighbour_snapshot"] = "neighbour_snapshot"
+    stage: int
+    step: int
+    holder: int = Field(description="the stage that holds it")
+    bytes: int
+    seconds: float = Field(description="from the commit to the holder's acknowledgement")
 
 
 class CheckpointSnapshotEvent(_Event):
@@ -223,6 +237,7 @@ Event = Annotated[
     | CheckpointEvent
     | SnapshotEvent
     | CheckpointSnapshotEvent
+    | NeighbourSnapshotEvent
     | RollbackStartEvent
     | RollbackEvent
     | RolledBackEvent
@@ -244,6 +259,7 @@ EVENT_TYPES: tuple[type[_Event], ...] = (
     CheckpointEvent,
     SnapshotEvent,
     CheckpointSnapshotEvent,
+    NeighbourSnapshotEvent,
     RollbackStartEvent,
     RollbackEvent,
     RolledBackEvent,

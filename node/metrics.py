@@ -148,6 +148,25 @@ class StageMetrics:
         self.checkpoint_step = Gauge(
             "swarm_node_checkpoint_step", "Step of the latest durable checkpoint on this stage", registry=r
         )
+        # Neighbour snapshots (--recovery ladder); zero elsewhere.
+        self.neighbour_snapshots = Counter(
+            "swarm_node_neighbour_snapshots_total",
+            "Neighbour snapshots this stage sent to its snapshot holder, by result (skipped: one still in flight)",
+            ["result"],
+            registry=r,
+        )
+        self.neighbour_snapshot_bytes = Counter(
+            "swarm_node_neighbour_snapshot_sent_bytes_total", "Bytes of neighbour snapshots sent", registry=r
+        )
+        self.neighbour_snapshot_seconds = Histogram(
+            "swarm_node_neighbour_snapshot_seconds",
+            "Time from a commit to its neighbour snapshot held by the holder (in the background)",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.neighbour_snapshots_held = Gauge(
+            "swarm_node_neighbour_snapshots_held", "Neighbour snapshots of other stages held here", registry=r
+        )
         # Swarm snapshots (--snapshot-to): stage 0 seals them; zero elsewhere.
         self.snapshot_step = Gauge(
             "swarm_node_snapshot_step", "Step of the newest complete swarm snapshot this node sealed", registry=r
@@ -209,6 +228,8 @@ class StageMetrics:
                 self.recoveries.labels(method=method.value)
         for result in ("ok", "failed"):
             self.checkpoint_writes.labels(result=result)
+        for result in ("ok", "failed", "skipped"):
+            self.neighbour_snapshots.labels(result=result)
             self.snapshot_seals.labels(result=result)
         for result in ("handed_over", "parked", "missed_deadline"):
             self.handoffs.labels(result=result)

@@ -27,11 +27,17 @@ class RecoveryStrategy(enum.StrEnum):
     COPY = "copy"  # one neighbour's weights (the paper's ablation baseline)
     RANDOM = "random"  # fresh random weights (ablation baseline)
     NONE = "none"  # the same as random
+    LADDER = "ladder"  # also a neighbour's snapshot of the lost stage (<= K steps stale) before checkfree
 
     @property
     def out_of_order(self) -> bool:
         """CheckFree+ trains with the out-of-order pipeline (it changes the math: part of the config)."""
         return self is RecoveryStrategy.CHECKFREE_PLUS
+
+    @property
+    def rebuilds_stage0(self) -> bool:
+        """Whether a claim of stage 0 can succeed: from copies (checkfree+), a checkpoint, or a snapshot."""
+        return self in (RecoveryStrategy.CHECKFREE_PLUS, RecoveryStrategy.CHECKPOINT, RecoveryStrategy.LADDER)
 
 
 class _Group(BaseModel):
@@ -60,6 +66,9 @@ class RecoveryOptions(_Group):
         1, ge=1, description="checkfree+: copy stage 0 to stages 1 and S-1 every K committed steps (1: exact)"
     )
     checkpoint_every: int = Field(100, ge=1, description="checkpoint: write a checkpoint every K committed steps")
+    snapshot_neighbour_every: int = Field(
+        10, ge=1, description="ladder: send the stage's state to its snapshot neighbour every K committed steps"
+    )
     checkpoint_dir: str | None = Field(
         None,
         description="checkpoint: storage shared by the swarm's nodes, a directory or URL (a replacement restores "

@@ -53,6 +53,12 @@ def copy_holders(num_stages: int) -> tuple[int, ...]:
     return (1, num_stages - 1)
 
 
+def snapshot_holder(stage: int, num_stages: int) -> int:
+    """The stage that keeps ``stage``'s neighbour snapshots (``--recovery ladder``): the next stage on the route,
+    and for the last stage the one before it (a block stage, since stage 0 already carries the most state)."""
+    return stage + 1 if stage + 1 < num_stages else stage - 1
+
+
 def neighbour_stages(stage: int, num_stages: int) -> tuple[int, ...]:
     """The stages a stage heartbeats: its route neighbours; stage 0 watches every stage (it drives steps)."""
     if stage == 0:

@@ -202,9 +202,11 @@ def _add_recovery_flags(p: argparse.ArgumentParser) -> None:
         help="how a lost stage is rebuilt: checkfree (neighbour average), checkfree+ (also edge stages and "
         "stage 0, with the out-of-order pipeline; needs S >= 5), checkpoint (every stage writes checkpoints; "
         "the swarm rolls back to the last common one), copy (one neighbour's weights) or random (fresh random "
-        "weights; 'none' is the same)",
+        "weights; 'none' is the same), or ladder (the best rung: a replica, a handoff, a neighbour's snapshot at most "
+        "--snapshot-neighbour-every steps stale, then checkfree)",
     )
     _option(g, "--checkpoint-every", "recovery.checkpoint_every", type=_positive_int)
+    _option(g, "--snapshot-neighbour-every", "recovery.snapshot_neighbour_every", type=_positive_int)
     _option(g, "--embed-sync-every", "recovery.embed_sync_every", type=_positive_int)
     _option(g, "--lr-scale", "recovery.lr_scale", type=_positive_float)
     _option(g, "--heartbeat-interval", "timing.heartbeat_interval", type=_positive_float)

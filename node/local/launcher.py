@@ -376,5 +376,10 @@ class LocalSwarm:
     def reference_diff(self) -> float:
         """Largest |swarm - single-process| parameter difference after the same number of steps."""
         o = self.opts
-        assignments = {e.step: e.assignment for e in ev.of_type(self.read_events(), ev.StepEvent) if e.assignment}
-        return reference_diff(o.config, o.steps, o.threads, self.save_dir, self.console, assignments)
+        events = self.read_events()
+        assignments = {e.step: e.assignment for e in ev.of_type(events, ev.StepEvent) if e.assignment}
+        restores: dict[int, dict[int, int]] = {}
+        for e in ev.of_type(events, ev.RecoveryEvent):
+            if e.method == "snapshot":  # the stage went back to its snapshot, stale_steps before the swarm
+                restores.setdefault(e.step, {})[e.stage] = e.step - e.stale_steps
+        return reference_diff(o.config, o.steps, o.threads, self.save_dir, self.console, assignments, restores)

@@ -217,6 +217,7 @@ def run_summary(
         "snapshots": [
             {"step": e.step, "bytes": e.bytes, "seconds": e.seconds} for e in ev.of_type(events, ev.SnapshotEvent)
         ],
+        "neighbour_snapshots": neighbour_snapshot_summary(events),
         "resumed": resumed(events),
         "bootstrap": bootstrap,
         "config": config.model_dump(mode="json"),
@@ -228,6 +229,16 @@ def run_summary(
 def launcher_kill(kill: ev.KilledEvent) -> dict[str, Any]:
     """A kill of the launcher's own, as the run summary lists it: ``by`` says why; it has no ``phase``."""
     return {key: value for key, value in ev.dump(kill).items() if key != "phase"}
+
+
+def neighbour_snapshot_summary(events: list[ev.Event]) -> dict[str, Any]:
+    """Neighbour snapshots sent in the run (``--recovery ladder``): count, bytes and commit-to-held times."""
+    sent = ev.of_type(events, ev.NeighbourSnapshotEvent)
+    return {
+        "sent": len(sent),
+        "bytes": sum(e.bytes for e in sent),
+        "seconds_mean": sum(e.seconds for e in sent) / len(sent) if sent else None,
+    }
 
 
 def checkpoint_summary(events: list[ev.Event]) -> dict[str, Any]:
@@ -250,9 +261,11 @@ def reference_diff(
     save_dir: pathlib.Path,
     console: Console,
     assignments: dict[int, dict[str, list[list[int]]]] | None = None,
+    restores: dict[int, dict[int, int]] | None = None,
 ) -> float:
     """Largest |swarm - single-process| parameter difference after the same number of steps: the stages' saved
-    weights in ``save_dir`` against a reference trained here with the same ``threads``."""
+    weights in ``save_dir`` against a reference trained here with the same ``threads`` (and the same replica
+    shares and snapshot restores, see :func:`~node.train.reference.train_reference`)."""
     from safetensors.torch import load_file
 
     from node.data import load_corpus_for
@@ -260,7 +273,7 @@ def reference_diff(
 
     corpus = load_corpus_for(config)
     console.print("training the single-process reference ...")
-    ref = train_reference(config, corpus.train, steps, threads=threads, assignments=assignments)
+    ref = train_reference(config, corpus.train, steps, threads=threads, assignments=assignments, restores=restores)
     worst = 0.0
     for stage in range(config.num_stages):
         path = save_dir / f"stage{stage}.safetensors"

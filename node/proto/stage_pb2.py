@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16node/proto/stage.proto\x12\rswarm_node.v1\"`\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.swarm_node.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\xd9\x01\n\x0eMicrobatchMeta\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x12\n\nmicrobatch\x18\x02 \x01(\r\x12\r\n\x05route\x18\x03 \x03(\r\x12\x0b\n\x03hop\x18\x04 \x01(\r\x12\x14\n\x0csender_stage\x18\x05 \x01(\r\x12\x13\n\x0bsender_peer\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x04\x12\x11\n\tgrad_norm\x18\x08 \x01(\x01\x12\x0c\n\x04\x65val\x18\t \x01(\x08\x12\x13\n\x0broute_peers\x18\n \x03(\t\x12\x17\n\x0fprev_microbatch\x18\x0b \x03(\x05\"u\n\x0bTensorChunk\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.swarm_node.v1.MicrobatchMeta\x12+\n\x06header\x18\x02 \x01(\x0b\x32\x1b.swarm_node.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"!\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"5\n\x0cReplicaShare\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x14\n\x0cmicrobatches\x18\x02 \x03(\r\"z\n\x0ePrepareRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x04\x12\r\n\x05stage\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12+\n\x06shares\x18\x05 \x03(\x0b\x32\x1b.swarm_node.v1.ReplicaShare\"I\n\x0cPrepareReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x14\n\x0cgrad_norm_sq\x18\x02 \x01(\x01\x12\x14\n\x0cmicrobatches\x18\x03 \x01(\r\"y\n\rCommitRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x04\x12\x18\n\x10global_grad_norm\x18\x03 \x01(\x01\x12\x11\n\tclip_coef\x18\x04 \x01(\x01\x12\r\n\x05stage\x18\x05 \x01(\r\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\"4\n\x0b\x43ommitReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x16\n\x0e\x63ommitted_step\x18\x02 \x01(\x04\"[\n\x0c\x41\x62ortRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"U\n\x10HeartbeatRequest\x12\x14\n\x0csender_stage\x18\x01 \x01(\r\x12\x13\n\x0bsender_peer\x18\x02 \x01(\t\x12\x16\n\x0e\x63ommitted_step\x18\x03 \x01(\x04\"W\n\x0eHeartbeatReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63ommitted_step\x18\x04 \x01(\x04\"\x89\x01\n\x13\x46\x65tchWeightsRequest\x12\x17\n\x0frequester_stage\x18\x01 \x01(\r\x12\x16\n\x0erequester_peer\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x12\n\nfull_state\x18\x04 \x01(\x08\x12\x0e\n\x06parked\x18\x05 \x01(\x08\x12\x0f\n\x07replica\x18\x06 \x01(\x08\"\x1e\n\rStatusRequest\x12\r\n\x05swarm\x18\x01 \x01(\x08\"\xce\x01\n\x0bStageStatus\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63ommitted_step\x18\x04 \x01(\x04\x12\x16\n\x0elast_grad_norm\x18\x05 \x01(\x01\x12\x19\n\x11rejected_messages\x18\x06 \x01(\x04\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x18\n\x10\x63heckpoint_steps\x18\x08 \x03(\x04\x12\r\n\x05swarm\x18\t \x01(\t\x12\x0f\n\x07records\x18\n \x03(\t\"c\n\x0fRollbackRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x04\x12\x13\n\x0bsender_peer\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"6\n\rRollbackReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x16\n\x0e\x63ommitted_step\x18\x02 \x01(\x04*|\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x11\n\rDTYPE_FLOAT64\x10\x05\x32\xdf\x07\n\x05Stage\x12;\n\x07\x46orward\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12<\n\x08\x42\x61\x63kward\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12\x45\n\x07Prepare\x12\x1d.swarm_node.v1.PrepareRequest\x1a\x1b.swarm_node.v1.PrepareReply\x12\x42\n\x06\x43ommit\x12\x1c.swarm_node.v1.CommitRequest\x1a\x1a.swarm_node.v1.CommitReply\x12\x38\n\x05\x41\x62ort\x12\x1b.swarm_node.v1.AbortRequest\x1a\x12.swarm_node.v1.Ack\x12K\n\tHeartbeat\x12\x1f.swarm_node.v1.HeartbeatRequest\x1a\x1d.swarm_node.v1.HeartbeatReply\x12P\n\x0c\x46\x65tchWeights\x12\".swarm_node.v1.FetchWeightsRequest\x1a\x1a.swarm_node.v1.TensorChunk0\x01\x12\x45\n\tGetStatus\x12\x1c.swarm_node.v1.StatusRequest\x1a\x1a.swarm_node.v1.StageStatus\x12?\n\x0bPushReplica\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12P\n\x0c\x46\x65tchReplica\x12\".swarm_node.v1.FetchWeightsRequest\x1a\x1a.swarm_node.v1.TensorChunk0\x01\x12H\n\x08Rollback\x12\x1e.swarm_node.v1.RollbackRequest\x1a\x1c.swarm_node.v1.RollbackReply\x12=\n\tParkState\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12\x41\n\rPushGradients\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12Q\n\rExportWeights\x12\".swarm_node.v1.FetchWeightsRequest\x1a\x1a.swarm_node.v1.TensorChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16node/proto/stage.proto\x12\rswarm_node.v1\"`\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.swarm_node.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\xeb\x01\n\x0eMicrobatchMeta\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x12\n\nmicrobatch\x18\x02 \x01(\r\x12\r\n\x05route\x18\x03 \x03(\r\x12\x0b\n\x03hop\x18\x04 \x01(\r\x12\x14\n\x0csender_stage\x18\x05 \x01(\r\x12\x13\n\x0bsender_peer\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x04\x12\x11\n\tgrad_norm\x18\x08 \x01(\x01\x12\x0c\n\x04\x65val\x18\t \x01(\x08\x12\x13\n\x0broute_peers\x18\n \x03(\t\x12\x17\n\x0fprev_microbatch\x18\x0b \x03(\x05\x12\x10\n\x08snapshot\x18\x0c \x01(\x08\"u\n\x0bTensorChunk\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.swarm_node.v1.MicrobatchMeta\x12+\n\x06header\x18\x02 \x01(\x0b\x32\x1b.swarm_node.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"!\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"5\n\x0cReplicaShare\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x14\n\x0cmicrobatches\x18\x02 \x03(\r\"z\n\x0ePrepareRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x04\x12\r\n\x05stage\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12+\n\x06shares\x18\x05 \x03(\x0b\x32\x1b.swarm_node.v1.ReplicaShare\"I\n\x0cPrepareReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x14\n\x0cgrad_norm_sq\x18\x02 \x01(\x01\x12\x14\n\x0cmicrobatches\x18\x03 \x01(\r\"y\n\rCommitRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x04\x12\x18\n\x10global_grad_norm\x18\x03 \x01(\x01\x12\x11\n\tclip_coef\x18\x04 \x01(\x01\x12\r\n\x05stage\x18\x05 \x01(\r\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\"4\n\x0b\x43ommitReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x16\n\x0e\x63ommitted_step\x18\x02 \x01(\x04\"[\n\x0c\x41\x62ortRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"U\n\x10HeartbeatRequest\x12\x14\n\x0csender_stage\x18\x01 \x01(\r\x12\x13\n\x0bsender_peer\x18\x02 \x01(\t\x12\x16\n\x0e\x63ommitted_step\x18\x03 \x01(\x04\"W\n\x0eHeartbeatReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63ommitted_step\x18\x04 \x01(\x04\"\x9b\x01\n\x13\x46\x65tchWeightsRequest\x12\x17\n\x0frequester_stage\x18\x01 \x01(\r\x12\x16\n\x0erequester_peer\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x12\n\nfull_state\x18\x04 \x01(\x08\x12\x0e\n\x06parked\x18\x05 \x01(\x08\x12\x0f\n\x07replica\x18\x06 \x01(\x08\x12\x10\n\x08snapshot\x18\x07 \x01(\x08\"\x1e\n\rStatusRequest\x12\r\n\x05swarm\x18\x01 \x01(\x08\"\xce\x01\n\x0bStageStatus\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x0f\n\x07peer_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0e\x63ommitted_step\x18\x04 \x01(\x04\x12\x16\n\x0elast_grad_norm\x18\x05 \x01(\x01\x12\x19\n\x11rejected_messages\x18\x06 \x01(\x04\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x18\n\x10\x63heckpoint_steps\x18\x08 \x03(\x04\x12\r\n\x05swarm\x18\t \x01(\t\x12\x0f\n\x07records\x18\n \x03(\t\"c\n\x0fRollbackRequest\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x04\x12\x13\n\x0bsender_peer\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\r\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\"6\n\rRollbackReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x16\n\x0e\x63ommitted_step\x18\x02 \x01(\x04*|\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x11\n\rDTYPE_FLOAT64\x10\x05\x32\xdf\x07\n\x05Stage\x12;\n\x07\x46orward\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12<\n\x08\x42\x61\x63kward\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12\x45\n\x07Prepare\x12\x1d.swarm_node.v1.PrepareRequest\x1a\x1b.swarm_node.v1.PrepareReply\x12\x42\n\x06\x43ommit\x12\x1c.swarm_node.v1.CommitRequest\x1a\x1a.swarm_node.v1.CommitReply\x12\x38\n\x05\x41\x62ort\x12\x1b.swarm_node.v1.AbortRequest\x1a\x12.swarm_node.v1.Ack\x12K\n\tHeartbeat\x12\x1f.swarm_node.v1.HeartbeatRequest\x1a\x1d.swarm_node.v1.HeartbeatReply\x12P\n\x0c\x46\x65tchWeights\x12\".swarm_node.v1.FetchWeightsRequest\x1a\x1a.swarm_node.v1.TensorChunk0\x01\x12\x45\n\tGetStatus\x12\x1c.swarm_node.v1.StatusRequest\x1a\x1a.swarm_node.v1.StageStatus\x12?\n\x0bPushReplica\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12P\n\x0c\x46\x65tchReplica\x12\".swarm_node.v1.FetchWeightsRequest\x1a\x1a.swarm_node.v1.TensorChunk0\x01\x12H\n\x08Rollback\x12\x1e.swarm_node.v1.RollbackRequest\x1a\x1c.swarm_node.v1.RollbackReply\x12=\n\tParkState\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12\x41\n\rPushGradients\x12\x1a.swarm_node.v1.TensorChunk\x1a\x12.swarm_node.v1.Ack(\x01\x12Q\n\rExportWeights\x12\".swarm_node.v1.FetchWeightsRequest\x1a\x1a.swarm_node.v1.TensorChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'node.proto.stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1751
-  _globals['_DTYPE']._serialized_end=1875
+  _globals['_DTYPE']._serialized_start=1787
+  _globals['_DTYPE']._serialized_end=1911
   _globals['_TENSORHEADER']._serialized_start=41
   _globals['_TENSORHEADER']._serialized_end=137
   _globals['_MICROBATCHMETA']._serialized_start=140
-  _globals['_MICROBATCHMETA']._serialized_end=357
-  _globals['_TENSORCHUNK']._serialized_start=359
-  _globals['_TENSORCHUNK']._serialized_end=476
-  _globals['_ACK']._serialized_start=478
-  _globals['_ACK']._serialized_end=511
-  _globals['_REPLICASHARE']._serialized_start=513
-  _globals['_REPLICASHARE']._serialized_end=566
-  _globals['_PREPAREREQUEST']._serialized_start=568
-  _globals['_PREPAREREQUEST']._serialized_end=690
-  _globals['_PREPAREREPLY']._serialized_start=692
-  _globals['_PREPAREREPLY']._serialized_end=765
-  _globals['_COMMITREQUEST']._serialized_start=767
-  _globals['_COMMITREQUEST']._serialized_end=888
-  _globals['_COMMITREPLY']._serialized_start=890
-  _globals['_COMMITREPLY']._serialized_end=942
-  _globals['_ABORTREQUEST']._serialized_start=944
-  _globals['_ABORTREQUEST']._serialized_end=1035
-  _globals['_HEARTBEATREQUEST']._serialized_start=1037
-  _globals['_HEARTBEATREQUEST']._serialized_end=1122
-  _globals['_HEARTBEATREPLY']._serialized_start=1124
-  _globals['_HEARTBEATREPLY']._serialized_end=1211
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=1214
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=1351
-  _globals['_STATUSREQUEST']._serialized_start=1353
-  _globals['_STATUSREQUEST']._serialized_end=1383
-  _globals['_STAGESTATUS']._serialized_start=1386
-  _globals['_STAGESTATUS']._serialized_end=1592
-  _globals['_ROLLBACKREQUEST']._serialized_start=1594
-  _globals['_ROLLBACKREQUEST']._serialized_end=1693
-  _globals['_ROLLBACKREPLY']._serialized_start=1695
-  _globals['_ROLLBACKREPLY']._serialized_end=1749
-  _globals['_STAGE']._serialized_start=1878
-  _globals['_STAGE']._serialized_end=2869
+  _globals['_MICROBATCHMETA']._serialized_end=375
+  _globals['_TENSORCHUNK']._serialized_start=377
+  _globals['_TENSORCHUNK']._serialized_end=494
+  _globals['_ACK']._serialized_start=496
+  _globals['_ACK']._serialized_end=529
+  _globals['_REPLICASHARE']._serialized_start=531
+  _globals['_REPLICASHARE']._serialized_end=584
+  _globals['_PREPAREREQUEST']._serialized_start=586
+  _globals['_PREPAREREQUEST']._serialized_end=708
+  _globals['_PREPAREREPLY']._serialized_start=710
+  _globals['_PREPAREREPLY']._serialized_end=783
+  _globals['_COMMITREQUEST']._serialized_start=785
+  _globals['_COMMITREQUEST']._serialized_end=906
+  _globals['_COMMITREPLY']._serialized_start=908
+  _globals['_COMMITREPLY']._serialized_end=960
+  _globals['_ABORTREQUEST']._serialized_start=962
+  _globals['_ABORTREQUEST']._serialized_end=1053
+  _globals['_HEARTBEATREQUEST']._serialized_start=1055
+  _globals['_HEARTBEATREQUEST']._serialized_end=1140
+  _globals['_HEARTBEATREPLY']._serialized_start=1142
+  _globals['_HEARTBEATREPLY']._serialized_end=1229
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=1232
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=1387
+  _globals['_STATUSREQUEST']._serialized_start=1389
+  _globals['_STATUSREQUEST']._serialized_end=1419
+  _globals['_STAGESTATUS']._serialized_start=1422
+  _globals['_STAGESTATUS']._serialized_end=1628
+  _globals['_ROLLBACKREQUEST']._serialized_start=1630
+  _globals['_ROLLBACKREQUEST']._serialized_end=1729
+  _globals['_ROLLBACKREPLY']._serialized_start=1731
+  _globals['_ROLLBACKREPLY']._serialized_end=1785
+  _globals['_STAGE']._serialized_start=1914
+  _globals['_STAGE']._serialized_end=2905
 # @@protoc_insertion_point(module_scope)

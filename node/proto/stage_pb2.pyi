@@ -35,7 +35,7 @@ class TensorHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class MicrobatchMeta(_message.Message):
-    __slots__ = ("step", "microbatch", "route", "hop", "sender_stage", "sender_peer", "attempt", "grad_norm", "eval", "route_peers", "prev_microbatch")
+    __slots__ = ("step", "microbatch", "route", "hop", "sender_stage", "sender_peer", "attempt", "grad_norm", "eval", "route_peers", "prev_microbatch", "snapshot")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class MicrobatchMeta(_message.Message):
     EVAL_FIELD_NUMBER: _ClassVar[int]
     ROUTE_PEERS_FIELD_NUMBER: _ClassVar[int]
     PREV_MICROBATCH_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     step: int
     microbatch: int
     route: _containers.RepeatedScalarFieldContainer[int]
@@ -58,7 +59,8 @@ class MicrobatchMeta(_message.Message):
     eval: bool
     route_peers: _containers.RepeatedScalarFieldContainer[str]
     prev_microbatch: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., route: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., attempt: _Optional[int] = ..., grad_norm: _Optional[float] = ..., eval: _Optional[bool] = ..., route_peers: _Optional[_Iterable[str]] = ..., prev_microbatch: _Optional[_Iterable[int]] = ...) -> None: ...
+    snapshot: bool
+    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., route: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., attempt: _Optional[int] = ..., grad_norm: _Optional[float] = ..., eval: _Optional[bool] = ..., route_peers: _Optional[_Iterable[str]] = ..., prev_microbatch: _Optional[_Iterable[int]] = ..., snapshot: _Optional[bool] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("meta", "header", "data")
@@ -171,20 +173,22 @@ class HeartbeatReply(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., peer_id: _Optional[str] = ..., state: _Optional[str] = ..., committed_step: _Optional[int] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
-    __slots__ = ("requester_stage", "requester_peer", "step", "full_state", "parked", "replica")
+    __slots__ = ("requester_stage", "requester_peer", "step", "full_state", "parked", "replica", "snapshot")
     REQUESTER_STAGE_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_PEER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     FULL_STATE_FIELD_NUMBER: _ClassVar[int]
     PARKED_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     requester_stage: int
     requester_peer: str
     step: int
     full_state: bool
     parked: bool
     replica: bool
-    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ..., full_state: _Optional[bool] = ..., parked: _Optional[bool] = ..., replica: _Optional[bool] = ...) -> None: ...
+    snapshot: bool
+    def __init__(self, requester_stage: _Optional[int] = ..., requester_peer: _Optional[str] = ..., step: _Optional[int] = ..., full_state: _Optional[bool] = ..., parked: _Optional[bool] = ..., replica: _Optional[bool] = ..., snapshot: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("swarm",)

@@ -24,7 +24,13 @@ method          when
 ``handoff``     the stage's owner got a preemption notice and is handing over: its exact state (weights,
                 AdamW state, lr scale, committed step), under every strategy and for every stage; or,
                 with nobody to hand over to in time, the state it left on a route neighbour
+``snapshot``    ``--recovery ladder`` (any stage): the full state the stage last sent its snapshot holder
+                (every ``--snapshot-neighbour-every`` K committed steps), at most K steps stale and never
+                from a step the swarm has not committed; the stage then joins at the swarm's step
 ==============  ===========================================================================
+
+Under ``--recovery ladder`` the methods form a ladder, best rung first: a live replica, a handoff (or a parked
+state), a neighbour snapshot, then CheckFree (or a copy at an edge), then random weights.
 
 Stage 0 (data, embedding, final norm, LM head) cannot be rebuilt from block stages; plain CheckFree reports
 it as ``unrecoverable`` and training stops with that message.
@@ -55,11 +61,14 @@ class Method(enum.StrEnum):
     HANDOFF = "handoff"
     RESUME = "resume"
     REPLICA = "replica"
+    SNAPSHOT = "snapshot"
     UNRECOVERABLE = "unrecoverable"
 
 
 # methods that set the stage back (or start it afresh) against ones that continue it exactly
-LOSSY = frozenset({Method.CHECKFREE, Method.COPY, Method.RANDOM, Method.PARTNER_COPY, Method.EMBEDDING_REPLICA})
+LOSSY = frozenset(
+    {Method.CHECKFREE, Method.COPY, Method.RANDOM, Method.PARTNER_COPY, Method.EMBEDDING_REPLICA, Method.SNAPSHOT}
+)
 EXACT = frozenset({Method.HANDOFF, Method.REPLICA, Method.RESUME})
 
 
@@ -133,6 +142,21 @@ def claim_winner(records: Iterable[StageRecord], stage: int, *, fingerprint: str
     return rebuilding[0] if rebuilding else None
 
 
+def usable_snapshot(
+    stage: int,
+    live: frozenset[int],
+    committed_step: int,
+    snapshots: Mapping[int, tuple[int, int]] | None,
+    max_stale: int,
+) -> tuple[int, int] | None:
+    """(holder stage, step) of ``stage``'s neighbour snapshot if a live stage holds one that the swarm has
+    committed (never one from the future) and that is at most ``max_stale`` steps behind it; else None."""
+    holder, step = (snapshots or {}).get(stage, (None, 0))
+    if holder is None or holder not in live or holder == stage:
+        return None
+    return (holder, step) if 0 < step <= committed_step and committed_step - step <= max_stale else None
+
+
 def plan_recovery(
     stage: int,
     num_stages: int,
@@ -144,6 +168,8 @@ def plan_recovery(
     parked: Mapping[int, tuple[int, int]] | None = None,
     resume_step: int | None = None,
     served: bool = False,
+    snapshots: Mapping[int, tuple[int, int]] | None = None,
+    max_stale: int = 0,
 ) -> RecoveryPlan:
     """How to rebuild ``stage`` given the live stages and the swarm's committed step.
 
@@ -151,7 +177,9 @@ def plan_recovery(
     ``handing_over`` are the stages whose preempted owner is handing its state over; ``parked`` maps a stage to
     (the live stage holding the state its preempted owner left there, that state's committed step);
     ``resume_step`` is the step of the newest complete swarm snapshot when resuming (``--resume``);
-    ``served``: another live peer serves ``stage`` (this node joins it as a replica).
+    ``served``: another live peer serves ``stage`` (this node joins it as a replica);
+    ``snapshots`` maps a stage to (the live stage holding its newest neighbour snapshot, that snapshot's
+    committed step), used under ``--recovery ladder`` when at most ``max_stale`` steps behind ``committed_step``.
     """
     strategy = RecoveryStrategy(strategy)
     if served and stage != 0:  # exact, and nothing is lost: no rebuild at all
@@ -171,6 +199,11 @@ def plan_recovery(
         )
     if committed_step == 0:
         return RecoveryPlan(stage, Method.FRESH, (), "no step committed yet: the seed's initial weights are exact")
+    if strategy is RecoveryStrategy.LADDER and (snapshot := usable_snapshot(stage, live, committed_step,
+                                                                             snapshots, max_stale)):  # fmt: skip
+        holder, step = snapshot
+        why = f"the snapshot of step {step} held by stage {holder} ({committed_step - step} stale)"
+        return RecoveryPlan(stage, Method.SNAPSHOT, (holder,), why)
     if strategy in (RecoveryStrategy.NONE, RecoveryStrategy.RANDOM):
         return RecoveryPlan(stage, Method.RANDOM, (), f"--recovery {strategy}: fresh random weights")
     if stage == 0:
@@ -180,11 +213,12 @@ def plan_recovery(
             return RecoveryPlan(
                 0, Method.EMBEDDING_REPLICA, (src,), f"copy of stage 0 held by stage {src} (step {holders[src]})"
             )
-        why = (
-            "no live stage holds a copy of stage 0"
-            if strategy is RecoveryStrategy.CHECKFREE_PLUS
-            else "plain CheckFree cannot rebuild it from block stages (use --recovery checkfree+)"
-        )
+        if strategy is RecoveryStrategy.CHECKFREE_PLUS:
+            why = "no live stage holds a copy of stage 0"
+        elif strategy is RecoveryStrategy.LADDER:
+            why = f"no live stage holds a snapshot of it at most {max_stale} steps stale"
+        else:
+            why = "plain CheckFree cannot rebuild it from block stages (use --recovery checkfree+ or ladder)"
         return RecoveryPlan(0, Method.UNRECOVERABLE, (), f"stage 0 holds the data, embedding and LM head; {why}")
     below, above = nearest_live_block_stages(stage, num_stages, live)
     if strategy is RecoveryStrategy.COPY and (below is not None or above is not None):  # the ablation baseline

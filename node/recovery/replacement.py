@@ -105,11 +105,13 @@ class StageBuilder:
         stopping: asyncio.Event,
         resume_step: int | None = None,
         join_served: bool = False,
+        snapshot_every: int = 0,
     ) -> None:
         """``resume_step``: the step of the swarm snapshot a ``--resume`` start takes (the planner's ``resume``);
         ``join_served``: the node joins a stage another peer serves, as a replica (a spare that claimed a vacant
-        stage never does: the peer it sees there may be one its neighbours found dead)."""
-        self.join_served = join_served
+        stage never does: the peer it sees there may be one its neighbours found dead); ``snapshot_every``:
+        ``--recovery ladder``'s K, the most steps a neighbour snapshot may be stale."""
+        self.join_served, self.snapshot_every = join_served, snapshot_every
         self.ctx, self.seat, self.strategy, self.metrics, self.events = ctx, seat, strategy, metrics, events
         self.resume_step = resume_step
         self.stopping = stopping
@@ -167,9 +169,15 @@ class StageBuilder:
             for r in others
             if r.parked_stage is not None and r.parked_step is not None and r.stage is not None
         }
+        snapshots: dict[int, tuple[int, int]] = {}
+        for r in others:  # the newest snapshot of each stage, and the stage holding it
+            for stage, step in r.snapshots if r.stage is not None else ():
+                if step > snapshots.get(stage, (None, 0))[1]:
+                    snapshots[stage] = (r.stage, step)
         plan = plan_recovery(
             ctx.stage, me.num_stages, live - {ctx.stage}, committed, self.strategy, copies, leaving, parked,
-            self.resume_step, served=self.join_served and ctx.stage in live,
+            self.resume_step, served=self.join_served and ctx.stage in live, snapshots=snapshots,
+            max_stale=self.snapshot_every,
         )  # fmt: skip
         return plan, committed
 

@@ -6,7 +6,8 @@ swarm CA certified). What it may call depends on what the DHT says it is:
 - control RPCs (Prepare, Commit, Abort, Rollback, PushReplica): only the current stage 0;
 - Forward and Backward: only a stage that some microbatch route makes this stage's neighbour;
 - FetchWeights and FetchReplica: only a node that is rebuilding or taking over a stage;
-- ParkState: only a node handing over a route neighbour's stage;
+- ParkState: only a node handing over a route neighbour's stage, or one serving a stage whose neighbour
+  snapshots this stage holds (``--recovery ladder``);
 - PushGradients: only another replica of this node's stage;
 - Heartbeat, GetStatus (also with the swarm view, for ``swarm-node status --peer``), ExportWeights (the
   committed weights, for ``swarm-node export`` from a live swarm: members are trusted with the model) and the
@@ -27,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import grpc
 
-from node.topology import route_for
+from node.topology import route_for, snapshot_holder
 from node.wire.records import CLAIMING_STATES, HOLDING_STATES, StageRecord, StageState, current_epochs
 
 SERVICE_PREFIX = "/swarm_node.v1.Stage/"
@@ -97,7 +98,9 @@ def decide(
         leaving = [r.stage for r in records if r.node == caller and r.state == StageState.HANDING_OVER]
         if my_stage is not None and any(s in route_neighbours(my_stage, num_stages, out_of_order) for s in leaving):
             return None
-        return f"{caller} is not handing over a route neighbour of stage {my_stage}"
+        if my_stage is not None and any(snapshot_holder(r.stage, num_stages) == my_stage for r in owning):
+            return None  # a stage whose neighbour snapshots this one holds (--recovery ladder)
+        return f"{caller} is not handing over a route neighbour of stage {my_stage}, nor sending it a snapshot"
     if role is Role.REPLICA:
         if my_stage is not None and any(r.stage == my_stage for r in owning):
             return None

@@ -37,6 +37,7 @@ from node.preemption.watcher import PreemptionWatcher
 from node.recovery.faults import FaultInjector, parse_fault
 from node.recovery.handoff import Handoff
 from node.recovery.methods import RecoveryContext, RecoveryMethod
+from node.recovery.neighbour_snapshots import SnapshotRestore, SnapshotSender
 from node.recovery.neighbours import NeighbourRebuild
 from node.recovery.replacement import StageBuilder, StageTaken, Unrecoverable, claim_vacant_stage
 from node.recovery.replica import ReplicaCopy
@@ -94,8 +95,9 @@ class StageDaemon:
             SwarmDirectory(dht, opts.swarm, creds), self.io, self.seat, self.me, timing, self.channels, self.metrics,
             self.events, replica_step=lambda: self.copies.replica_step, parked=lambda: self.service.handoffs.parked_at,
             soft_notice=lambda: self.service.handoffs.prestaging,
-            stage0_rebuildable=strategy in (RecoveryStrategy.CHECKFREE_PLUS, RecoveryStrategy.CHECKPOINT),
+            stage0_rebuildable=strategy.rebuilds_stage0,
             throughput=lambda: self.participant.throughput(),
+            snapshots=lambda: self.service.snapshots.steps(),
         )  # fmt: skip
         self.presence.on_fenced.append(self._on_fenced)
         self.faults = FaultInjector(
@@ -121,28 +123,13 @@ class StageDaemon:
         self.copies = Stage0Copies(
             cfg, self.compute, self.presence, self.channels, timing, self.metrics, self.coordinator.commit_remote
         )
-        self.checkpoints: CheckpointKeeper | None = None
-        if strategy is RecoveryStrategy.CHECKPOINT:
-            assert opts.recovery.checkpoint_dir is not None  # NodeOptions checks it
-            self.checkpoints = CheckpointKeeper(
-                open_storage(opts.recovery.checkpoint_dir, opts.durability.storage_endpoint),
-                opts.recovery.checkpoint_every, self.seat, cfg, self.device,
-                self.compute, self.participant.install, self.metrics, self.events,
-                secret=creds.secret if creds is not None else None,
-            )  # fmt: skip
-            self.participant.after_commit.append(self.checkpoints.after_commit)
-        self.snapshots: SnapshotKeeper | None = None
-        durability = opts.durability
-        if durability.snapshot_to is not None:
-            self.snapshots = SnapshotKeeper(
-                open_storage(durability.snapshot_to, durability.storage_endpoint), durability.snapshot_every,
-                self.seat, cfg, self.device, self.compute, self.participant.install, self.metrics, self.events,
-                secret=creds.secret if creds is not None else None,
-            )  # fmt: skip
-            self.participant.after_commit.append(self.snapshots.after_commit)
+        self.checkpoints, self.snapshots, self.neighbour_snapshots = _keepers(self, creds)
+        for keeper in (self.checkpoints, self.snapshots, self.neighbour_snapshots):
+            if keeper is not None:
+                self.participant.after_commit.append(keeper.after_commit)
         self.resume_step: int | None = None  # the snapshot a --resume start takes (found in run())
         self.methods: list[RecoveryMethod] = [
-            NeighbourRebuild(opts.recovery.lr_scale), self.copies, Handoff(), ReplicaCopy()
+            NeighbourRebuild(opts.recovery.lr_scale), self.copies, Handoff(), ReplicaCopy(), SnapshotRestore()
         ]
         if self.checkpoints is not None:
             self.methods.append(self.checkpoints)
@@ -230,6 +217,7 @@ class StageDaemon:
             builder = StageBuilder(
                 self._context(self.seat.stage), self.seat, self.opts.recovery.strategy, self.methods, self.metrics,
                 self.events, self.stopping, resume_step=self.resume_step, join_served=replica,
+                snapshot_every=self.opts.recovery.snapshot_neighbour_every,
             )  # fmt: skip
             try:
                 recovered = await builder.build()
@@ -404,7 +392,7 @@ class StageDaemon:
             await asyncio.wait_for(self.presence.announce(StageState.OFFLINE), timeout=OFFLINE_SECONDS)
         except TimeoutError:
             logger.warning("could not announce offline within %.0f s", OFFLINE_SECONDS)
-        for keeper in (self.checkpoints, self.snapshots):
+        for keeper in (self.checkpoints, self.snapshots, self.neighbour_snapshots):
             if keeper is not None:
                 await keeper.close()
         self.background.cancel_all()
@@ -415,6 +403,33 @@ class StageDaemon:
         self.compute.close()
         self.io.close()
         self.metrics.close()
+
+
+def _keepers(
+    d: StageDaemon, creds: NodeCredentials | None
+) -> tuple[CheckpointKeeper | None, SnapshotKeeper | None, SnapshotSender | None]:
+    """The parts that keep state after commits, by the options: checkpoints (``--recovery checkpoint``), swarm
+    snapshots (``--snapshot-to``) and neighbour snapshots (``--recovery ladder``)."""
+    opts, cfg, secret = d.opts, d.opts.config, creds.secret if creds is not None else None
+    recovery, durability = opts.recovery, opts.durability
+    checkpoints = snapshots = neighbour = None
+    if recovery.strategy is RecoveryStrategy.CHECKPOINT:
+        assert recovery.checkpoint_dir is not None  # NodeOptions checks it
+        checkpoints = CheckpointKeeper(
+            open_storage(recovery.checkpoint_dir, durability.storage_endpoint), recovery.checkpoint_every, d.seat,
+            cfg, d.device, d.compute, d.participant.install, d.metrics, d.events, secret=secret,
+        )  # fmt: skip
+    if durability.snapshot_to is not None:
+        snapshots = SnapshotKeeper(
+            open_storage(durability.snapshot_to, durability.storage_endpoint), durability.snapshot_every, d.seat,
+            cfg, d.device, d.compute, d.participant.install, d.metrics, d.events, secret=secret,
+        )  # fmt: skip
+    if recovery.strategy is RecoveryStrategy.LADDER:
+        neighbour = SnapshotSender(
+            cfg, recovery.snapshot_neighbour_every, d.seat, d.compute, d.presence, d.channels, opts.timing,
+            d.metrics, d.events,
+        )  # fmt: skip
+    return checkpoints, snapshots, neighbour
 
 
 def run_daemon(opts: NodeOptions) -> int:

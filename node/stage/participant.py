@@ -375,10 +375,7 @@ class PipelineParticipant:
         rt = self.runtime
 
         def snapshot() -> tuple[int, dict[str, torch.Tensor]]:
-            state = rt.full_state()
-            state["meta.lr_scale"] = torch.tensor(rt.lr_scale, dtype=torch.float64)
-            state["meta.last_grad_norm"] = torch.tensor(rt.last_grad_norm, dtype=torch.float64)
-            return rt.committed_step, state
+            return rt.committed_step, rt.handover_state()
 
         return await self.compute.run(snapshot)
 

@@ -89,6 +89,7 @@ class Presence:
         soft_notice: Callable[[], bool] = lambda: False,
         stage0_rebuildable: bool = False,
         throughput: Callable[[], float | None] = lambda: None,
+        snapshots: Callable[[], list[tuple[int, int]]] = list,
     ) -> None:
         self.directory, self.io, self.seat, self.me = directory, io, seat, me
         self.timing, self.channels, self.metrics, self.events = timing, channels, metrics, events
@@ -96,7 +97,8 @@ class Presence:
         self.parked = parked  # (stage, committed step) of a preempted neighbour's state held here
         self.soft_notice = soft_notice  # a soft preemption notice is active (spares stand by for this stage)
         self.throughput = throughput  # microbatches/s this node computes (measured), for stage 0's routing
-        self.stage0_rebuildable = stage0_rebuildable  # checkfree+, checkpoint: a claim of stage 0 can succeed
+        self.snapshots = snapshots  # (stage, committed step) of the neighbour snapshots held here (ladder)
+        self.stage0_rebuildable = stage0_rebuildable  # checkfree+, checkpoint, ladder: stage 0 can be rebuilt
         self.successor: str | None = None  # handing over: the spare named to take the stage
         self.stalled_at = -math.inf  # when this node last found itself back from a stall (see yielding)
         self.state = StageState.JOINING
@@ -134,6 +136,7 @@ class Presence:
             soft_notice=self.soft_notice() and stage is not None,
             successor=self.successor if (state or self.state) == StageState.HANDING_OVER else None,
             throughput=self.throughput(),
+            snapshots=self.snapshots(),
         )
 
     async def announce(self, state: StageState | None = None) -> None:

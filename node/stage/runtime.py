@@ -305,6 +305,14 @@ class StageRuntime:
                 out[f"opt.{idx}.{key}"] = torch.as_tensor(value).detach().to("cpu", copy=True)
         return out
 
+    def handover_state(self) -> dict[str, torch.Tensor]:
+        """:meth:`full_state` plus the 0-d tensors ``meta.lr_scale`` and ``meta.last_grad_norm``: everything a
+        successor (a handoff, a parked state, a neighbour snapshot) needs to continue this stage exactly."""
+        state = self.full_state()
+        state["meta.lr_scale"] = torch.tensor(self.lr_scale, dtype=torch.float64)
+        state["meta.last_grad_norm"] = torch.tensor(self.last_grad_norm, dtype=torch.float64)
+        return state
+
     def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`full_state` (the optimizer keeps this stage's own hyper-parameters)."""
         weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}

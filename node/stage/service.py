@@ -34,6 +34,7 @@ from node.checkpoint.keeper import CheckpointKeeper
 from node.metrics import StageMetrics
 from node.proto import stage_pb2 as pb
 from node.proto import stage_pb2_grpc
+from node.recovery.neighbour_snapshots import SnapshotStore
 from node.recovery.stage0_copies import Stage0Copies
 from node.stage.handoffs import Handoffs
 from node.stage.participant import PipelineParticipant
@@ -129,6 +130,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.refusals = Refusals(metrics)
         self.weights = WeightStreams(participant, self.refusals, status, fetch_limits)
         self.handoffs = Handoffs(participant, self.refusals, self.weights.send, status)
+        self.snapshots = SnapshotStore(participant.config, participant.seat, self.refusals, self.weights.send, metrics)
 
     async def _reject(self, context: grpc.aio.ServicerContext, reason: Reject, message: str) -> None:
         await self.refusals.refuse(context, reason, message)
@@ -296,6 +298,9 @@ class StageService(stage_pb2_grpc.StageServicer):
         if request.parked:
             await self.handoffs.give_back(request, context)
             return
+        if request.snapshot:
+            await self.snapshots.give_back(request, context)
+            return
         async with self.weights.turn(context, "FetchWeights"):
             if not await self._ready(context):  # the stage may have been lost while this call waited
                 return
@@ -341,9 +346,14 @@ class StageService(stage_pb2_grpc.StageServicer):
         return pb.Ack(ok=True)
 
     async def ParkState(self, request_iterator, context) -> pb.Ack:
-        """Keeps the full state of a route neighbour whose owner is leaving with nobody to hand it to."""
-        meta, tensors = await self._decode(request_iterator, context, self.handoffs.park_limit())
-        await self.handoffs.keep(meta, tensors, context)
+        """Keeps the full state of a route neighbour whose owner is leaving with nobody to hand it to, or
+        (``meta.snapshot``) the periodic snapshot of a stage this one holds snapshots for."""
+        limit = max(self.handoffs.park_limit(), self.snapshots.limit())
+        meta, tensors = await self._decode(request_iterator, context, limit)
+        if meta is not None and meta.snapshot:
+            await self.snapshots.keep(meta, tensors, context)
+        else:
+            await self.handoffs.keep(meta, tensors, context)
         return pb.Ack(ok=True)
 
     async def PushReplica(self, request_iterator, context) -> pb.Ack:

@@ -39,6 +39,7 @@ def train_reference(
     on_step: Callable[[int, float], None] | None = None,
     threads: int | None = None,
     assignments: Mapping[int, Mapping[str, list[list[int]]]] | None = None,
+    restores: Mapping[int, Mapping[int, int]] | None = None,
 ) -> ReferenceRun:
     """Trains ``steps`` steps exactly as the swarm does (per-stage AdamW is per-parameter, so one optimizer
     over the whole model is the same math).
@@ -49,12 +50,16 @@ def train_reference(
 
     ``assignments``: committed step (from 1) -> stage -> the microbatches each replica of that stage computed
     (as the swarm's step events record them). Such a stage's gradient is then summed as the replicas sum it:
-    each share's microbatches in order, then the shares by :func:`combine_partials`."""
+    each share's microbatches in order, then the shares by :func:`combine_partials`.
+
+    ``restores``: committed step N -> stage -> an earlier step M: after step N, that stage's weights and AdamW
+    state go back to what they were after step M (a neighbour snapshot restored M steps stale, as the swarm's
+    recovery events record it)."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _train(cfg, tokens, steps, device or torch.device("cpu"), on_step, assignments or {})
+        return _train(cfg, tokens, steps, device or torch.device("cpu"), on_step, assignments or {}, restores or {})
     finally:
         torch.set_num_threads(previous)
 
@@ -66,11 +71,14 @@ def _train(
     device: torch.device,
     on_step: Callable[[int, float], None] | None,
     assignments: Mapping[int, Mapping[str, list[list[int]]]],
+    restores: Mapping[int, Mapping[int, int]],
 ) -> ReferenceRun:
     t = cfg.train
     model = FullModel(cfg).to(device)
     optimizer = make_optimizer(model, t)
     run = ReferenceRun(model)
+    wanted = {(stage, earlier) for per_stage in restores.values() for stage, earlier in per_stage.items()}
+    kept: dict[tuple[int, int], tuple[dict, list]] = {}
     for step in range(steps):
         started = time.perf_counter()
         batch = training_batch(tokens, t, step)
@@ -102,8 +110,27 @@ def _train(
         if not decision.commit:
             raise FloatingPointError(f"reference step {step + 1}: {decision.reason}")
         apply_update(model, optimizer, decision.clip_coef)
+        for stage in range(cfg.num_stages):
+            if (stage, step + 1) in wanted:
+                kept[stage, step + 1] = _stage_state(model.stages[stage], optimizer)
+        for stage, earlier in restores.get(step + 1, {}).items():
+            _load_stage_state(model.stages[stage], optimizer, kept[stage, earlier])
         run.losses.append(sum(losses) / len(losses))
         run.step_seconds.append(time.perf_counter() - started)
         if on_step is not None:
             on_step(step + 1, run.losses[-1])
     return run
+
+
+def _stage_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """A copy of one stage's weights and AdamW state (per parameter, in order)."""
+    per_param = [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                 for p in stage.parameters()]  # fmt: skip
+    return {k: v.clone() for k, v in stage.state_dict().items()}, per_param
+
+
+def _load_stage_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer, state: tuple[dict, list]) -> None:
+    weights, per_param = state
+    stage.load_state_dict(weights)
+    for p, saved in zip(stage.parameters(), per_param, strict=True):
+        optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in saved.items()}

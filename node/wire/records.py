@@ -18,11 +18,13 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_STEP = 2**40  # no swarm commits more steps; a record claiming more is forged or broken
+StageNumber = Annotated[int, Field(ge=0, le=4096, strict=True)]
+SnapshotStep = Annotated[int, Field(ge=1, le=MAX_STEP, strict=True)]
 MAX_EPOCH = 2**62
 MAX_CERT = 4096  # bytes of a DER node certificate (about 0.8 kB in practice)
 _R = TypeVar("_R", bound=BaseModel)
@@ -90,6 +92,8 @@ class StageRecord(BaseModel):
     # the full state a preempted neighbour left here (no successor in time), and its committed step
     parked_stage: int | None = Field(None, ge=0, le=4096, strict=True)
     parked_step: int | None = Field(None, ge=0, le=MAX_STEP, strict=True)
+    # --recovery ladder: the neighbour snapshots held here, as (stage, committed step) pairs
+    snapshots: list[tuple[StageNumber, SnapshotStep]] = Field(default_factory=list, max_length=4)
     # a soft preemption notice (rebalance recommendation, live migration) is active: spares stand by for the stage
     soft_notice: bool = Field(False, strict=True)
     # handing over: the spare this node names to take its stage (it claims at once, with no rivals to wait for)

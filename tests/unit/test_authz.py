@@ -52,7 +52,10 @@ VIEW = [
         ("GetStatus", "s4", 2, True),
         ("ParkState", "leaving", 2, True),  # a preempted route neighbour leaves its state here
         ("ParkState", "leaving", 0, False),  # stage 3 is no route neighbour of stage 0 (S = 5)
-        ("ParkState", "s1", 2, False),  # a serving neighbour has nothing to park
+        ("ParkState", "s1", 3, False),  # a serving stage parks nothing on a stage that holds no snapshot of it
+        ("ParkState", "s1", 2, True),  # ... but sends its neighbour snapshots to the next stage (ladder)
+        ("ParkState", "s4", 3, True),  # the last stage's go to the stage before it
+        ("ParkState", "new", 3, False),  # a stage still being rebuilt has no snapshot to send
         ("Forward", "leaving", 2, False),  # a leaving node sends no activations
     ],
 )

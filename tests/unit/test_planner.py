@@ -197,3 +197,69 @@ def test_a_state_parked_on_a_live_neighbour_is_restored_with_its_staleness() -> 
     assert plan_recovery(2, 6, live - {3}, 12, parked={2: (3, 10)}).method == Method.CHECKFREE  # from 1 and 4
     # an owner still handing over wins over a parked copy
     assert plan_recovery(2, 6, live, 12, handing_over=frozenset({2}), parked={2: (3, 10)}).sources == (2,)
+
+
+# ---- the recovery ladder (--recovery ladder) ---------------------------------------------------------------
+LADDER = RecoveryStrategy.LADDER
+
+
+def test_snapshots_are_held_by_the_next_stage_and_the_last_stage_by_the_one_before() -> None:
+    from node.topology import snapshot_holder
+
+    assert [snapshot_holder(s, 6) for s in range(6)] == [1, 2, 3, 4, 5, 4]
+    assert [snapshot_holder(s, 2) for s in range(2)] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "snapshot,committed,method",
+    [
+        ((3, 10), 12, Method.SNAPSHOT),  # 2 steps stale, K = 5
+        ((3, 7), 12, Method.SNAPSHOT),  # exactly K stale
+        ((3, 6), 12, Method.CHECKFREE),  # staler than K
+        ((3, 13), 12, Method.CHECKFREE),  # from a step the swarm has not committed
+        ((3, 12), 12, Method.SNAPSHOT),  # taken at the swarm's step: exact
+        ((4, 10), 12, Method.CHECKFREE),  # its holder is dead
+        ((2, 10), 12, Method.CHECKFREE),  # "held" by the lost stage itself
+    ],
+)
+def test_the_ladder_takes_a_neighbour_snapshot_only_if_committed_live_and_at_most_k_stale(
+    snapshot: tuple[int, int], committed: int, method: Method
+) -> None:
+    live = frozenset({0, 1, 3, 5})
+    plan = plan_recovery(2, 6, live, committed, LADDER, snapshots={2: snapshot}, max_stale=5)
+    assert plan.method == method
+    if method == Method.SNAPSHOT:
+        assert plan.sources == (snapshot[0],) and f"{committed - snapshot[1]} stale" in plan.reason
+    else:
+        assert plan.sources == (1, 3)  # the next rung: CheckFree from the nearest live block stages
+
+
+def test_every_rung_of_the_ladder_in_order() -> None:
+    live, snap = frozenset({0, 1, 3, 4, 5}), {2: (3, 10)}
+
+    def plan(**kw):
+        kw = {"snapshots": snap, "max_stale": 5, **kw}
+        return plan_recovery(2, 6, kw.pop("live", live), 12, LADDER, **kw).method
+
+    assert plan(served=True, live=live | {2}) == Method.REPLICA  # 1. a live replica: nothing to rebuild
+    assert plan(handing_over=frozenset({2})) == Method.HANDOFF  # 2. a handoff, exact
+    assert plan(parked={2: (3, 11)}) == Method.HANDOFF  # ... or the state its owner parked
+    assert plan() == Method.SNAPSHOT  # 3. a neighbour snapshot
+    assert plan(snapshots={}) == Method.CHECKFREE  # 4. CheckFree
+    assert plan(snapshots={}, live=frozenset({0, 1})) == Method.COPY  # ... a copy at an edge
+    assert plan(snapshots={}, live=frozenset({0})) == Method.RANDOM  # 5. the last resort
+    assert plan_recovery(2, 6, live, 0, LADDER, snapshots=snap, max_stale=5).method == Method.FRESH
+
+
+def test_stage_0_climbs_the_ladder_too_and_other_strategies_ignore_snapshots() -> None:
+    live = frozenset({1, 2, 3})
+    plan = plan_recovery(0, 4, live, 20, LADDER, snapshots={0: (1, 18)}, max_stale=10)
+    assert (plan.method, plan.sources) == (Method.SNAPSHOT, (1,))
+    lost = plan_recovery(0, 4, live, 20, LADDER, snapshots={0: (1, 5)}, max_stale=10)
+    assert lost.method == Method.UNRECOVERABLE and "snapshot" in lost.reason
+    # the last stage's snapshot is on the stage before it
+    assert plan_recovery(3, 4, frozenset({0, 1, 2}), 20, LADDER, snapshots={3: (2, 20)}, max_stale=10).sources == (2,)
+    for strategy in (RecoveryStrategy.CHECKFREE, RecoveryStrategy.COPY, RecoveryStrategy.RANDOM):
+        assert plan_recovery(2, 4, live - {2}, 20, strategy, snapshots={2: (3, 20)}, max_stale=10).method != (
+            Method.SNAPSHOT
+        )

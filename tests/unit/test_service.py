@@ -433,3 +433,42 @@ async def test_a_neighbours_parked_state_is_kept_announced_and_given_back_to_its
     with pytest.raises(grpc.aio.AioRpcError):  # nothing parked for stage 3
         async for _ in served.stub.FetchWeights(pb.FetchWeightsRequest(requester_stage=3, parked=True)):
             pass
+
+
+async def test_a_neighbour_snapshot_is_kept_only_from_a_stage_this_one_holds_for_and_newest_first(served) -> None:
+    from node.recovery.rebuild import expected_state
+
+    # this servicer serves stage 1, which holds stage 0's snapshots (--recovery ladder)
+    def snapshot(stage: int, value: float = 0.5) -> dict[str, torch.Tensor]:
+        state = {f"w.{k}": torch.full(shape, value, dtype=dtype) for k, (shape, dtype) in
+                 expected_state(CFG, stage).items()}  # fmt: skip
+        state["meta.lr_scale"] = torch.tensor(1.0, dtype=torch.float64)
+        state["meta.last_grad_norm"] = torch.tensor(0.3, dtype=torch.float64)
+        return state
+
+    async def park(stage: int, step: int, state: dict[str, torch.Tensor]) -> str | None:
+        m = pb.MicrobatchMeta(step=step, sender_stage=stage, sender_peer="s0", snapshot=True)
+        try:
+            await served.stub.ParkState(encode_stream(m, list(state.items())))
+        except grpc.aio.AioRpcError as err:
+            return err.details().split(":")[0]
+        return None
+
+    store = served.service.snapshots
+    assert await park(0, 4, snapshot(0)) is None and store.steps() == [(0, 4)]
+    assert await park(2, 4, snapshot(2)) == Reject.BAD_ROUTE  # stage 2's snapshots are held by stage 3
+    assert await park(0, 9, snapshot(0)) == Reject.UNKNOWN_STEP  # a step this stage has not reached
+    assert await park(0, 3, snapshot(0)) == Reject.STALE_STEP  # older than the one held
+    assert await park(0, 5, snapshot(0, float("nan"))) == Reject.BAD_STREAM
+    assert await park(0, 5, snapshot(1)) == Reject.BAD_STREAM  # not stage 0's tensors
+    assert store.steps() == [(0, 4)] and not served.service.handoffs.parked_at  # a snapshot is not a park
+    assert await park(0, 5, snapshot(0, 0.25)) is None and store.steps() == [(0, 5)]  # the sender's next commit
+    asm = TensorAssembler(1 << 26, 1 << 26)
+    async for message in served.stub.FetchWeights(pb.FetchWeightsRequest(requester_stage=0, snapshot=True)):
+        asm.feed(message)
+    got = asm.finish()
+    assert asm.meta.step == 5 and asm.meta.snapshot and all(float(t.flatten()[0]) == 0.25 for k, t in got.items()
+                                                            if k.startswith("w."))  # fmt: skip
+    with pytest.raises(grpc.aio.AioRpcError):  # no snapshot of stage 2 here
+        async for _ in served.stub.FetchWeights(pb.FetchWeightsRequest(requester_stage=2, snapshot=True)):
+            pass

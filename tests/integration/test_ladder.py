@@ -1,0 +1,44 @@
+"""The recovery ladder with real processes: stages killed without notice restore their neighbour's snapshot."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+
+import pytest
+
+from node.events import RecoveryEvent, of_type, read_events
+from node.local import local_argv
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+K = 5  # --snapshot-neighbour-every
+
+
+@pytest.mark.timeout(480)
+def test_stages_killed_without_notice_restore_their_neighbours_snapshot_at_most_k_steps_stale(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A block stage and stage 0 are SIGKILLed; each replacement restores the snapshot its holder (the next
+    stage) kept, at most K steps stale. The reference replays exactly that (each stage set back to its weights
+    and AdamW state of the snapshot's step), so the swarm's final weights equal it: the restored state was that
+    stage's state of that step."""
+    workdir, out = tmp_path / "swarm", tmp_path / "summary.json"
+    argv = local_argv(
+        "--stages", "4", "--steps", "45", "--recovery", "ladder", "--snapshot-neighbour-every", str(K),
+        "--kill", "2@23", "--kill", "0@34", "--check-reference", workdir=workdir, json_out=out,
+    )  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=450)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["steps"] == 45 and len(summary["deaths"]) == 2
+    restored = {r.stage: r for r in of_type(read_events(workdir / "events.jsonl"), RecoveryEvent)}
+    assert sorted(restored) == [0, 2]
+    for stage, holder in ((2, 3), (0, 1)):
+        r = restored[stage]
+        assert r.method == "snapshot" and r.sources == [holder], r
+        assert 0 <= r.stale_steps <= K and (r.step - r.stale_steps) % K == 0, r  # a snapshot step, not later
+    # the reference restores the same snapshots: only exact restores give 0.0
+    assert summary["reference_max_abs_diff"] == 0.0
