@@ -122,6 +122,8 @@ def running_swarm(request: pytest.FixtureRequest, tmp_path) -> Iterator[Any]:
         yield swarm
     finally:
         swarm.stop_all(grace=10)
+        if swarm.dht is not None:  # a test's own DHT client
+            swarm.dht.shutdown()
 
 
 def launcher_children(pid: int) -> list[int]:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from node.local import node_argv
 from node.security.keys import issue_node
-from tests.conftest import REPO, swarm_status, wait_for
+from tests.conftest import REPO, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -27,20 +27,23 @@ def export(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("running_swarm", [100_000], indirect=True)
 def test_a_live_export_is_one_committed_step_of_the_reference(running_swarm, tmp_path: pathlib.Path) -> None:
     from node.data import load_corpus_for
+    from node.dht.factory import make_dht
     from node.export.hf import to_hf
     from node.train.reference import train_reference
 
     swarm = running_swarm
     maddr = swarm.bootstrap_maddrs[0]
     status_keys = swarm.credentials("status").keys
+    # an in-process DHT client reads the records in a moment (a `status` process would start a DHT each time)
+    swarm.dht = make_dht(swarm.bootstrap_maddrs, None, swarm.own_credentials, client_mode=True)
 
-    def training() -> list[dict] | None:
-        stages = swarm_status(maddr, keys=status_keys)
-        online = sorted(s["stage"] for s in stages if s["state"] == "online") == [0, 1, 2, 3]
-        return stages if online and min(s["committed_step"] for s in stages) >= 5 else None
+    def training() -> list | None:
+        records = swarm.swarm_records()
+        online = sorted(r.stage for r in records if r.state == "online") == [0, 1, 2, 3]
+        return records if online and min(r.committed_step for r in records) >= 5 else None
 
-    stages = wait_for(training, 180, "four online stages past step 5", interval=2)
-    stage0 = next(s["grpc_address"] for s in stages if s["stage"] == 0)
+    records = wait_for(training, 180, "four online stages past step 5", interval=1)
+    stage0 = next(r.grpc_address for r in records if r.stage == 0)
     exporter = tmp_path / "exporter"
     issue_node(swarm.workdir / "keys", "exporter", exporter)  # a member of the swarm, serving no stage
     out = tmp_path / "model"

@@ -27,13 +27,13 @@ def test_stages_killed_without_notice_restore_their_neighbours_snapshot_at_most_
     stage's state of that step."""
     workdir, out = tmp_path / "swarm", tmp_path / "summary.json"
     argv = local_argv(
-        "--stages", "4", "--steps", "45", "--recovery", "ladder", "--snapshot-neighbour-every", str(K),
-        "--kill", "2@23", "--kill", "0@34", "--check-reference", workdir=workdir, json_out=out,
+        "--stages", "4", "--steps", "36", "--recovery", "ladder", "--snapshot-neighbour-every", str(K),
+        "--kill", "2@13", "--kill", "0@24", "--check-reference", workdir=workdir, json_out=out,
     )  # fmt: skip
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=450)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
-    assert summary["steps"] == 45 and len(summary["deaths"]) == 2
+    assert summary["steps"] == 36 and len(summary["deaths"]) == 2
     restored = {r.stage: r for r in of_type(read_events(workdir / "events.jsonl"), RecoveryEvent)}
     assert sorted(restored) == [0, 2]
     for stage, holder in ((2, 3), (0, 1)):
