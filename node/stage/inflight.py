@@ -77,6 +77,8 @@ class PartialGradients:
         self, step: int, attempt: int, expected: dict[str, int], timeout: float
     ) -> list[tuple[int, dict[str, torch.Tensor]]]:
         """The partials of the peers in ``expected`` (peer -> first microbatch of its share), waiting for them."""
+        if not expected:  # every other replica has an empty share (joiners): nobody sends this one anything
+            return []
 
         def complete() -> bool:
             return self._key == (step, attempt) and all(

@@ -175,3 +175,24 @@ def test_the_local_table_shows_how_many_replicas_serve_each_stage() -> None:
     console.print(progress_table([], records, num_stages=4, steps=9, bootstrap="/ip4/x"))
     row = next(line for line in console.export_text().splitlines() if "0/9" in line)
     assert "online×2+joining" in row and row.count("starting") == 1  # stage 3 has no record yet
+
+
+async def test_partial_gradients_are_taken_by_attempt_and_a_replica_expecting_none_does_not_wait() -> None:
+    import asyncio
+
+    import torch
+
+    from node.stage.inflight import PartialGradients
+    from node.stage.runtime import StepError
+
+    store = PartialGradients()
+    # the only replica that computed (the others joined with empty shares): nobody sends it a partial, and it
+    # must not wait for one (it used to wait out the whole RPC deadline, and the step's Prepare failed)
+    assert await asyncio.wait_for(store.take(5, 1, {}, timeout=30.0), 1.0) == []
+    grads = {"w": torch.ones(2)}
+    assert await store.put(5, 2, "b", 1, grads)
+    assert not await store.put(5, 1, "c", 0, grads)  # an older attempt than the one kept
+    [(first, got)] = await store.take(5, 2, {"b": 1}, timeout=1.0)
+    assert first == 1 and got is grads
+    with pytest.raises(StepError, match="no partial gradient from"):
+        await store.take(5, 2, {"c": 0}, timeout=0.05)
