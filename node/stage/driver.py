@@ -125,7 +125,8 @@ class Stage0Driver:
             logger.warning("step %d attempt %d failed: %s; aborting and replaying", step, attempt, err)
             self.metrics.steps_aborted.inc()
             self.events.emit(AbortEvent(step=step, attempt=attempt, reason=str(err)))
-            await self.coordinator.abort_all(step, attempt, self._shares())
+            # joiners too: one that prepared (with an empty share) must not stay prepared for this attempt
+            await self.coordinator.abort_all(step, attempt, self._shares(joiners=True))
             return
         seconds = time.perf_counter() - started
         self.metrics.loss.set(loss)
