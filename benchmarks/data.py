@@ -25,7 +25,8 @@ from _common import REPO, RESULTS, local_swarm, write_results
 
 
 def stage0_pid(launcher: int) -> int | None:
-    """The pid of the launcher's stage 0 daemon (``swarm-node run ... --stage 0``), if it runs yet."""
+    """The pid of the launcher's stage 0 daemon (``swarm-node run --options .../stage0.json``), if it runs yet
+    (not its DHT helper, a fork with the same command line, which is the daemon's child)."""
     for entry in pathlib.Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -33,7 +34,7 @@ def stage0_pid(launcher: int) -> int | None:
             if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != launcher:
                 continue
             argv = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"run" in argv and b"--stage" in argv and argv[argv.index(b"--stage") + 1] == b"0":
+            if b"run" in argv and any(a.endswith(b"options/stage0.json") for a in argv):
                 return int(entry.name)
     return None
 
