@@ -35,9 +35,11 @@ def tokens_per_second(summary: dict, replicated: bool) -> tuple[float, int]:
 
 def losing_a_replica(base: list[str], steps: int) -> dict:
     """Two replicas per block stage, with and without one replica of stage 2 killed as it is about to compute a
-    backward pass at step ``steps // 2``: the killed run's extra time around the kill (the slowest of the three
-    steps around it, less the median step) and both runs' validation losses."""
-    kill_at = steps // 2
+    backward pass at step ``3 * steps // 4`` (the extra replicas join once the swarm trains, around step 25
+    here: an earlier kill may hit a stage's only peer, which ``--no-respawn`` never replaces): the killed run's
+    extra time around the kill (the slowest of the three steps around it, less the median step) and both runs'
+    validation losses."""
+    kill_at = 3 * steps // 4
     flags = [*base, "--replicas", "2", "--eval-every", str(max(1, steps // 6)), "--no-respawn"]
     clean = run_local(flags, timeout=1200)
     killed = run_local([*flags, "--kill", f"2@{kill_at}:backward"], timeout=1200)
