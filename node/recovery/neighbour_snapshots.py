@@ -149,9 +149,9 @@ class SnapshotStore:
         snapshots, it is of a step this stage has committed or is committing, and no newer one is held."""
         seat, refuse = self.seat, self.refusals.refuse
         stage = meta.sender_stage
-        if seat.stage is None or not 0 <= stage < self.config.num_stages:
+        if seat.stage is None:
             await refuse(context, Reject.NOT_READY, "this node holds no stage")
-        if snapshot_holder(stage, self.config.num_stages) != seat.stage:
+        if not 0 <= stage < self.config.num_stages or snapshot_holder(stage, self.config.num_stages) != seat.stage:
             await refuse(context, Reject.BAD_ROUTE, f"stage {seat.stage} does not hold stage {stage}'s snapshots")
         if meta.step > seat.committed_step + 1:  # the sender may commit a moment before this stage does
             await refuse(context, Reject.UNKNOWN_STEP, f"a snapshot of step {meta.step}, but this stage is at "
