@@ -112,9 +112,16 @@ class LauncherFaults:
         self._due_kills: list[tuple[float, int, int, str]] = []  # (due, stage, step, why)
         self._rng = random.Random(seed)
 
-    def node_faults(self) -> list[str]:
-        """The faults a node started now carries out itself: a replacement only gets those not yet happened."""
-        return [str(s) for s in self.kills if s.stage is not None and s.phase != "start" and str(s) not in self.fired]
+    def node_faults(self, stage: int | None = None, replica: int | None = None) -> list[str]:
+        """The faults a node started now carries out itself: a replacement only gets those not yet happened.
+        ``replica`` (the node is replica ``replica`` of ``stage``, which has several): of that stage's kills,
+        in step order, it gets only the one with its index, so that each kill takes one replica (every node of
+        a stage would otherwise carry it out, one after the other as the step is replayed)."""
+        pending = [s for s in self.kills if s.stage is not None and s.phase != "start" and str(s) not in self.fired]
+        if replica is None:
+            return [str(s) for s in pending]
+        mine = sorted((s for s in pending if s.stage == stage), key=lambda s: s.step)
+        return [str(s) for s in pending if s.stage != stage] + ([str(mine[replica])] if replica < len(mine) else [])
 
     def _kill(self, child: Child, stage: int | None, reason: str, step: int) -> None:
         self.kill_log.append(ev.KilledEvent(stage=stage, step=step, by=reason, pid=child.proc.pid))

@@ -163,8 +163,11 @@ class LocalSwarm:
         keys = self.credentials("local").keys
         return None if keys is None else NodeCredentials.load(keys)
 
-    def node_options(self, stage: int | None, name: str | None = None, slowdown: float = 1.0) -> NodeOptions:
-        """What a node started now for ``stage`` (None: ``--stage auto``) is told to do."""
+    def node_options(
+        self, stage: int | None, name: str | None = None, slowdown: float = 1.0, replica: int | None = None
+    ) -> NodeOptions:
+        """What a node started now for ``stage`` (None: ``--stage auto``) is told to do; ``replica``: its index
+        among the replicas ``--replicas`` starts for the stage (None: the stage has one)."""
         o = self.opts
         return NodeOptions(
             slowdown=slowdown,
@@ -180,7 +183,7 @@ class LocalSwarm:
             save_dir=self.save_dir,
             threads=o.threads,
             metrics_port=0 if o.metrics else None,
-            faults=self.faults.node_faults(),  # a replacement only gets the faults that have not happened yet
+            faults=self.faults.node_faults(stage, replica),  # a replacement: only those not yet happened
             timing=o.timing,
             recovery=o.recovery,
             durability=o.durability,
@@ -206,7 +209,9 @@ class LocalSwarm:
         self.options_dir.mkdir(exist_ok=True)
         options_file = self.options_dir / f"{name}.json"
         slowdown = self.opts.replica_slowdown if replica else 1.0
-        options_file.write_text(self.node_options(stage, name, slowdown).model_dump_json(indent=2), encoding="utf-8")
+        replicated = stage is not None and stage < len(self.opts.replicas) and self.opts.replicas[stage] > 1
+        options = self.node_options(stage, name, slowdown, replica if replicated else None)
+        options_file.write_text(options.model_dump_json(indent=2), encoding="utf-8")
         child = self._spawn(name, ["run", "--options", str(options_file)])
         if replica:
             self.replica_children.append(child)

@@ -334,3 +334,18 @@ def test_check_children_replaces_every_dead_node(kids: Kids, tmp_path: pathlib.P
     kill(swarm.stage_children[1], signal.SIGTERM)
     swarm.check_children([])
     assert started == [None] and [d.exit_code for d in swarm.faults.unplanned()] == [-9, -15]
+
+
+def test_each_kill_of_a_replicated_stage_goes_to_one_replica() -> None:
+    from node.recovery.faults import parse_fault
+
+    kills = [parse_fault(s, 4) for s in ("2@90:backward", "2@70", "1@5", "3@1:start")]
+    f = LauncherFaults(kills, 0.0, 4, seed=0)
+    # one peer per stage: every node carries every node-side kill (each acts only on its own stage)
+    assert f.node_faults(2) == ["2@90:backward", "2@70:forward", "1@5:forward"]
+    # replicas of stage 2: the first kill (by step) to replica 0, the second to replica 1, none to replica 2
+    assert f.node_faults(2, 0) == ["1@5:forward", "2@70:forward"]
+    assert f.node_faults(2, 1) == ["1@5:forward", "2@90:backward"]
+    assert f.node_faults(2, 2) == ["1@5:forward"]
+    f.fired.add("2@70:forward")  # a node started after that kill only gets what has not happened
+    assert f.node_faults(2, 0) == ["1@5:forward", "2@90:backward"]
