@@ -210,7 +210,7 @@ def _add_local(sub: Any) -> None:
         default=[],
         metavar="STAGE@STEP[:PHASE]",
         help="SIGKILL that stage's node during that step (phase forward|backward|fetch; "
-        "spare@STEP kills an idle spare); repeatable",
+        "spare@STEP kills an idle spare); repeatable (with --replicas: one replica per kill)",
     )
     g.add_argument(
         "--preempt",
