@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,11 @@ def run_local(args: Sequence[str], timeout: float | None = None) -> dict[str, An
     """The summary of one ``swarm-node local ARGS`` run (``--quiet``, ``--workdir`` and ``--json-out`` added)."""
     with local_swarm(args) as swarm:
         return swarm.summary(timeout)
+
+
+def median_step_seconds(summary: dict[str, Any]) -> float:
+    """The median committed-step time of a ``local`` run, past start-up (its first 5 steps)."""
+    return statistics.median(summary["step_seconds"][5:])
 
 
 def write_results(path: pathlib.Path, payload: dict[str, Any]) -> None:

@@ -15,11 +15,7 @@ import argparse
 import pathlib
 import statistics
 
-from _common import RESULTS, run_local, write_results
-
-
-def step_seconds(summary: dict) -> float:
-    return statistics.median(summary["step_seconds"][5:])  # past start-up
+from _common import RESULTS, median_step_seconds, run_local, write_results
 
 
 def main() -> None:
@@ -34,12 +30,12 @@ def main() -> None:
     off: list[float] = []
     on: dict[int, list[dict]] = {k: [] for k in every}
     for i in range(args.repeats):
-        off.append(step_seconds(run_local([*base, "--recovery", "checkfree"], timeout=900)))
+        off.append(median_step_seconds(run_local([*base, "--recovery", "checkfree"], timeout=900)))
         line = [f"run {i + 1}/{args.repeats}: no snapshots {off[-1]:.3f}s"]
         for k in every:
             summary = run_local([*base, "--recovery", "ladder", "--snapshot-neighbour-every", str(k)], timeout=900)
-            sent = summary["neighbour_snapshots"]
-            on[k].append({"step_seconds": step_seconds(summary), "ratio": step_seconds(summary) / off[-1],
+            sent, seconds = summary["neighbour_snapshots"], median_step_seconds(summary)
+            on[k].append({"step_seconds": seconds, "ratio": seconds / off[-1],
                           "bytes_per_step": sent["bytes"] / args.steps, "sent": sent["sent"],
                           "held_seconds_mean": sent["seconds_mean"]})  # fmt: skip
             line.append(f"K={k} {on[k][-1]['step_seconds']:.3f}s ({on[k][-1]['bytes_per_step'] / 1e6:.2f} MB/step)")

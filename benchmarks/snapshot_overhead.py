@@ -19,15 +19,11 @@ import os
 import pathlib
 import statistics
 
-from _common import RESULTS, run_local, write_results
+from _common import RESULTS, median_step_seconds, run_local, write_results
 
 from node.local.objectstore import CREDENTIALS, create_bucket, local_s3
 
 BUCKET = "bench"
-
-
-def step_seconds(summary: dict) -> float:
-    return statistics.median(summary["step_seconds"][5:])  # past start-up
 
 
 def main() -> None:
@@ -45,9 +41,9 @@ def main() -> None:
         for i in range(args.repeats):
             url = f"s3://{BUCKET}/run{i}"
             snap = ["--snapshot-to", url, "--snapshot-every", str(args.every), "--storage-endpoint", endpoint]
-            off.append(step_seconds(run_local(base, timeout=900)))
+            off.append(median_step_seconds(run_local(base, timeout=900)))
             summary = run_local([*base, *snap], timeout=900)
-            on.append(step_seconds(summary))
+            on.append(median_step_seconds(summary))
             sealed.append(summary["snapshots"])
             print(f"run {i + 1}/{args.repeats}: step {off[-1]:.3f}s without, {on[-1]:.3f}s with snapshots", flush=True)
         resume = ["--snapshot-to", url, "--storage-endpoint", endpoint, "--resume"]

@@ -60,6 +60,11 @@ def max_state_bytes(spec: TensorSpec) -> int:
     return 3 * state_bytes(spec) + (1 << 20)
 
 
+def largest_state_bytes(cfg) -> int:
+    """Byte limit of any stage's full state (a parked state, a neighbour snapshot): the largest stage's."""
+    return max(max_state_bytes(expected_state(cfg, s)) for s in range(cfg.num_stages))
+
+
 def parked_state_served(
     parked: tuple[int, int] | None, records: Iterable[StageRecord], owner: str | None = None
 ) -> StageRecord | None:

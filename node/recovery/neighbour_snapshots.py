@@ -136,10 +136,6 @@ class SnapshotStore:
         self.config, self.seat, self.refusals, self.send, self.metrics = config, seat, refusals, send, metrics
         self.held: dict[int, HeldSnapshot] = {}
 
-    def limit(self) -> int:
-        """Byte limit of one snapshot: the largest stage's full state."""
-        return max(max_state_bytes(expected_state(self.config, s)) for s in range(self.config.num_stages))
-
     def steps(self) -> list[tuple[int, int]]:
         """(stage, committed step) of every snapshot held, for this node's record."""
         return sorted((h.stage, h.step) for h in self.held.values())

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from node.proto import stage_pb2 as pb
-from node.recovery.handoff import check_handoff, max_state_bytes, parked_state_served
+from node.recovery.handoff import check_handoff, largest_state_bytes, parked_state_served
 from node.recovery.rebuild import BadSource, expected_state
 from node.stage.participant import PipelineParticipant
 from node.stage.presence import Presence
@@ -48,6 +48,7 @@ class Handoffs:
         self._stage_again = False
         self._announce: Callable[[], Awaitable[None]] | None = None  # stores this node's record (release_parked)
         self._announcing: asyncio.Future | None = None
+        self._park_limit: int | None = None
 
     @property
     def parked_at(self) -> tuple[int, int] | None:
@@ -55,9 +56,10 @@ class Handoffs:
         return (self.parked[0], self.parked[1]) if self.parked is not None else None
 
     def park_limit(self) -> int:
-        """Byte limit of a parked state: the largest stage's full state."""
-        cfg = self.participant.config
-        return max(max_state_bytes(expected_state(cfg, s)) for s in range(cfg.num_stages))
+        """Byte limit of a parked state or a neighbour snapshot: the largest stage's full state (computed once)."""
+        if self._park_limit is None:
+            self._park_limit = largest_state_bytes(self.participant.config)
+        return self._park_limit
 
     async def hand_over(self, request: pb.FetchWeightsRequest, context) -> None:
         """The exact state of a stage whose owner is handing it over, to the node that claimed the stage. Only

@@ -348,8 +348,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def ParkState(self, request_iterator, context) -> pb.Ack:
         """Keeps the full state of a route neighbour whose owner is leaving with nobody to hand it to, or
         (``meta.snapshot``) the periodic snapshot of a stage this one holds snapshots for."""
-        limit = max(self.handoffs.park_limit(), self.snapshots.limit())
-        meta, tensors = await self._decode(request_iterator, context, limit)
+        meta, tensors = await self._decode(request_iterator, context, self.handoffs.park_limit())
         if meta is not None and meta.snapshot:
             await self.snapshots.keep(meta, tensors, context)
         else:
