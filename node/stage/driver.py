@@ -167,11 +167,6 @@ class Stage0Driver:
             self.participant.push(meta, h, "Forward", 1)
         try:
             await self._wait_for_microbatches(inflight, routing)
-        except TimeoutError:
-            done = sum(f.done() for f in inflight.pending.values())
-            raise StepFailed(
-                f"only {done} of {len(batch)} microbatches came back in {self.timing.step_timeout}s"
-            ) from None
         finally:
             inflight.cancel_rest()
         shares = self._shares(joiners=True)
@@ -188,7 +183,7 @@ class Stage0Driver:
         return sum(inflight.losses.values()) / len(inflight.losses), decision
 
     async def _wait_for_microbatches(self, inflight, routing: StepRouting) -> None:
-        """Until every microbatch is home (TimeoutError after the step timeout). A replica of the routing that
+        """Until every microbatch is home (:class:`StepFailed` after the step timeout). A replica of the routing that
         leaves this node's view fails the step at once: its microbatches will not come back."""
         everything = asyncio.ensure_future(asyncio.gather(*inflight.pending.values()))
         deadline = time.monotonic() + self.timing.step_timeout
@@ -196,7 +191,11 @@ class Stage0Driver:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError
+                    futures = inflight.pending.values()
+                    home = sum(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+                    raise StepFailed(
+                        f"only {home} of {len(inflight.pending)} microbatches came back in {self.timing.step_timeout}s"
+                    )
                 done, _ = await asyncio.wait({everything}, timeout=min(left, self.timing.refresh_seconds))
                 if done:
                     everything.result()

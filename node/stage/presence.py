@@ -104,6 +104,7 @@ class Presence:
         self.state = StageState.JOINING
         self.view: list[StageRecord] = []
         self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
+        self.committed_seen = 0  # the highest committed step any record of this swarm has shown (committed_known)
         self.last_alive: dict[str, float] = {}  # peer id -> its last successful heartbeat (monotonic)
         self.missed: dict[str, int] = {}  # peer id -> heartbeats missed in a row
         self.on_peer_lost: list[Callable[[StepFailed], None]] = []
@@ -162,6 +163,7 @@ class Presence:
         records, suspicions = await self.io.run(self.directory.records_and_suspicions)
         dead = declared_dead(records, suspicions, self.me.num_stages)
         self.view = [r for r in records if r.peer_id not in dead]
+        self.committed_seen = max([self.committed_seen, *(r.committed_step for r in self.members(None))])
         # back from a stall (a frozen process or VM): the swarm may be rebuilding this stage; a claim fences it
         if not self.seat.handing_over and (newer := self.newer_claim(claims=self.yielding())) is not None:
             for callback in self.on_fenced:
@@ -270,6 +272,12 @@ class Presence:
         """The highest committed step any other live peer of this swarm announces."""
         return max((r.committed_step for r in self.members()), default=0)
 
+    def committed_known(self) -> int:
+        """The live peers' committed step, or if none serves, the highest one this node has seen announced:
+        a swarm whose peers all went (a teardown, a region lost) has trained, and a spare that sees its stages
+        vacant must not take that for a new swarm and start a stage from the seed's initial weights."""
+        return self.swarm_committed() or self.committed_seen
+
     async def serving_peer(self, stage: int) -> str | None:
         """Another live (or rebuilding) peer that holds ``stage``, per a fresh read of the DHT."""
         await self.try_refresh()
@@ -319,13 +327,19 @@ class Presence:
 
     # ---- heartbeats -------------------------------------------------------------------------------
     async def ping(self, stage: int) -> bool:
-        """One heartbeat to ``stage``'s peer; ``suspect_after`` failed or late replies in a row make it suspect."""
-        peer = self.peer_of(stage)
-        if peer is None:
+        """One heartbeat to every peer of ``stage`` (each replica: a dead one must not wait for its record to
+        expire while microbatches are routed to it); True when one of them answers."""
+        peers = self.replicas_of(stage)
+        if not peers:
             # No serving peer left: a neighbour reported it dead (or its record expired) before our own
             # heartbeats failed. The step in flight cannot finish either way.
             self.peer_lost(StepFailed(f"stage {stage} has no serving peer"))
             return False
+        return any(await asyncio.gather(*(self.ping_peer(peer) for peer in peers)))
+
+    async def ping_peer(self, peer: StageRecord) -> bool:
+        """One heartbeat to ``peer``; ``suspect_after`` failed or late replies in a row make it suspect."""
+        stage = peer.stage
         request = pb.HeartbeatRequest(
             sender_stage=self.seat.stage or 0, sender_peer=self.me.peer_id, committed_step=self.seat.committed_step
         )
@@ -350,8 +364,8 @@ class Presence:
         return True
 
     async def run_heartbeats(self, stopping: asyncio.Event) -> None:
-        """Pings the route neighbours (stage 0: every stage) every ``heartbeat_interval``. A block stage with
-        a neighbour missing announces ``waiting``, and ``online`` again once both answer."""
+        """Pings every peer of the route neighbours (stage 0: of every stage) every ``heartbeat_interval``. A
+        block stage with a neighbour missing announces ``waiting``, and ``online`` again once both answer."""
         while not stopping.is_set():
             stage = self.seat.stage
             if stage is not None and self.seat.ready:

@@ -168,6 +168,35 @@ async def test_a_heartbeat_answered_by_another_process_is_a_missed_beat(parts) -
     assert await presence.ping(0)  # a neighbour answering as itself is alive
 
 
+async def test_heartbeats_reach_every_replica_and_a_dead_one_fails_the_step_in_flight(parts) -> None:
+    """A replica that dies while microbatches are routed to it is found by heartbeat, not by the expiry of its
+    record (which a step in flight would wait out): the stage stays alive through the other replica."""
+    presence, directory, channels, _ = parts
+    directory.by_peer["c2"] = rec(2, "c2")
+    await presence.refresh()
+    presence.seat.runtime = SimpleNamespace(committed_step=5)
+    lost: list[StepFailed] = []
+    presence.on_peer_lost.append(lost.append)
+    channels.down.add(rec(2, "c2").grpc_address)
+    for _ in range(presence.timing.suspect_after):
+        assert await presence.ping(2)  # "c" answers for the stage
+    assert "c2" in presence.suspected() and "c" not in presence.suspected()
+    missed = presence.timing.suspect_after
+    assert [str(e) for e in lost] == [f"stage 2 (c2) lost: heartbeat: UNAVAILABLE ({missed} missed)"]
+    assert [r.peer_id for r in presence.replicas_of(2)] == ["c"]
+
+
+async def test_a_swarm_whose_peers_all_went_is_not_taken_for_a_new_one(parts) -> None:
+    """Once every record is gone (a teardown), the live committed step is 0, but the node remembers the swarm
+    had trained: a spare must not plan a fresh start from the seed's initial weights."""
+    presence, directory, _, _ = parts
+    await presence.refresh()
+    assert presence.swarm_committed() == presence.committed_known() == 5
+    directory.by_peer = {"x": rec(2, "x", fp="other", step=50)}  # only another swarm's peer is left
+    await presence.refresh()
+    assert presence.swarm_committed() == 0 and presence.committed_known() == 5
+
+
 async def test_the_record_says_what_the_seat_holds(parts) -> None:
     presence, _, _, _ = parts
     record = presence.record(StageState.ONLINE)
