@@ -126,6 +126,8 @@ class StageBuilder:
             if plan.method == Method.UNRECOVERABLE:
                 if await self._served_by_another():
                     raise StageTaken(f"stage {ctx.stage} is served by another peer after all")
+                if self.stopping.is_set():  # told to stop meanwhile: that is no verdict on the swarm
+                    break
                 raise Unrecoverable(f"stage {ctx.stage} cannot be rebuilt: {plan.reason}")
             if plan.method == Method.FRESH:
                 self.seat.runtime = await ctx.compute.run(StageRuntime, ctx.config, ctx.stage, ctx.device)
@@ -161,7 +163,7 @@ class StageBuilder:
         others = [r for r in presence.members(None) if r.peer_id not in ctx.distrusted]
         me = presence.me
         live = live_stages(others, fingerprint=me.fingerprint, num_stages=me.num_stages)
-        committed = presence.swarm_committed()
+        committed = presence.committed_known()
         copies = {r.stage: r.replica_step for r in others if r.replica_step is not None and r.stage is not None}
         leaving = frozenset(r.stage for r in others if r.state == StageState.HANDING_OVER and r.stage is not None)
         parked = {

@@ -90,6 +90,9 @@ class FakePresence:
     def swarm_committed(self) -> int:
         return max((r.committed_step for r in self.records), default=0)
 
+    def committed_known(self) -> int:
+        return self.swarm_committed()
+
 
 class ScriptedMethod:
     """A plug-in that fails ``failures`` times with SourceLost, then builds a runtime."""
