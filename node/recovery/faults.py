@@ -63,7 +63,8 @@ def die_now() -> None:
 
 class FaultInjector:
     """Dies at the first matching fault spec (tests, ``swarm-node local --kill``), after writing a ``killed``
-    event. A microbatch-level phase fires on the middle microbatch of the step, so the step is mid-flight."""
+    event. A microbatch-level phase fires on the middle microbatch of the step, so the step is mid-flight (or,
+    on a replica that was not routed that microbatch, on its first microbatch of a later step)."""
 
     def __init__(
         self,
@@ -77,13 +78,20 @@ class FaultInjector:
         self.recovered_at = recovered_at  # committed step this node's stage was rebuilt at, if it was
 
     def check(self, phase: str, *, stage: int | None, step: int, microbatch: int | None = None) -> None:
-        if not self.specs or (microbatch is not None and microbatch != self.microbatch):
+        if not self.specs:
             return
         recovered = self.recovered_at()
         # a replacement replays the step its predecessor died in: that kill has already happened
         replayed = phase != "fetch" and recovered is not None and step <= recovered + 1
         for spec in self.specs:
-            if spec.stage == stage and spec.step == step and spec.phase == phase and not replayed:
+            # the middle microbatch of the step; a replica whose share of that step lacks it dies at its first
+            # microbatch of a later step (still mid-step)
+            due = (
+                spec.step == step
+                if microbatch is None
+                else (spec.step == step and microbatch == self.microbatch) or spec.step < step
+            )
+            if spec.stage == stage and due and spec.phase == phase and not replayed:
                 self.events.emit(KilledEvent(stage=stage, step=step, phase=phase))
                 logger.warning("fault injection: dying in %s of step %d", phase, step)
                 die_now()

@@ -8,7 +8,8 @@ swarm's average peer, or 1.0 when nobody has measured. Stage 0 has exactly one p
 - :func:`join_stage`: a spare with no vacant stage to claim joins the block stage with the least throughput,
   as a replica. Spares waiting at the same time spread out: each computes the same greedy fill over the
   spares in peer-id order (every pick adds an average peer to the stage it picks) and takes its own pick.
-- :func:`move_stage`: a replica leaves its stage (never its last peer) when
+- :func:`move_stage`: a replica leaves its stage (never its last peer, and never while a peer joins or
+  rebuilds a stage: its view is about to change) when
   - a block stage is vacant and no spare waits to claim it: one replica, the lowest peer id of the stage with
     the most peers (the lowest such stage), moves to claim it (the stage is then rebuilt as after any death);
   - or moving to the stage with the least throughput raises the swarm's minimum stage throughput by more
@@ -75,6 +76,8 @@ def move_stage(
     mates = sorted(r.peer_id for r in records if r.stage == me.stage and r.state in SERVING_STATES)
     if len(mates) < 2:
         return None  # never leave a stage with no peer
+    if any(r.state in CLAIMING_STATES for r in records if r.stage is not None):
+        return None  # a join or rebuild under way changes the stages' peers and throughputs: decide after it
     totals = stage_throughputs(records, num_stages)
     vacant = [s for s, t in totals.items() if t == 0]
     if vacant:

@@ -6,7 +6,8 @@ needed (``--placement throughput``).
   between steps.
 - :meth:`ReplicaWatch.watch_placement`: every two refresh periods, asks :func:`node.stage.placement.move_stage`
   whether this node should leave its stage (to refill a vacant stage, or to lift the slowest stage by a clear
-  margin); if so it sets :attr:`ReplicaWatch.moving`, and the daemon moves it between steps.
+  margin); once three checks in a row name the same move it sets :attr:`ReplicaWatch.moving`, and the daemon
+  moves it between steps.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from node.wire.records import StageState
 
 logger = logging.getLogger(__name__)
 MOVE_CHECK_PERIODS = 2  # refresh periods between placement checks
+# checks in a row that must name the same move: a record that reached this node late (a peer that has just
+# joined a stage, a replica catching up) must not make it leave a stage on a view that is already outdated
+MOVE_CONFIRMATIONS = 3
 
 
 class ReplicaWatch:
@@ -72,11 +76,13 @@ class ReplicaWatch:
 
     async def watch_placement(self) -> None:
         """Sets :attr:`moving` (with :attr:`move_to`) once :func:`move_stage` says this node should move."""
+        seen: list[int | None] = []
         while not self.moving.is_set():
             await asyncio.sleep(MOVE_CHECK_PERIODS * self.period)
             me = self.presence.record()
             target = move_stage(self.presence.members(None), me, me.num_stages)
-            if target is not None:
+            seen = [*seen, target][-MOVE_CONFIRMATIONS:]
+            if target is not None and seen == [target] * MOVE_CONFIRMATIONS:
                 logger.warning("leaving stage %s for stage %d, where the swarm needs throughput", me.stage, target)
                 self.move_to = target
                 self.moving.set()

@@ -162,6 +162,10 @@ def test_a_replica_moves_only_to_refill_a_vacancy_or_for_a_clear_gain_and_never_
     skewed = [_peer(0, "s0", 9.0), _peer(1, "a", 4.0), _peer(1, "a2", 4.0), _peer(2, "b", 4.0), _peer(3, "c", 1.0)]
     assert move_stage(skewed, skewed[1], 4) == 3 and move_stage(skewed, skewed[2], 4) is None
     assert move_stage(skewed, skewed[1], 4, margin=10.0) is None  # hysteresis
+    # a peer joining (or rebuilding) a stage, which this view may not count right yet: nobody moves until it is done
+    for state in ("joining", "recovering"):
+        assert move_stage([*skewed, _peer(1, "j", state=state)], skewed[1], 4) is None
+        assert move_stage([*lost, _peer(2, "j", state=state)], me, 4) is None
     assert move_stage(base, base[0], 4) is None  # stage 0 has one peer and never moves
 
 
@@ -196,3 +200,24 @@ async def test_partial_gradients_are_taken_by_attempt_and_a_replica_expecting_no
     assert first == 1 and got is grads
     with pytest.raises(StepError, match="no partial gradient from"):
         await store.take(5, 2, {"c": 0}, timeout=0.05)
+
+
+def test_a_mid_step_kill_fires_on_a_replica_that_was_not_routed_the_middle_microbatch(monkeypatch) -> None:
+    """``--kill 2@5:forward``: the middle microbatch of step 5 (2 of 4); a replica whose share of step 5 lacks
+    it dies at its first microbatch of step 6 instead of never."""
+    from node.events import EventLog
+    from node.recovery import faults
+
+    died: list[tuple[int, int]] = []
+    injector = faults.FaultInjector([faults.parse_fault("2@5:forward")], EventLog(None), 4)
+    for step, mb in [(4, 2), (5, 1), (5, 3), (6, 0)]:
+        monkeypatch.setattr(faults, "die_now", lambda step=step, mb=mb: died.append((step, mb)))
+        injector.check("backward", stage=2, step=step, microbatch=mb)  # another phase
+        injector.check("forward", stage=1, step=step, microbatch=mb)  # another stage
+        injector.check("forward", stage=2, step=step, microbatch=mb)
+    assert died == [(6, 0)]
+    single = faults.FaultInjector([faults.parse_fault("2@5:forward")], EventLog(None), 4)
+    for step, mb in [(5, 0), (5, 1), (5, 2)]:
+        monkeypatch.setattr(faults, "die_now", lambda step=step, mb=mb: died.append((step, mb)))
+        single.check("forward", stage=2, step=step, microbatch=mb)
+    assert died[1:] == [(5, 2)]  # one peer per stage: the middle microbatch, as before
