@@ -103,7 +103,7 @@ class SwarmConfig(BaseModel):
     tokenizer: str | None = None
     # an exported model (swarm-node export) whose weights replace the seed's initial ones (--init-from)
     init_from: str | None = None
-    wire_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: the activation's own dtype
+    wire_dtype: Literal["float32", "bfloat16", "float16", "int8"] | None = None  # None: the activation's own dtype
     # CheckFree+: odd microbatches swap the first two and the last two block stages (changes the math, so
     # it is part of the config every stage must share).
     out_of_order: bool = False

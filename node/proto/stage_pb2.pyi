@@ -15,12 +15,14 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_INT64: _ClassVar[DType]
     DTYPE_FLOAT64: _ClassVar[DType]
+    DTYPE_INT8: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
 DTYPE_FLOAT16: DType
 DTYPE_INT64: DType
 DTYPE_FLOAT64: DType
+DTYPE_INT8: DType
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes")

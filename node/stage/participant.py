@@ -30,6 +30,7 @@ from node.stage.presence import Presence
 from node.stage.runtime import Reject, StageRuntime, StepError, StepFailed
 from node.stage.seat import Seat
 from node.transport.channels import ChannelPool
+from node.wire.quantize import SCALE_NAME, quantize_blockwise
 from node.wire.tensors import encode_stream
 
 logger = logging.getLogger(__name__)
@@ -116,8 +117,8 @@ class PipelineParticipant:
         """Streams ``tensor`` to stage ``target`` (to its replica ``peer_id`` when given); retries another/new
         peer on transport errors. A chosen replica that is gone fails the microbatch: another replica lacks
         its activations, so stage 0 replays the step with a new assignment."""
-        payload = tensor if self.wire_dtype is None else tensor.to(self.wire_dtype)
-        nbytes = payload.numel() * payload.element_size()
+        tensors = self.wire_tensors(tensor)
+        nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
         while True:
             rt = self.seat.runtime
             if rt is not None and (rt.committed_step > meta.step or rt.attempt > meta.attempt):
@@ -136,7 +137,7 @@ class PipelineParticipant:
             stub = self.channels.stub(peer)
             try:
                 await getattr(stub, rpc)(
-                    encode_stream(meta, [("", payload)]),
+                    encode_stream(meta, tensors),
                     timeout=max(0.1, min(self.timing.rpc_timeout, deadline - time.monotonic())),
                 )
             except grpc.aio.AioRpcError as err:
@@ -153,6 +154,14 @@ class PipelineParticipant:
                 ) from None
             self.metrics.bytes_sent.labels(direction=rpc.lower()).inc(nbytes)
             return
+
+    def wire_tensors(self, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """What an activation or gradient travels as: itself, cast to ``wire_dtype``, or int8 codes and
+        their block scales (:mod:`node.wire.quantize`)."""
+        if self.config.wire_dtype == "int8":
+            codes, scales = quantize_blockwise(tensor)
+            return [("", codes), (SCALE_NAME, scales)]
+        return [("", tensor if self.wire_dtype is None else tensor.to(self.wire_dtype))]
 
     def push(self, meta: pb.MicrobatchMeta, tensor: torch.Tensor, rpc: str, hop: int) -> None:
         """Pushes a result to ``meta.route[hop]`` in the background. A push that cannot be delivered fails

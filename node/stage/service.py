@@ -42,6 +42,7 @@ from node.stage.refusals import Refusals
 from node.stage.runtime import Reject, StepError
 from node.stage.weights import FetchLimits, WeightStreams
 from node.topology import check_route
+from node.wire.quantize import SCALE_NAME, dequantize_blockwise
 from node.wire.records import StageRecord, stages_key
 from node.wire.tensors import WireError, decode_stream, encode_stream
 
@@ -212,10 +213,17 @@ class StageService(stage_pb2_grpc.StageServicer):
         if problem is not None:
             await self._reject(context, Reject.BAD_ROUTE, problem)
             return None
-        if list(tensors) != [""]:
-            await self._reject(context, Reject.BAD_STREAM, f"expected one activation tensor, got {len(tensors)}")
+        if sorted(tensors) not in ([""], ["", SCALE_NAME]):
+            await self._reject(context, Reject.BAD_STREAM, f"expected one activation tensor, got {sorted(tensors)}")
             return None
         x = tensors[""]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if SCALE_NAME in tensors:  # blockwise int8 (wire_dtype int8)
+            try:
+                x = dequantize_blockwise(x, tensors[SCALE_NAME])
+            except ValueError as err:
+                await self._reject(context, Reject.BAD_DTYPE, f"int8 activation: {err}")
+                return None
         if x.dtype not in ACTIVATION_DTYPES:
             await self._reject(context, Reject.BAD_DTYPE, f"activation dtype {x.dtype} is not a float type")
             return None
@@ -229,7 +237,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             return None
         # timed here and not by the sender, whose call lasts until this node has also queued and computed
         self.metrics.transfer_seconds.labels(direction=direction).observe(time.perf_counter() - started)
-        self.metrics.bytes_received.labels(direction=direction).inc(x.numel() * x.element_size())
+        self.metrics.bytes_received.labels(direction=direction).inc(nbytes)
         return meta, x
 
     async def Forward(self, request_iterator, context) -> pb.Ack:

@@ -28,6 +28,7 @@ DTYPE_TO_WIRE: dict[torch.dtype, int] = {
     torch.float16: pb.DTYPE_FLOAT16,
     torch.int64: pb.DTYPE_INT64,
     torch.float64: pb.DTYPE_FLOAT64,
+    torch.int8: pb.DTYPE_INT8,
 }
 WIRE_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in DTYPE_TO_WIRE.items()}
 

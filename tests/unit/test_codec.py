@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from node.proto import stage_pb2 as pb
+from node.wire.quantize import BLOCK, dequantize_blockwise, num_blocks, quantize_blockwise
 from node.wire.tensors import CHUNK_BYTES, WireError, data_payload, decode_chunks, encode_stream, tensor_chunks
 
 
@@ -87,3 +88,26 @@ def test_garbage_message_is_a_bad_stream() -> None:
     with pytest.raises(WireError) as err:
         decode_chunks([b"\xff\xff\xff"])
     assert err.value.reason == "bad_stream"
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 64), (3, 7), (1,), (130,)])
+def test_int8_blockwise_round_trip_is_within_half_a_step_of_each_blocks_largest_value(shape) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 10
+    x.view(-1)[: min(64, x.numel())] = 0.0  # an all-zero block (the first) stays zero, with scale 0
+    codes, scales = quantize_blockwise(x)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape and scales.numel() == num_blocks(x.numel())
+    back = dequantize_blockwise(codes, scales)
+    flat, err = x.reshape(-1), (back - x).reshape(-1).abs()
+    for b in range(num_blocks(flat.numel())):
+        block = slice(b * BLOCK, (b + 1) * BLOCK)
+        assert float(err[block].max()) <= float(flat[block].abs().max()) / 254 * (1 + 1e-6)
+    assert float(scales[0]) == 0.0 and not back.reshape(-1)[:64].any()
+    if x.numel() >= BLOCK:  # a quarter of fp32's bytes, plus one fp32 scale per block
+        assert codes.numel() + 4 * scales.numel() <= x.numel() * (1 + 4 / BLOCK) + 4 * BLOCK
+
+
+def test_int8_scales_that_do_not_fit_the_codes_are_refused() -> None:
+    codes, scales = quantize_blockwise(torch.randn(200))
+    for bad in (scales[:-1], -scales, torch.full_like(scales, float("inf")), scales.double()):
+        with pytest.raises(ValueError):
+            dequantize_blockwise(codes, bad)

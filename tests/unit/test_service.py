@@ -25,6 +25,7 @@ from node.topology import route_for
 from node.transport.channels import GRPC_OPTIONS
 from node.transport.server import StageServer
 from node.transport.stage_rpc import StageClient
+from node.wire.quantize import SCALE_NAME, dequantize_blockwise, quantize_blockwise
 from node.wire.tensors import TensorAssembler, encode_stream
 
 CFG = build_config(overrides={"num_stages": 4, "train": {"microbatches_per_step": 2, "microbatch_size": 2,
@@ -54,6 +55,7 @@ class FakeParticipant:
         if meta.step != 4:
             raise StepError(Reject.STALE_STEP, f"step {meta.step} is not 4")
         self.forwarded.append(meta.microbatch)
+        self.received = x
 
     async def abort(self, step: int, attempt: int) -> None:
         self.aborted.append((step, attempt))
@@ -128,6 +130,25 @@ def rejected(metrics: StageMetrics, reason: Reject) -> float:
 async def test_a_valid_activation_reaches_the_participant(served) -> None:
     ack = await served.stub.Forward(encode_stream(meta(1), [("", torch.zeros(SHAPE))]))
     assert ack.ok and served.participant.forwarded == [1]
+
+
+async def test_an_int8_activation_arrives_dequantized_and_bad_scales_are_refused(served) -> None:
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    codes, scales = quantize_blockwise(x)
+    assert (await served.stub.Forward(encode_stream(meta(1), [("", codes), (SCALE_NAME, scales)]))).ok
+    got = served.participant.received
+    assert got.dtype == torch.float32 and torch.equal(got, dequantize_blockwise(codes, scales))
+    for bad, reason in [
+        ([("", codes), (SCALE_NAME, -scales)], Reject.BAD_DTYPE),  # a negative scale
+        ([("", codes), (SCALE_NAME, scales[:-1])], Reject.BAD_DTYPE),  # one block without its scale
+        ([("", x.bfloat16()), (SCALE_NAME, scales)], Reject.BAD_DTYPE),  # scales with float "codes"
+        ([("", codes)], Reject.BAD_DTYPE),  # codes without scales: int8 is no activation type
+        ([("", codes), ("other", scales)], Reject.BAD_STREAM),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await served.stub.Forward(encode_stream(meta(0), bad))
+        assert err.value.details().startswith(reason.value), err.value.details()
+    assert served.participant.forwarded == [1] and served.service.refusals.total == 5
 
 
 @pytest.mark.parametrize(
