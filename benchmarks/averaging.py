@@ -45,6 +45,9 @@ def _hivemind_peer(rank: int, mib: float, rounds: int, matchmaking: float, maddr
     import hivemind
     from hivemind.averaging import DecentralizedAverager
 
+    # a spawned child inherits "spawn" as its default start method, and hivemind's averager (a Process that
+    # holds weak references) cannot be pickled to start that way: fork it, as hivemind expects
+    mp.set_start_method("fork", force=True)
     torch.set_num_threads(1)
     dht = hivemind.DHT(start=True, initial_peers=maddrs.get(timeout=60) if rank else None)
     if rank == 0:
