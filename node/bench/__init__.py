@@ -49,7 +49,8 @@ class BenchOptions:
     strategies: list[BenchStrategy]
     failure_rates: list[float]
     iterations: int
-    seed: int = 0
+    seed: int = 0  # the first seed (model, batch order and failure draws); each further one is the next integer
+    seeds: int = 3  # runs per strategy and rate, one per seed: the tables give mean ± sd over them
     target_loss: float | None = None
     checkpoint_every: int = 10
     redundant_factor: float = PAPER_REDUNDANT_FACTOR

@@ -186,6 +186,7 @@ def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResult
             "eval": f"{opts.eval_batches} held-out microbatches every {opts.eval_every} committed steps",
         },
         runs=[finish_run(r, target) for r in runs],
+        baseline=finish_run(baseline, target),
     )
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import pathlib
 import platform
+import statistics
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from node import __version__
-from node.bench import STRATEGIES, BenchStrategy
+from node.bench import STRATEGIES, BenchOptions, BenchStrategy
 
 
 class CurvePoint(BaseModel):
@@ -30,8 +33,9 @@ class BenchRun(BaseModel):
 
     strategy: BenchStrategy
     failure_rate: float
+    seed: int = Field(0, description="the seed of its model, data order and failure draws")
     failures: int
-    iterations_to_target: int | None
+    iterations_to_target: float | None = Field(description="interpolated between the evaluations around it")
     seconds_to_target: float | None
     final_val_loss: float | None
     step_seconds: float = Field(description="seconds per iteration used for this run's clock")
@@ -39,6 +43,29 @@ class BenchRun(BaseModel):
     methods: dict[str, int] = Field(default_factory=dict, description="recoveries by method")
     extra: dict[str, Any] = Field(default_factory=dict, description="strategy-specific measured costs")
     curve: list[CurvePoint] = Field(default_factory=list)
+
+
+class Spread(BaseModel):
+    """Mean and standard deviation over seeds (sd 0.0 with one seed)."""
+
+    mean: float
+    sd: float
+    n: int
+
+
+class SummaryRow(BaseModel):
+    """One table cell group: a strategy at a failure rate, over every seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: BenchStrategy
+    failure_rate: float
+    seeds: int
+    reached: int = Field(description="seeds whose run reached the target")
+    seconds_to_target: Spread | None = Field(description="over the seeds that reached it")
+    iterations_to_target: Spread | None
+    final_val_loss: Spread | None
+    failures: Spread
 
 
 class BenchResults(BaseModel):
@@ -53,10 +80,14 @@ class BenchResults(BaseModel):
     config: dict[str, Any]
     iterations: int
     seed: int
+    seeds: list[int] = Field(default_factory=list, description="every seed run (each run names its own)")
     target_loss: float
     target_source: str
+    noise: dict[str, Any] = Field(default_factory=dict, description="how much the no-failure run varies by seed")
     costs: dict[str, Any] = Field(description="every cost the clock uses, measured on this machine, and how")
     runs: list[BenchRun]
+    baseline: BenchRun | None = Field(None, description="the no-failure run (always made: it sets the target)")
+    summary: list[SummaryRow] = Field(default_factory=list, description="per strategy and rate, over the seeds")
 
 
 def machine_info() -> dict[str, Any]:
@@ -79,11 +110,19 @@ def default_target(curve: list[CurvePoint], iterations: int) -> float:
     return min(curve, key=lambda p: (abs(p.iteration - goal), p.iteration)).val_loss
 
 
-def time_to_target(curve: list[CurvePoint], target: float) -> tuple[int | None, float | None]:
-    """(iterations, seconds) at the first evaluation at or below ``target``; (None, None) if never."""
-    for point in curve:
-        if point.val_loss <= target:
-            return point.iteration, point.seconds
+def time_to_target(curve: list[CurvePoint], target: float) -> tuple[float | None, float | None]:
+    """(iterations, seconds) at which the validation loss first reaches ``target``, linearly interpolated
+    between the evaluation above it and the first one at or below it; (None, None) if never."""
+    for before, point in zip([None, *curve], curve, strict=False):
+        if point.val_loss > target:
+            continue
+        if before is None or before.val_loss <= point.val_loss:
+            return float(point.iteration), point.seconds
+        f = (before.val_loss - target) / (before.val_loss - point.val_loss)
+        return (
+            before.iteration + f * (point.iteration - before.iteration),
+            before.seconds + f * (point.seconds - before.seconds),
+        )
     return None, None
 
 
@@ -94,35 +133,123 @@ def finish_run(run: BenchRun, target: float) -> BenchRun:
     return run
 
 
-def write_results(results: BenchResults, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """Writes ``out/results.json`` and ``out/loss_vs_time.png``; returns both paths."""
+def spread(values: list[float]) -> Spread | None:
+    """Mean ± sd of ``values`` (None when there are none)."""
+    if not values:
+        return None
+    return Spread(mean=statistics.fmean(values), sd=statistics.stdev(values) if len(values) > 1 else 0.0,
+                  n=len(values))  # fmt: skip
+
+
+def summarize(runs: list[BenchRun]) -> list[SummaryRow]:
+    """One row per (strategy, failure rate) in the order the runs came, over their seeds."""
+    groups: dict[tuple[BenchStrategy, float], list[BenchRun]] = {}
+    for run in runs:
+        groups.setdefault((run.strategy, run.failure_rate), []).append(run)
+    rows = []
+    for (strategy, rate), group in groups.items():
+        reached = [r for r in group if r.seconds_to_target is not None]
+        rows.append(
+            SummaryRow(
+                strategy=strategy, failure_rate=rate, seeds=len(group), reached=len(reached),
+                seconds_to_target=spread([r.seconds_to_target for r in reached]),
+                iterations_to_target=spread([r.iterations_to_target for r in reached]),
+                final_val_loss=spread([r.final_val_loss for r in group if r.final_val_loss is not None]),
+                failures=spread([float(r.failures) for r in group]),
+            )
+        )  # fmt: skip
+    return rows
+
+
+def run_seeds(opts: BenchOptions, seeds: int, run_one: Callable[[Any], BenchResults]) -> BenchResults:
+    """Runs ``run_one`` once per seed (``opts.seed`` and the next ``seeds - 1``: each seed sets the model's
+    initial weights, the batch order and the failure draws) and merges the results: one target for all (the
+    given one, or the mean of each seed's default target), every run tagged with its seed, mean ± sd per
+    strategy and rate in ``summary``, and the no-failure run's spread as ``noise``."""
+    per_seed: list[BenchResults] = []
+    for seed in range(opts.seed, opts.seed + seeds):
+        config = opts.config.model_copy(update={"train": opts.config.train.model_copy(update={"seed": seed})})
+        changes: dict[str, Any] = {"seed": seed, "config": config}
+        if seeds > 1 and hasattr(opts, "out"):  # live: each seed's swarms in a folder of their own
+            changes["out"] = opts.out / f"seed-{seed}"
+        result = run_one(dataclasses.replace(opts, **changes))
+        for run in result.runs:
+            run.seed = seed
+        per_seed.append(result)
+    first = per_seed[0]
+    target = first.target_loss if opts.target_loss is not None else statistics.fmean(r.target_loss for r in per_seed)
+    runs = [finish_run(run, target) for result in per_seed for run in result.runs]
+    baseline = [finish_run(r.baseline, target) for r in per_seed if r.baseline is not None]
+    noise = {
+        "final_val_loss_no_failures": spread([r.final_val_loss for r in baseline if r.final_val_loss is not None]),
+        "seconds_to_target_no_failures": spread([r.seconds_to_target for r in baseline if r.seconds_to_target]),
+        "targets_by_seed": [r.target_loss for r in per_seed],
+    }
+    source = first.target_source if seeds == 1 else f"{first.target_source}, averaged over {seeds} seeds"
+    return first.model_copy(
+        update={
+            "seeds": list(range(opts.seed, opts.seed + seeds)), "target_loss": target, "target_source": source,
+            "runs": runs, "summary": summarize(runs),
+            "noise": {k: v.model_dump() if isinstance(v, Spread) else v for k, v in noise.items() if v is not None},
+        }
+    )  # fmt: skip
+
+
+def write_results(results: BenchResults, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """Writes ``out/results.json``, ``out/loss_vs_time.png`` and ``out/time_to_target.png``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / "results.json", out / "loss_vs_time.png"
+    json_path, png_path, bars_path = out / "results.json", out / "loss_vs_time.png", out / "time_to_target.png"
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(results.model_dump_json(indent=2), encoding="utf-8")
     os.replace(tmp, json_path)
     plot(results, png_path)
-    return json_path, png_path
+    plot_time_to_target(results, bars_path)
+    return json_path, png_path, bars_path
 
 
-def plot(results: BenchResults, path: pathlib.Path) -> None:
-    """Validation loss against wall-clock time, one panel per failure rate, one line per strategy."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = sorted({r.failure_rate for r in results.runs if r.strategy is not BenchStrategy.NONE}) or [0.0]
+    return plt
+
+
+def _rates(results: BenchResults) -> list[float]:
+    return sorted({r.failure_rate for r in results.runs if r.strategy is not BenchStrategy.NONE}) or [0.0]
+
+
+def _order(strategy: BenchStrategy) -> int:
+    return _ORDER.index(strategy) if strategy in _ORDER else 99
+
+
+def plot(results: BenchResults, path: pathlib.Path) -> None:
+    """Validation loss against wall-clock time, one panel per failure rate, one line per strategy: the mean
+    over seeds at each evaluation, with a band of ± one standard deviation."""
+    plt = _pyplot()
+    rates = _rates(results)
     fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 4.2), squeeze=False, sharey=True)
     colours = dict(zip(_ORDER, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for ax, rate in zip(axes[0], rates, strict=True):
-        for run in sorted(results.runs, key=lambda r: _ORDER.index(r.strategy) if r.strategy in _ORDER else 99):
-            if run.failure_rate != rate and run.strategy is not BenchStrategy.NONE:
-                continue
-            xs = [p.seconds / 60 for p in run.curve]
-            none = run.strategy is BenchStrategy.NONE
-            label = "none (no failures)" if none else f"{run.strategy} ({run.failures} failures)"
-            ax.plot(xs, [p.val_loss for p in run.curve], label=label, color=colours.get(run.strategy))
+        groups: dict[BenchStrategy, list[BenchRun]] = {}
+        for run in results.runs:
+            if run.failure_rate == rate or run.strategy is BenchStrategy.NONE:
+                groups.setdefault(run.strategy, []).append(run)
+        for strategy in sorted(groups, key=_order):
+            runs = groups[strategy]
+            points = min(len(r.curve) for r in runs)  # live runs may differ by an evaluation
+            xs = [statistics.fmean(r.curve[i].seconds for r in runs) / 60 for i in range(points)]
+            losses = [[r.curve[i].val_loss for r in runs] for i in range(points)]
+            mean = [statistics.fmean(v) for v in losses]
+            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in losses]
+            failures = statistics.fmean(r.failures for r in runs)
+            label = "none (no failures)" if strategy is BenchStrategy.NONE else f"{strategy} ({failures:.0f} failures)"
+            colour = colours.get(strategy)
+            ax.plot(xs, mean, label=label, color=colour)
+            if len(runs) > 1:
+                ax.fill_between(xs, [m - d for m, d in zip(mean, sd, strict=True)],
+                                [m + d for m, d in zip(mean, sd, strict=True)], color=colour, alpha=0.2)  # fmt: skip
         ax.axhline(results.target_loss, color="grey", linestyle=":", linewidth=1)
         ax.set_yscale("log")  # the end of training, where the strategies differ, stays readable
         ax.set_title(f"failure rate {rate:g} per stage per iteration")
@@ -130,7 +257,47 @@ def plot(results: BenchResults, path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation loss")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"swarm-node bench --mode {results.mode} (target {results.target_loss:.3f}, dotted)")
+    seeds = len(results.seeds) or 1
+    fig.suptitle(f"swarm-node bench --mode {results.mode} (target {results.target_loss:.3f}, dotted; "
+                 f"{seeds} seed{'s' if seeds > 1 else ''}, band ± sd)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_time_to_target(results: BenchResults, path: pathlib.Path) -> None:
+    """Minutes to the target per strategy (bars, mean over the seeds that reached it, ± sd) at each rate;
+    a strategy that some seed never brought to the target is marked with how many did."""
+    plt = _pyplot()
+    rates = _rates(results)
+    rows = summarize(results.runs) if not results.summary else results.summary
+    strategies = sorted({r.strategy for r in rows}, key=_order)
+    colours = dict(zip(_ORDER, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(rates) * len(strategies)), 4.2))
+    width = 0.8 / max(1, len(strategies))
+    for k, strategy in enumerate(strategies):
+        xs, heights, errors = [], [], []
+        for i, rate in enumerate(rates):
+            none = strategy is BenchStrategy.NONE  # one no-failure row, shown at every rate
+            row = next((r for r in rows if r.strategy == strategy and (none or r.failure_rate == rate)), None)
+            if row is None:
+                continue
+            x = i + (k - (len(strategies) - 1) / 2) * width
+            if row.seconds_to_target is None:
+                ax.text(x, 0, "never", rotation=90, ha="center", va="bottom", fontsize=7)
+                continue
+            xs.append(x)
+            heights.append(row.seconds_to_target.mean / 60)
+            errors.append(row.seconds_to_target.sd / 60)
+            if row.reached < row.seeds:
+                ax.text(x, heights[-1], f"{row.reached}/{row.seeds}", ha="center", va="bottom", fontsize=7)
+        ax.bar(xs, heights, width, yerr=errors, capsize=3, label=str(strategy), color=colours.get(strategy))
+    ax.set_xticks(range(len(rates)), [f"p = {r:g}" for r in rates])
+    ax.set_xlim(-0.5, len(rates) - 0.5)
+    ax.set_ylabel(f"minutes to validation loss {results.target_loss:.3f}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"bench --mode {results.mode}: time to target, mean ± sd over {len(results.seeds) or 1} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -312,6 +312,7 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
             "stage 0 (data, embedding, head) does not fail",
         },
         runs=[finish_run(r, target) for r in wanted],
+        baseline=finish_run(baseline, target),
     )
 
 

@@ -328,9 +328,8 @@ def cmd_local(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
-    from node.bench.results import write_results
+    from node.bench.results import run_seeds, write_results
 
     cfg = _build_config(args, args.stages, out_of_order=False, seq_len=args.seq_len)
     if "checkfree+" in args.strategies:
@@ -354,6 +353,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "failure_rates": args.failure_rates,
             "iterations": iterations,
             "seed": args.seed,
+            "seeds": args.seeds,
             "target_loss": args.target_loss,
             "checkpoint_every": args.checkpoint_every,
             "redundant_factor": args.redundant_factor,
@@ -372,29 +372,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 torch.set_num_threads(args.threads)
             if "failure_overhead_seconds" in args:
                 common["failure_overhead_seconds"] = args.failure_overhead_seconds
-            results = run_simulation(SimulateOptions(**common), progress)
+            options: Any = SimulateOptions(**common)
+            run_one = run_simulation
         else:
             from node.bench.live import LiveOptions, run_live
 
-            live = LiveOptions(**common, out=args.out, spares=args.spares, threads=args.threads)
-            results = run_live(live, progress)
-    json_path, png_path = write_results(results, args.out)
+            options = LiveOptions(**common, out=args.out, spares=args.spares, threads=args.threads)
+            run_one = run_live
+
+        def seeded(opts: Any) -> Any:  # progress labels name the seed
+            return run_one(opts, lambda label, done, total: progress(f"seed {opts.seed}: {label}", done, total))
+
+        results = run_seeds(options, args.seeds, seeded)
+    json_path, png_path, bars_path = write_results(results, args.out)
     if args.json:
         print(json_path.read_text(encoding="utf-8"))
         return 0
-    table = Table(title=f"time to validation loss {results.target_loss:.3f} ({args.mode})")
-    for col in ("strategy", "failure rate", "failures", "iterations", "minutes", "final val loss", "recover s"):
-        table.add_column(col, justify="left" if col == "strategy" else "right")
-    for r in results.runs:
-        table.add_row(
-            r.strategy,
-            f"{r.failure_rate:g}",
-            str(r.failures),
-            "-" if r.iterations_to_target is None else str(r.iterations_to_target),
-            "never" if r.seconds_to_target is None else f"{r.seconds_to_target / 60:.2f}",
-            "-" if r.final_val_loss is None else f"{r.final_val_loss:.3f}",
-            f"{sum(r.recover_seconds) / len(r.recover_seconds):.2f}" if r.recover_seconds else "-",
-        )
-    Console().print(table)
-    Console().print(f"wrote {json_path} and {png_path}")
+    Console().print(_bench_table(results, args.mode))
+    base = results.noise.get("final_val_loss_no_failures")
+    if base is not None:
+        Console().print(f"noise: the no-failure run's final validation loss is {base['mean']:.4f} ± {base['sd']:.4f} "
+                        f"over {base['n']} seed(s)")  # fmt: skip
+    Console().print(f"wrote {json_path}, {png_path} and {bars_path}")
     return 0
+
+
+def _bench_table(results: Any, mode: str) -> Any:
+    """The summary as a table: every cell mean ± sd over the seeds."""
+    from rich.table import Table
+
+    def cell(value: Any, scale: float = 1.0, digits: int = 2) -> str:
+        if value is None:
+            return "never"
+        return f"{value.mean / scale:.{digits}f} ± {value.sd / scale:.{digits}f}"
+
+    seeds = len(results.seeds) or 1
+    table = Table(title=f"time to validation loss {results.target_loss:.3f} ({mode}, mean ± sd over {seeds} seeds)")
+    for col in ("strategy", "failure rate", "failures", "reached", "iterations", "minutes", "final val loss"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for row in results.summary:
+        table.add_row(
+            str(row.strategy), f"{row.failure_rate:g}", cell(row.failures, digits=1), f"{row.reached}/{row.seeds}",
+            cell(row.iterations_to_target, digits=0), cell(row.seconds_to_target, 60.0),
+            cell(row.final_val_loss, digits=3),
+        )  # fmt: skip
+    return table

@@ -304,6 +304,10 @@ def _add_bench(sub: Any) -> None:
     )
     p.add_argument("--target-loss", type=_positive_float, help="default: the no-failure run's at ~2/3 of the run")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench-results"), help="results directory")
+    _flag_of_field(
+        p, "--seeds", BenchOptions, type=_positive_int,
+        help="runs per strategy and rate, seeds --seed, --seed+1, ...: tables give mean ± sd (default %(default)s)",
+    )  # fmt: skip
     p.add_argument(
         "--stages", type=_positive_int, default=7, help="pipeline stages (default %(default)s: 6 block stages)"
     )

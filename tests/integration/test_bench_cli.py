@@ -19,15 +19,21 @@ def test_simulate_writes_results_and_figure(tmp_path: pathlib.Path) -> None:
     cmd = [
         sys.executable, "-m", "node", "bench", "--mode", "simulate", "--strategies", "checkfree,checkpoint",
         "--failure-rates", "0.2", "--iterations", "6", "--checkpoint-every", "2", "--eval-every", "2",
-        "--seq-len", "32", "--out", str(out), "--json",
+        "--seq-len", "32", "--seeds", "2", "--out", str(out), "--json",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = BenchResults.model_validate_json((out / "results.json").read_text())
     assert BenchResults.model_validate_json(proc.stdout) == results  # --json prints the same document
     assert results.mode == "simulate" and results.iterations == 6
-    assert [(r.strategy, r.failure_rate) for r in results.runs] == [("checkfree", 0.2), ("checkpoint", 0.2)]
-    checkfree, checkpoint = results.runs
+    assert results.seeds == [0, 1]
+    assert [(r.strategy, r.failure_rate, r.seed) for r in results.runs] == [
+        ("checkfree", 0.2, 0), ("checkpoint", 0.2, 0), ("checkfree", 0.2, 1), ("checkpoint", 0.2, 1)
+    ]  # fmt: skip
+    # one row per strategy and rate over both seeds, and the no-failure run's spread as the noise level
+    assert [(r.strategy, r.seeds) for r in results.summary] == [("checkfree", 2), ("checkpoint", 2)]
+    assert results.noise["final_val_loss_no_failures"]["n"] == 2
+    checkfree, checkpoint = results.runs[:2]
     # the same seeded failures hit both strategies, and every one was recovered and timed
     assert checkfree.failures == checkpoint.failures > 0
     assert len(checkfree.recover_seconds) == checkfree.failures
@@ -40,5 +46,6 @@ def test_simulate_writes_results_and_figure(tmp_path: pathlib.Path) -> None:
         assert run.final_val_loss == run.curve[-1].val_loss
         assert (run.iterations_to_target is None) == (run.seconds_to_target is None)
     assert results.costs["step_seconds"] > 0
-    image = matplotlib.image.imread(out / "loss_vs_time.png")
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    for figure in ("loss_vs_time.png", "time_to_target.png"):
+        image = matplotlib.image.imread(out / figure)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100

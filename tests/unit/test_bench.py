@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from node.bench import BenchStrategy
 from node.bench.live import LiveOptions, curve_from_events, local_options
 from node.bench.results import CurvePoint, default_target, time_to_target
@@ -25,9 +27,11 @@ def _curve(*losses: float) -> list[CurvePoint]:
     return [CurvePoint(iteration=10 * i, step=10 * i, seconds=2.0 * i, val_loss=v) for i, v in enumerate(losses)]
 
 
-def test_time_to_target_is_the_first_point_at_or_below() -> None:
+def test_time_to_target_is_interpolated_up_to_the_first_point_at_or_below() -> None:
     curve = _curve(5.0, 4.0, 3.0, 3.5, 2.0)
-    assert time_to_target(curve, 3.0) == (20, 4.0)
+    assert time_to_target(curve, 3.0) == (20.0, 4.0)  # exactly at an evaluation
+    assert time_to_target(curve, 3.5) == (15.0, 3.0)  # halfway from 4.0 (it 10, 2 s) to 3.0 (it 20, 4 s)
+    assert time_to_target(curve, 5.0) == (0.0, 0.0)  # the first point already
     assert time_to_target(curve, 1.0) == (None, None)
     # two thirds of 40 iterations is ~26.7: the point at iteration 30
     assert default_target(curve, 40) == 3.5
@@ -84,3 +88,39 @@ def test_notices_are_drawn_per_failure_alike_for_every_rate_and_strategy() -> No
     # a failure that a lower rate also has gets the same draw at both rates
     assert notice_schedule(0, 0.5, low, 7) == {(it, s) for it, s in half if s in low[it]}
     assert notice_schedule(0, 0.3, high, 7) <= half  # a higher fraction's notices include a lower one's
+
+
+def test_seeds_are_run_tagged_and_summarised_with_one_target() -> None:
+    """``run_seeds``: each seed runs with its own training seed and failure draws; the target is the mean of
+    the seeds' default targets; the summary gives mean ± sd per strategy and rate over the seeds."""
+    from node.bench import BenchOptions
+    from node.bench.results import BenchResults, BenchRun, run_seeds
+    from node.config import build_config
+
+    seen: list[tuple[int, int]] = []
+
+    def run_one(opts) -> BenchResults:
+        seen.append((opts.seed, opts.config.train.seed))
+        k = opts.seed - 5
+        none = BenchRun(strategy="none", failure_rate=0.0, failures=0, iterations_to_target=None,
+                        seconds_to_target=None, final_val_loss=None, step_seconds=1.0, curve=_curve(5.0, 3.0 + k, 2.0))
+        runs = [
+            BenchRun(strategy="checkfree", failure_rate=0.1, failures=2 + k, iterations_to_target=None,
+                     seconds_to_target=None, final_val_loss=None, step_seconds=1.0, curve=_curve(5.0, 4.0, 3.0 - k)),
+        ]  # fmt: skip
+        return BenchResults(mode="simulate", config={}, iterations=20, seed=opts.seed, target_loss=3.0 + k,
+                            target_source="default", costs={}, runs=runs, baseline=none)  # fmt: skip
+
+    opts = BenchOptions(config=build_config(), strategies=["checkfree"], failure_rates=[0.1], iterations=20, seed=5)
+    results = run_seeds(opts, 2, run_one)
+    assert seen == [(5, 5), (6, 6)] and results.seeds == [5, 6]
+    assert results.target_loss == 3.5 and [r.seed for r in results.runs] == [5, 6]
+    [checkfree] = results.summary
+    assert (checkfree.strategy, checkfree.seeds, checkfree.reached) == ("checkfree", 2, 2)
+    # checkfree reaches 3.5 at iteration 15 (seed 5: halfway from 4.0 to 3.0) and 12.5 (seed 6: 4.0 -> 2.0)
+    assert checkfree.iterations_to_target.mean == 13.75 and checkfree.seconds_to_target.mean == 2.75
+    assert checkfree.iterations_to_target.sd == statistics.stdev([15.0, 12.5])
+    assert checkfree.failures.mean == 2.5 and round(checkfree.failures.sd, 6) == round(0.5**0.5, 6)
+    assert checkfree.final_val_loss.mean == 2.5
+    assert results.noise["final_val_loss_no_failures"]["mean"] == 2.0  # the no-failure runs: the noise level
+    assert results.noise["seconds_to_target_no_failures"]["n"] == 2
