@@ -22,6 +22,7 @@ class BenchStrategy(enum.StrEnum):
     CHECKFREE = "checkfree"
     CHECKFREE_PLUS = "checkfree+"
     CHECKPOINT = "checkpoint"
+    LADDER = "ladder"
     COPY = "copy"
     RANDOM = "random"
     REDUNDANT = "redundant"
@@ -53,6 +54,7 @@ class BenchOptions:
     seeds: int = 3  # runs per strategy and rate, one per seed: the tables give mean ± sd over them
     target_loss: float | None = None
     checkpoint_every: int = 10
+    snapshot_neighbour_every: int = default(RecoveryOptions, "snapshot_neighbour_every")  # ladder: K
     redundant_factor: float = PAPER_REDUNDANT_FACTOR
     lr_scale: float = default(RecoveryOptions, "lr_scale")
     eval_every: int = 10

@@ -73,6 +73,7 @@ def local_options(opts: LiveOptions, strategy: BenchStrategy, rate: float, workd
             lr_scale=opts.lr_scale,
             checkpoint_every=opts.checkpoint_every,
             checkpoint_dir=checkpoint_dir,
+            snapshot_neighbour_every=opts.snapshot_neighbour_every,
         ),
         eval=EvalOptions(every=opts.eval_every, batches=opts.eval_batches),
         # a notice_fraction of the failures come with a notice: SIGTERM and a handoff instead of a SIGKILL

@@ -13,6 +13,9 @@ rebuild spec (:func:`~node.recovery.rebuild.rebuild_spec`, :func:`~node.recovery
   the out-of-order pipeline and copies edge stages from their swap partner);
 - ``checkpoint``: every stage writes a checkpoint every K steps with the daemon's background writer; a
   failure rolls every stage (weights, AdamW state, data position) back to the newest common checkpoint;
+- ``ladder``: every K committed steps each stage's full state is copied aside (its neighbour snapshot; the
+  blocking clone is on the clock, the send is not simulated); a lost stage whose holder survives goes back
+  to that snapshot, at most K steps stale, and the planner falls back to CheckFree otherwise;
 - ``copy``: the nearest live block stage's weights; ``random``: fresh random weights (both with a fresh
   optimizer at lr × lr_scale, like CheckFree);
 - ``redundant``: no progress is ever lost, but every iteration costs ``redundant_factor`` times more. Its
@@ -47,7 +50,7 @@ from node.metrics import StageMetrics
 from node.recovery.planner import Method, RecoveryPlan, plan_recovery
 from node.recovery.rebuild import Fetched, build_runtime, rebuild_spec
 from node.stage.runtime import StageRuntime
-from node.topology import route_for
+from node.topology import route_for, snapshot_holder
 from node.train.commit import apply_update, decide_commit
 from node.train.optim import autocast_for, grad_norm_sq
 
@@ -116,6 +119,14 @@ class _Swarm:
                 losses.append(float(embed.loss(h, y.to(self.device))))
         return sum(losses) / len(losses)
 
+    def restore(self, stage: int, state: dict[str, torch.Tensor], lr_scale: float, norm: float) -> None:
+        """Puts ``stage`` back to a neighbour snapshot (weights and AdamW state of an earlier step) at the
+        swarm's committed step, as the ladder's ``snapshot`` method does."""
+        rt = StageRuntime(self.cfg, stage, self.device, lr_scale=lr_scale, committed_step=self.committed,
+                          last_grad_norm=norm)  # fmt: skip
+        rt.load_full_state(state)
+        self.stages[stage] = rt
+
     def rebuild(self, plan: RecoveryPlan, lr_scale: float, rng: random.Random) -> None:
         """Replaces stage ``plan.stage`` as the daemon's replacement node would (fresh optimizer)."""
         sources = [self.stages[s] for s in plan.sources]
@@ -165,6 +176,8 @@ def _simulate_run(
     )
     step_times: list[float] = []
     extra = 0.0  # measured costs beyond the iterations themselves
+    # ladder: stage -> (committed step, full state, lr scale, last grad norm) of its newest neighbour snapshot
+    neighbour_snapshots: dict[int, tuple[int, dict[str, torch.Tensor], float, float]] = {}
     snapshots: list[float] = []
     written: list[tuple[float, int]] = []  # (seconds, bytes) of each background write
     tmp = tempfile.TemporaryDirectory(prefix="swarm-node-bench-") if strategy is BenchStrategy.CHECKPOINT else None
@@ -198,16 +211,27 @@ def _simulate_run(
                     run.recover_seconds.append(time.perf_counter() - started + opts.failure_overhead_seconds)
                 else:
                     live = frozenset(range(1, cfg.num_stages)) - set(failed)
+                    held = {s: (snapshot_holder(s, cfg.num_stages), h[0]) for s, h in neighbour_snapshots.items()}
                     for stage in failed:
                         started = time.perf_counter()
-                        plan = plan_recovery(stage, cfg.num_stages, live, 1, strategy.recovery)
-                        swarm.rebuild(plan, opts.lr_scale, rng)
+                        plan = plan_recovery(stage, cfg.num_stages, live, max(1, swarm.committed), strategy.recovery,
+                                             snapshots=held, max_stale=opts.snapshot_neighbour_every)  # fmt: skip
+                        if plan.method == Method.SNAPSHOT:
+                            swarm.restore(stage, *neighbour_snapshots[stage][1:])
+                        else:
+                            swarm.rebuild(plan, opts.lr_scale, rng)
                         run.methods[plan.method.value] = run.methods.get(plan.method.value, 0) + 1
                         run.recover_seconds.append(time.perf_counter() - started + opts.failure_overhead_seconds)
                 extra = sum(run.recover_seconds) + sum(snapshots)
             started = time.perf_counter()
             swarm.train_step(tokens)
             step_times.append(time.perf_counter() - started)
+            if strategy is BenchStrategy.LADDER and swarm.committed % opts.snapshot_neighbour_every == 0:
+                started = time.perf_counter()
+                for stage, rt in enumerate(swarm.stages):
+                    neighbour_snapshots[stage] = (swarm.committed, rt.full_state(), rt.lr_scale, rt.last_grad_norm)
+                snapshots.append(time.perf_counter() - started)
+                extra = sum(run.recover_seconds) + sum(snapshots)
             if writers and swarm.committed % opts.checkpoint_every == 0:
                 started = time.perf_counter()
                 for rt, w in zip(swarm.stages, writers, strict=True):
@@ -232,7 +256,14 @@ def _simulate_run(
             w.close()
         if tmp is not None:
             tmp.cleanup()
-    if snapshots:
+    if snapshots and strategy is BenchStrategy.LADDER:
+        run.extra = {
+            "snapshot_neighbour_every": opts.snapshot_neighbour_every,
+            "snapshots": len(snapshots),
+            "snapshot_seconds_mean": statistics.fmean(snapshots),
+            "snapshot_seconds_total": sum(snapshots),
+        }
+    elif snapshots:
         run.extra = {
             "checkpoint_every": opts.checkpoint_every,
             "checkpoints": len(snapshots),

@@ -356,6 +356,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "seeds": args.seeds,
             "target_loss": args.target_loss,
             "checkpoint_every": args.checkpoint_every,
+            "snapshot_neighbour_every": args.snapshot_neighbour_every,
             "redundant_factor": args.redundant_factor,
             "lr_scale": args.lr_scale,
             "eval_every": eval_every,

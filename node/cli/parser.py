@@ -321,6 +321,13 @@ def _add_bench(sub: Any) -> None:
     )
     _flag_of_field(
         p,
+        "--snapshot-neighbour-every",
+        BenchOptions,
+        type=_positive_int,
+        help="ladder: a neighbour snapshot of every stage every K steps (default %(default)s)",
+    )
+    _flag_of_field(
+        p,
         "--redundant-factor",
         BenchOptions,
         type=_positive_float,

@@ -124,3 +124,26 @@ def test_seeds_are_run_tagged_and_summarised_with_one_target() -> None:
     assert checkfree.final_val_loss.mean == 2.5
     assert results.noise["final_val_loss_no_failures"]["mean"] == 2.0  # the no-failure runs: the noise level
     assert results.noise["seconds_to_target_no_failures"]["n"] == 2
+
+
+def test_the_ladder_restores_a_lost_stage_from_its_neighbours_snapshot_at_most_k_steps_stale(tmp_path) -> None:
+    """Simulate mode knows ``ladder``: a stage lost while its holder lives goes back to its snapshot (method
+    ``snapshot``); one lost with its holder falls back down the ladder; the snapshots' clone time is counted."""
+    from node.bench.simulate import SimulateOptions, _simulate_run
+    from node.config import build_config
+    from node.data import load_corpus, validation_batches
+
+    cfg = build_config(overrides={"num_stages": 4, "model": {"n_layers": 3, "d_model": 32, "n_heads": 2,
+                                                             "ffn_hidden": 64},
+                                  "train": {"seq_len": 16, "microbatch_size": 2, "microbatches_per_step": 2}})
+    opts = SimulateOptions(config=cfg, strategies=["ladder"], failure_rates=[0.5], iterations=8, eval_every=4,
+                           snapshot_neighbour_every=3)  # fmt: skip
+    corpus = load_corpus(None)
+    val = validation_batches(corpus.val, num_batches=1, batch_size=2, seq_len=16)
+    # iteration 4: stage 2 alone (holder 3 lives; snapshot of step 3); iteration 7: stages 2 and 3 together
+    # (stage 3's holder is S-2 = 2 and stage 2's is 3, both lost; neither has both neighbours alive for
+    # CheckFree's average either, so both are copies of a live neighbour)
+    schedule = [[], [], [], [], [2], [], [], [2, 3]]
+    run, _ = _simulate_run(opts, BenchStrategy.LADDER, 0.5, schedule, corpus.train, val, None)
+    assert run.failures == 3 and run.methods == {"snapshot": 1, "copy": 2}
+    assert run.extra["snapshots"] == 2 and run.extra["snapshot_neighbour_every"] == 3  # after steps 3 and 6
