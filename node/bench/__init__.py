@@ -39,7 +39,16 @@ class BenchStrategy(enum.StrEnum):
 
 
 STRATEGIES = tuple(BenchStrategy)
-PAPER_REDUNDANT_FACTOR = 151.04 / 91.35  # the paper's s/iteration, redundant computation over checkpointing
+PAPER_STEP_SECONDS = 91.35  # the paper's measured s/iteration (medium model, checkpointing)
+PAPER_REDUNDANT_FACTOR = 151.04 / PAPER_STEP_SECONDS  # redundant computation's s/iteration over checkpointing's
+
+
+def per_iteration_rate(per_hour: float, step_seconds: float) -> float:
+    """The per-stage, per-iteration failure probability that gives a stage ``per_hour`` probability of failing
+    within an hour of iterations that take ``step_seconds`` each (independent draws per iteration)."""
+    if not 0.0 <= per_hour < 1.0 or step_seconds <= 0:
+        raise ValueError(f"a per-hour rate in [0, 1) and a positive step time, not {per_hour} and {step_seconds}")
+    return 1.0 - (1.0 - per_hour) ** (step_seconds / 3600.0)
 
 
 @dataclass

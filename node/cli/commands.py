@@ -334,6 +334,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = _build_config(args, args.stages, out_of_order=False, seq_len=args.seq_len)
     if "checkfree+" in args.strategies:
         _build_config(args, args.stages, out_of_order=True, seq_len=args.seq_len)
+    from node.bench import per_iteration_rate
+
+    if args.failures_per_hour:
+        args.failure_rates = [per_iteration_rate(h, args.hour_step_seconds) for h in args.failures_per_hour]
     iterations = args.iterations or _BENCH_ITERATIONS[args.mode]
     eval_every = args.eval_every or max(1, iterations // _BENCH_EVAL_POINTS)
     console = Console(stderr=True)
@@ -385,6 +389,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return run_one(opts, lambda label, done, total: progress(f"seed {opts.seed}: {label}", done, total))
 
         results = run_seeds(options, args.seeds, seeded)
+    if args.failures_per_hour:
+        results.costs["failure_rates_per_hour"] = {
+            "per_hour": args.failures_per_hour, "step_seconds": args.hour_step_seconds,
+            "per_iteration": args.failure_rates,
+            "source": "per-iteration rate = 1 - (1 - per-hour rate) ^ (step seconds / 3600), per stage",
+        }  # fmt: skip
     json_path, png_path, bars_path = write_results(results, args.out)
     if args.json:
         print(json_path.read_text(encoding="utf-8"))

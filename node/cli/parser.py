@@ -280,7 +280,7 @@ def _add_local(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     """``bench``: recovery strategies compared by time to a target validation loss."""
-    from node.bench import STRATEGIES, BenchOptions
+    from node.bench import PAPER_STEP_SECONDS, STRATEGIES, BenchOptions
     from node.bench.live import LiveOptions
 
     p = sub.add_parser("bench", help="compare recovery strategies by wall-clock time to a target validation loss")
@@ -296,6 +296,18 @@ def _add_bench(sub: Any) -> None:
         type=_probabilities,
         default="0.001,0.003,0.01",
         help="comma-separated per-stage per-iteration failure probabilities (default %(default)s)",
+    )
+    p.add_argument(
+        "--failures-per-hour",
+        type=_probabilities,
+        help="instead of --failure-rates: per-stage probabilities of failing within an hour (the paper's 0.05,0.1,"
+        "0.16), each turned into a per-iteration rate for iterations of --hour-step-seconds",
+    )
+    p.add_argument(
+        "--hour-step-seconds",
+        type=_positive_float,
+        default=PAPER_STEP_SECONDS,
+        help="--failures-per-hour: the stated seconds per iteration (default %(default)s, the paper's)",
     )
     p.add_argument(
         "--iterations",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
+
 from node.bench import BenchStrategy
 from node.bench.live import LiveOptions, curve_from_events, local_options
 from node.bench.results import CurvePoint, default_target, time_to_target
@@ -147,3 +149,14 @@ def test_the_ladder_restores_a_lost_stage_from_its_neighbours_snapshot_at_most_k
     run, _ = _simulate_run(opts, BenchStrategy.LADDER, 0.5, schedule, corpus.train, val, None)
     assert run.failures == 3 and run.methods == {"snapshot": 1, "copy": 2}
     assert run.extra["snapshots"] == 2 and run.extra["snapshot_neighbour_every"] == 3  # after steps 3 and 6
+
+
+def test_per_hour_failure_rates_become_per_iteration_rates_for_a_stated_step_time() -> None:
+    from node.bench import PAPER_STEP_SECONDS, per_iteration_rate
+
+    p = per_iteration_rate(0.05, PAPER_STEP_SECONDS)
+    assert 0.0012 < p < 0.0014  # about 39 iterations of 91.35 s per hour
+    assert abs((1 - p) ** (3600 / PAPER_STEP_SECONDS) - 0.95) < 1e-12  # an hour of draws fails with 5 %
+    assert per_iteration_rate(0.05, 2 * PAPER_STEP_SECONDS) > p and per_iteration_rate(0.0, 10.0) == 0.0
+    with pytest.raises(ValueError):
+        per_iteration_rate(1.0, 10.0)
