@@ -75,6 +75,7 @@ class FaultInjector:
     ) -> None:
         self.specs, self.events = specs, events
         self.microbatch = microbatches_per_step // 2
+        self._missed: set[FaultSpec] = set()  # specs whose step this node computed without the middle microbatch
         self.recovered_at = recovered_at  # committed step this node's stage was rebuilt at, if it was
 
     def check(self, phase: str, *, stage: int | None, step: int, microbatch: int | None = None) -> None:
@@ -84,14 +85,20 @@ class FaultInjector:
         # a replacement replays the step its predecessor died in: that kill has already happened
         replayed = phase != "fetch" and recovered is not None and step <= recovered + 1
         for spec in self.specs:
-            # the middle microbatch of the step; a replica whose share of that step lacks it dies at its first
-            # microbatch of a later step (still mid-step)
-            due = (
-                spec.step == step
-                if microbatch is None
-                else (spec.step == step and microbatch == self.microbatch) or spec.step < step
-            )
-            if spec.stage == stage and due and spec.phase == phase and not replayed:
+            if spec.stage != stage or spec.phase != phase or replayed:
+                continue
+            # the middle microbatch of the step; a replica that computed a share of that step without it dies
+            # at its first microbatch of a later step (still mid-step). A node that took the stage only after
+            # that step (a spare, a replacement) never computed it, and is not the one to die.
+            if microbatch is None or spec.step > step:
+                due = spec.step == step
+            elif spec.step == step:
+                due = microbatch == self.microbatch
+                if not due:
+                    self._missed.add(spec)
+            else:
+                due = spec in self._missed
+            if due:
                 self.events.emit(KilledEvent(stage=stage, step=step, phase=phase))
                 logger.warning("fault injection: dying in %s of step %d", phase, step)
                 die_now()

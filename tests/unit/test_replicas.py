@@ -221,3 +221,9 @@ def test_a_mid_step_kill_fires_on_a_replica_that_was_not_routed_the_middle_micro
         monkeypatch.setattr(faults, "die_now", lambda step=step, mb=mb: died.append((step, mb)))
         single.check("forward", stage=2, step=step, microbatch=mb)
     assert died[1:] == [(5, 2)]  # one peer per stage: the middle microbatch, as before
+    # a spare that took the stage after step 5 (it never computed step 5) does not carry the kill out
+    spare = faults.FaultInjector([faults.parse_fault("2@5:forward")], EventLog(None), 4)
+    for step, mb in [(7, 0), (7, 2), (8, 1)]:
+        monkeypatch.setattr(faults, "die_now", lambda step=step, mb=mb: died.append((step, mb)))
+        spare.check("forward", stage=2, step=step, microbatch=mb)
+    assert died[1:] == [(5, 2)]
