@@ -14,7 +14,9 @@ swarm's average peer, or 1.0 when nobody has measured. Stage 0 has exactly one p
     the most peers (the lowest such stage), moves to claim it (the stage is then rebuilt as after any death);
   - or moving to the stage with the least throughput raises the swarm's minimum stage throughput by more
     than ``margin`` (hysteresis, so that noise in the measurements moves nobody): the lowest peer id of the
-    stage moves, one node per round.
+    richest stage that has a peer to spare moves, one node per round.
+
+  A peer to spare is an in-sync one: a stage is never left to replicas that lag behind it.
 """
 
 from __future__ import annotations
@@ -66,16 +68,25 @@ def join_stage(records: Iterable[StageRecord], me: str, num_stages: int) -> int 
     return None
 
 
+def in_sync(records: Iterable[StageRecord], stage: int, step: int) -> list[str]:
+    """The peer ids serving ``stage`` whose records are at most one step behind ``step`` (a record is up to a
+    refresh period old): replicas that can carry the stage on. A replica that lags further is catching up,
+    and a stage left to it alone would wait for a state that has gone."""
+    return sorted(r.peer_id for r in records if r.stage == stage and r.state in SERVING_STATES
+                  and r.committed_step >= step - 1)  # fmt: skip
+
+
 def move_stage(
     records: Iterable[StageRecord], me: StageRecord, num_stages: int, margin: float = MOVE_MARGIN
 ) -> int | None:
-    """The stage replica ``me`` should move to now (None: stay). ``records``: the swarm's records."""
+    """The stage replica ``me`` should move to now (None: stay). ``records``: the swarm's records (``me``'s
+    committed step is compared with theirs, so pass ``me`` as the DHT shows it, not fresher)."""
     records = [r for r in records if r.peer_id != me.peer_id] + [me]
     if me.stage is None or me.stage == 0 or me.state not in SERVING_STATES:
         return None
-    mates = sorted(r.peer_id for r in records if r.stage == me.stage and r.state in SERVING_STATES)
+    mates = in_sync(records, me.stage, me.committed_step)
     if len(mates) < 2:
-        return None  # never leave a stage with no peer
+        return None  # never leave a stage without another peer that holds its current state
     if any(r.state in CLAIMING_STATES for r in records if r.stage is not None):
         return None  # a join or rebuild under way changes the stages' peers and throughputs: decide after it
     totals = stage_throughputs(records, num_stages)
@@ -89,7 +100,11 @@ def move_stage(
         donor = max((s for s in served if served[s] > 1), key=lambda s: (served[s], -s))
         return vacant[0] if me.stage == donor and mates[0] == me.peer_id else None
     if mates[0] != me.peer_id:
-        return None  # one move per stage and round: the lowest peer id
+        return None  # one move per round: the lowest peer id ...
+    # ... of one stage, the richest of those with a peer to spare: two stages moving at once overshoot
+    donors = {s: t for s, t in totals.items() if len(in_sync(records, s, me.committed_step)) > 1}
+    if me.stage != max(donors, key=lambda s: (donors[s], -s)):
+        return None
     target = _slowest({s: t for s, t in totals.items() if s != me.stage})
     mine = me.throughput or average_throughput(records)
     after = dict(totals)

@@ -80,6 +80,10 @@ class ReplicaWatch:
         while not self.moving.is_set():
             await asyncio.sleep(MOVE_CHECK_PERIODS * self.period)
             me = self.presence.record()
+            # compared with the others' records as the DHT has them: this node's own, not its live step
+            announced = next((r for r in self.presence.view if r.peer_id == me.peer_id), None)
+            if announced is not None:
+                me = me.model_copy(update={"committed_step": announced.committed_step})
             target = move_stage(self.presence.members(None), me, me.num_stages)
             seen = [*seen, target][-MOVE_CONFIRMATIONS:]
             if target is not None and seen == [target] * MOVE_CONFIRMATIONS:

@@ -162,6 +162,13 @@ def test_a_replica_moves_only_to_refill_a_vacancy_or_for_a_clear_gain_and_never_
     skewed = [_peer(0, "s0", 9.0), _peer(1, "a", 4.0), _peer(1, "a2", 4.0), _peer(2, "b", 4.0), _peer(3, "c", 1.0)]
     assert move_stage(skewed, skewed[1], 4) == 3 and move_stage(skewed, skewed[2], 4) is None
     assert move_stage(skewed, skewed[1], 4, margin=10.0) is None  # hysteresis
+    # a mate that lags (it is catching up) cannot carry the stage: nobody leaves it to that mate alone
+    lagging = [r if r.peer_id != "a2" else r.model_copy(update={"committed_step": 2}) for r in skewed]
+    assert move_stage(lagging, lagging[1], 4) is None
+    assert move_stage([r for r in lagging if r.peer_id != "c"], lagging[1], 4) is None  # not even to refill
+    # two stages with a peer to spare: only the richer one's lowest peer moves (both moving would overshoot)
+    two = [*skewed, _peer(2, "b2", 5.0)]  # stage 1: 8, stage 2: 9, stage 3: 1
+    assert [move_stage(two, r, 4) for r in two] == [None, None, None, 3, None, None]
     # a peer joining (or rebuilding) a stage, which this view may not count right yet: nobody moves until it is done
     for state in ("joining", "recovering"):
         assert move_stage([*skewed, _peer(1, "j", state=state)], skewed[1], 4) is None
