@@ -180,9 +180,10 @@ def run_seeds(opts: BenchOptions, seeds: int, run_one: Callable[[Any], BenchResu
     target = first.target_loss if opts.target_loss is not None else statistics.fmean(r.target_loss for r in per_seed)
     runs = [finish_run(run, target) for result in per_seed for run in result.runs]
     baseline = [finish_run(r.baseline, target) for r in per_seed if r.baseline is not None]
+    reached = [r.seconds_to_target for r in baseline if r.seconds_to_target is not None]
     noise = {
         "final_val_loss_no_failures": spread([r.final_val_loss for r in baseline if r.final_val_loss is not None]),
-        "seconds_to_target_no_failures": spread([r.seconds_to_target for r in baseline if r.seconds_to_target]),
+        "seconds_to_target_no_failures": spread(reached),
         "targets_by_seed": [r.target_loss for r in per_seed],
     }
     source = first.target_source if seeds == 1 else f"{first.target_source}, averaged over {seeds} seeds"
@@ -270,7 +271,7 @@ def plot_time_to_target(results: BenchResults, path: pathlib.Path) -> None:
     a strategy that some seed never brought to the target is marked with how many did."""
     plt = _pyplot()
     rates = _rates(results)
-    rows = summarize(results.runs) if not results.summary else results.summary
+    rows = results.summary or summarize(results.runs)
     strategies = sorted({r.strategy for r in rows}, key=_order)
     colours = dict(zip(_ORDER, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(rates) * len(strategies)), 4.2))
