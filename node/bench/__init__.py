@@ -7,6 +7,7 @@ paper did); ``live`` runs a real local swarm with real SIGKILLs. Both write ``re
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -16,7 +17,8 @@ from node.options import EvalOptions, RecoveryOptions, RecoveryStrategy, default
 
 class BenchStrategy(enum.StrEnum):
     """What a bench run compares: the daemon's recovery strategies, plus ``none`` (no failures: the reference
-    curve) and ``redundant`` (no progress lost, every iteration dearer)."""
+    curve). Redundant computation is not one: nodes do not run their neighbour's layers, and a row derived
+    from the paper's cost ratio would not be a measurement."""
 
     NONE = "none"
     CHECKFREE = "checkfree"
@@ -25,12 +27,11 @@ class BenchStrategy(enum.StrEnum):
     LADDER = "ladder"
     COPY = "copy"
     RANDOM = "random"
-    REDUNDANT = "redundant"
 
     @property
     def fails(self) -> bool:
-        """Whether this run sees the failure draws (``none`` and ``redundant`` never lose a stage)."""
-        return self not in (BenchStrategy.NONE, BenchStrategy.REDUNDANT)
+        """Whether this run sees the failure draws (``none`` never loses a stage)."""
+        return self is not BenchStrategy.NONE
 
     @property
     def recovery(self) -> RecoveryStrategy:
@@ -40,7 +41,6 @@ class BenchStrategy(enum.StrEnum):
 
 STRATEGIES = tuple(BenchStrategy)
 PAPER_STEP_SECONDS = 91.35  # the paper's measured s/iteration (medium model, checkpointing)
-PAPER_REDUNDANT_FACTOR = 151.04 / PAPER_STEP_SECONDS  # redundant computation's s/iteration over checkpointing's
 
 
 def per_iteration_rate(per_hour: float, step_seconds: float) -> float:
@@ -62,9 +62,9 @@ class BenchOptions:
     seed: int = 0  # the first seed (model, batch order and failure draws); each further one is the next integer
     seeds: int = 3  # runs per strategy and rate, one per seed: the tables give mean ± sd over them
     target_loss: float | None = None
-    checkpoint_every: int = 10
+    # checkpoint: the intervals K compared, each a run of its own ("auto": Young–Daly, simulate mode)
+    checkpoint_every: list[int | str] = dataclasses.field(default_factory=lambda: [10])
     snapshot_neighbour_every: int = default(RecoveryOptions, "snapshot_neighbour_every")  # ladder: K
-    redundant_factor: float = PAPER_REDUNDANT_FACTOR
     lr_scale: float = default(RecoveryOptions, "lr_scale")
     eval_every: int = 10
     eval_batches: int = default(EvalOptions, "batches")
@@ -73,3 +73,34 @@ class BenchOptions:
 
     def __post_init__(self) -> None:
         self.strategies = [BenchStrategy(s) for s in self.strategies]
+        for k in self.checkpoint_every:
+            if k != AUTO and not (isinstance(k, int) and k >= 1):
+                raise ValueError(f"a checkpoint interval is a positive number of steps or {AUTO!r}, not {k!r}")
+
+    def variants(self, strategy: BenchStrategy) -> list[tuple[str, int | str | None]]:
+        """(label, checkpoint interval) of each run ``strategy`` makes at a rate: one per K for checkpointing."""
+        if strategy is not BenchStrategy.CHECKPOINT:
+            return [("", None)]
+        return [(f"K={k}", k) for k in self.checkpoint_every]
+
+
+AUTO = "auto"
+
+
+@dataclass
+class SimulateOptions(BenchOptions):
+    """``--mode simulate``'s own: the regime its clock charges (see :mod:`node.bench.costs`)."""
+
+    failure_overhead_seconds: float = 0.0  # added to every failure (detection, claim, replacement start-up)
+    device: str = "cpu"
+    stage0_failures: bool = True  # stage 0 fails like the others (the paper's CheckFree runs spare it)
+    step_seconds: float | None = None  # the clock's seconds per iteration (None: measured here)
+    stage_mib: float | None = None  # a block stage's weights in MiB on the clock (None: the trained model's)
+    storage_bandwidth: float = 100.0  # MB/s, one node to off-node storage (checkpoints)
+    storage_latency: float = 0.05  # seconds per storage request
+    link_bandwidth: float = 125.0  # MB/s, one node's network link (rebuilds, snapshots, stage-0 copies)
+
+
+def run_label(strategy: BenchStrategy | str, variant: str = "") -> str:
+    """How tables and figures name a run: the strategy, and its variant where it has several."""
+    return f"{strategy} {variant}" if variant else str(strategy)

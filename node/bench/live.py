@@ -6,9 +6,6 @@ a spare (plus the respawned node) takes over. Everything is measured from the da
 times, detection and recovery times, rollbacks, checkpoint snapshots and writes, and the validation loss
 that stage 0 measures through the pipeline every ``eval_every`` committed steps. The clock is the real
 wall-clock of the run, minus the time spent evaluating.
-
-``redundant`` is not a daemon strategy (nodes do not run their neighbour's layers): its curve is the
-no-failure run's with each iteration's time multiplied by ``redundant_factor``, as stated in the output.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from node.bench import BenchOptions, BenchStrategy
+from node.bench import BenchOptions, BenchStrategy, run_label
 from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
 from node.events import EvalEvent, Event, StepEvent, of_type
 from node.local.launcher import LocalOptions, LocalSwarm, LocalSwarmError
@@ -55,8 +52,11 @@ def curve_from_events(events: list[Event]) -> list[CurvePoint]:
     return points
 
 
-def local_options(opts: LiveOptions, strategy: BenchStrategy, rate: float, workdir: pathlib.Path) -> LocalOptions:
-    """The local swarm of one run: ``strategy`` (``none``: no failures, plain CheckFree) at failure rate ``rate``."""
+def local_options(
+    opts: LiveOptions, strategy: BenchStrategy, rate: float, workdir: pathlib.Path, checkpoint_every: int | None = None
+) -> LocalOptions:
+    """The local swarm of one run: ``strategy`` (``none``: no failures, plain CheckFree) at failure rate ``rate``
+    (checkpointing every ``checkpoint_every`` steps, default the first of ``opts``')."""
     failing, recovery = strategy.fails, strategy.recovery
     checkpoint_dir = str(workdir / "checkpoints") if recovery is RecoveryStrategy.CHECKPOINT else None
     cfg = opts.config.model_copy(update={"out_of_order": recovery.out_of_order})
@@ -71,7 +71,7 @@ def local_options(opts: LiveOptions, strategy: BenchStrategy, rate: float, workd
         recovery=RecoveryOptions(
             strategy=recovery,
             lr_scale=opts.lr_scale,
-            checkpoint_every=opts.checkpoint_every,
+            checkpoint_every=checkpoint_every or int(opts.checkpoint_every[0]),
             checkpoint_dir=checkpoint_dir,
             snapshot_neighbour_every=opts.snapshot_neighbour_every,
         ),
@@ -85,18 +85,23 @@ def local_options(opts: LiveOptions, strategy: BenchStrategy, rate: float, workd
     )
 
 
-def _live_run(opts: LiveOptions, strategy: BenchStrategy, rate: float, progress: Progress | None) -> BenchRun:
-    workdir = opts.out / "runs" / f"{strategy}-p{rate:g}"
+def _live_run(
+    opts: LiveOptions, strategy: BenchStrategy, rate: float, progress: Progress | None, variant: str = "",
+    checkpoint_every: int | None = None,
+) -> BenchRun:  # fmt: skip
+    label = f"{run_label(strategy, variant)} p={rate:g}"
+    workdir = opts.out / "runs" / label.replace(" ", "-").replace("=", "")
     # a fresh start: the checkpoint strategy would otherwise resume from an earlier bench's checkpoints
     shutil.rmtree(workdir, ignore_errors=True)
-    swarm = LocalSwarm(local_options(opts, strategy, rate, workdir))
+    swarm = LocalSwarm(local_options(opts, strategy, rate, workdir, checkpoint_every))
     if progress is not None:
-        progress(f"{strategy} p={rate:g}", 0, opts.iterations)
+        progress(label, 0, opts.iterations)
     try:
         summary = swarm.run()
     except LocalSwarmError as err:  # the run is reported as failed; the other strategies still run
         return BenchRun(
             strategy=strategy,
+            variant=variant,
             failure_rate=rate,
             failures=len(swarm.kill_log),
             iterations_to_target=None,
@@ -124,9 +129,10 @@ def _live_run(opts: LiveOptions, strategy: BenchStrategy, rate: float, progress:
     if strategy is BenchStrategy.CHECKPOINT:
         extra["checkpoints"] = summary["checkpoints"]
     if progress is not None:
-        progress(f"{strategy} p={rate:g}", opts.iterations, opts.iterations)
+        progress(label, opts.iterations, opts.iterations)
     return BenchRun(
         strategy=strategy,
+        variant=variant,
         failure_rate=rate if strategy.fails else 0.0,
         failures=len(summary["kills"]),
         iterations_to_target=None,
@@ -153,15 +159,8 @@ def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResult
         for strategy in opts.strategies:
             if strategy is BenchStrategy.NONE:
                 continue
-            if strategy is BenchStrategy.REDUNDANT:
-                run = baseline.model_copy(deep=True, update={"strategy": strategy, "failure_rate": rate})
-                run.step_seconds *= opts.redundant_factor
-                for point in run.curve:
-                    point.seconds *= opts.redundant_factor
-                run.extra = {"derived_from": "the no-failure live run, time × redundant_factor"}
-                runs.append(run)
-                continue
-            runs.append(_live_run(opts, strategy, rate, progress))
+            for variant, k in opts.variants(strategy):
+                runs.append(_live_run(opts, strategy, rate, progress, variant, k if isinstance(k, int) else None))
     if opts.target_loss is not None:
         target, source = opts.target_loss, "given (--target-loss)"
     else:
@@ -178,9 +177,7 @@ def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResult
             "clock": "real wall-clock of each run from its first evaluation, evaluation time excluded",
             "step_seconds_source": "median of the run's committed step times (stage 0's step events)",
             "recover_seconds_source": "per recovery, from the SIGKILL to the next committed step (launcher)",
-            "redundant_factor": opts.redundant_factor,
-            "redundant_source": "not a daemon strategy: the no-failure run with time × redundant_factor",
-            "checkpoint_every": opts.checkpoint_every,
+            "checkpoint_every": [str(k) for k in opts.checkpoint_every],
             "failure_model": "the launcher SIGKILLs each block stage's node with probability p at the start "
             "of each step; a spare and the respawned node replace it",
             "spares": opts.spares,

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from node import __version__
-from node.bench import STRATEGIES, BenchOptions, BenchStrategy
+from node.bench import STRATEGIES, BenchOptions, BenchStrategy, run_label
 
 
 class CurvePoint(BaseModel):
@@ -32,6 +32,7 @@ class BenchRun(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     strategy: BenchStrategy
+    variant: str = Field("", description="checkpoint: its interval as asked (K=10, K=auto)")
     failure_rate: float
     seed: int = Field(0, description="the seed of its model, data order and failure draws")
     failures: int
@@ -59,6 +60,7 @@ class SummaryRow(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     strategy: BenchStrategy
+    variant: str = ""
     failure_rate: float
     seeds: int
     reached: int = Field(description="seeds whose run reached the target")
@@ -88,6 +90,9 @@ class BenchResults(BaseModel):
     runs: list[BenchRun]
     baseline: BenchRun | None = Field(None, description="the no-failure run (always made: it sets the target)")
     summary: list[SummaryRow] = Field(default_factory=list, description="per strategy and rate, over the seeds")
+    best_checkpoint: dict[str, str] = Field(
+        default_factory=dict, description="per failure rate: the checkpoint interval that reached the target first"
+    )
 
 
 def machine_info() -> dict[str, Any]:
@@ -143,15 +148,15 @@ def spread(values: list[float]) -> Spread | None:
 
 def summarize(runs: list[BenchRun]) -> list[SummaryRow]:
     """One row per (strategy, failure rate) in the order the runs came, over their seeds."""
-    groups: dict[tuple[BenchStrategy, float], list[BenchRun]] = {}
+    groups: dict[tuple[BenchStrategy, str, float], list[BenchRun]] = {}
     for run in runs:
-        groups.setdefault((run.strategy, run.failure_rate), []).append(run)
+        groups.setdefault((run.strategy, run.variant, run.failure_rate), []).append(run)
     rows = []
-    for (strategy, rate), group in groups.items():
+    for (strategy, variant, rate), group in groups.items():
         reached = [r for r in group if r.seconds_to_target is not None]
         rows.append(
             SummaryRow(
-                strategy=strategy, failure_rate=rate, seeds=len(group), reached=len(reached),
+                strategy=strategy, variant=variant, failure_rate=rate, seeds=len(group), reached=len(reached),
                 seconds_to_target=spread([r.seconds_to_target for r in reached]),
                 iterations_to_target=spread([r.iterations_to_target for r in reached]),
                 final_val_loss=spread([r.final_val_loss for r in group if r.final_val_loss is not None]),
@@ -159,6 +164,22 @@ def summarize(runs: list[BenchRun]) -> list[SummaryRow]:
             )
         )  # fmt: skip
     return rows
+
+
+def best_checkpoint(rows: list[SummaryRow]) -> dict[str, str]:
+    """Per failure rate (``f"{rate:g}"``), the checkpoint variant that did best: most seeds at the target, then
+    the least mean time to it (the baseline the other strategies are held against)."""
+    best: dict[str, SummaryRow] = {}
+    for row in rows:
+        if row.strategy is not BenchStrategy.CHECKPOINT:
+            continue
+        key, now = f"{row.failure_rate:g}", best.get(f"{row.failure_rate:g}")
+        seconds = row.seconds_to_target.mean if row.seconds_to_target else float("inf")
+        if now is None or (-row.reached, seconds) < (
+            -now.reached, now.seconds_to_target.mean if now.seconds_to_target else float("inf")
+        ):
+            best[key] = row
+    return {rate: row.variant for rate, row in best.items()}
 
 
 def run_seeds(opts: BenchOptions, seeds: int, run_one: Callable[[Any], BenchResults]) -> BenchResults:
@@ -190,7 +211,7 @@ def run_seeds(opts: BenchOptions, seeds: int, run_one: Callable[[Any], BenchResu
     return first.model_copy(
         update={
             "seeds": list(range(opts.seed, opts.seed + seeds)), "target_loss": target, "target_source": source,
-            "runs": runs, "summary": summarize(runs),
+            "runs": runs, "summary": (summary := summarize(runs)), "best_checkpoint": best_checkpoint(summary),
             "noise": {k: v.model_dump() if isinstance(v, Spread) else v for k, v in noise.items() if v is not None},
         }
     )  # fmt: skip
@@ -221,8 +242,16 @@ def _rates(results: BenchResults) -> list[float]:
     return sorted({r.failure_rate for r in results.runs if r.strategy is not BenchStrategy.NONE}) or [0.0]
 
 
-def _order(strategy: BenchStrategy) -> int:
-    return _ORDER.index(strategy) if strategy in _ORDER else 99
+Kind = tuple[BenchStrategy, str]  # (strategy, variant): one line or bar series
+
+
+def _order(kind: Kind) -> tuple[int, str]:
+    return (_ORDER.index(kind[0]) if kind[0] in _ORDER else 99, kind[1])
+
+
+def _colours(plt: Any, kinds: list[Kind]) -> dict[Kind, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {kind: cycle[i % len(cycle)] for i, kind in enumerate(sorted(kinds, key=_order))}
 
 
 def plot(results: BenchResults, path: pathlib.Path) -> None:
@@ -231,22 +260,23 @@ def plot(results: BenchResults, path: pathlib.Path) -> None:
     plt = _pyplot()
     rates = _rates(results)
     fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 4.2), squeeze=False, sharey=True)
-    colours = dict(zip(_ORDER, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    colours = _colours(plt, list({(r.strategy, r.variant) for r in results.runs}))
     for ax, rate in zip(axes[0], rates, strict=True):
-        groups: dict[BenchStrategy, list[BenchRun]] = {}
+        groups: dict[Kind, list[BenchRun]] = {}
         for run in results.runs:
             if run.failure_rate == rate or run.strategy is BenchStrategy.NONE:
-                groups.setdefault(run.strategy, []).append(run)
-        for strategy in sorted(groups, key=_order):
-            runs = groups[strategy]
+                groups.setdefault((run.strategy, run.variant), []).append(run)
+        for kind in sorted(groups, key=_order):
+            runs, strategy = groups[kind], kind[0]
             points = min(len(r.curve) for r in runs)  # live runs may differ by an evaluation
             xs = [statistics.fmean(r.curve[i].seconds for r in runs) / 60 for i in range(points)]
             losses = [[r.curve[i].val_loss for r in runs] for i in range(points)]
             mean = [statistics.fmean(v) for v in losses]
             sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in losses]
             failures = statistics.fmean(r.failures for r in runs)
-            label = "none (no failures)" if strategy is BenchStrategy.NONE else f"{strategy} ({failures:.0f} failures)"
-            colour = colours.get(strategy)
+            label = ("none (no failures)" if strategy is BenchStrategy.NONE
+                     else f"{run_label(*kind)} ({failures:.0f} failures)")  # fmt: skip
+            colour = colours.get(kind)
             ax.plot(xs, mean, label=label, color=colour)
             if len(runs) > 1:
                 ax.fill_between(xs, [m - d for m, d in zip(mean, sd, strict=True)],
@@ -272,18 +302,19 @@ def plot_time_to_target(results: BenchResults, path: pathlib.Path) -> None:
     plt = _pyplot()
     rates = _rates(results)
     rows = results.summary or summarize(results.runs)
-    strategies = sorted({r.strategy for r in rows}, key=_order)
-    colours = dict(zip(_ORDER, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(rates) * len(strategies)), 4.2))
-    width = 0.8 / max(1, len(strategies))
-    for k, strategy in enumerate(strategies):
+    kinds = sorted({(r.strategy, r.variant) for r in rows}, key=_order)
+    colours = _colours(plt, kinds)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(rates) * len(kinds)), 4.2))
+    width = 0.8 / max(1, len(kinds))
+    for k, kind in enumerate(kinds):
         xs, heights, errors = [], [], []
         for i, rate in enumerate(rates):
-            none = strategy is BenchStrategy.NONE  # one no-failure row, shown at every rate
-            row = next((r for r in rows if r.strategy == strategy and (none or r.failure_rate == rate)), None)
+            none = kind[0] is BenchStrategy.NONE  # one no-failure row, shown at every rate
+            row = next((r for r in rows if (r.strategy, r.variant) == kind and (none or r.failure_rate == rate)),
+                       None)  # fmt: skip
             if row is None:
                 continue
-            x = i + (k - (len(strategies) - 1) / 2) * width
+            x = i + (k - (len(kinds) - 1) / 2) * width
             if row.seconds_to_target is None:
                 ax.text(x, 0, "never", rotation=90, ha="center", va="bottom", fontsize=7)
                 continue
@@ -292,7 +323,7 @@ def plot_time_to_target(results: BenchResults, path: pathlib.Path) -> None:
             errors.append(row.seconds_to_target.sd / 60)
             if row.reached < row.seeds:
                 ax.text(x, heights[-1], f"{row.reached}/{row.seeds}", ha="center", va="bottom", fontsize=7)
-        ax.bar(xs, heights, width, yerr=errors, capsize=3, label=str(strategy), color=colours.get(strategy))
+        ax.bar(xs, heights, width, yerr=errors, capsize=3, label=run_label(*kind), color=colours.get(kind))
     ax.set_xticks(range(len(rates)), [f"p = {r:g}" for r in rates])
     ax.set_xlim(-0.5, len(rates) - 0.5)
     ax.set_ylabel(f"minutes to validation loss {results.target_loss:.3f}")

@@ -1,31 +1,34 @@
 """``swarm-node bench --mode simulate``: every stage in one process, failures drawn per iteration.
 
-As in the CheckFree paper's experiments, each block stage fails independently with probability p at the
-start of every iteration (a seeded schedule, the same for every strategy at a given p; stage 0 holds the
-data and does not fail, as in the paper's CheckFree runs). The model, batches, clipping and AdamW are
-the swarm's (:class:`~node.stage.runtime.StageRuntime` per stage, :func:`~node.data.batches.training_batch`,
-and the commit decision :func:`~node.train.commit.decide_commit` applied by
-:func:`~node.train.commit.apply_update`), and a lost stage is rebuilt with the daemon's own planner and
-rebuild spec (:func:`~node.recovery.rebuild.rebuild_spec`, :func:`~node.recovery.rebuild.build_runtime`):
+As in the CheckFree paper's experiments, each stage fails independently with probability p at the start of
+every iteration (a seeded schedule, the same for every strategy at a given p). Stage 0 (data, embedding, LM
+head) fails too unless ``--no-stage0-failures`` (the paper's CheckFree runs spare it). The model, batches,
+clipping and AdamW are the swarm's (:class:`~node.stage.runtime.StageRuntime` per stage,
+:func:`~node.data.batches.training_batch`, and the commit decision :func:`~node.train.commit.decide_commit`
+applied by :func:`~node.train.commit.apply_update`), and a lost stage is rebuilt with the daemon's own planner
+and rebuild spec (:func:`~node.recovery.rebuild.rebuild_spec`, :func:`~node.recovery.rebuild.build_runtime`):
 
 - ``none``: no failures (the reference curve; also the default target);
-- ``checkfree`` / ``checkfree+``: :func:`~node.recovery.planner.plan_recovery` (checkfree+ trains with
-  the out-of-order pipeline and copies edge stages from their swap partner);
-- ``checkpoint``: every stage writes a checkpoint every K steps with the daemon's background writer; a
-  failure rolls every stage (weights, AdamW state, data position) back to the newest common checkpoint;
-- ``ladder``: every K committed steps each stage's full state is copied aside (its neighbour snapshot; the
-  blocking clone is on the clock, the send is not simulated); a lost stage whose holder survives goes back
-  to that snapshot, at most K steps stale, and the planner falls back to CheckFree otherwise;
+- ``checkfree`` / ``checkfree+``: :func:`~node.recovery.planner.plan_recovery` (checkfree+ trains with the
+  out-of-order pipeline, copies edge stages from their swap partner, and rebuilds stage 0 from the copy its
+  holders receive after every step); plain CheckFree cannot rebuild stage 0: the swarm restarts from step 0
+  (method ``unrecoverable``);
+- ``checkpoint``: every stage writes a checkpoint every K steps (one run per ``--checkpoint-every`` value;
+  ``auto`` is Young–Daly over the measured costs); a checkpoint counts only once its write to off-node
+  storage is done on the clock, and a failure rolls every stage back to the newest one every stage has;
+- ``ladder``: every K committed steps each stage's full state is copied to its snapshot holder (the clone
+  blocks; the send does not, but a snapshot is usable only once sent, and a stage still sending skips its
+  turn); a lost stage whose holder lives goes back to it, at most K steps stale; below that, CheckFree;
 - ``copy``: the nearest live block stage's weights; ``random``: fresh random weights (both with a fresh
-  optimizer at lr × lr_scale, like CheckFree);
-- ``redundant``: no progress is ever lost, but every iteration costs ``redundant_factor`` times more. Its
-  trajectory is the no-failure run's, so its curve is that run's with the clock scaled.
+  optimizer at lr × lr_scale, like CheckFree).
 
-The clock is iterations × a measured step time (the median over every simulated iteration on this
-machine) plus each strategy's measured extra costs: the recovery operation itself (fetch-free here:
-averaging, copying, re-initialising or loading checkpoints), the blocking part of checkpoint snapshots,
-and ``failure_overhead_seconds`` per failure (detection and replacement start-up, e.g. as measured by
-``--mode live``). Evaluation time is not on the clock.
+The clock (:mod:`node.bench.costs`) is iterations × the step time (measured: the no-failure run's median
+iteration here, or ``--step-seconds``) plus what each strategy pays on top, at the simulated stage size
+(``--stage-mib``): state copies measured here and scaled by bytes, checkpoint writes and reads at
+``--storage-bandwidth`` / ``--storage-latency``, the state a rebuild fetches at ``--link-bandwidth``, a
+stage-0 copy that takes longer to send than a step, and ``--failure-overhead-seconds`` per failure
+(detection, claim, start-up). Stages fail and are replaced in parallel: a failure that hits several stages at
+once costs the slowest recovery. Evaluation time is not on the clock.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from node.bench import BenchOptions, BenchStrategy
+from node.bench import AUTO, BenchStrategy, SimulateOptions, run_label
+from node.bench.costs import MB, MIB, CostModel, WriteQueue, swarm_failure_probability, young_daly_interval
 from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
-from node.checkpoint import BackgroundWriter, CheckpointStore, restore_runtime, rollback_target
+from node.checkpoint import BackgroundWriter, CheckpointStore, restore_runtime
 from node.config import SwarmConfig
 from node.data import load_corpus, validation_batches
 from node.data.batches import training_batch
@@ -50,26 +54,26 @@ from node.metrics import StageMetrics
 from node.recovery.planner import Method, RecoveryPlan, plan_recovery
 from node.recovery.rebuild import Fetched, build_runtime, rebuild_spec
 from node.stage.runtime import StageRuntime
-from node.topology import route_for, snapshot_holder
+from node.topology import copy_holders, route_for, snapshot_holder
 from node.train.commit import apply_update, decide_commit
 from node.train.optim import autocast_for, grad_norm_sq
 
 Progress = Callable[[str, int, int], None]  # (run label, iterations done, iterations of the run)
+State = dict[str, torch.Tensor]
 
 
-@dataclass
-class SimulateOptions(BenchOptions):
-    failure_overhead_seconds: float = 0.0  # added to every failure (detection, replacement start-up)
-    device: str = "cpu"
-
-
-def failure_schedule(seed: int, rate: float, iterations: int, num_stages: int) -> list[list[int]]:
-    """Block stages failing at the start of each iteration: seeded, the same for every strategy at ``rate``.
+def failure_schedule(seed: int, rate: float, iterations: int, num_stages: int, stage0: bool = False) -> list[list[int]]:
+    """Stages failing at the start of each iteration: seeded, the same for every strategy at ``rate``.
 
     One uniform draw per (iteration, stage), whatever the rate: a stage fails where its draw is below the
-    rate, so the failures at a higher rate include those at a lower one (rates compare like for like)."""
+    rate, so the failures at a higher rate include those at a lower one (rates compare like for like). Stage
+    0's draws (``stage0``) come from a stream of their own, so the block stages' are the same either way."""
     rng = random.Random(f"swarm-node-bench:{seed}")
-    return [[s for s in range(1, num_stages) if rng.random() < rate] for _ in range(iterations)]
+    blocks = [[s for s in range(1, num_stages) if rng.random() < rate] for _ in range(iterations)]
+    if not stage0:
+        return blocks
+    rng0 = random.Random(f"swarm-node-bench-stage0:{seed}")
+    return [([0] if rng0.random() < rate else []) + failed for failed in blocks]
 
 
 def notice_schedule(seed: int, fraction: float, schedule: list[list[int]], num_stages: int) -> set[tuple[int, int]]:
@@ -78,6 +82,10 @@ def notice_schedule(seed: int, fraction: float, schedule: list[list[int]], num_s
     rng = random.Random(f"swarm-node-bench-notice:{seed}")
     draws = [[rng.random() for _ in range(num_stages)] for _ in schedule]
     return {(it, s) for it, failed in enumerate(schedule) for s in failed if draws[it][s] < fraction}
+
+
+def nbytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 class _Swarm:
@@ -119,7 +127,7 @@ class _Swarm:
                 losses.append(float(embed.loss(h, y.to(self.device))))
         return sum(losses) / len(losses)
 
-    def restore(self, stage: int, state: dict[str, torch.Tensor], lr_scale: float, norm: float) -> None:
+    def restore(self, stage: int, state: State, lr_scale: float, norm: float) -> None:
         """Puts ``stage`` back to a neighbour snapshot (weights and AdamW state of an earlier step) at the
         swarm's committed step, as the ladder's ``snapshot`` method does."""
         rt = StageRuntime(self.cfg, stage, self.device, lr_scale=lr_scale, committed_step=self.committed,
@@ -135,18 +143,109 @@ class _Swarm:
         spec = rebuild_spec(plan, fetched, self.committed, lr_scale, seed)
         self.stages[plan.stage] = build_runtime(self.cfg, plan.stage, self.device, spec)
 
+    def clone_seconds(self) -> list[float]:
+        """Measured time to clone each stage's full state (what a checkpoint or snapshot blocks on)."""
+        out = []
+        for rt in self.stages:
+            started = time.perf_counter()
+            rt.full_state()
+            out.append(time.perf_counter() - started)
+        return out
 
-def _roll_back(
-    swarm: _Swarm, stores: list[CheckpointStore], writers: list[BackgroundWriter], device: torch.device
-) -> None:
-    """Every stage back to the newest checkpoint all stages have (weights, AdamW state, data position)."""
-    cfg = swarm.cfg
+
+@dataclass
+class _Sizes:
+    """Bytes of each stage's weights and full state (weights and AdamW), of the trained model."""
+
+    weights: list[int]
+    full: list[int]
+
+    @classmethod
+    def of(cls, swarm: _Swarm) -> _Sizes:
+        stages = swarm.stages
+        return cls([nbytes(rt.committed_state()) for rt in stages], [nbytes(rt.full_state()) for rt in stages])
+
+
+@dataclass
+class _Snapshot:
+    step: int
+    state: State
+    lr_scale: float
+    grad_norm: float
+    ready_at: float  # clock time its send to the holder completes
+
+
+@dataclass
+class _Run:
+    """One strategy's run in progress: the swarm, the clock and what it has paid."""
+
+    swarm: _Swarm
+    costs: CostModel
+    sizes: _Sizes
+    record: BenchRun
+    extra: float = 0.0  # seconds on the clock beyond the iterations themselves
+    clones: list[float] = field(default_factory=list)  # blocking seconds of each checkpoint / snapshot round
+    stalls: float = 0.0  # waiting for a write or a stage-0 copy
+    rollbacks: list[int] = field(default_factory=list)  # checkpoint: the step each rollback went back to
+
+    def now(self, iteration: int) -> float:
+        return iteration * self.costs.step_seconds + self.extra
+
+    def count(self, method: str) -> None:
+        self.record.methods[method] = self.record.methods.get(method, 0) + 1
+
+
+def _roll_back(run: _Run, stores: list[CheckpointStore], writers: list[BackgroundWriter], queues: list[WriteQueue],
+               now: float) -> int:  # fmt: skip
+    """Every stage back to the newest checkpoint that every stage had written to storage by ``now`` (weights,
+    AdamW state, data position); returns that step (0: the seed's initial weights)."""
+    swarm = run.swarm
     for w in writers:
         w.wait()
-    target = rollback_target({s: st.steps() for s, st in enumerate(stores)}, cfg.num_stages)
+    on_disk = [set(st.steps()) for st in stores]
+    durable = set.intersection(*(q.durable(now) & d for q, d in zip(queues, on_disk, strict=True)))
+    target = max(durable, default=0)
     for s, st in enumerate(stores):
-        swarm.stages[s] = restore_runtime(cfg, s, device, st.load(target) if target else None)
+        swarm.stages[s] = restore_runtime(swarm.cfg, s, swarm.device, st.load(target) if target else None)
+    for q in queues:
+        q.fail(now, target)
     swarm.committed = target
+    return target
+
+
+
+def _recover(run: _Run, stage: int, live: frozenset[int], strategy: BenchStrategy, opts: SimulateOptions,
+             snapshots: dict[int, list[_Snapshot]], rng: random.Random, now: float) -> float:  # fmt: skip
+    """Rebuilds one lost stage as the planner says; returns its cost on the clock (the measured operation at
+    the simulated size, plus the state it fetches over the link). A stage 0 that cannot be rebuilt restarts
+    the whole swarm from step 0."""
+    swarm, costs, sizes = run.swarm, run.costs, run.sizes
+    cfg = swarm.cfg
+    usable = {s: next((x for x in reversed(snaps) if x.ready_at <= now), None) for s, snaps in snapshots.items()}
+    held = {s: (snapshot_holder(s, cfg.num_stages), x.step) for s, x in usable.items() if x is not None}
+    copies = {h: swarm.committed for h in copy_holders(cfg.num_stages)}  # sent after every commit: exact
+    plan = plan_recovery(stage, cfg.num_stages, live, max(1, swarm.committed), strategy.recovery, replicas=copies,
+                         snapshots=held, max_stale=opts.snapshot_neighbour_every)  # fmt: skip
+    run.count(plan.method.value)
+    started = time.perf_counter()
+    if plan.method == Method.UNRECOVERABLE:  # nothing can rebuild stage 0: training starts over
+        run.swarm = _Swarm(cfg, swarm.device)
+        snapshots.clear()
+        return costs.failure_overhead
+    if plan.method == Method.SNAPSHOT:
+        snap = usable[stage]
+        assert snap is not None  # the planner only picks a usable one
+        swarm.restore(stage, snap.state, snap.lr_scale, snap.grad_norm)
+        fetched = sizes.full[stage]
+    elif plan.method == Method.EMBEDDING_REPLICA:  # the holder's copy of stage 0 at the committed step: exact
+        rt = swarm.stages[0]
+        rt.load_full_state(rt.full_state())
+        fetched = sizes.full[0]
+    else:
+        swarm.rebuild(plan, opts.lr_scale, rng)
+        fetched = sum(sizes.weights[s] for s in plan.sources)
+    operation = costs.scaled(time.perf_counter() - started)
+    return operation + costs.link_seconds(fetched) + costs.failure_overhead
 
 
 def _simulate_run(
@@ -158,97 +257,101 @@ def _simulate_run(
     val: list[tuple[torch.Tensor, torch.Tensor]],
     progress: Progress | None,
     notices: frozenset[tuple[int, int]] = frozenset(),
+    costs: CostModel | None = None,
+    checkpoint_every: int | None = None,
+    variant: str = "",
 ) -> tuple[BenchRun, list[float]]:
-    """Trains one strategy; returns the run (clock not yet applied: curve seconds are extra costs so far)
-    and the measured iteration times."""
+    """Trains one strategy on the simulated clock ``costs`` (default: this machine's measured step, the
+    trained model's size); returns the run and the measured iteration times."""
     cfg = opts.config.model_copy(update={"out_of_order": strategy.recovery.out_of_order})
     device = torch.device(opts.device)
     swarm = _Swarm(cfg, device)
+    costs = costs or cost_model(opts, 1.0, _Sizes.of(swarm))
+    record = BenchRun(strategy=strategy, variant=variant, failure_rate=rate if strategy.fails else 0.0, failures=0,
+                      iterations_to_target=None, seconds_to_target=None, final_val_loss=None,
+                      step_seconds=costs.step_seconds)  # fmt: skip
+    run = _Run(swarm, costs, _Sizes.of(swarm), record)
     rng = random.Random(f"{opts.seed}:{strategy}:{rate!r}")
-    run = BenchRun(
-        strategy=strategy,
-        failure_rate=rate if strategy is not BenchStrategy.NONE else 0.0,
-        failures=0,
-        iterations_to_target=None,
-        seconds_to_target=None,
-        final_val_loss=None,
-        step_seconds=0.0,
-    )
     step_times: list[float] = []
-    extra = 0.0  # measured costs beyond the iterations themselves
-    # ladder: stage -> (committed step, full state, lr scale, last grad norm) of its newest neighbour snapshot
-    neighbour_snapshots: dict[int, tuple[int, dict[str, torch.Tensor], float, float]] = {}
-    snapshots: list[float] = []
-    written: list[tuple[float, int]] = []  # (seconds, bytes) of each background write
+    snapshots: dict[int, list[_Snapshot]] = {}  # ladder: each stage's two newest neighbour snapshots
+    sending_until = [0.0] * cfg.num_stages
+    k = checkpoint_every or opts.snapshot_neighbour_every
     tmp = tempfile.TemporaryDirectory(prefix="swarm-node-bench-") if strategy is BenchStrategy.CHECKPOINT else None
     writers: list[BackgroundWriter] = []
     stores: list[CheckpointStore] = []
+    queues = [WriteQueue() for _ in range(cfg.num_stages)]
     if tmp is not None:
         metrics = StageMetrics()
         stores = [CheckpointStore(pathlib.Path(tmp.name), s, cfg.fingerprint()) for s in range(cfg.num_stages)]
-        writers = [BackgroundWriter(st, metrics, lambda _step, sec, n: written.append((sec, n))) for st in stores]
-    label = f"{strategy} p={rate:g}"
+        writers = [BackgroundWriter(st, metrics, lambda *_: None) for st in stores]
+    label = f"{run_label(strategy, variant)} p={rate:g}"
+    stage0_copy = costs.link_seconds(2 * run.sizes.full[0]) if strategy is BenchStrategy.CHECKFREE_PLUS else 0.0
     try:
-        run.curve.append(CurvePoint(iteration=0, step=0, seconds=0.0, val_loss=swarm.val_loss(val)))
+        record.curve.append(CurvePoint(iteration=0, step=0, seconds=0.0, val_loss=run.swarm.val_loss(val)))
         for it in range(opts.iterations):
+            now = run.now(it)
             failed = list(schedule[it]) if strategy.fails else []
+            paid = [0.0]  # stages are replaced in parallel: the slowest recovery is on the clock
             for stage in [s for s in failed if (it, s) in notices]:
                 # a notice: the stage's exact state moves to its successor (method handoff, whatever the strategy)
                 failed.remove(stage)
-                run.failures += 1
+                record.failures += 1
                 started = time.perf_counter()
-                rt = swarm.stages[stage]
+                rt = run.swarm.stages[stage]
                 rt.load_full_state(rt.full_state())
-                run.methods["handoff"] = run.methods.get("handoff", 0) + 1
-                run.recover_seconds.append(time.perf_counter() - started)
-                extra = sum(run.recover_seconds) + sum(snapshots)
-            if failed:
-                run.failures += len(failed)
-                if strategy is BenchStrategy.CHECKPOINT:  # one rollback, however many stages were lost
-                    started = time.perf_counter()
-                    _roll_back(swarm, stores, writers, device)
-                    run.methods["checkpoint"] = run.methods.get("checkpoint", 0) + 1
-                    run.recover_seconds.append(time.perf_counter() - started + opts.failure_overhead_seconds)
-                else:
-                    live = frozenset(range(1, cfg.num_stages)) - set(failed)
-                    held = {s: (snapshot_holder(s, cfg.num_stages), h[0]) for s, h in neighbour_snapshots.items()}
-                    for stage in failed:
-                        started = time.perf_counter()
-                        plan = plan_recovery(stage, cfg.num_stages, live, max(1, swarm.committed), strategy.recovery,
-                                             snapshots=held, max_stale=opts.snapshot_neighbour_every)  # fmt: skip
-                        if plan.method == Method.SNAPSHOT:
-                            swarm.restore(stage, *neighbour_snapshots[stage][1:])
-                        else:
-                            swarm.rebuild(plan, opts.lr_scale, rng)
-                        run.methods[plan.method.value] = run.methods.get(plan.method.value, 0) + 1
-                        run.recover_seconds.append(time.perf_counter() - started + opts.failure_overhead_seconds)
-                extra = sum(run.recover_seconds) + sum(snapshots)
+                run.count(Method.HANDOFF.value)
+                paid.append(costs.scaled(time.perf_counter() - started) + costs.link_seconds(run.sizes.full[stage]))
+                record.recover_seconds.append(paid[-1])
+            if failed and strategy is BenchStrategy.CHECKPOINT:  # one rollback, however many stages were lost
+                record.failures += len(failed)
+                started = time.perf_counter()
+                run.rollbacks.append(_roll_back(run, stores, writers, queues, now))
+                run.count(Method.CHECKPOINT.value)
+                paid.append(costs.scaled(time.perf_counter() - started) + costs.storage_seconds(max(run.sizes.full))
+                            + costs.failure_overhead)  # fmt: skip
+                record.recover_seconds.append(paid[-1])
+            elif failed:
+                record.failures += len(failed)
+                live = frozenset(range(cfg.num_stages)) - set(failed)
+                for stage in failed:
+                    restarts = record.methods.get(Method.UNRECOVERABLE.value, 0)
+                    paid.append(_recover(run, stage, live, strategy, opts, snapshots, rng, now))
+                    record.recover_seconds.append(paid[-1])
+                    if record.methods.get(Method.UNRECOVERABLE.value, 0) > restarts:
+                        break  # the swarm started over: every stage is new
+            run.extra += max(paid)
             started = time.perf_counter()
-            swarm.train_step(tokens)
+            run.swarm.train_step(tokens)
             step_times.append(time.perf_counter() - started)
-            if strategy is BenchStrategy.LADDER and swarm.committed % opts.snapshot_neighbour_every == 0:
-                started = time.perf_counter()
-                for stage, rt in enumerate(swarm.stages):
-                    neighbour_snapshots[stage] = (swarm.committed, rt.full_state(), rt.lr_scale, rt.last_grad_norm)
-                snapshots.append(time.perf_counter() - started)
-                extra = sum(run.recover_seconds) + sum(snapshots)
-            if writers and swarm.committed % opts.checkpoint_every == 0:
-                started = time.perf_counter()
-                for rt, w in zip(swarm.stages, writers, strict=True):
+            committed, now = run.swarm.committed, run.now(it + 1)
+            if stage0_copy > costs.step_seconds:  # a copy that takes longer to send than a step holds stage 0 up
+                run.stalls += stage0_copy - costs.step_seconds
+                run.extra += stage0_copy - costs.step_seconds
+            if strategy is BenchStrategy.LADDER and committed % k == 0:
+                clones = run.swarm.clone_seconds()
+                for stage, rt in enumerate(run.swarm.stages):
+                    if sending_until[stage] > now:
+                        continue  # the previous snapshot is still being sent: this turn is skipped
+                    sending_until[stage] = now + costs.link_seconds(run.sizes.full[stage])
+                    snap = _Snapshot(committed, rt.full_state(), rt.lr_scale, rt.last_grad_norm, sending_until[stage])
+                    snapshots[stage] = [*snapshots.get(stage, [])[-1:], snap]
+                run.clones.append(costs.scaled(max(clones)))
+                run.extra += run.clones[-1]
+            if writers and committed % k == 0:
+                run.clones.append(costs.scaled(max(run.swarm.clone_seconds())))
+                stall = 0.0
+                for stage, (rt, w) in enumerate(zip(run.swarm.stages, writers, strict=True)):
                     w.wait()  # the daemon's rule: at most one snapshot in memory besides the live state
-                    w.submit(
-                        swarm.committed,
-                        rt.full_state(),
-                        data_position=swarm.committed * cfg.train.microbatches_per_step * cfg.train.microbatch_size,
-                        lr_scale=rt.lr_scale,
-                        grad_norm=rt.last_grad_norm,
-                    )
-                snapshots.append(time.perf_counter() - started)
-                extra = sum(run.recover_seconds) + sum(snapshots)
+                    w.submit(committed, rt.full_state(), lr_scale=rt.lr_scale, grad_norm=rt.last_grad_norm,
+                             data_position=committed * cfg.train.microbatches_per_step * cfg.train.microbatch_size)
+                    write = costs.storage_seconds(run.sizes.full[stage])
+                    stall = max(stall, queues[stage].submit(committed, now, write))
+                run.stalls += stall
+                run.extra += run.clones[-1] + stall
             done = it + 1
             if done % opts.eval_every == 0 or done == opts.iterations:
-                point = CurvePoint(iteration=done, step=swarm.committed, seconds=extra, val_loss=swarm.val_loss(val))
-                run.curve.append(point)
+                record.curve.append(CurvePoint(iteration=done, step=run.swarm.committed, seconds=run.now(done),
+                                               val_loss=run.swarm.val_loss(val)))  # fmt: skip
             if progress is not None:
                 progress(label, done, opts.iterations)
     finally:
@@ -256,58 +359,75 @@ def _simulate_run(
             w.close()
         if tmp is not None:
             tmp.cleanup()
-    if snapshots and strategy is BenchStrategy.LADDER:
-        run.extra = {
-            "snapshot_neighbour_every": opts.snapshot_neighbour_every,
-            "snapshots": len(snapshots),
-            "snapshot_seconds_mean": statistics.fmean(snapshots),
-            "snapshot_seconds_total": sum(snapshots),
+    if strategy in (BenchStrategy.LADDER, BenchStrategy.CHECKPOINT):
+        record.extra = {
+            "every": k,
+            "rounds": len(run.clones),
+            "blocking_seconds_mean": statistics.fmean(run.clones) if run.clones else 0.0,
+            "stall_seconds_total": run.stalls,
+            "bytes_per_round_all_stages": int(sum(run.sizes.full) * costs.byte_scale),
         }
-    elif snapshots:
-        run.extra = {
-            "checkpoint_every": opts.checkpoint_every,
-            "checkpoints": len(snapshots),
-            "snapshot_seconds_mean": statistics.fmean(snapshots),
-            "snapshot_seconds_total": sum(snapshots),
-            "background_writes": len(written),
-            "background_write_seconds_mean": statistics.fmean(sec for sec, _ in written) if written else None,
-            "checkpoint_bytes_all_stages": sum(n for _, n in written) // max(1, len(snapshots)),
-        }
-    return run, step_times
+        if strategy is BenchStrategy.CHECKPOINT:
+            record.extra["rollback_steps"] = run.rollbacks
+    elif stage0_copy:
+        record.extra = {"stage0_copy_seconds": stage0_copy, "stall_seconds_total": run.stalls}
+    return record, step_times
+
+
+def cost_model(opts: SimulateOptions, step_seconds: float, sizes: _Sizes) -> CostModel:
+    """The clock of every run: ``opts``' regime over the measured step time and the trained model's sizes."""
+    block = statistics.fmean(sizes.weights[1:]) if len(sizes.weights) > 1 else sizes.weights[0]
+    return CostModel(
+        step_seconds=opts.step_seconds or step_seconds,
+        byte_scale=opts.stage_mib * MIB / block if opts.stage_mib else 1.0,
+        storage_bandwidth=opts.storage_bandwidth * MB,
+        storage_latency=opts.storage_latency,
+        link_bandwidth=opts.link_bandwidth * MB,
+        failure_overhead=opts.failure_overhead_seconds,
+    )
+
+
+def auto_interval(costs: CostModel, sizes: _Sizes, clone_seconds: float, rate: float, failing: int) -> int:
+    """``--checkpoint-every auto``: Young–Daly over the blocking clone and the write to storage measured for
+    this regime, at this failure rate."""
+    return young_daly_interval(costs.scaled(clone_seconds), costs.storage_seconds(max(sizes.full)),
+                               costs.step_seconds, swarm_failure_probability(rate, failing))  # fmt: skip
 
 
 def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> BenchResults:
-    """Runs every strategy at every failure rate; ``none`` always runs (it gives the default target)."""
+    """Runs every strategy (each checkpoint interval) at every failure rate; ``none`` always runs (it gives
+    the default target and the measured step time)."""
     cfg = opts.config
     corpus = load_corpus(cfg.data)
     corpus.check_fits(cfg.train.seq_len)
     val = validation_batches(
         corpus.val, num_batches=opts.eval_batches, batch_size=cfg.train.microbatch_size, seq_len=cfg.train.seq_len
     )
-    runs: list[tuple[BenchRun, list[float]]] = []
-    baseline, base_times = _simulate_run(opts, BenchStrategy.NONE, 0.0, [], corpus.train, val, progress)
-    runs.append((baseline, base_times))
+    probe = _Swarm(cfg, torch.device(opts.device))
+    sizes = _Sizes.of(probe)
+    clone = max(statistics.median(c) for c in zip(*(probe.clone_seconds() for _ in range(3)), strict=True))
+    base_costs = cost_model(opts, 1.0, sizes)  # step time filled in from the no-failure run below
+    baseline, base_times = _simulate_run(opts, BenchStrategy.NONE, 0.0, [], corpus.train, val, progress,
+                                         costs=base_costs)  # fmt: skip
+    measured_step = statistics.median(base_times)
+    costs = cost_model(opts, measured_step, sizes)
+    for point in baseline.curve:
+        point.seconds = point.iteration * costs.step_seconds
+    baseline.step_seconds = costs.step_seconds
+    runs: list[tuple[BenchRun, list[float]]] = [(baseline, base_times)]
+    failing = cfg.num_stages if opts.stage0_failures else cfg.num_stages - 1
+    intervals: dict[str, int] = {}
     for rate in opts.failure_rates:
-        schedule = failure_schedule(opts.seed, rate, opts.iterations, cfg.num_stages)
+        schedule = failure_schedule(opts.seed, rate, opts.iterations, cfg.num_stages, opts.stage0_failures)
         notices = frozenset(notice_schedule(opts.seed, opts.notice_fraction, schedule, cfg.num_stages))
         for strategy in opts.strategies:
             if strategy is BenchStrategy.NONE:
                 continue
-            if strategy is BenchStrategy.REDUNDANT:
-                redundant = baseline.model_copy(deep=True, update={"strategy": strategy, "failure_rate": rate})
-                redundant.failures = sum(len(f) for f in schedule)
-                runs.append((redundant, base_times))
-                if progress is not None:
-                    progress(f"redundant p={rate:g}", opts.iterations, opts.iterations)
-                continue
-            runs.append(_simulate_run(opts, strategy, rate, schedule, corpus.train, val, progress, notices))
-    # the clock: iterations × one measured step time, plus each run's measured extra costs
-    step_seconds = statistics.median(t for _, times in runs for t in times)
-    for run, _ in runs:
-        redundant = run.strategy is BenchStrategy.REDUNDANT
-        run.step_seconds = step_seconds * (opts.redundant_factor if redundant else 1.0)
-        for point in run.curve:
-            point.seconds = point.iteration * run.step_seconds + (0.0 if redundant else point.seconds)
+            for variant, k in opts.variants(strategy):
+                if k == AUTO:
+                    k = intervals[f"{rate:g}"] = auto_interval(costs, sizes, clone, rate, failing)
+                runs.append(_simulate_run(opts, strategy, rate, schedule, corpus.train, val, progress, notices,
+                                          costs, k, variant))  # fmt: skip
     if opts.target_loss is not None:
         target, source = opts.target_loss, "given (--target-loss)"
     else:
@@ -322,29 +442,39 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
         target_loss=target,
         target_source=source,
         costs={
-            "step_seconds": step_seconds,
-            "step_seconds_source": "median of every simulated iteration's measured time (forward, backward, "
-            "clipping and AdamW of all stages in one process) on this machine",
+            "step_seconds": costs.step_seconds,
+            "step_seconds_source": "given (--step-seconds)" if opts.step_seconds else "median of the no-failure "
+            "run's measured iterations (forward, backward, clipping and AdamW of all stages in one process)",
+            "measured_step_seconds": measured_step,
             "step_seconds_by_run": {
-                f"{r.strategy}@{r.failure_rate:g}": statistics.fmean(times) for r, times in runs if times
+                f"{run_label(r.strategy, r.variant)}@{r.failure_rate:g}": statistics.fmean(times)
+                for r, times in runs if times
             },
-            "redundant_factor": opts.redundant_factor,
-            "redundant_factor_source": "given (--redundant-factor); default 151.04/91.35, the paper's measured "
-            "s/iteration of redundant computation over checkpointing",
-            "recover_seconds_source": "measured time of each recovery operation in this process (average, copy, "
-            "re-initialisation or loading every stage's checkpoint) plus failure_overhead_seconds",
+            "stage_bytes": {"weights": sizes.weights, "full_state": sizes.full, "byte_scale": costs.byte_scale,
+                            "source": f"a block stage's weights given as {opts.stage_mib} MiB (--stage-mib)"
+                            if opts.stage_mib else "the trained model's own"},
+            "storage": {"bandwidth_mb_s": opts.storage_bandwidth, "latency_s": opts.storage_latency,
+                        "source": "given (--storage-bandwidth, --storage-latency): a checkpoint counts once its "
+                        "write is done; a rollback reads the largest stage's back"},
+            "link_bandwidth_s": opts.link_bandwidth,
+            "link_source": "given (--link-bandwidth): what a rebuild fetches (weights of its sources; a snapshot's "
+            "or stage-0 copy's full state), a snapshot's send, stage 0's copy to its two holders",
+            "clone_seconds_measured": clone,
+            "recover_seconds_source": "measured time of each recovery operation here × byte_scale, plus the "
+            "transfer, plus failure_overhead_seconds; parallel recoveries cost the slowest",
             "failure_overhead_seconds": opts.failure_overhead_seconds,
-            "checkpoint_every": opts.checkpoint_every,
-            "checkpoint_snapshot_source": "measured blocking time of each snapshot; the write itself runs on a "
-            "background thread, as in the daemon",
+            "checkpoint_every": [str(k) for k in opts.checkpoint_every],
+            "checkpoint_every_auto": intervals,
+            "checkpoint_auto_source": "Young–Daly: K·T = sqrt(2·C·M), C the blocking clone, M the mean time "
+            "between swarm failures; never shorter than one write",
             "lr_scale": opts.lr_scale,
             "eval": f"{opts.eval_batches} held-out microbatches every {opts.eval_every} iterations (off the clock)",
-            "failure_model": "each block stage fails with probability p at the start of each iteration; "
-            "stage 0 (data, embedding, head) does not fail",
+            "failure_model": "each stage fails with probability p at the start of each iteration"
+            + ("" if opts.stage0_failures else "; stage 0 (data, embedding, head) does not fail"),
         },
         runs=[finish_run(r, target) for r in wanted],
         baseline=finish_run(baseline, target),
     )
 
 
-__all__ = ["SimulateOptions", "failure_schedule", "run_simulation"]
+__all__ = ["SimulateOptions", "auto_interval", "cost_model", "failure_schedule", "run_simulation"]

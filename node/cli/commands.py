@@ -361,7 +361,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "target_loss": args.target_loss,
             "checkpoint_every": args.checkpoint_every,
             "snapshot_neighbour_every": args.snapshot_neighbour_every,
-            "redundant_factor": args.redundant_factor,
             "lr_scale": args.lr_scale,
             "eval_every": eval_every,
             "eval_batches": args.eval_batches,
@@ -375,12 +374,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
             if args.threads:
                 torch.set_num_threads(args.threads)
-            if "failure_overhead_seconds" in args:
-                common["failure_overhead_seconds"] = args.failure_overhead_seconds
-            options: Any = SimulateOptions(**common)
+            regime = ("failure_overhead_seconds", "stage0_failures", "step_seconds", "stage_mib",
+                      "storage_bandwidth", "storage_latency", "link_bandwidth")  # fmt: skip
+            options: Any = SimulateOptions(**common, **{name: getattr(args, name) for name in regime})
             run_one = run_simulation
         else:
+            from node.bench import AUTO
             from node.bench.live import LiveOptions, run_live
+
+            if AUTO in args.checkpoint_every:
+                raise SystemExit("--checkpoint-every auto is for --mode simulate (it needs the simulated costs)")
 
             options = LiveOptions(**common, out=args.out, spares=args.spares, threads=args.threads)
             run_one = run_live
@@ -412,6 +415,8 @@ def _bench_table(results: Any, mode: str) -> Any:
     """The summary as a table: every cell mean ± sd over the seeds."""
     from rich.table import Table
 
+    from node.bench import run_label
+
     def cell(value: Any, scale: float = 1.0, digits: int = 2) -> str:
         if value is None:
             return "never"
@@ -423,7 +428,10 @@ def _bench_table(results: Any, mode: str) -> Any:
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in results.summary:
         table.add_row(
-            str(row.strategy), f"{row.failure_rate:g}", cell(row.failures, digits=1), f"{row.reached}/{row.seeds}",
+            run_label(row.strategy, row.variant)
+            + (" (best K)" if row.variant and results.best_checkpoint.get(f"{row.failure_rate:g}") == row.variant
+               and len(results.costs.get("checkpoint_every", [])) > 1 else ""),
+            f"{row.failure_rate:g}", cell(row.failures, digits=1), f"{row.reached}/{row.seeds}",
             cell(row.iterations_to_target, digits=0), cell(row.seconds_to_target, 60.0),
             cell(row.final_val_loss, digits=3),
         )  # fmt: skip

@@ -103,6 +103,19 @@ def _stage_arg(text: str) -> int | None:
     return None if text == "auto" else _non_negative_int(text)
 
 
+def _checkpoint_intervals(text: str) -> list[int | str]:
+    """``--checkpoint-every``: positive step counts and ``auto``, comma-separated, no repeats."""
+    from node.bench import AUTO
+
+    out: list[int | str] = []
+    for item in (s.strip() for s in text.split(",")):
+        value: int | str = item if item == AUTO else (int(item) if item.isdigit() and int(item) > 0 else "")
+        if value == "" or value in out:
+            raise argparse.ArgumentTypeError(f"{text!r}: each interval is a positive integer or {AUTO!r}, once")
+        out.append(value)
+    return out
+
+
 def _strategies(text: str) -> list[str]:
     from node.bench import STRATEGIES
 
@@ -297,7 +310,8 @@ def _build_config(args: argparse.Namespace, num_stages: int, *, out_of_order: bo
 
 def _dataclass_default(cls: type, name: str) -> Any:
     """The default of dataclass ``cls``'s field ``name`` (a command's own default, written there only)."""
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def _flag_of_field(group: Any, flag: str, cls: type, help: str, **kw: Any) -> None:

@@ -18,6 +18,7 @@ from node.cli.flags import (
     _add_preemption_flags,
     _add_recovery_flags,
     _add_timing_flags,
+    _checkpoint_intervals,
     _dataclass_default,
     _flag_of_field,
     _maddr,
@@ -280,7 +281,7 @@ def _add_local(sub: Any) -> None:
 
 def _add_bench(sub: Any) -> None:
     """``bench``: recovery strategies compared by time to a target validation loss."""
-    from node.bench import PAPER_STEP_SECONDS, STRATEGIES, BenchOptions
+    from node.bench import PAPER_STEP_SECONDS, STRATEGIES, BenchOptions, SimulateOptions
     from node.bench.live import LiveOptions
 
     p = sub.add_parser("bench", help="compare recovery strategies by wall-clock time to a target validation loss")
@@ -324,12 +325,12 @@ def _add_bench(sub: Any) -> None:
         "--stages", type=_positive_int, default=7, help="pipeline stages (default %(default)s: 6 block stages)"
     )
     p.add_argument("--seq-len", type=_positive_int, default=64, help="sequence length (default %(default)s)")
-    _flag_of_field(
-        p,
+    p.add_argument(
         "--checkpoint-every",
-        BenchOptions,
-        type=_positive_int,
-        help="checkpoint strategy: every K steps (default %(default)s)",
+        type=_checkpoint_intervals,
+        default=",".join(map(str, _dataclass_default(BenchOptions, "checkpoint_every"))),
+        help="checkpoint strategy: comma-separated intervals K in steps, each a run of its own; 'auto' picks K by "
+        "Young–Daly from the measured costs (simulate; default %(default)s)",
     )
     _flag_of_field(
         p,
@@ -337,13 +338,6 @@ def _add_bench(sub: Any) -> None:
         BenchOptions,
         type=_positive_int,
         help="ladder: a neighbour snapshot of every stage every K steps (default %(default)s)",
-    )
-    _flag_of_field(
-        p,
-        "--redundant-factor",
-        BenchOptions,
-        type=_positive_float,
-        help="redundant computation: time per iteration × this (default %(default).3f, the paper's measured ratio)",
     )
     _flag_of_field(
         p,
@@ -355,12 +349,24 @@ def _add_bench(sub: Any) -> None:
     _flag_of_field(
         p, "--notice-seconds", BenchOptions, type=_positive_float, help="live: the notice window (default %(default)s)"
     )
-    p.add_argument(
-        "--failure-overhead-seconds",
-        type=_non_negative_float,
-        default=argparse.SUPPRESS,
-        help="simulate: seconds added to every failure (detection and replacement start, e.g. from --mode live)",
-    )
+    sim = p.add_argument_group("simulate mode: the regime on the clock")
+    for flag, kind, text in (
+        ("--failure-overhead-seconds", _non_negative_float, "seconds added to every failure: detection, claim, "
+         "replacement start-up (e.g. from --mode live; default %(default)s)"),
+        ("--step-seconds", _positive_float, "seconds per iteration (default: the no-failure run's measured median)"),
+        ("--stage-mib", _positive_float, "a block stage's weights in MiB: every byte count and state copy is "
+         "scaled to it (default: the trained model's own)"),
+        ("--storage-bandwidth", _positive_float, "MB/s of one node's checkpoint writes and reads to off-node "
+         "storage (default %(default)s)"),
+        ("--storage-latency", _non_negative_float, "seconds per storage request (default %(default)s)"),
+        ("--link-bandwidth", _positive_float, "MB/s of one node's network link: rebuild fetches, snapshot sends, "
+         "stage-0 copies (default %(default)s)"),
+    ):  # fmt: skip
+        _flag_of_field(sim, flag, SimulateOptions, type=kind, help=text)
+    _flag_of_field(
+        sim, "--stage0-failures", SimulateOptions, action=argparse.BooleanOptionalAction,
+        help="stage 0 fails like the others (default %(default)s; the paper's CheckFree runs spare it)",
+    )  # fmt: skip
     _flag_of_field(
         p,
         "--lr-scale",

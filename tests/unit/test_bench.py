@@ -73,7 +73,8 @@ def test_live_runs_give_the_local_swarm_their_strategy(tmp_path) -> None:
     assert none.recovery.strategy is RecoveryStrategy.CHECKFREE and (none.failure_rate, none.spares) == (0.0, 0)
     ckpt = local_options(opts, BenchStrategy.CHECKPOINT, 0.1, tmp_path / "ckpt")
     assert ckpt.recovery.checkpoint_dir == str(tmp_path / "ckpt" / "checkpoints")
-    assert (ckpt.recovery.checkpoint_every, ckpt.recovery.lr_scale) == (opts.checkpoint_every, opts.lr_scale)
+    assert (ckpt.recovery.checkpoint_every, ckpt.recovery.lr_scale) == (opts.checkpoint_every[0], opts.lr_scale)
+    assert local_options(opts, BenchStrategy.CHECKPOINT, 0.1, tmp_path, 7).recovery.checkpoint_every == 7
     assert (ckpt.failure_rate, ckpt.spares, ckpt.steps, ckpt.workdir) == (0.1, 1, 6, tmp_path / "ckpt")
     assert ckpt.timing.step_timeout == opts.step_timeout and ckpt.eval == EvalOptions(every=2, batches=4)
     plus = local_options(opts, BenchStrategy.CHECKFREE_PLUS, 0.1, tmp_path / "plus")
@@ -148,7 +149,7 @@ def test_the_ladder_restores_a_lost_stage_from_its_neighbours_snapshot_at_most_k
     schedule = [[], [], [], [], [2], [], [], [2, 3]]
     run, _ = _simulate_run(opts, BenchStrategy.LADDER, 0.5, schedule, corpus.train, val, None)
     assert run.failures == 3 and run.methods == {"snapshot": 1, "copy": 2}
-    assert run.extra["snapshots"] == 2 and run.extra["snapshot_neighbour_every"] == 3  # after steps 3 and 6
+    assert run.extra["rounds"] == 2 and run.extra["every"] == 3  # after steps 3 and 6
 
 
 def test_per_hour_failure_rates_become_per_iteration_rates_for_a_stated_step_time() -> None:

@@ -1,0 +1,99 @@
+"""The simulated clock of ``bench --mode simulate``: costs, durability of checkpoint writes, Young–Daly, and
+what the simulator charges and recovers when stages (stage 0 too) fail."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.bench import BenchStrategy, SimulateOptions
+from node.bench.costs import MB, CostModel, WriteQueue, swarm_failure_probability, young_daly_interval
+from node.bench.simulate import _simulate_run, failure_schedule
+from node.config import build_config
+from node.data import load_corpus, validation_batches
+
+
+def test_a_checkpoint_counts_once_written_and_writes_queue_one_at_a_time() -> None:
+    q = WriteQueue()
+    assert q.submit(10, now=5.0, seconds=3.0) == 0.0  # nothing in flight: no stall
+    assert q.durable(7.9) == set() and q.durable(8.0) == {10}
+    assert q.submit(20, now=6.0, seconds=3.0) == 2.0  # waits for step 10's write (done at 8.0)
+    assert q.durable(10.9) == {10} and q.durable(11.0) == {10, 20}
+    q.fail(now=9.0, keep_up_to=20)  # step 20 was still in flight: lost
+    assert q.durable(100.0) == {10}
+    q.submit(20, now=9.0, seconds=1.0)
+    q.fail(now=50.0, keep_up_to=10)  # rolled back to 10: the later checkpoint is discarded
+    assert q.durable(100.0) == {10}
+
+
+def test_young_daly_balances_checkpoint_cost_against_lost_work_and_waits_for_a_write() -> None:
+    # C = 0.05 s, T = 0.05 s, q = 0.009: M = 5.56 s, K·T = sqrt(2·0.05·5.56) = 0.745 s -> K = 15
+    assert young_daly_interval(0.05, 0.0, 0.05, 0.009) == 15
+    assert young_daly_interval(0.2, 0.0, 0.05, 0.009) == 30  # 4x the cost: 2x the interval
+    assert young_daly_interval(0.05, 0.0, 0.05, 0.036) < 15  # more failures: checkpoint more often
+    assert young_daly_interval(0.05, 2.0, 0.05, 0.009) == 40  # never shorter than one write (2 s / 0.05 s)
+    assert young_daly_interval(0.05, 0.0, 0.05, 0.0) > 10**6  # nothing fails
+    assert swarm_failure_probability(0.1, 2) == pytest.approx(0.19)
+    with pytest.raises(ValueError):
+        young_daly_interval(0.05, 0.0, 0.0, 0.1)
+
+
+def test_costs_scale_with_the_simulated_stage_size() -> None:
+    c = CostModel(step_seconds=1.0, byte_scale=10.0, storage_bandwidth=100 * MB, storage_latency=0.5,
+                  link_bandwidth=50 * MB)  # fmt: skip
+    assert c.storage_seconds(10 * MB) == pytest.approx(0.5 + 1.0)
+    assert c.link_seconds(10 * MB) == pytest.approx(2.0)
+    assert c.scaled(0.01) == pytest.approx(0.1)
+    for bad in ({"step_seconds": 0.0}, {"step_seconds": 1.0, "link_bandwidth": 0.0},
+                {"step_seconds": 1.0, "storage_latency": -1.0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            CostModel(**bad)
+
+
+def test_stage_0_draws_come_on_top_of_the_same_block_stage_draws() -> None:
+    blocks, both = failure_schedule(4, 0.05, 300, 7), failure_schedule(4, 0.05, 300, 7, stage0=True)
+    assert [[s for s in it if s] for it in both] == blocks
+    assert 0 < sum(0 in it for it in both) < 40
+
+
+def _setup(**kw):
+    cfg = build_config(overrides={"num_stages": 5, "model": {"n_layers": 4, "d_model": 32, "n_heads": 2,
+                                                             "ffn_hidden": 64},
+                                  "train": {"seq_len": 16, "microbatch_size": 2, "microbatches_per_step": 2}})
+    corpus = load_corpus(None)
+    val = validation_batches(corpus.val, num_batches=1, batch_size=2, seq_len=16)
+    opts = SimulateOptions(config=cfg, strategies=["checkfree"], failure_rates=[0.5], iterations=8, eval_every=4,
+                           snapshot_neighbour_every=3, **kw)  # fmt: skip
+    return opts, corpus.train, val
+
+
+def _run(opts, tokens, val, strategy, schedule, **kw):
+    return _simulate_run(opts, strategy, 0.5, schedule, tokens, val, None, **kw)[0]
+
+
+def test_a_rollback_goes_back_only_to_a_checkpoint_already_written_to_storage() -> None:
+    opts, tokens, val = _setup()
+    schedule = [[]] * 5 + [[2]] + [[]] * 2  # a failure at the start of iteration 5 (after step 5)
+    fast = CostModel(step_seconds=1.0, storage_bandwidth=1e12, storage_latency=0.0)
+    slow = CostModel(step_seconds=1.0, storage_bandwidth=1e12, storage_latency=1.5)  # a write takes 1.5 steps
+    on_fast = _run(opts, tokens, val, BenchStrategy.CHECKPOINT, schedule, costs=fast, checkpoint_every=2)
+    on_slow = _run(opts, tokens, val, BenchStrategy.CHECKPOINT, schedule, costs=slow, checkpoint_every=2)
+    assert on_fast.extra["rollback_steps"] == [4]
+    assert on_slow.extra["rollback_steps"] == [2]  # step 4's write (started at 4.0) was not done at 5.0
+    # the slow storage costs more: the restore read, and the replayed steps are on the clock
+    assert on_slow.curve[-1].seconds > on_fast.curve[-1].seconds
+    assert on_slow.curve[-1].step < on_fast.curve[-1].step
+
+
+def test_stage_0_is_rebuilt_from_its_copy_under_checkfree_plus_and_restarts_the_swarm_under_checkfree() -> None:
+    opts, tokens, val = _setup()
+    schedule = [[]] * 5 + [[0]] + [[]] * 2
+    clock = CostModel(step_seconds=1.0)
+    plain = _run(opts, tokens, val, BenchStrategy.CHECKFREE, schedule, costs=clock)
+    assert plain.methods == {"unrecoverable": 1} and plain.curve[-1].step == 3  # 5 steps lost, 3 since
+    plus = _run(opts, tokens, val, BenchStrategy.CHECKFREE_PLUS, schedule, costs=clock)
+    exact = _run(opts, tokens, val, BenchStrategy.CHECKFREE_PLUS, [[]] * 8, costs=clock)
+    assert plus.methods == {"embedding_replica": 1} and plus.curve[-1].step == 8
+    assert plus.curve[-1].val_loss == exact.curve[-1].val_loss  # an exact copy
+    ladder = _run(opts, tokens, val, BenchStrategy.LADDER, schedule, costs=clock)
+    assert ladder.methods == {"snapshot": 1}  # stage 1 holds stage 0's snapshot of step 3
+    assert ladder.curve[-1].seconds > exact.curve[-1].seconds  # the restore's fetch is on the clock
