@@ -76,7 +76,7 @@ def test_live_runs_give_the_local_swarm_their_strategy(tmp_path) -> None:
     assert (ckpt.recovery.checkpoint_every, ckpt.recovery.lr_scale) == (opts.checkpoint_every[0], opts.lr_scale)
     assert local_options(opts, BenchStrategy.CHECKPOINT, 0.1, tmp_path, 7).recovery.checkpoint_every == 7
     assert (ckpt.failure_rate, ckpt.spares, ckpt.steps, ckpt.workdir) == (0.1, 1, 6, tmp_path / "ckpt")
-    assert ckpt.timing.step_timeout == opts.step_timeout and ckpt.eval == EvalOptions(every=2, batches=4)
+    assert ckpt.timing.step_timeout == opts.step_timeout and ckpt.eval == EvalOptions(every=2, batches=opts.eval_batches)
     plus = local_options(opts, BenchStrategy.CHECKFREE_PLUS, 0.1, tmp_path / "plus")
     assert plus.recovery.strategy is RecoveryStrategy.CHECKFREE_PLUS and plus.config.out_of_order
     assert not none.config.out_of_order
