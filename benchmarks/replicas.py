@@ -21,6 +21,7 @@ direction and two replicas (M / 2 + 2): 1.5x at the default M = 4, 1.8x at M = 1
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import statistics
 import tempfile
@@ -37,6 +38,35 @@ def tokens_per_second(summary: dict, replicated: bool) -> tuple[float, int]:
     if not seconds:
         return 0.0, 0
     return per_step / statistics.median(seconds), len(seconds)
+
+
+def prepare_seconds(summary: dict, replicated: bool) -> float | None:
+    """Median prepare round (stage 0's Prepare to every stage until the decision) over the same steps as
+    :func:`tokens_per_second`: with replicas it includes their partial-gradient exchange."""
+    rows = list(zip(summary["prepare_seconds"], summary["step_assignments"], strict=True))
+    seconds = [p for p, a in rows if p is not None and a and len(a) == 3] if replicated else [
+        p for p, _ in rows[5:] if p is not None]  # fmt: skip
+    return statistics.median(seconds) if seconds else None
+
+
+def transfer_bound(microbatches: int, stream_gib_s: float) -> dict:
+    """The least time a partial-gradient exchange can take: one block stage's gradients (fp32, the size of its
+    weights) sent to its co-replica at the measured stream rate (both replicas send at once, each its own)."""
+    from node.config import build_config
+    from node.recovery.rebuild import expected_state, state_bytes
+
+    cfg = build_config(overrides={"num_stages": 4, "train": {"microbatches_per_step": microbatches}})
+    nbytes = max(state_bytes(expected_state(cfg, s)) for s in range(1, cfg.num_stages))
+    return {"partial_bytes": nbytes, "stream_gib_per_s": stream_gib_s, "seconds": nbytes / (stream_gib_s * 2**30)}
+
+
+def measured_stream_rate() -> float:
+    """The stage service's mTLS stream rate on this machine's loopback (benchmarks/transport.py), GiB/s."""
+    path = RESULTS / "transport.json"
+    if not path.exists():
+        return 1.0
+    rows = json.loads(path.read_text())["rows"]
+    return max(r["mtls_gib_per_s"] for r in rows)
 
 
 def losing_a_replica(base: list[str], steps: int) -> dict:
@@ -85,14 +115,23 @@ def main() -> None:
         "2 replicas, one at half speed": [*base, "--replicas", "2", "--replica-slowdown", "2"],
     }
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
+    prepares: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(args.repeats):
         for name, flags in variants.items():
             summary = run_local(flags, timeout=1200)
             results[name].append(tokens_per_second(summary, name != "one peer per stage"))
+            if (p := prepare_seconds(summary, name != "one peer per stage")) is not None:
+                prepares[name].append(p)
             print(f"repeat {i + 1}: {name}: {results[name][-1][0]:.0f} tokens/s over {results[name][-1][1]} steps")
     loss = losing_a_replica(base, args.steps)
     median = {name: statistics.median(t for t, _ in runs) for name, runs in results.items()}
     one = median["one peer per stage"]
+    single, two = (statistics.median(prepares[k]) if prepares[k] else None for k in ("one peer per stage",
+                                                                                      "2 replicas"))
+    bound = transfer_bound(args.microbatches, measured_stream_rate())
+    added = two - single if two is not None and single is not None else None
+    combining = {"added_seconds": added, "transfer_bound": bound,
+                 "over_bound": added / bound["seconds"] if added is not None else None}  # fmt: skip
     report = {
         "steps": args.steps,
         "emulate_compute": args.emulate,
@@ -104,12 +143,18 @@ def main() -> None:
         "two_replicas_vs_one": median["2 replicas"] / one if one else None,
         "half_speed_vs_ideal": median["2 replicas, one at half speed"] / (1.5 * one) if one else None,
         "losing_a_replica": loss,
+        "prepare_seconds": {name: statistics.median(p) if p else None for name, p in prepares.items()},
+        "combining": combining,
         "goals": {
             "two_replicas_vs_one": ">= 1.8",
             "half_speed_vs_ideal": ">= 0.9",
             "losing_a_replica": "cost under one step time; the same validation loss as without the failure",
         },
     }
+    if added is not None:
+        print(f"combining partial gradients adds {added * 1000:.1f} ms to the prepare round; the transfer bound "
+              f"({bound['partial_bytes'] / 2**20:.2f} MiB at {bound['stream_gib_per_s']:.2f} GiB/s) is "
+              f"{bound['seconds'] * 1000:.2f} ms")  # fmt: skip
     print(
         f"2 replicas / 1: {report['two_replicas_vs_one']:.2f}x; one replica at half speed / ideal: "
         f"{report['half_speed_vs_ideal']:.2f} (the schedule's bound for 2 replicas: {report['bubble_bound']:.2f}x)"

@@ -46,6 +46,9 @@ class StepEvent(_Event):
     step: int = Field(description="committed step, counted from 1")
     loss: float = Field(description="mean training loss of the step's microbatches")
     seconds: float = Field(description="from the attempt's start to the commit")
+    prepare_seconds: float | None = Field(
+        None, description="of which the prepare round (with several replicas: their partial-gradient exchange)"
+    )
     tokens: int
     attempt: int
     grad_norm: float = Field(description="global gradient norm before clipping")

@@ -198,6 +198,7 @@ def run_summary(
         "steps": len(steps),
         "loss": [e.loss for e in steps],
         "step_seconds": [e.seconds for e in steps],
+        "prepare_seconds": [e.prepare_seconds for e in steps],
         # stages served by several replicas: each replica's microbatches, per step (None: one peer each)
         "step_assignments": [e.assignment for e in steps],
         "tokens_per_second": tokens / seconds if seconds else 0.0,

@@ -62,6 +62,7 @@ class Stage0Driver:
         t = config.train
         self.tokens_per_step = t.microbatches_per_step * t.microbatch_size * t.seq_len
         self.routing: StepRouting | None = None  # the replica assignment of the attempt in flight
+        self.prepare_seconds: float | None = None  # the last attempt's prepare round
 
     @property
     def runtime(self) -> StageRuntime:
@@ -136,6 +137,7 @@ class Stage0Driver:
                 step=step + 1,
                 loss=loss,
                 seconds=seconds,
+                prepare_seconds=self.prepare_seconds,
                 tokens=self.tokens_per_step,
                 attempt=attempt,
                 grad_norm=decision.global_norm,
@@ -170,7 +172,9 @@ class Stage0Driver:
         finally:
             inflight.cancel_rest()
         shares = self._shares(joiners=True)
+        started = time.perf_counter()
         decision = await self.coordinator.prepare_all(step, attempt, shares)
+        self.prepare_seconds = time.perf_counter() - started
 
         async def leave_copies() -> None:
             # checkfree+: the decision (and every K steps stage 0's new state) goes to stages 1 and S-1, so

@@ -116,6 +116,7 @@ async def test_steps_are_committed_until_done_with_their_events(tmp_path) -> Non
     steps = [e for e in events if isinstance(e, StepEvent)]
     assert [e.step for e in steps] == [1, 2, 3] and steps[0].loss == 2.5 and steps[0].grad_norm == 2.0
     assert steps[0].stage_grad_norms == [1.0, 1.0, 1.4] and steps[0].tokens == 2 * 2 * 8
+    assert all(0 <= e.prepare_seconds <= e.seconds for e in steps)  # the prepare round is part of the step
     assert next(e for e in events if isinstance(e, DoneEvent)).step == 3
     attempts = [e.attempt for e in events if isinstance(e, AttemptEvent)]
     assert attempts == sorted(set(attempts)) and attempts[0] > 1_000_000  # only grow, from the wall clock
