@@ -52,6 +52,7 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
     settle = presence.timing.refresh_seconds  # a rival's claim is one DHT store away: visible within a period
     poll = min(0.5, presence.timing.refresh_seconds)
     me = presence.me
+    spare_since: float | None = None  # when this node's spare record went out
     while not stopping.is_set():
         try:
             await presence.refresh()
@@ -79,16 +80,24 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
                 return False
             logger.info("stage %d went to %s; staying spare", seat.stage, winner)
             seat.stage = None
-        elif join and presence.swarm_committed() > 0:
+        elif join and joinable(spare_since, settle) and presence.swarm_committed() > 0:
+            # spares started together each see the others' records by now, and spread out over the stages
             pick = join_stage([*presence.members(None), presence.record()], me.peer_id, me.num_stages)
             if pick is not None:
                 logger.info("no stage is vacant: joining stage %d, the one with the least throughput", pick)
                 seat.stage = pick
                 return True
         await presence.announce(StageState.SPARE)
+        spare_since = spare_since or time.monotonic()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), poll)
     raise asyncio.CancelledError
+
+
+def joinable(spare_since: float | None, settle: float, now: float | None = None) -> bool:
+    """A spare joins a served stage only once its own spare record has been out for a refresh period, so that
+    spares started at the same moment see each other and :func:`join_stage` spreads them over the stages."""
+    return spare_since is not None and (time.monotonic() if now is None else now) - spare_since >= settle
 
 
 class StageBuilder:

@@ -143,6 +143,16 @@ def test_spares_join_the_slowest_stages_and_spread_out_when_they_arrive_together
     assert join_stage([_peer(None, "x", state="spare")], "x", 4) is None  # nothing served yet
 
 
+def test_a_spare_joins_only_once_its_spare_record_has_been_out_for_a_refresh_period() -> None:
+    """Spares started at the same moment cannot see each other before their records are out: none joins on
+    its first look, so each then spreads out by the same greedy fill (two used to pick the same stage)."""
+    from node.recovery.replacement import joinable
+
+    assert not joinable(None, 1.0, now=100.0)  # not announced yet
+    assert not joinable(99.5, 1.0, now=100.0)
+    assert joinable(99.0, 1.0, now=100.0)
+
+
 def test_a_replica_moves_only_to_refill_a_vacancy_or_for_a_clear_gain_and_never_leaves_its_stage_empty() -> None:
     from node.stage.placement import move_stage
 
