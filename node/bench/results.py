@@ -68,6 +68,10 @@ class SummaryRow(BaseModel):
     iterations_to_target: Spread | None
     final_val_loss: Spread | None
     failures: Spread
+    over_no_failures: Spread | None = Field(
+        None, description="time to target over the same seed's no-failure run (paired: the seeds' own spread "
+        "cancels), over the seeds where both reached it"
+    )
 
 
 class BenchResults(BaseModel):
@@ -146,8 +150,10 @@ def spread(values: list[float]) -> Spread | None:
                   n=len(values))  # fmt: skip
 
 
-def summarize(runs: list[BenchRun]) -> list[SummaryRow]:
-    """One row per (strategy, failure rate) in the order the runs came, over their seeds."""
+def summarize(runs: list[BenchRun], baselines: list[BenchRun] = ()) -> list[SummaryRow]:
+    """One row per (strategy, failure rate) in the order the runs came, over their seeds; with ``baselines``
+    (each seed's no-failure run), each row's time to target over its seed's no-failure time too."""
+    base = {b.seed: b.seconds_to_target for b in baselines if b.seconds_to_target}
     groups: dict[tuple[BenchStrategy, str, float], list[BenchRun]] = {}
     for run in runs:
         groups.setdefault((run.strategy, run.variant, run.failure_rate), []).append(run)
@@ -161,6 +167,7 @@ def summarize(runs: list[BenchRun]) -> list[SummaryRow]:
                 iterations_to_target=spread([r.iterations_to_target for r in reached]),
                 final_val_loss=spread([r.final_val_loss for r in group if r.final_val_loss is not None]),
                 failures=spread([float(r.failures) for r in group]),
+                over_no_failures=spread([r.seconds_to_target / base[r.seed] for r in reached if r.seed in base]),
             )
         )  # fmt: skip
     return rows
@@ -194,7 +201,7 @@ def run_seeds(opts: BenchOptions, seeds: int, run_one: Callable[[Any], BenchResu
         if seeds > 1 and hasattr(opts, "out"):  # live: each seed's swarms in a folder of their own
             changes["out"] = opts.out / f"seed-{seed}"
         result = run_one(dataclasses.replace(opts, **changes))
-        for run in result.runs:
+        for run in [*result.runs, *([result.baseline] if result.baseline else [])]:
             run.seed = seed
         per_seed.append(result)
     first = per_seed[0]
@@ -207,11 +214,12 @@ def run_seeds(opts: BenchOptions, seeds: int, run_one: Callable[[Any], BenchResu
         "seconds_to_target_no_failures": spread(reached),
         "targets_by_seed": [r.target_loss for r in per_seed],
     }
+    summary = summarize(runs, baseline)
     source = first.target_source if seeds == 1 else f"{first.target_source}, averaged over {seeds} seeds"
     return first.model_copy(
         update={
             "seeds": list(range(opts.seed, opts.seed + seeds)), "target_loss": target, "target_source": source,
-            "runs": runs, "summary": (summary := summarize(runs)), "best_checkpoint": best_checkpoint(summary),
+            "runs": runs, "summary": summary, "best_checkpoint": best_checkpoint(summary),
             "noise": {k: v.model_dump() if isinstance(v, Spread) else v for k, v in noise.items() if v is not None},
         }
     )  # fmt: skip
@@ -245,8 +253,9 @@ def _rates(results: BenchResults) -> list[float]:
 Kind = tuple[BenchStrategy, str]  # (strategy, variant): one line or bar series
 
 
-def _order(kind: Kind) -> tuple[int, str]:
-    return (_ORDER.index(kind[0]) if kind[0] in _ORDER else 99, kind[1])
+def _order(kind: Kind) -> tuple[int, int, str]:
+    k = kind[1].removeprefix("K=")
+    return (_ORDER.index(kind[0]) if kind[0] in _ORDER else 99, int(k) if k.isdigit() else 10**9, kind[1])
 
 
 def _colours(plt: Any, kinds: list[Kind]) -> dict[Kind, str]:

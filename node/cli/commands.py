@@ -424,7 +424,8 @@ def _bench_table(results: Any, mode: str) -> Any:
 
     seeds = len(results.seeds) or 1
     table = Table(title=f"time to validation loss {results.target_loss:.3f} ({mode}, mean ± sd over {seeds} seeds)")
-    for col in ("strategy", "failure rate", "failures", "reached", "iterations", "minutes", "final val loss"):
+    for col in ("strategy", "failure rate", "failures", "reached", "iterations", "minutes", "× no failures",
+                "final val loss"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in results.summary:
         table.add_row(
@@ -433,6 +434,6 @@ def _bench_table(results: Any, mode: str) -> Any:
                and len(results.costs.get("checkpoint_every", [])) > 1 else ""),
             f"{row.failure_rate:g}", cell(row.failures, digits=1), f"{row.reached}/{row.seeds}",
             cell(row.iterations_to_target, digits=0), cell(row.seconds_to_target, 60.0),
-            cell(row.final_val_loss, digits=3),
+            cell(row.over_no_failures, digits=3), cell(row.final_val_loss, digits=3),
         )  # fmt: skip
     return table

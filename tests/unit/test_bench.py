@@ -76,7 +76,8 @@ def test_live_runs_give_the_local_swarm_their_strategy(tmp_path) -> None:
     assert (ckpt.recovery.checkpoint_every, ckpt.recovery.lr_scale) == (opts.checkpoint_every[0], opts.lr_scale)
     assert local_options(opts, BenchStrategy.CHECKPOINT, 0.1, tmp_path, 7).recovery.checkpoint_every == 7
     assert (ckpt.failure_rate, ckpt.spares, ckpt.steps, ckpt.workdir) == (0.1, 1, 6, tmp_path / "ckpt")
-    assert ckpt.timing.step_timeout == opts.step_timeout and ckpt.eval == EvalOptions(every=2, batches=opts.eval_batches)
+    assert ckpt.timing.step_timeout == opts.step_timeout
+    assert ckpt.eval == EvalOptions(every=2, batches=opts.eval_batches)
     plus = local_options(opts, BenchStrategy.CHECKFREE_PLUS, 0.1, tmp_path / "plus")
     assert plus.recovery.strategy is RecoveryStrategy.CHECKFREE_PLUS and plus.config.out_of_order
     assert not none.config.out_of_order
@@ -125,6 +126,8 @@ def test_seeds_are_run_tagged_and_summarised_with_one_target() -> None:
     assert checkfree.iterations_to_target.sd == statistics.stdev([15.0, 12.5])
     assert checkfree.failures.mean == 2.5 and round(checkfree.failures.sd, 6) == round(0.5**0.5, 6)
     assert checkfree.final_val_loss.mean == 2.5
+    # paired with each seed's no-failure run (1.5 s and 2.5 s to 3.5): 3.0 / 1.5 and 2.5 / 2.5
+    assert checkfree.over_no_failures.mean == 1.5 and checkfree.over_no_failures.n == 2
     assert results.noise["final_val_loss_no_failures"]["mean"] == 2.0  # the no-failure runs: the noise level
     assert results.noise["seconds_to_target_no_failures"]["n"] == 2
 
