@@ -15,7 +15,7 @@ S - 1 = 3 emulated stages, so with M microbatches one peer per stage takes about
 direction and two replicas (M / 2 + 2): 1.5x at the default M = 4, 1.8x at M = 16. ``--microbatches`` sets M
 (the printed ``bubble_bound`` is that ratio).
 
-    python benchmarks/replicas.py [--steps 60] [--emulate 0.1] [--microbatches 16] [--repeats 1]
+    python benchmarks/replicas.py [--steps 60] [--emulate 0.1] [--microbatches 16] [--repeats 1] [--no-kill]
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--emulate", type=float, default=0.1, help="--emulate-compute seconds")
     parser.add_argument("--microbatches", type=int, default=16, help="microbatches per step (M)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-kill", action="store_true", help="skip the run that loses a replica")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "replicas.json")
     args = parser.parse_args()
     config = pathlib.Path(tempfile.mkdtemp()) / "replicas.toml"
@@ -123,7 +124,7 @@ def main() -> None:
             if (p := prepare_seconds(summary, name != "one peer per stage")) is not None:
                 prepares[name].append(p)
             print(f"repeat {i + 1}: {name}: {results[name][-1][0]:.0f} tokens/s over {results[name][-1][1]} steps")
-    loss = losing_a_replica(base, args.steps)
+    loss = None if args.no_kill else losing_a_replica(base, args.steps)
     median = {name: statistics.median(t for t, _ in runs) for name, runs in results.items()}
     one = median["one peer per stage"]
     single, two = (statistics.median(prepares[k]) if prepares[k] else None for k in ("one peer per stage",
