@@ -7,7 +7,7 @@ at the paper's rate for its 91.35 s iterations, so every regime sees the same fa
 differ. For each regime the script reports each strategy's time to the target, the winner, and CheckFree
 (and CheckFree+) against the best checkpointing (``--checkpoint-every auto``: Young–Daly for that regime).
 
-    python benchmarks/regimes.py [--iterations 300] [--seeds 2] [--per-hour 0.1]
+    python benchmarks/regimes.py [--iterations 300] [--seeds 2] [--per-hour 0.1] [--storage 100,1000]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def bench(out: pathlib.Path, stage_mib: float | None, step: float | None, storag
     cmd = [sys.executable, "-m", "node", "bench", "--mode", "simulate", "--strategies", STRATEGIES,
            "--checkpoint-every", "auto", "--failures-per-hour", str(args.per_hour), "--iterations",
            str(args.iterations), "--seeds", str(args.seeds), "--storage-bandwidth", str(storage),
-           "--failure-overhead-seconds", str(FAILURE_OVERHEAD), "--out", str(out), "--json"]  # fmt: skip
+           "--failure-overhead-seconds", str(FAILURE_OVERHEAD), "--eval-batches", str(args.eval_batches),
+           "--out", str(out), "--json"]  # fmt: skip
     if stage_mib is not None:
         cmd += ["--stage-mib", str(stage_mib)]
     if step is not None:
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--per-hour", type=float, default=0.1, help="failure rate per stage and hour")
     parser.add_argument("--storage", default="100,1000", help="storage bandwidths in MB/s")
+    parser.add_argument("--eval-batches", type=int, default=32, help="held-out microbatches per evaluation")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "regimes.json")
     args = parser.parse_args()
     rows = []
@@ -89,6 +91,7 @@ def main() -> None:
             print(f"{name}, storage {storage:g} MB/s: winner {result['winner']}; over the best checkpointing "
                   f"(K={result['auto_k']}): {ratios}", flush=True)  # fmt: skip
     write_results(args.out, {"iterations": args.iterations, "seeds": args.seeds, "per_hour": args.per_hour,
+                             "eval_batches": args.eval_batches,
                              "failure_overhead_seconds": FAILURE_OVERHEAD, "regimes": rows})  # fmt: skip
 
 
