@@ -56,6 +56,7 @@ def verdict(results: dict) -> dict:
             "seconds": row["seconds_to_target"]["mean"] if done else None,
             "sd": row["seconds_to_target"]["sd"] if done else None,
             "reached": f"{row['reached']}/{row['seeds']}",
+            "over_no_failures": (row.get("over_no_failures") or {}).get("mean") if done else None,
         }
     timed = {k: v["seconds"] for k, v in cells.items() if v["seconds"] is not None and k != "none"}
     checkpoint = cells.get("checkpoint K=auto", {}).get("seconds")
