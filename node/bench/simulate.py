@@ -162,8 +162,12 @@ class _Sizes:
 
     @classmethod
     def of(cls, swarm: _Swarm) -> _Sizes:
-        stages = swarm.stages
-        return cls([nbytes(rt.committed_state()) for rt in stages], [nbytes(rt.full_state()) for rt in stages])
+        """From the runtimes, counting AdamW's two moments per trainable parameter whether or not a step has
+        created them yet (a fresh runtime's optimizer state is empty)."""
+        weights = [nbytes(rt.committed_state()) for rt in swarm.stages]
+        moments = [2 * sum(p.numel() * p.element_size() for p in rt.module.parameters() if p.requires_grad)
+                   for rt in swarm.stages]  # fmt: skip
+        return cls(weights, [w + m for w, m in zip(weights, moments, strict=True)])
 
 
 @dataclass
@@ -304,11 +308,12 @@ def _simulate_run(
                 record.recover_seconds.append(paid[-1])
             if failed and strategy is BenchStrategy.CHECKPOINT:  # one rollback, however many stages were lost
                 record.failures += len(failed)
-                started = time.perf_counter()
                 run.rollbacks.append(_roll_back(run, stores, writers, queues, now))
                 run.count(Method.CHECKPOINT.value)
-                paid.append(costs.scaled(time.perf_counter() - started) + costs.storage_seconds(max(run.sizes.full))
-                            + costs.failure_overhead)  # fmt: skip
+                # every node reads its own checkpoint back at once: the largest stage's read, and its load into
+                # memory (a copy of its state, measured here) are on the clock
+                load = costs.scaled(max(run.swarm.clone_seconds()))
+                paid.append(costs.storage_seconds(max(run.sizes.full)) + load + costs.failure_overhead)
                 record.recover_seconds.append(paid[-1])
             elif failed:
                 record.failures += len(failed)
@@ -404,6 +409,7 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
         corpus.val, num_batches=opts.eval_batches, batch_size=cfg.train.microbatch_size, seq_len=cfg.train.seq_len
     )
     probe = _Swarm(cfg, torch.device(opts.device))
+    probe.train_step(corpus.train)  # AdamW's state exists from the first step on: clone what a checkpoint clones
     sizes = _Sizes.of(probe)
     clone = max(statistics.median(c) for c in zip(*(probe.clone_seconds() for _ in range(3)), strict=True))
     base_costs = cost_model(opts, 1.0, sizes)  # step time filled in from the no-failure run below

@@ -4,6 +4,7 @@ what the simulator charges and recovers when stages (stage 0 too) fail."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from node.bench import BenchStrategy, SimulateOptions
 from node.bench.costs import MB, CostModel, WriteQueue, swarm_failure_probability, young_daly_interval
@@ -97,3 +98,16 @@ def test_stage_0_is_rebuilt_from_its_copy_under_checkfree_plus_and_restarts_the_
     ladder = _run(opts, tokens, val, BenchStrategy.LADDER, schedule, costs=clock)
     assert ladder.methods == {"snapshot": 1}  # stage 1 holds stage 0's snapshot of step 3
     assert ladder.curve[-1].seconds > exact.curve[-1].seconds  # the restore's fetch is on the clock
+
+
+def test_a_stage_state_counts_adamw_moments_before_the_first_step_too() -> None:
+    from node.bench.simulate import _Sizes, _Swarm, nbytes
+
+    opts, tokens, _ = _setup()
+    swarm = _Swarm(opts.config, torch.device("cpu"))
+    before = _Sizes.of(swarm)
+    swarm.train_step(tokens)
+    assert before == _Sizes.of(swarm)  # the same whether the optimizer has state yet or not
+    # what a checkpoint holds, but for AdamW's step counters (a few bytes per tensor)
+    assert [nbytes(rt.full_state()) for rt in swarm.stages] == pytest.approx(before.full, rel=1e-3)
+    assert all(f > 2 * w for f, w in zip(before.full, before.weights, strict=True))
