@@ -10,10 +10,12 @@ wall-clock of the run, minus the time spent evaluating.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +24,7 @@ from node.bench import BenchOptions, BenchStrategy, run_label
 from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
 from node.events import EvalEvent, Event, StepEvent, of_type
 from node.local.launcher import LocalOptions, LocalSwarm, LocalSwarmError
-from node.options import EvalOptions, RecoveryOptions, RecoveryStrategy, TimingOptions
+from node.options import DurabilityOptions, EvalOptions, RecoveryOptions, RecoveryStrategy, TimingOptions
 
 Progress = Callable[[str, int, int], None]
 
@@ -33,6 +35,9 @@ class LiveOptions(BenchOptions):
     spares: int = 1
     threads: int | None = None
     step_timeout: float = 60.0
+    checkpoint_to: str | None = None  # checkpoint runs store there (a path or URL), not in their workdir
+    storage_endpoint: str | None = None  # its S3 endpoint (e.g. a local MinIO or moto server)
+    run_id: str = dataclasses.field(default_factory=lambda: f"{int(time.time())}-{os.getpid()}")
 
 
 def curve_from_events(events: list[Event]) -> list[CurvePoint]:
@@ -58,7 +63,10 @@ def local_options(
     """The local swarm of one run: ``strategy`` (``none``: no failures, plain CheckFree) at failure rate ``rate``
     (checkpointing every ``checkpoint_every`` steps, default the first of ``opts``')."""
     failing, recovery = strategy.fails, strategy.recovery
-    checkpoint_dir = str(workdir / "checkpoints") if recovery is RecoveryStrategy.CHECKPOINT else None
+    checkpoint_dir = None
+    if recovery is RecoveryStrategy.CHECKPOINT:  # each bench run under a prefix of its own: a fresh start
+        where = opts.checkpoint_to
+        checkpoint_dir = f"{where.rstrip('/')}/{opts.run_id}/{workdir.name}" if where else str(workdir / "checkpoints")
     cfg = opts.config.model_copy(update={"out_of_order": recovery.out_of_order})
     return LocalOptions(
         config=cfg,
@@ -76,6 +84,7 @@ def local_options(
             snapshot_neighbour_every=opts.snapshot_neighbour_every,
         ),
         eval=EvalOptions(every=opts.eval_every, batches=opts.eval_batches),
+        durability=DurabilityOptions(storage_endpoint=opts.storage_endpoint),
         # a notice_fraction of the failures come with a notice: SIGTERM and a handoff instead of a SIGKILL
         failure_rate=rate * (1 - opts.notice_fraction) if failing else 0.0,
         preemption_rate=rate * opts.notice_fraction if failing else 0.0,
@@ -148,6 +157,10 @@ def _live_run(
 
 def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResults:
     """Runs the no-failure swarm (it gives the default target), then every strategy at every rate."""
+    if opts.checkpoint_to and BenchStrategy.CHECKPOINT in opts.strategies:
+        from node.storage import open_storage
+
+        open_storage(opts.checkpoint_to, opts.storage_endpoint).check()  # bad storage fails here, in one line
     baseline = _live_run(opts, BenchStrategy.NONE, 0.0, progress)
     if opts.target_loss is None and not baseline.curve:
         raise LocalSwarmError(
@@ -178,6 +191,7 @@ def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResult
             "step_seconds_source": "median of the run's committed step times (stage 0's step events)",
             "recover_seconds_source": "per recovery, from the SIGKILL to the next committed step (launcher)",
             "checkpoint_every": [str(k) for k in opts.checkpoint_every],
+            "checkpoint_storage": f"{opts.checkpoint_to}/{opts.run_id}" if opts.checkpoint_to else "each run's workdir",
             "failure_model": "the launcher SIGKILLs each block stage's node with probability p at the start "
             "of each step; a spare and the respawned node replace it",
             "spares": opts.spares,

@@ -225,6 +225,21 @@ def run_seeds(opts: BenchOptions, seeds: int, run_one: Callable[[Any], BenchResu
     )  # fmt: skip
 
 
+def failure_overhead_from(results: BenchResults) -> tuple[float, str]:
+    """What one failure costs a live swarm besides the rebuild itself (detection, claim, start-up, the replayed
+    step): the median SIGKILL → next commit over a live bench's non-checkpoint recoveries (a rollback also
+    replays the steps since the checkpoint). Returns (seconds, where it came from); raises ValueError when
+    ``results`` is not a live bench with recoveries."""
+    if results.mode != "live":
+        raise ValueError(f"a failure overhead comes from a live bench's results, not a {results.mode} one")
+    seconds = [s for r in results.runs if r.strategy is not BenchStrategy.CHECKPOINT for s in r.recover_seconds]
+    if not seconds or not all(s >= 0 for s in seconds):
+        raise ValueError("the live results hold no recovery times (a run with failures and a strategy that rebuilds)")
+    return statistics.median(seconds), (
+        f"median SIGKILL -> next commit of {len(seconds)} live recoveries ({results.created}, {results.version})"
+    )
+
+
 def write_results(results: BenchResults, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
     """Writes ``out/results.json``, ``out/loss_vs_time.png`` and ``out/time_to_target.png``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)

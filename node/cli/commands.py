@@ -374,6 +374,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
             if args.threads:
                 torch.set_num_threads(args.threads)
+            overhead_source = "given (--failure-overhead-seconds)"
+            if args.failure_overhead_from is not None:
+                from node.bench.results import BenchResults, failure_overhead_from
+
+                try:
+                    live = BenchResults.model_validate_json(args.failure_overhead_from.read_text(encoding="utf-8"))
+                    args.failure_overhead_seconds, overhead_source = failure_overhead_from(live)
+                except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+                    raise SystemExit(f"--failure-overhead-from {args.failure_overhead_from}: {err}") from None
             regime = ("failure_overhead_seconds", "stage0_failures", "step_seconds", "stage_mib",
                       "storage_bandwidth", "storage_latency", "link_bandwidth")  # fmt: skip
             options: Any = SimulateOptions(**common, **{name: getattr(args, name) for name in regime})
@@ -385,13 +394,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if AUTO in args.checkpoint_every:
                 raise SystemExit("--checkpoint-every auto is for --mode simulate (it needs the simulated costs)")
 
-            options = LiveOptions(**common, out=args.out, spares=args.spares, threads=args.threads)
+            from pydantic import ValidationError
+
+            from node.options import DurabilityOptions
+
+            try:
+                DurabilityOptions(storage_endpoint=args.storage_endpoint)
+            except ValidationError as err:
+                raise SystemExit(f"--storage-endpoint: {err.errors()[0]['msg']}") from None
+            options = LiveOptions(**common, out=args.out, spares=args.spares, threads=args.threads,
+                                  checkpoint_to=args.checkpoint_to, storage_endpoint=args.storage_endpoint)
             run_one = run_live
 
         def seeded(opts: Any) -> Any:  # progress labels name the seed
             return run_one(opts, lambda label, done, total: progress(f"seed {opts.seed}: {label}", done, total))
 
-        results = run_seeds(options, args.seeds, seeded)
+        from node.storage import StorageError
+
+        try:
+            results = run_seeds(options, args.seeds, seeded)
+        except StorageError as err:
+            raise SystemExit(f"--checkpoint-to {args.checkpoint_to}: {err}") from None
+    if args.mode == "simulate":
+        results.costs["failure_overhead_source"] = overhead_source
     if args.failures_per_hour:
         results.costs["failure_rates_per_hour"] = {
             "per_hour": args.failures_per_hour, "step_seconds": args.hour_step_seconds,

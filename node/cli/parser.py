@@ -363,6 +363,10 @@ def _add_bench(sub: Any) -> None:
          "stage-0 copies (default %(default)s)"),
     ):  # fmt: skip
         _flag_of_field(sim, flag, SimulateOptions, type=kind, help=text)
+    sim.add_argument(
+        "--failure-overhead-from", type=pathlib.Path, metavar="RESULTS_JSON",
+        help="instead of --failure-overhead-seconds: the median death -> next commit of a --mode live bench",
+    )  # fmt: skip
     _flag_of_field(
         sim, "--stage0-failures", SimulateOptions, action=argparse.BooleanOptionalAction,
         help="stage 0 fails like the others (default %(default)s; the paper's CheckFree runs spare it)",
@@ -389,6 +393,12 @@ def _add_bench(sub: Any) -> None:
     _flag_of_field(
         p, "--spares", LiveOptions, type=_non_negative_int, help="live: spare nodes per run (default %(default)s)"
     )
+    p.add_argument(
+        "--checkpoint-to", metavar="URL",
+        help="live: where checkpoint runs store their checkpoints (a path, or s3://bucket/prefix: off the nodes, "
+        "as on spot VMs; default each run's workdir)",
+    )  # fmt: skip
+    p.add_argument("--storage-endpoint", metavar="URL", help="live: the S3 endpoint of --checkpoint-to")
     p.add_argument("--threads", type=_positive_int, help="torch threads (simulate) or per stage (live)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
     _add_model_flags(

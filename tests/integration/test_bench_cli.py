@@ -54,3 +54,61 @@ def test_simulate_writes_results_and_figure(tmp_path: pathlib.Path) -> None:
     for figure in ("loss_vs_time.png", "time_to_target.png"):
         image = matplotlib.image.imread(out / figure)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.mark.timeout(120)
+def test_simulate_takes_its_failure_overhead_from_a_live_bench_and_refuses_a_bad_file(tmp_path: pathlib.Path) -> None:
+    from node.bench.results import BenchRun
+
+    live = BenchResults(mode="live", config={}, iterations=60, seed=0, target_loss=2.0, target_source="x",
+                        costs={}, runs=[BenchRun(strategy="checkfree", failure_rate=0.01, failures=3,
+                                                 iterations_to_target=None, seconds_to_target=None,
+                                                 final_val_loss=None, step_seconds=0.2,
+                                                 recover_seconds=[2.0, 7.0, 3.0])])  # fmt: skip
+    (tmp_path / "live.json").write_text(live.model_dump_json())
+    (tmp_path / "bad.json").write_text('{"mode": "live"')
+    base = [sys.executable, "-m", "node", "bench", "--mode", "simulate", "--strategies", "checkfree",
+            "--failure-rates", "0.2", "--iterations", "2", "--eval-every", "2", "--eval-batches", "1",
+            "--seq-len", "32", "--seeds", "1", "--json"]  # fmt: skip
+    proc = subprocess.run([*base, "--failure-overhead-from", str(tmp_path / "live.json"), "--out",
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=110)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    costs = BenchResults.model_validate_json(proc.stdout).costs
+    assert costs["failure_overhead_seconds"] == 3.0 and "3 live recoveries" in costs["failure_overhead_source"]
+    bad = subprocess.run([*base, "--failure-overhead-from", str(tmp_path / "bad.json"), "--out",
+                          str(tmp_path / "out2")], cwd=REPO, capture_output=True, text=True, timeout=110)  # fmt: skip
+    assert bad.returncode != 0 and "--failure-overhead-from" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.timeout(400)
+def test_live_checkpoints_go_to_a_real_s3_server(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench --mode live --checkpoint-to s3://…``: the checkpoint run's nodes write their checkpoints to object
+    storage (a moto server on loopback), as on spot VMs whose disks die with them; bad storage fails at once."""
+    import os
+
+    from node.local.objectstore import CREDENTIALS, create_bucket, local_s3
+    from node.storage import open_storage
+
+    for name, value in {**CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)  # this process reads the bucket back too
+    env = dict(os.environ)
+    base = [sys.executable, "-m", "node", "bench", "--mode", "live", "--strategies", "checkpoint",
+            "--failure-rates", "0", "--iterations", "6", "--checkpoint-every", "2", "--eval-every", "3",
+            "--eval-batches", "1", "--stages", "3", "--spares", "0", "--seq-len", "32", "--seeds", "1", "--json"]
+    with local_s3() as endpoint:
+        create_bucket(endpoint, "bench")
+        proc = subprocess.run([*base, "--checkpoint-to", "s3://bench/ckpt", "--storage-endpoint", endpoint,
+                               "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=380)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = BenchResults.model_validate_json(proc.stdout)
+        [run] = [r for r in results.runs if r.strategy == "checkpoint"]
+        assert "error" not in run.extra and run.extra["checkpoints"]["writes"] >= 3 * 2  # 3 stages, steps 2, 4, 6
+        prefix = results.costs["checkpoint_storage"]
+        assert prefix.startswith("s3://bench/ckpt/")
+        stored = open_storage(prefix, endpoint).list("")
+        assert stored and all(not key.startswith("/") for key in stored)
+        bad = subprocess.run([*base, "--checkpoint-to", "s3://no-such-bucket/x", "--storage-endpoint", endpoint,
+                              "--out", str(tmp_path / "bad")], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "--checkpoint-to" in bad.stderr and "Traceback" not in bad.stderr

@@ -78,6 +78,13 @@ def test_live_runs_give_the_local_swarm_their_strategy(tmp_path) -> None:
     assert (ckpt.failure_rate, ckpt.spares, ckpt.steps, ckpt.workdir) == (0.1, 1, 6, tmp_path / "ckpt")
     assert ckpt.timing.step_timeout == opts.step_timeout
     assert ckpt.eval == EvalOptions(every=2, batches=opts.eval_batches)
+    # --checkpoint-to: off the nodes, under a prefix of this bench run's own (no earlier bench's checkpoints)
+    remote = LiveOptions(config=cfg, strategies=["checkpoint"], failure_rates=[0.1], iterations=6,
+                         checkpoint_to="s3://bench/runs/", storage_endpoint="http://127.0.0.1:9000", run_id="r1")
+    there = local_options(remote, BenchStrategy.CHECKPOINT, 0.1, tmp_path / "checkpoint-p0.1")
+    assert there.recovery.checkpoint_dir == "s3://bench/runs/r1/checkpoint-p0.1"
+    assert there.durability.storage_endpoint == "http://127.0.0.1:9000"
+    assert local_options(remote, BenchStrategy.CHECKFREE, 0.1, tmp_path).recovery.checkpoint_dir is None
     plus = local_options(opts, BenchStrategy.CHECKFREE_PLUS, 0.1, tmp_path / "plus")
     assert plus.recovery.strategy is RecoveryStrategy.CHECKFREE_PLUS and plus.config.out_of_order
     assert not none.config.out_of_order

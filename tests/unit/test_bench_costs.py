@@ -111,3 +111,21 @@ def test_a_stage_state_counts_adamw_moments_before_the_first_step_too() -> None:
     # what a checkpoint holds, but for AdamW's step counters (a few bytes per tensor)
     assert [nbytes(rt.full_state()) for rt in swarm.stages] == pytest.approx(before.full, rel=1e-3)
     assert all(f > 2 * w for f, w in zip(before.full, before.weights, strict=True))
+
+
+def test_the_failure_overhead_comes_from_a_live_bench_without_its_rollbacks() -> None:
+    from node.bench.results import BenchResults, BenchRun, failure_overhead_from
+
+    def run(strategy: str, seconds: list[float]) -> BenchRun:
+        return BenchRun(strategy=strategy, failure_rate=0.01, failures=len(seconds), iterations_to_target=None,
+                        seconds_to_target=None, final_val_loss=None, step_seconds=0.2, recover_seconds=seconds)
+
+    live = BenchResults(mode="live", config={}, iterations=60, seed=0, target_loss=2.0, target_source="x",
+                        costs={}, runs=[run("checkfree", [3.0, 5.0]), run("random", [4.0]),
+                                        run("checkpoint", [9.0, 9.0, 9.0])])  # fmt: skip
+    seconds, source = failure_overhead_from(live)
+    assert seconds == 4.0 and "3 live recoveries" in source  # a rollback's replays are not a failure's overhead
+    with pytest.raises(ValueError, match="live"):
+        failure_overhead_from(live.model_copy(update={"mode": "simulate"}))
+    with pytest.raises(ValueError, match="no recovery times"):
+        failure_overhead_from(live.model_copy(update={"runs": [run("checkpoint", [9.0])]}))
