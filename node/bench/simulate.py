@@ -270,16 +270,20 @@ def _simulate_run(
     cfg = opts.config.model_copy(update={"out_of_order": strategy.recovery.out_of_order})
     device = torch.device(opts.device)
     swarm = _Swarm(cfg, device)
-    costs = costs or cost_model(opts, 1.0, _Sizes.of(swarm))
+    if strategy is BenchStrategy.CHECKPOINT and checkpoint_every is None:
+        raise ValueError("a checkpoint run needs its interval (checkpoint_every)")
+    sizes = _Sizes.of(swarm)
+    costs = costs or cost_model(opts, 1.0, sizes)
     record = BenchRun(strategy=strategy, variant=variant, failure_rate=rate if strategy.fails else 0.0, failures=0,
                       iterations_to_target=None, seconds_to_target=None, final_val_loss=None,
                       step_seconds=costs.step_seconds)  # fmt: skip
-    run = _Run(swarm, costs, _Sizes.of(swarm), record)
+    run = _Run(swarm, costs, sizes, record)
     rng = random.Random(f"{opts.seed}:{strategy}:{rate!r}")
     step_times: list[float] = []
     snapshots: dict[int, list[_Snapshot]] = {}  # ladder: each stage's two newest neighbour snapshots
     sending_until = [0.0] * cfg.num_stages
-    k = checkpoint_every or opts.snapshot_neighbour_every
+    # the checkpoint interval, or the ladder's snapshot interval
+    k = checkpoint_every if checkpoint_every is not None else opts.snapshot_neighbour_every
     tmp = tempfile.TemporaryDirectory(prefix="swarm-node-bench-") if strategy is BenchStrategy.CHECKPOINT else None
     writers: list[BackgroundWriter] = []
     stores: list[CheckpointStore] = []
