@@ -64,7 +64,10 @@ class BenchOptions:
     target_loss: float | None = None
     # checkpoint: the intervals K compared, each a run of its own ("auto": Young–Daly, simulate mode)
     checkpoint_every: list[int | str] = dataclasses.field(default_factory=lambda: [10])
-    snapshot_neighbour_every: int = default(RecoveryOptions, "snapshot_neighbour_every")  # ladder: K
+    # ladder: the neighbour-snapshot intervals K compared, each a run of its own
+    snapshot_neighbour_every: list[int] = dataclasses.field(
+        default_factory=lambda: [default(RecoveryOptions, "snapshot_neighbour_every")]
+    )
     lr_scale: float = default(RecoveryOptions, "lr_scale")
     eval_every: int = 10
     # 64 × 4 × 64 = 16k held-out tokens: with 256 batches the no-failure curve rises just as often (once in 30
@@ -78,12 +81,18 @@ class BenchOptions:
         for k in self.checkpoint_every:
             if k != AUTO and not (isinstance(k, int) and k >= 1):
                 raise ValueError(f"a checkpoint interval is a positive number of steps or {AUTO!r}, not {k!r}")
+        if not self.snapshot_neighbour_every or any(k < 1 for k in self.snapshot_neighbour_every):
+            raise ValueError(f"snapshot intervals are positive numbers of steps, not {self.snapshot_neighbour_every}")
 
     def variants(self, strategy: BenchStrategy) -> list[tuple[str, int | str | None]]:
-        """(label, checkpoint interval) of each run ``strategy`` makes at a rate: one per K for checkpointing."""
-        if strategy is not BenchStrategy.CHECKPOINT:
-            return [("", None)]
-        return [(f"K={k}", k) for k in self.checkpoint_every]
+        """(label, interval K) of each run ``strategy`` makes at a rate: one per checkpoint interval, and one per
+        snapshot interval for the ladder (labelled only when there are several)."""
+        if strategy is BenchStrategy.CHECKPOINT:
+            return [(f"K={k}", k) for k in self.checkpoint_every]
+        if strategy is BenchStrategy.LADDER:
+            ks = self.snapshot_neighbour_every
+            return [(f"K={k}" if len(ks) > 1 else "", k) for k in ks]
+        return [("", None)]
 
 
 AUTO = "auto"

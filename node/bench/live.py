@@ -58,10 +58,10 @@ def curve_from_events(events: list[Event]) -> list[CurvePoint]:
 
 
 def local_options(
-    opts: LiveOptions, strategy: BenchStrategy, rate: float, workdir: pathlib.Path, checkpoint_every: int | None = None
+    opts: LiveOptions, strategy: BenchStrategy, rate: float, workdir: pathlib.Path, interval: int | None = None
 ) -> LocalOptions:
     """The local swarm of one run: ``strategy`` (``none``: no failures, plain CheckFree) at failure rate ``rate``
-    (checkpointing every ``checkpoint_every`` steps, default the first of ``opts``')."""
+    (checkpointing or snapshotting every ``interval`` steps, default the first of ``opts``' for each)."""
     failing, recovery = strategy.fails, strategy.recovery
     checkpoint_dir = None
     if recovery is RecoveryStrategy.CHECKPOINT:  # each bench run under a prefix of its own: a fresh start
@@ -79,9 +79,10 @@ def local_options(
         recovery=RecoveryOptions(
             strategy=recovery,
             lr_scale=opts.lr_scale,
-            checkpoint_every=checkpoint_every or int(opts.checkpoint_every[0]),
+            checkpoint_every=(recovery is RecoveryStrategy.CHECKPOINT and interval) or int(opts.checkpoint_every[0]),
             checkpoint_dir=checkpoint_dir,
-            snapshot_neighbour_every=opts.snapshot_neighbour_every,
+            snapshot_neighbour_every=(recovery is RecoveryStrategy.LADDER and interval)
+            or opts.snapshot_neighbour_every[0],
         ),
         eval=EvalOptions(every=opts.eval_every, batches=opts.eval_batches),
         durability=DurabilityOptions(storage_endpoint=opts.storage_endpoint),
@@ -96,13 +97,13 @@ def local_options(
 
 def _live_run(
     opts: LiveOptions, strategy: BenchStrategy, rate: float, progress: Progress | None, variant: str = "",
-    checkpoint_every: int | None = None,
+    interval: int | None = None,
 ) -> BenchRun:  # fmt: skip
     label = f"{run_label(strategy, variant)} p={rate:g}"
     workdir = opts.out / "runs" / label.replace(" ", "-").replace("=", "")
     # a fresh start: the checkpoint strategy would otherwise resume from an earlier bench's checkpoints
     shutil.rmtree(workdir, ignore_errors=True)
-    swarm = LocalSwarm(local_options(opts, strategy, rate, workdir, checkpoint_every))
+    swarm = LocalSwarm(local_options(opts, strategy, rate, workdir, interval))
     if progress is not None:
         progress(label, 0, opts.iterations)
     try:
@@ -191,6 +192,7 @@ def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResult
             "step_seconds_source": "median of the run's committed step times (stage 0's step events)",
             "recover_seconds_source": "per recovery, from the SIGKILL to the next committed step (launcher)",
             "checkpoint_every": [str(k) for k in opts.checkpoint_every],
+            "snapshot_neighbour_every": opts.snapshot_neighbour_every,
             "checkpoint_storage": f"{opts.checkpoint_to}/{opts.run_id}" if opts.checkpoint_to else "each run's workdir",
             "failure_model": "the launcher SIGKILLs each block stage's node with probability p at the start "
             "of each step; a spare and the respawned node replace it",

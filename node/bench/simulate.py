@@ -219,7 +219,8 @@ def _roll_back(run: _Run, stores: list[CheckpointStore], writers: list[Backgroun
 
 
 def _recover(run: _Run, stage: int, live: frozenset[int], strategy: BenchStrategy, opts: SimulateOptions,
-             snapshots: dict[int, list[_Snapshot]], rng: random.Random, now: float) -> float:  # fmt: skip
+             snapshots: dict[int, list[_Snapshot]], max_stale: int, rng: random.Random,
+             now: float) -> float:  # fmt: skip
     """Rebuilds one lost stage as the planner says; returns its cost on the clock (the measured operation at
     the simulated size, plus the state it fetches over the link). A stage 0 that cannot be rebuilt restarts
     the whole swarm from step 0."""
@@ -229,7 +230,7 @@ def _recover(run: _Run, stage: int, live: frozenset[int], strategy: BenchStrateg
     held = {s: (snapshot_holder(s, cfg.num_stages), x.step) for s, x in usable.items() if x is not None}
     copies = {h: swarm.committed for h in copy_holders(cfg.num_stages)}  # sent after every commit: exact
     plan = plan_recovery(stage, cfg.num_stages, live, max(1, swarm.committed), strategy.recovery, replicas=copies,
-                         snapshots=held, max_stale=opts.snapshot_neighbour_every)  # fmt: skip
+                         snapshots=held, max_stale=max_stale)  # fmt: skip
     run.count(plan.method.value)
     started = time.perf_counter()
     if plan.method == Method.UNRECOVERABLE:  # nothing can rebuild stage 0: training starts over
@@ -262,16 +263,17 @@ def _simulate_run(
     progress: Progress | None,
     notices: frozenset[tuple[int, int]] = frozenset(),
     costs: CostModel | None = None,
-    checkpoint_every: int | None = None,
+    interval: int | None = None,
     variant: str = "",
 ) -> tuple[BenchRun, list[float]]:
     """Trains one strategy on the simulated clock ``costs`` (default: this machine's measured step, the
-    trained model's size); returns the run and the measured iteration times."""
+    trained model's size), checkpointing or snapshotting every ``interval`` steps; returns the run and the
+    measured iteration times."""
     cfg = opts.config.model_copy(update={"out_of_order": strategy.recovery.out_of_order})
     device = torch.device(opts.device)
     swarm = _Swarm(cfg, device)
-    if strategy is BenchStrategy.CHECKPOINT and checkpoint_every is None:
-        raise ValueError("a checkpoint run needs its interval (checkpoint_every)")
+    if strategy in (BenchStrategy.CHECKPOINT, BenchStrategy.LADDER) and interval is None:
+        raise ValueError(f"a {strategy} run needs its interval")
     sizes = _Sizes.of(swarm)
     costs = costs or cost_model(opts, 1.0, sizes)
     record = BenchRun(strategy=strategy, variant=variant, failure_rate=rate if strategy.fails else 0.0, failures=0,
@@ -282,8 +284,7 @@ def _simulate_run(
     step_times: list[float] = []
     snapshots: dict[int, list[_Snapshot]] = {}  # ladder: each stage's two newest neighbour snapshots
     sending_until = [0.0] * cfg.num_stages
-    # the checkpoint interval, or the ladder's snapshot interval
-    k = checkpoint_every if checkpoint_every is not None else opts.snapshot_neighbour_every
+    k = interval or 1  # only the ladder and checkpointing use it, and both are given theirs
     tmp = tempfile.TemporaryDirectory(prefix="swarm-node-bench-") if strategy is BenchStrategy.CHECKPOINT else None
     writers: list[BackgroundWriter] = []
     stores: list[CheckpointStore] = []
@@ -324,7 +325,7 @@ def _simulate_run(
                 live = frozenset(range(cfg.num_stages)) - set(failed)
                 for stage in failed:
                     restarts = record.methods.get(Method.UNRECOVERABLE.value, 0)
-                    paid.append(_recover(run, stage, live, strategy, opts, snapshots, rng, now))
+                    paid.append(_recover(run, stage, live, strategy, opts, snapshots, k, rng, now))
                     record.recover_seconds.append(paid[-1])
                     if record.methods.get(Method.UNRECOVERABLE.value, 0) > restarts:
                         break  # the swarm started over: every stage is new
@@ -474,6 +475,7 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
             "transfer, plus failure_overhead_seconds; parallel recoveries cost the slowest",
             "failure_overhead_seconds": opts.failure_overhead_seconds,
             "checkpoint_every": [str(k) for k in opts.checkpoint_every],
+            "snapshot_neighbour_every": opts.snapshot_neighbour_every,
             "checkpoint_every_auto": intervals,
             "checkpoint_auto_source": "Young–Daly: K·T = sqrt(2·C·M), C the blocking clone, M the mean time "
             "between swarm failures; never shorter than one write",

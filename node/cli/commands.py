@@ -440,7 +440,7 @@ def _bench_table(results: Any, mode: str) -> Any:
     """The summary as a table: every cell mean ± sd over the seeds."""
     from rich.table import Table
 
-    from node.bench import run_label
+    from node.bench import BenchStrategy, run_label
 
     def cell(value: Any, scale: float = 1.0, digits: int = 2) -> str:
         if value is None:
@@ -455,7 +455,8 @@ def _bench_table(results: Any, mode: str) -> Any:
     for row in results.summary:
         table.add_row(
             run_label(row.strategy, row.variant)
-            + (" (best K)" if row.variant and results.best_checkpoint.get(f"{row.failure_rate:g}") == row.variant
+            + (" (best K)" if row.strategy is BenchStrategy.CHECKPOINT
+               and results.best_checkpoint.get(f"{row.failure_rate:g}") == row.variant
                and len(results.costs.get("checkpoint_every", [])) > 1 else ""),
             f"{row.failure_rate:g}", cell(row.failures, digits=1), f"{row.reached}/{row.seeds}",
             cell(row.iterations_to_target, digits=0), cell(row.seconds_to_target, 60.0),

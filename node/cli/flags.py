@@ -103,17 +103,28 @@ def _stage_arg(text: str) -> int | None:
     return None if text == "auto" else _non_negative_int(text)
 
 
-def _checkpoint_intervals(text: str) -> list[int | str]:
-    """``--checkpoint-every``: positive step counts and ``auto``, comma-separated, no repeats."""
+def _intervals(text: str, auto: bool) -> list[int | str]:
+    """Positive step counts (and ``auto`` where ``auto``), comma-separated, no repeats."""
     from node.bench import AUTO
 
     out: list[int | str] = []
     for item in (s.strip() for s in text.split(",")):
-        value: int | str = item if item == AUTO else (int(item) if item.isdigit() and int(item) > 0 else "")
+        value: int | str = item if auto and item == AUTO else (int(item) if item.isdigit() and int(item) > 0 else "")
         if value == "" or value in out:
-            raise argparse.ArgumentTypeError(f"{text!r}: each interval is a positive integer or {AUTO!r}, once")
+            also = f" or {AUTO!r}" if auto else ""
+            raise argparse.ArgumentTypeError(f"{text!r}: each interval is a positive integer{also}, once")
         out.append(value)
     return out
+
+
+def _checkpoint_intervals(text: str) -> list[int | str]:
+    """``bench --checkpoint-every``: intervals and ``auto`` (Young–Daly)."""
+    return _intervals(text, auto=True)
+
+
+def _snapshot_intervals(text: str) -> list[int]:
+    """``bench --snapshot-neighbour-every``: intervals."""
+    return [int(k) for k in _intervals(text, auto=False)]
 
 
 def _strategies(text: str) -> list[str]:

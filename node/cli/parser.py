@@ -31,6 +31,7 @@ from node.cli.flags import (
     _positive_int,
     _probabilities,
     _probability,
+    _snapshot_intervals,
     _stage_arg,
     _strategies,
     _swarm_name,
@@ -332,12 +333,12 @@ def _add_bench(sub: Any) -> None:
         help="checkpoint strategy: comma-separated intervals K in steps, each a run of its own; 'auto' picks K by "
         "Young–Daly from the measured costs (simulate; default %(default)s)",
     )
-    _flag_of_field(
-        p,
+    p.add_argument(
         "--snapshot-neighbour-every",
-        BenchOptions,
-        type=_positive_int,
-        help="ladder: a neighbour snapshot of every stage every K steps (default %(default)s)",
+        type=_snapshot_intervals,
+        default=",".join(map(str, _dataclass_default(BenchOptions, "snapshot_neighbour_every"))),
+        help="ladder: comma-separated intervals K in steps of every stage's neighbour snapshot, each a run of its "
+        "own (default %(default)s)",
     )
     _flag_of_field(
         p,

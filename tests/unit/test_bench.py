@@ -75,6 +75,8 @@ def test_live_runs_give_the_local_swarm_their_strategy(tmp_path) -> None:
     assert ckpt.recovery.checkpoint_dir == str(tmp_path / "ckpt" / "checkpoints")
     assert (ckpt.recovery.checkpoint_every, ckpt.recovery.lr_scale) == (opts.checkpoint_every[0], opts.lr_scale)
     assert local_options(opts, BenchStrategy.CHECKPOINT, 0.1, tmp_path, 7).recovery.checkpoint_every == 7
+    ladder = local_options(opts, BenchStrategy.LADDER, 0.1, tmp_path, 4).recovery  # the interval is the ladder's
+    assert (ladder.snapshot_neighbour_every, ladder.checkpoint_every) == (4, opts.checkpoint_every[0])
     assert (ckpt.failure_rate, ckpt.spares, ckpt.steps, ckpt.workdir) == (0.1, 1, 6, tmp_path / "ckpt")
     assert ckpt.timing.step_timeout == opts.step_timeout
     assert ckpt.eval == EvalOptions(every=2, batches=opts.eval_batches)
@@ -150,16 +152,38 @@ def test_the_ladder_restores_a_lost_stage_from_its_neighbours_snapshot_at_most_k
                                                              "ffn_hidden": 64},
                                   "train": {"seq_len": 16, "microbatch_size": 2, "microbatches_per_step": 2}})
     opts = SimulateOptions(config=cfg, strategies=["ladder"], failure_rates=[0.5], iterations=8, eval_every=4,
-                           snapshot_neighbour_every=3)  # fmt: skip
+                           snapshot_neighbour_every=[3, 1])  # fmt: skip
     corpus = load_corpus(None)
     val = validation_batches(corpus.val, num_batches=1, batch_size=2, seq_len=16)
     # iteration 4: stage 2 alone (holder 3 lives; snapshot of step 3); iteration 7: stages 2 and 3 together
     # (stage 3's holder is S-2 = 2 and stage 2's is 3, both lost; neither has both neighbours alive for
     # CheckFree's average either, so both are copies of a live neighbour)
     schedule = [[], [], [], [], [2], [], [], [2, 3]]
-    run, _ = _simulate_run(opts, BenchStrategy.LADDER, 0.5, schedule, corpus.train, val, None)
+    run, _ = _simulate_run(opts, BenchStrategy.LADDER, 0.5, schedule, corpus.train, val, None, interval=3)
     assert run.failures == 3 and run.methods == {"snapshot": 1, "copy": 2}
     assert run.extra["rounds"] == 2 and run.extra["every"] == 3  # after steps 3 and 6
+    # each interval is a run of its own: every step, a snapshot round after every commit
+    every_step, _ = _simulate_run(opts, BenchStrategy.LADDER, 0.5, schedule, corpus.train, val, None, interval=1)
+    assert every_step.methods == run.methods and every_step.extra["every"] == 1
+    assert every_step.extra["rounds"] > 2 * run.extra["rounds"]
+    assert opts.variants(BenchStrategy.LADDER) == [("K=3", 3), ("K=1", 1)]
+    with pytest.raises(ValueError, match="a ladder run needs its interval"):
+        _simulate_run(opts, BenchStrategy.LADDER, 0.5, schedule, corpus.train, val, None)
+
+
+def test_one_ladder_interval_is_the_ladder_and_bad_intervals_are_refused() -> None:
+    from node.bench import BenchOptions
+
+    cfg = build_config()
+    opts = BenchOptions(config=cfg, strategies=["ladder", "checkpoint"], failure_rates=[0.1], iterations=4,
+                        checkpoint_every=[5], snapshot_neighbour_every=[10])  # fmt: skip
+    assert opts.variants(BenchStrategy.LADDER) == [("", 10)]  # one interval: no label
+    assert opts.variants(BenchStrategy.CHECKPOINT) == [("K=5", 5)]
+    assert opts.variants(BenchStrategy.COPY) == [("", None)]
+    for bad in ([], [0]):
+        with pytest.raises(ValueError, match="snapshot intervals"):
+            BenchOptions(config=cfg, strategies=["ladder"], failure_rates=[0.1], iterations=4,
+                         snapshot_neighbour_every=bad)  # fmt: skip
 
 
 def test_per_hour_failure_rates_become_per_iteration_rates_for_a_stated_step_time() -> None:

@@ -63,7 +63,7 @@ def _setup(**kw):
     corpus = load_corpus(None)
     val = validation_batches(corpus.val, num_batches=1, batch_size=2, seq_len=16)
     opts = SimulateOptions(config=cfg, strategies=["checkfree"], failure_rates=[0.5], iterations=8, eval_every=4,
-                           snapshot_neighbour_every=3, **kw)  # fmt: skip
+                           snapshot_neighbour_every=[3], **kw)  # fmt: skip
     return opts, corpus.train, val
 
 
@@ -76,8 +76,8 @@ def test_a_rollback_goes_back_only_to_a_checkpoint_already_written_to_storage() 
     schedule = [[]] * 5 + [[2]] + [[]] * 2  # a failure at the start of iteration 5 (after step 5)
     fast = CostModel(step_seconds=1.0, storage_bandwidth=1e12, storage_latency=0.0)
     slow = CostModel(step_seconds=1.0, storage_bandwidth=1e12, storage_latency=1.5)  # a write takes 1.5 steps
-    on_fast = _run(opts, tokens, val, BenchStrategy.CHECKPOINT, schedule, costs=fast, checkpoint_every=2)
-    on_slow = _run(opts, tokens, val, BenchStrategy.CHECKPOINT, schedule, costs=slow, checkpoint_every=2)
+    on_fast = _run(opts, tokens, val, BenchStrategy.CHECKPOINT, schedule, costs=fast, interval=2)
+    on_slow = _run(opts, tokens, val, BenchStrategy.CHECKPOINT, schedule, costs=slow, interval=2)
     assert on_fast.extra["rollback_steps"] == [4]
     assert on_slow.extra["rollback_steps"] == [2]  # step 4's write (started at 4.0) was not done at 5.0
     # the slow storage costs more: the restore read, and the replayed steps are on the clock
@@ -95,7 +95,7 @@ def test_stage_0_is_rebuilt_from_its_copy_under_checkfree_plus_and_restarts_the_
     exact = _run(opts, tokens, val, BenchStrategy.CHECKFREE_PLUS, [[]] * 8, costs=clock)
     assert plus.methods == {"embedding_replica": 1} and plus.curve[-1].step == 8
     assert plus.curve[-1].val_loss == exact.curve[-1].val_loss  # an exact copy
-    ladder = _run(opts, tokens, val, BenchStrategy.LADDER, schedule, costs=clock)
+    ladder = _run(opts, tokens, val, BenchStrategy.LADDER, schedule, costs=clock, interval=3)
     assert ladder.methods == {"snapshot": 1}  # stage 1 holds stage 0's snapshot of step 3
     assert ladder.curve[-1].seconds > exact.curve[-1].seconds  # the restore's fetch is on the clock
 
