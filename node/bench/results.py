@@ -72,6 +72,10 @@ class SummaryRow(BaseModel):
         None, description="time to target over the same seed's no-failure run (paired: the seeds' own spread "
         "cancels), over the seeds where both reached it"
     )
+    over_best_checkpoint: Spread | None = Field(
+        None, description="time to target over the same seed's run of the best checkpoint interval at this rate "
+        "(paired), over the seeds where both reached it"
+    )
 
 
 class BenchResults(BaseModel):
@@ -173,20 +177,36 @@ def summarize(runs: list[BenchRun], baselines: list[BenchRun] = ()) -> list[Summ
     return rows
 
 
+def _checkpoint_score(row: SummaryRow) -> tuple[int, float]:
+    return -row.reached, row.seconds_to_target.mean if row.seconds_to_target else float("inf")
+
+
 def best_checkpoint(rows: list[SummaryRow]) -> dict[str, str]:
     """Per failure rate (``f"{rate:g}"``), the checkpoint variant that did best: most seeds at the target, then
     the least mean time to it (the baseline the other strategies are held against)."""
     best: dict[str, SummaryRow] = {}
     for row in rows:
-        if row.strategy is not BenchStrategy.CHECKPOINT:
-            continue
-        key, now = f"{row.failure_rate:g}", best.get(f"{row.failure_rate:g}")
-        seconds = row.seconds_to_target.mean if row.seconds_to_target else float("inf")
-        if now is None or (-row.reached, seconds) < (
-            -now.reached, now.seconds_to_target.mean if now.seconds_to_target else float("inf")
-        ):
+        key = f"{row.failure_rate:g}"
+        if row.strategy is BenchStrategy.CHECKPOINT and (key not in best or
+                                                         _checkpoint_score(row) < _checkpoint_score(best[key])):
             best[key] = row
     return {rate: row.variant for rate, row in best.items()}
+
+
+def against_best_checkpoint(rows: list[SummaryRow], runs: list[BenchRun], best: dict[str, str]) -> None:
+    """Fills each non-checkpoint row's ``over_best_checkpoint``: per seed, its time to target over that seed's
+    run of the best checkpoint interval at the same rate (``best``, from :func:`best_checkpoint`). Paired, so
+    what the seed does to both (its weights, batches and failure draws) cancels."""
+    theirs = {(r.failure_rate, r.seed): r.seconds_to_target for r in runs
+              if r.strategy is BenchStrategy.CHECKPOINT and r.seconds_to_target
+              and best.get(f"{r.failure_rate:g}") == r.variant}  # fmt: skip
+    for row in rows:
+        if row.strategy in (BenchStrategy.CHECKPOINT, BenchStrategy.NONE):
+            continue
+        mine = [r for r in runs if (r.strategy, r.variant, r.failure_rate) == (row.strategy, row.variant,
+                                                                                row.failure_rate)]  # fmt: skip
+        row.over_best_checkpoint = spread([r.seconds_to_target / theirs[(r.failure_rate, r.seed)] for r in mine
+                                           if r.seconds_to_target and (r.failure_rate, r.seed) in theirs])  # fmt: skip
 
 
 def run_seeds(opts: BenchOptions, seeds: int, run_one: Callable[[Any], BenchResults]) -> BenchResults:
@@ -215,11 +235,13 @@ def run_seeds(opts: BenchOptions, seeds: int, run_one: Callable[[Any], BenchResu
         "targets_by_seed": [r.target_loss for r in per_seed],
     }
     summary = summarize(runs, baseline)
+    best = best_checkpoint(summary)
+    against_best_checkpoint(summary, runs, best)
     source = first.target_source if seeds == 1 else f"{first.target_source}, averaged over {seeds} seeds"
     return first.model_copy(
         update={
             "seeds": list(range(opts.seed, opts.seed + seeds)), "target_loss": target, "target_source": source,
-            "runs": runs, "summary": summary, "best_checkpoint": best_checkpoint(summary),
+            "runs": runs, "summary": summary, "best_checkpoint": best,
             "noise": {k: v.model_dump() if isinstance(v, Spread) else v for k, v in noise.items() if v is not None},
         }
     )  # fmt: skip

@@ -449,8 +449,9 @@ def _bench_table(results: Any, mode: str) -> Any:
 
     seeds = len(results.seeds) or 1
     table = Table(title=f"time to validation loss {results.target_loss:.3f} ({mode}, mean ± sd over {seeds} seeds)")
+    paired = any(row.over_best_checkpoint for row in results.summary)
     for col in ("strategy", "failure rate", "failures", "reached", "iterations", "minutes", "× no failures",
-                "final val loss"):
+                *(["× best checkpoint"] if paired else []), "final val loss"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in results.summary:
         table.add_row(
@@ -460,6 +461,8 @@ def _bench_table(results: Any, mode: str) -> Any:
                and len(results.costs.get("checkpoint_every", [])) > 1 else ""),
             f"{row.failure_rate:g}", cell(row.failures, digits=1), f"{row.reached}/{row.seeds}",
             cell(row.iterations_to_target, digits=0), cell(row.seconds_to_target, 60.0),
-            cell(row.over_no_failures, digits=3), cell(row.final_val_loss, digits=3),
+            cell(row.over_no_failures, digits=3),
+            *([cell(row.over_best_checkpoint, digits=3) if row.over_best_checkpoint else "-"] if paired else []),
+            cell(row.final_val_loss, digits=3),
         )  # fmt: skip
     return table

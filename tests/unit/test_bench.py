@@ -141,6 +141,36 @@ def test_seeds_are_run_tagged_and_summarised_with_one_target() -> None:
     assert results.noise["seconds_to_target_no_failures"]["n"] == 2
 
 
+def test_each_strategy_is_held_against_the_best_checkpoint_interval_seed_by_seed() -> None:
+    """The best interval is the one with most seeds at the target, then the least mean time; every other
+    strategy's time is divided by that interval's run of the same seed and rate (a seed where either never
+    reached the target is left out)."""
+    from node.bench.results import BenchRun, against_best_checkpoint, best_checkpoint, summarize
+
+    def run(strategy: str, variant: str, rate: float, seed: int, seconds: float | None) -> BenchRun:
+        return BenchRun(strategy=strategy, variant=variant, failure_rate=rate, seed=seed, failures=1,
+                        iterations_to_target=seconds, seconds_to_target=seconds, final_val_loss=1.0,
+                        step_seconds=1.0)  # fmt: skip
+
+    runs = [
+        run("checkpoint", "K=1", 0.1, 0, 10.0), run("checkpoint", "K=1", 0.1, 1, 20.0),
+        run("checkpoint", "K=5", 0.1, 0, 12.0), run("checkpoint", "K=5", 0.1, 1, 30.0),
+        run("ladder", "", 0.1, 0, 9.0), run("ladder", "", 0.1, 1, 22.0),
+        # at 0.2 only K=5 gets there on both seeds, so it is the best though K=1 was faster on seed 0
+        run("checkpoint", "K=1", 0.2, 0, 5.0), run("checkpoint", "K=1", 0.2, 1, None),
+        run("checkpoint", "K=5", 0.2, 0, 40.0), run("checkpoint", "K=5", 0.2, 1, 50.0),
+        run("ladder", "", 0.2, 0, 20.0), run("ladder", "", 0.2, 1, None),
+    ]  # fmt: skip
+    rows = summarize(runs)
+    best = best_checkpoint(rows)
+    assert best == {"0.1": "K=1", "0.2": "K=5"}
+    against_best_checkpoint(rows, runs, best)
+    ladder = {row.failure_rate: row.over_best_checkpoint for row in rows if row.strategy == "ladder"}
+    assert (ladder[0.1].mean, ladder[0.1].n) == ((0.9 + 1.1) / 2, 2)  # 9 / 10 and 22 / 20
+    assert (ladder[0.2].mean, ladder[0.2].n) == (0.5, 1)  # seed 1 never reached it
+    assert all(row.over_best_checkpoint is None for row in rows if row.strategy == "checkpoint")
+
+
 def test_the_ladder_restores_a_lost_stage_from_its_neighbours_snapshot_at_most_k_steps_stale(tmp_path) -> None:
     """Simulate mode knows ``ladder``: a stage lost while its holder lives goes back to its snapshot (method
     ``snapshot``); one lost with its holder falls back down the ladder; the snapshots' clone time is counted."""
