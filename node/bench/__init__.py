@@ -75,6 +75,7 @@ class BenchOptions:
     eval_batches: int = 64
     notice_fraction: float = 0.0  # the share of failures that come with a preemption notice (a handoff)
     notice_seconds: float = 30.0  # live: that notice's window
+    stage0_failures: bool = True  # stage 0 fails like the others (the paper's CheckFree runs spare it)
 
     def __post_init__(self) -> None:
         self.strategies = [BenchStrategy(s) for s in self.strategies]
@@ -104,7 +105,6 @@ class SimulateOptions(BenchOptions):
 
     failure_overhead_seconds: float = 0.0  # added to every failure (detection, claim, replacement start-up)
     device: str = "cpu"
-    stage0_failures: bool = True  # stage 0 fails like the others (the paper's CheckFree runs spare it)
     step_seconds: float | None = None  # the clock's seconds per iteration (None: measured here)
     stage_mib: float | None = None  # a block stage's weights in MiB on the clock (None: the trained model's)
     storage_bandwidth: float = 100.0  # MB/s, one node to off-node storage (checkpoints)

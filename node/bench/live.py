@@ -1,11 +1,12 @@
 """``swarm-node bench --mode live``: the strategies on a real local swarm with real SIGKILLs.
 
 Each strategy runs ``swarm-node local`` (:class:`~node.local.launcher.LocalSwarm`) with the launcher's
-``failure_rate``: at the start of every step each block stage's node is SIGKILLed with probability p, and
-a spare (plus the respawned node) takes over. Everything is measured from the daemons' event log: step
-times, detection and recovery times, rollbacks, checkpoint snapshots and writes, and the validation loss
-that stage 0 measures through the pipeline every ``eval_every`` committed steps. The clock is the real
-wall-clock of the run, minus the time spent evaluating.
+``failure_rate``: at the start of every step each stage's node (stage 0 too, unless ``--no-stage0-failures``) is
+SIGKILLed with probability p, and a spare (plus the respawned node) takes over. A stage 0 that its strategy cannot
+rebuild stops the run: it never reaches the target, and its recovery method is ``unrecoverable``. Everything is
+measured from the daemons' event log: step times, detection and recovery times, rollbacks, checkpoint snapshots and
+writes, and the validation loss that stage 0 measures through the pipeline every ``eval_every`` committed steps. The
+clock is the real wall-clock of the run, minus the time spent evaluating.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import pathlib
 import shutil
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from node.bench import BenchOptions, BenchStrategy, run_label
 from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
-from node.events import EvalEvent, Event, StepEvent, of_type
+from node.events import EvalEvent, Event, RecoveryEvent, StepEvent, UnrecoverableEvent, of_type
 from node.local.launcher import LocalOptions, LocalSwarm, LocalSwarmError
 from node.options import DurabilityOptions, EvalOptions, RecoveryOptions, RecoveryStrategy, TimingOptions
+from node.recovery.planner import Method
 
 Progress = Callable[[str, int, int], None]
 
@@ -55,6 +58,14 @@ def curve_from_events(events: list[Event]) -> list[CurvePoint]:
         seconds = max(0.0, e.time - origin - eval_seconds)
         points.append(CurvePoint(iteration=iteration, step=e.step, seconds=seconds, val_loss=e.val_loss))
     return points
+
+
+def methods_of(events: list[Event]) -> dict[str, int]:
+    """Recoveries by method, from a run's events; a stage that could not be rebuilt counts as
+    ``unrecoverable``."""
+    methods = Counter(e.method for e in of_type(events, RecoveryEvent))
+    methods.update(Method.UNRECOVERABLE.value for _ in of_type(events, UnrecoverableEvent))
+    return dict(methods)
 
 
 def local_options(
@@ -90,6 +101,7 @@ def local_options(
         failure_rate=rate * (1 - opts.notice_fraction) if failing else 0.0,
         preemption_rate=rate * opts.notice_fraction if failing else 0.0,
         notice_seconds=opts.notice_seconds,
+        stage0_failures=opts.stage0_failures,
         spares=opts.spares if failing else 0,
         seed=opts.seed,
     )
@@ -109,6 +121,7 @@ def _live_run(
     try:
         summary = swarm.run()
     except LocalSwarmError as err:  # the run is reported as failed; the other strategies still run
+        events = swarm.read_events()
         return BenchRun(
             strategy=strategy,
             variant=variant,
@@ -118,15 +131,13 @@ def _live_run(
             seconds_to_target=None,
             final_val_loss=None,
             step_seconds=0.0,
+            methods=methods_of(events),
             extra={"error": str(err), "workdir": str(workdir)},
-            curve=curve_from_events(swarm.read_events()),
+            curve=curve_from_events(events),
         )
     events = swarm.read_events()
     recoveries = summary["recoveries"]
     steps = [e.seconds for e in of_type(events, StepEvent)]
-    methods: dict[str, int] = {}
-    for r in recoveries:
-        methods[r["method"]] = methods.get(r["method"], 0) + 1
     extra: dict[str, Any] = {
         "detect_seconds": [r.get("detect_seconds") for r in recoveries],
         "rebuild_seconds": [r.get("rebuild_seconds") for r in recoveries],
@@ -150,7 +161,7 @@ def _live_run(
         final_val_loss=None,
         step_seconds=statistics.median(steps) if steps else 0.0,
         recover_seconds=[r["recover_seconds"] for r in recoveries if r.get("recover_seconds") is not None],
-        methods=methods,
+        methods=methods_of(events),
         extra=extra,
         curve=curve_from_events(events),
     )
@@ -195,7 +206,8 @@ def run_live(opts: LiveOptions, progress: Progress | None = None) -> BenchResult
             "snapshot_neighbour_every": opts.snapshot_neighbour_every,
             "checkpoint_storage": f"{opts.checkpoint_to}/{opts.run_id}" if opts.checkpoint_to else "each run's workdir",
             "failure_model": "the launcher SIGKILLs each block stage's node with probability p at the start "
-            "of each step; a spare and the respawned node replace it",
+            "of each step" + (", stage 0's too" if opts.stage0_failures else "; stage 0 does not fail")
+            + "; a spare and the respawned node replace it (a stage 0 that cannot be rebuilt stops the run)",
             "spares": opts.spares,
             "eval": f"{opts.eval_batches} held-out microbatches every {opts.eval_every} committed steps",
         },

@@ -260,6 +260,7 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
         preemption_rate=args.preemption_rate,
         notice_seconds=args.notice_seconds,
         failure_rate=args.failure_rate,
+        stage0_failures=args.stage0_failures,
         respawn=args.respawn,
         spares=args.spares,
         replicas=_parse_replicas(args.replicas, args.stages),
@@ -366,6 +367,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "eval_batches": args.eval_batches,
             "notice_fraction": args.notice_fraction,
             "notice_seconds": args.notice_seconds,
+            "stage0_failures": args.stage0_failures,
         }
         if args.mode == "simulate":
             import torch
@@ -383,7 +385,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     args.failure_overhead_seconds, overhead_source = failure_overhead_from(live)
                 except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
                     raise SystemExit(f"--failure-overhead-from {args.failure_overhead_from}: {err}") from None
-            regime = ("failure_overhead_seconds", "stage0_failures", "step_seconds", "stage_mib",
+            regime = ("failure_overhead_seconds", "step_seconds", "stage_mib",
                       "storage_bandwidth", "storage_latency", "link_bandwidth")  # fmt: skip
             options: Any = SimulateOptions(**common, **{name: getattr(args, name) for name in regime})
             run_one = run_simulation

@@ -242,6 +242,14 @@ def _add_local(sub: Any) -> None:
     )
     _flag_of_field(
         g,
+        "--stage0-failures",
+        LocalOptions,
+        action=argparse.BooleanOptionalAction,
+        help="--failure-rate and --preemption-rate hit stage 0 too (data, embedding, head: checkfree+, ladder "
+        "and checkpoint rebuild it; default off)",
+    )
+    _flag_of_field(
+        g,
         "--respawn",
         LocalOptions,
         action=argparse.BooleanOptionalAction,
@@ -369,7 +377,7 @@ def _add_bench(sub: Any) -> None:
         help="instead of --failure-overhead-seconds: the median death -> next commit of a --mode live bench",
     )  # fmt: skip
     _flag_of_field(
-        sim, "--stage0-failures", SimulateOptions, action=argparse.BooleanOptionalAction,
+        p, "--stage0-failures", BenchOptions, action=argparse.BooleanOptionalAction,
         help="stage 0 fails like the others (default %(default)s; the paper's CheckFree runs spare it)",
     )  # fmt: skip
     _flag_of_field(

@@ -1,8 +1,8 @@
 """Launcher-side fault injection in a local swarm, and the account of every node that dies.
 
-The launcher kills nodes itself for ``--failure-rate`` (each attempt of each step draws, for every block
-stage, whether its node dies after a random part of the step), for ``STAGE@STEP:start`` (once that step
-starts) and for ``spare@STEP`` (the first idle spare seen once that step has started). The other
+The launcher kills nodes itself for ``--failure-rate`` (each attempt of each step draws, for every block stage, and
+stage 0 with ``--stage0-failures``, whether its node dies after a random part of the step), for ``STAGE@STEP:start``
+(once that step starts) and for ``spare@STEP`` (the first idle spare seen once that step has started). The other
 ``--kill`` faults are carried out by the daemons themselves, which write a ``killed`` event before dying.
 
 Those deaths are planned; so is a node that leaves after handing its stage over on a notice the launcher
@@ -96,7 +96,9 @@ class Death:
 class LauncherFaults:
     """Carries out the launcher's own kills and keeps account of every planned death."""
 
-    def __init__(self, kills: list[FaultSpec], failure_rate: float, num_stages: int, seed: int) -> None:
+    def __init__(
+        self, kills: list[FaultSpec], failure_rate: float, num_stages: int, seed: int, stage0: bool = False
+    ) -> None:
         self.kills = kills
         self.failure_rate = failure_rate
         self.num_stages = num_stages
@@ -111,6 +113,8 @@ class LauncherFaults:
         self._drawn_attempts: set[tuple[int, int]] = set()  # (step, attempt) already given their fault draws
         self._due_kills: list[tuple[float, int, int, str]] = []  # (due, stage, step, why)
         self._rng = random.Random(seed)
+        # stage 0's draws are a stream of their own, so the block stages' failures stay where they were
+        self._stage0_rng = random.Random(f"{seed}:stage0") if stage0 else None
 
     def node_faults(self, stage: int | None = None, replica: int | None = None) -> list[str]:
         """The faults a node started now carries out itself: a replacement only gets those not yet happened.
@@ -142,10 +146,11 @@ class LauncherFaults:
                 if spec.phase == "start" and spec.step == e.step and str(spec) not in self.fired:
                     self.fired.add(str(spec))
                     self._due_kills.append((time.monotonic() + 0.2, spec.stage, e.step, "start"))
-            for stage in range(1, self.num_stages):
-                if self.failure_rate and self._rng.random() < self.failure_rate:
+            draws = [(stage, self._rng) for stage in range(1, self.num_stages)]
+            for stage, rng in draws + ([(0, self._stage0_rng)] if self._stage0_rng else []):
+                if self.failure_rate and rng.random() < self.failure_rate:
                     # mid-step: after a random part of a typical step
-                    delay = self._rng.uniform(0.1, 0.5)
+                    delay = rng.uniform(0.1, 0.5)
                     self._due_kills.append((time.monotonic() + delay, stage, e.step, "failure-rate"))
         # spare@STEP: the first idle spare seen once step STEP has started
         reached = max(self._seen_attempts, default=0)

@@ -73,6 +73,7 @@ class LocalOptions:
     eval: EvalOptions = field(default_factory=EvalOptions)
     kills: list[FaultSpec] = field(default_factory=list)
     failure_rate: float = 0.0
+    stage0_failures: bool = False  # --failure-rate and --preemption-rate draw for stage 0 too
     respawn: bool = True
     spares: int = 0
     seed: int = 0
@@ -109,10 +110,11 @@ class LocalSwarm:
         self.options_dir = self.workdir / "options"
         self.dht = None
         self.node_count = 0
-        self.faults = LauncherFaults(opts.kills, opts.failure_rate, opts.config.num_stages, opts.seed)
+        self.faults = LauncherFaults(opts.kills, opts.failure_rate, opts.config.num_stages, opts.seed,
+                                     opts.stage0_failures)  # fmt: skip
         self.preemptions = Preemptions(
             opts.preempts, self.faults.kill_log, opts.preemption_rate, opts.notice_seconds, opts.config.num_stages,
-            opts.seed,
+            opts.seed, opts.stage0_failures,
         )  # fmt: skip
         self.stage_log = StageLog()
         self.prometheus = PrometheusTargets(opts.prometheus_dir) if opts.prometheus_dir is not None else None

@@ -1,7 +1,8 @@
 """``local --preempt``: spot preemptions of a local swarm, announced the way a cloud announces them.
 
-``--preemption-rate P`` draws notices the way ``--failure-rate`` draws kills: for every block stage and attempt,
-with probability P its node gets SIGTERM, and SIGKILL when the ``--notice-seconds`` window ends.
+``--preemption-rate P`` draws notices the way ``--failure-rate`` draws kills: for every block stage and attempt
+(and stage 0, with ``--stage0-failures``), with probability P its node gets SIGTERM, and SIGKILL when the
+``--notice-seconds`` window ends.
 
 ``STAGE@STEP[:NOTICE_SECONDS][:PROVIDER]``: the node first started for STAGE watches a real local HTTP server
 that speaks PROVIDER's metadata protocol (``aws``, ``gcp``, ``azure``; :mod:`node.local.metadata`), or only
@@ -85,9 +86,11 @@ class Preemptions:
         rate_notice_seconds: float = DEFAULT_NOTICE_SECONDS,
         num_stages: int = 0,
         seed: int = 0,
+        stage0: bool = False,
     ) -> None:
         self.rate, self.rate_notice_seconds, self.num_stages = rate, rate_notice_seconds, num_stages
         self._rng = random.Random(seed + 1)  # its own draws: adding notices does not move --failure-rate's
+        self._stage0_rng = random.Random(f"{seed + 1}:stage0") if stage0 else None  # nor the block stages'
         self._drawn: set[tuple[int, int]] = set()  # (step, attempt) already given their draws
         taken = [s.stage for s in specs]
         if len(set(taken)) != len(taken):
@@ -138,8 +141,9 @@ class Preemptions:
             if not self.rate or (e.step, e.attempt) in self._drawn:
                 continue
             self._drawn.add((e.step, e.attempt))
-            for stage in range(1, self.num_stages):
-                node = serving(stage) if self._rng.random() < self.rate else None
+            draws = [(stage, self._rng) for stage in range(1, self.num_stages)]
+            for stage, rng in draws + ([(0, self._stage0_rng)] if self._stage0_rng else []):
+                node = serving(stage) if rng.random() < self.rate else None
                 if node is not None and node.proc.poll() is None and all(d[3] is not node for d in self._due):
                     node.proc.send_signal(signal.SIGTERM)
                     self._due.append((time.monotonic() + self.rate_notice_seconds, stage, e.step, node))

@@ -60,6 +60,20 @@ def test_live_curve_excludes_evaluation_time() -> None:
     assert [p.seconds for p in curve] == [0.0, 2.0, 4.5]
 
 
+def test_a_live_run_counts_its_recoveries_by_method_and_a_stage_it_could_not_rebuild() -> None:
+    from node.bench.live import methods_of
+    from node.events import RecoveryEvent, UnrecoverableEvent
+
+    def rebuilt(stage: int, method: str) -> RecoveryEvent:
+        return RecoveryEvent(stage=stage, step=4, method=method, sources=[], source_grad_norms=[], bytes_fetched=0,
+                             rebuild_seconds=0.1, fetch_seconds=0.0, lr_scale=1.0)  # fmt: skip
+
+    events = [rebuilt(2, "snapshot"), rebuilt(0, "handoff"), rebuilt(3, "snapshot"),
+              UnrecoverableEvent(stage=0, reason="no live stage holds a snapshot of it")]  # fmt: skip
+    assert methods_of(events) == {"snapshot": 2, "handoff": 1, "unrecoverable": 1}
+    assert methods_of([]) == {}
+
+
 def test_higher_rates_fail_where_lower_rates_do() -> None:
     low, high = failure_schedule(3, 0.01, 400, 7), failure_schedule(3, 0.05, 400, 7)
     assert all(set(a) <= set(b) for a, b in zip(low, high, strict=True))

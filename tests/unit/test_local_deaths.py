@@ -349,3 +349,42 @@ def test_each_kill_of_a_replicated_stage_goes_to_one_replica() -> None:
     assert f.node_faults(2, 2) == ["1@5:forward"]
     f.fired.add("2@70:forward")  # a node started after that kill only gets what has not happened
     assert f.node_faults(2, 0) == ["1@5:forward", "2@90:backward"]
+
+
+def test_stage0_failures_are_drawn_from_a_stream_of_their_own() -> None:
+    """``--stage0-failures``: the launcher's ``--failure-rate`` and ``--preemption-rate`` draws hit stage 0 too,
+    and the block stages' draws stay exactly where they were without it."""
+    from node.local.preemptions import Preemptions
+
+    attempts: list[ev.Event] = [ev.AttemptEvent(step=s, attempt=0) for s in range(1, 41)]
+
+    def kills(stage0: bool) -> list[tuple[int, int]]:
+        f = LauncherFaults([], 0.2, 4, seed=3, stage0=stage0)
+        f.inject(attempts, [], [], [])  # nothing serves a stage here: the kills are only due (0.1-0.5 s later)
+        return sorted((step, stage) for _, stage, step, _ in f._due_kills)
+
+    blocks, every = kills(False), kills(True)
+    assert all(stage != 0 for _, stage in blocks) and blocks  # --failure-rate alone: block stages only
+    assert [k for k in every if k[1] != 0] == blocks
+    assert 0 < sum(stage == 0 for _, stage in every) < 40
+
+    class Node:  # stands in for a node: the notice (SIGTERM) is only recorded
+        def __init__(self, stage: int) -> None:
+            self.stage = stage
+            self.proc = self
+            self.signals: list[int] = []
+
+        def poll(self) -> None:
+            return None
+
+        def send_signal(self, sig: int) -> None:
+            self.signals.append(sig)
+
+    def notices(stage0: bool) -> list[tuple[int, int]]:
+        p = Preemptions([], [], rate=0.2, num_stages=4, seed=3, stage0=stage0)
+        nodes = {s: Node(s) for s in range(4)}
+        p.inject(attempts, {}, serving=nodes.get)  # type: ignore[arg-type]
+        return sorted((step, stage) for _, stage, step, _ in p._due)
+
+    assert [n for n in notices(True) if n[1] != 0] == notices(False)
+    assert any(stage == 0 for _, stage in notices(True)) and all(stage for _, stage in notices(False))
