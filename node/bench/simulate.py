@@ -135,6 +135,11 @@ class _Swarm:
         rt.load_full_state(state)
         self.stages[stage] = rt
 
+    def reset(self, stage: int) -> None:
+        """Puts ``stage`` back to the seed's initial state at the swarm's committed step (the ladder's snapshot
+        of step 0, which every node can build)."""
+        self.stages[stage] = StageRuntime(self.cfg, stage, self.device, committed_step=self.committed)
+
     def rebuild(self, plan: RecoveryPlan, lr_scale: float, rng: random.Random) -> None:
         """Replaces stage ``plan.stage`` as the daemon's replacement node would (fresh optimizer)."""
         sources = [self.stages[s] for s in plan.sources]
@@ -237,7 +242,10 @@ def _recover(run: _Run, stage: int, live: frozenset[int], strategy: BenchStrateg
         run.swarm = _Swarm(cfg, swarm.device)
         snapshots.clear()
         return costs.failure_overhead
-    if plan.method == Method.SNAPSHOT:
+    if plan.method == Method.SNAPSHOT and not plan.sources:  # the initial state: built, not fetched
+        swarm.reset(stage)
+        fetched = 0
+    elif plan.method == Method.SNAPSHOT:
         snap = usable[stage]
         assert snap is not None  # the planner only picks a usable one
         swarm.restore(stage, snap.state, snap.lr_scale, snap.grad_norm)

@@ -40,7 +40,7 @@ from node.recovery.rebuild import BadSource, expected_state
 from node.stage.compute import Background, Compute
 from node.stage.presence import Presence
 from node.stage.refusals import Refusals
-from node.stage.runtime import Reject
+from node.stage.runtime import Reject, StageRuntime
 from node.stage.seat import Seat
 from node.topology import snapshot_holder
 from node.transport.channels import ChannelPool
@@ -180,6 +180,12 @@ class SnapshotRestore:
 
     async def recover(self, plan: RecoveryPlan, ctx: RecoveryContext, committed: int) -> Recovered:
         stage, started = plan.stage, time.monotonic()
+        if not plan.sources:  # the seed's initial state: the snapshot of step 0 that every node can build
+            runtime = await ctx.compute.run(
+                lambda: StageRuntime(ctx.config, stage, ctx.device, committed_step=committed)
+            )
+            logger.warning("stage %d restored to the seed's initial state (%d steps stale)", stage, committed)
+            return Recovered(runtime, committed, 1.0, stale_steps=committed)
         peer = ctx.peer_of(plan.sources[0])
         if peer is None:
             raise SourceLost(f"no peer of stage {plan.sources[0]} holds stage {stage}'s snapshot any more")

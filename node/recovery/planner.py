@@ -204,6 +204,11 @@ def plan_recovery(
         holder, step = snapshot
         why = f"the snapshot of step {step} held by stage {holder} ({committed_step - step} stale)"
         return RecoveryPlan(stage, Method.SNAPSHOT, (holder,), why)
+    if strategy is RecoveryStrategy.LADDER and committed_step <= max_stale:
+        # before its first snapshot arrives, a stage's snapshot is the seed's initial state, which every node
+        # can build: stage 0 is not lost, and a block stage gets its own weights, not an average of others
+        why = f"the seed's initial state (step 0, {committed_step} stale): no snapshot of it arrived yet"
+        return RecoveryPlan(stage, Method.SNAPSHOT, (), why)
     if strategy in (RecoveryStrategy.NONE, RecoveryStrategy.RANDOM):
         return RecoveryPlan(stage, Method.RANDOM, (), f"--recovery {strategy}: fresh random weights")
     if stage == 0:

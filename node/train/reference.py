@@ -79,6 +79,9 @@ def _train(
     run = ReferenceRun(model)
     wanted = {(stage, earlier) for per_stage in restores.values() for stage, earlier in per_stage.items()}
     kept: dict[tuple[int, int], tuple[dict, list]] = {}
+    for stage, earlier in wanted:  # the snapshot of step 0: the seed's initial state, AdamW state empty
+        if earlier == 0:
+            kept[stage, 0] = _stage_state(model.stages[stage], optimizer)
     for step in range(steps):
         started = time.perf_counter()
         batch = training_batch(tokens, t, step)

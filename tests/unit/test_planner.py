@@ -263,3 +263,18 @@ def test_stage_0_climbs_the_ladder_too_and_other_strategies_ignore_snapshots() -
         assert plan_recovery(2, 4, live - {2}, 20, strategy, snapshots={2: (3, 20)}, max_stale=10).method != (
             Method.SNAPSHOT
         )
+
+
+def test_before_its_first_snapshot_a_stage_restores_the_seeds_initial_state_if_at_most_k_steps_back() -> None:
+    """The snapshot of step 0 is the seed's initial state, which every node can build (no source): stage 0
+    lost before stage 1 holds a snapshot of it is not lost for good, and a block stage gets its own weights."""
+    live = frozenset({1, 2, 3})
+    for stage, alive in ((0, live), (2, frozenset({0, 1, 3}))):
+        early = plan_recovery(stage, 4, alive, 4, LADDER, snapshots={}, max_stale=10)
+        assert (early.method, early.sources) == (Method.SNAPSHOT, ()) and "4 stale" in early.reason
+        assert plan_recovery(stage, 4, alive, 10, LADDER, max_stale=10).sources == ()  # exactly K back
+    assert plan_recovery(0, 4, live, 11, LADDER, max_stale=10).method == Method.UNRECOVERABLE  # staler than K
+    assert plan_recovery(2, 4, frozenset({0, 1, 3}), 11, LADDER, max_stale=10).method == Method.CHECKFREE
+    # a snapshot that did arrive comes first, and other strategies never take the initial state
+    assert plan_recovery(2, 4, frozenset({0, 1, 3}), 4, LADDER, snapshots={2: (3, 3)}, max_stale=10).sources == (3,)
+    assert plan_recovery(2, 4, frozenset({0, 1, 3}), 4, RecoveryStrategy.CHECKFREE).method == Method.CHECKFREE
