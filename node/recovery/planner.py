@@ -26,7 +26,8 @@ method          when
                 with nobody to hand over to in time, the state it left on a route neighbour
 ``snapshot``    ``--recovery ladder`` (any stage): the full state the stage last sent its snapshot holder
                 (every ``--snapshot-neighbour-every`` K committed steps), at most K steps stale and never
-                from a step the swarm has not committed; the stage then joins at the swarm's step
+                from a step the swarm has not committed; the stage then joins at the swarm's step. Before
+                its first snapshot arrives (at most K steps in): the seed's initial state, built locally
 ==============  ===========================================================================
 
 Under ``--recovery ladder`` the methods form a ladder, best rung first: a live replica, a handoff (or a parked
