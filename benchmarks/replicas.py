@@ -13,7 +13,10 @@ against the same run without the kill (goal: equal).
 The schedule bounds the speed-up: a step runs every microbatch forward, then every one backward, through the
 S - 1 = 3 emulated stages, so with M microbatches one peer per stage takes about (M + 2) emulated periods per
 direction and two replicas (M / 2 + 2): 1.5x at the default M = 4, 1.8x at M = 16. ``--microbatches`` sets M
-(the printed ``bubble_bound`` is that ratio).
+(the printed ``bubble_bound`` is that ratio). The same count gives each run's theoretical step time,
+2 × (M + 2) emulated periods for one peer (2 × (M / 2 + 2) with two replicas); ``schedule_efficiency`` is that
+over the measured median step (issue 17's bubble measure without CPU contention: 1.0 would be the schedule
+itself with nothing else on the step).
 
     python benchmarks/replicas.py [--steps 60] [--emulate 0.1] [--microbatches 16] [--repeats 1] [--no-kill]
 """
@@ -29,15 +32,16 @@ import tempfile
 from _common import RESULTS, run_local, write_results
 
 
-def tokens_per_second(summary: dict, replicated: bool) -> tuple[float, int]:
-    """Median tokens/s over the steps every stage ran with its replicas (all steps past 5 without)."""
+def tokens_per_second(summary: dict, replicated: bool) -> tuple[float, int, float]:
+    """Median tokens/s over the steps every stage ran with its replicas (all steps past 5 without), how many
+    steps that is, and their median step time."""
     tokens = summary["tokens_per_second"] * sum(summary["step_seconds"])  # every step has as many tokens
     per_step = tokens / len(summary["step_seconds"])
     rows = list(zip(summary["step_seconds"], summary["step_assignments"], strict=True))
     seconds = [t for t, a in rows if a and len(a) == 3] if replicated else [t for t, _ in rows[5:]]
     if not seconds:
-        return 0.0, 0
-    return per_step / statistics.median(seconds), len(seconds)
+        return 0.0, 0, 0.0
+    return per_step / statistics.median(seconds), len(seconds), statistics.median(seconds)
 
 
 def prepare_seconds(summary: dict, replicated: bool) -> float | None:
@@ -115,7 +119,7 @@ def main() -> None:
         "2 replicas": [*base, "--replicas", "2"],
         "2 replicas, one at half speed": [*base, "--replicas", "2", "--replica-slowdown", "2"],
     }
-    results: dict[str, list[tuple[float, int]]] = {name: [] for name in variants}
+    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in variants}
     prepares: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(args.repeats):
         for name, flags in variants.items():
@@ -125,7 +129,10 @@ def main() -> None:
                 prepares[name].append(p)
             print(f"repeat {i + 1}: {name}: {results[name][-1][0]:.0f} tokens/s over {results[name][-1][1]} steps")
     loss = None if args.no_kill else losing_a_replica(base, args.steps)
-    median = {name: statistics.median(t for t, _ in runs) for name, runs in results.items()}
+    median = {name: statistics.median(t for t, _, _ in runs) for name, runs in results.items()}
+    m = args.microbatches
+    theory = {"one peer per stage": 2 * (m + 2) * args.emulate, "2 replicas": 2 * (m / 2 + 2) * args.emulate}
+    efficiency = {name: [t / step for _, _, step in results[name] if step] for name, t in theory.items()}
     one = median["one peer per stage"]
     single, two = (statistics.median(prepares[k]) if prepares[k] else None for k in ("one peer per stage",
                                                                                       "2 replicas"))
@@ -139,8 +146,11 @@ def main() -> None:
         "microbatches_per_step": args.microbatches,
         "bubble_bound": (args.microbatches + 2) / (args.microbatches / 2 + 2),
         "repeats": args.repeats,
-        "tokens_per_second": {name: [t for t, _ in runs] for name, runs in results.items()},
-        "steps_measured": {name: [n for _, n in runs] for name, runs in results.items()},
+        "tokens_per_second": {name: [t for t, _, _ in runs] for name, runs in results.items()},
+        "steps_measured": {name: [n for _, n, _ in runs] for name, runs in results.items()},
+        "median_step_seconds": {name: [s for _, _, s in runs] for name, runs in results.items()},
+        "theoretical_step_seconds": theory,
+        "schedule_efficiency": efficiency,
         "two_replicas_vs_one": median["2 replicas"] / one if one else None,
         "half_speed_vs_ideal": median["2 replicas, one at half speed"] / (1.5 * one) if one else None,
         "losing_a_replica": loss,
@@ -149,6 +159,7 @@ def main() -> None:
         "goals": {
             "two_replicas_vs_one": ">= 1.8",
             "half_speed_vs_ideal": ">= 0.9",
+            "schedule_efficiency": ">= 0.9 (issue 17)",
             "losing_a_replica": "cost under one step time; the same validation loss as without the failure",
         },
     }
@@ -160,6 +171,8 @@ def main() -> None:
         f"2 replicas / 1: {report['two_replicas_vs_one']:.2f}x; one replica at half speed / ideal: "
         f"{report['half_speed_vs_ideal']:.2f} (the schedule's bound for 2 replicas: {report['bubble_bound']:.2f}x)"
     )
+    for name, values in efficiency.items():
+        print(f"{name}: theoretical step {theory[name]:.2f} s / measured: {', '.join(f'{v:.2f}' for v in values)}")
     write_results(args.out, report)
 
 
