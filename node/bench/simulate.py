@@ -1,7 +1,9 @@
 """``swarm-node bench --mode simulate``: every stage in one process, failures drawn per iteration.
 
-As in the CheckFree paper's experiments, each stage fails independently with probability p at the start of
-every iteration (a seeded schedule, the same for every strategy at a given p). Stage 0 (data, embedding, LM
+As in the CheckFree paper's experiments, each stage fails independently with probability p in every iteration
+(a seeded schedule, the same for every strategy at a given p), at a seeded moment of the step: the step in
+flight is lost up to there unless the failure was announced, and a snapshot or checkpoint still being sent or
+written then is not there yet (:mod:`node.bench.failures`). Stage 0 (data, embedding, LM
 head) fails too unless ``--no-stage0-failures`` (the paper's CheckFree runs spare it). The model, batches,
 clipping and AdamW are the swarm's (:class:`~node.stage.runtime.StageRuntime` per stage,
 :func:`~node.data.batches.training_batch`, and the commit decision :func:`~node.train.commit.decide_commit`
@@ -45,6 +47,7 @@ import torch
 
 from node.bench import AUTO, BenchStrategy, SimulateOptions, run_label
 from node.bench.costs import MB, MIB, CostModel, WriteQueue, swarm_failure_probability, young_daly_interval
+from node.bench.failures import failure_moment, failure_schedule, notice_schedule
 from node.bench.results import BenchResults, BenchRun, CurvePoint, default_target, finish_run
 from node.checkpoint import BackgroundWriter, CheckpointStore, restore_runtime
 from node.config import SwarmConfig
@@ -60,28 +63,6 @@ from node.train.optim import autocast_for, grad_norm_sq
 
 Progress = Callable[[str, int, int], None]  # (run label, iterations done, iterations of the run)
 State = dict[str, torch.Tensor]
-
-
-def failure_schedule(seed: int, rate: float, iterations: int, num_stages: int, stage0: bool = False) -> list[list[int]]:
-    """Stages failing at the start of each iteration: seeded, the same for every strategy at ``rate``.
-
-    One uniform draw per (iteration, stage), whatever the rate: a stage fails where its draw is below the
-    rate, so the failures at a higher rate include those at a lower one (rates compare like for like). Stage
-    0's draws (``stage0``) come from a stream of their own, so the block stages' are the same either way."""
-    rng = random.Random(f"swarm-node-bench:{seed}")
-    blocks = [[s for s in range(1, num_stages) if rng.random() < rate] for _ in range(iterations)]
-    if not stage0:
-        return blocks
-    rng0 = random.Random(f"swarm-node-bench-stage0:{seed}")
-    return [([0] if rng0.random() < rate else []) + failed for failed in blocks]
-
-
-def notice_schedule(seed: int, fraction: float, schedule: list[list[int]], num_stages: int) -> set[tuple[int, int]]:
-    """The (iteration, stage) failures that come with a preemption notice: one uniform draw per position, the
-    same for every strategy and rate (so a higher fraction's notices include a lower one's)."""
-    rng = random.Random(f"swarm-node-bench-notice:{seed}")
-    draws = [[rng.random() for _ in range(num_stages)] for _ in schedule]
-    return {(it, s) for it, failed in enumerate(schedule) for s in failed if draws[it][s] < fraction}
 
 
 def nbytes(state: State) -> int:
@@ -195,6 +176,7 @@ class _Run:
     extra: float = 0.0  # seconds on the clock beyond the iterations themselves
     clones: list[float] = field(default_factory=list)  # blocking seconds of each checkpoint / snapshot round
     stalls: float = 0.0  # waiting for a write or a stage-0 copy
+    lost: float = 0.0  # work of steps in flight lost to unannounced failures
     rollbacks: list[int] = field(default_factory=list)  # checkpoint: the step each rollback went back to
 
     def now(self, iteration: int) -> float:
@@ -306,8 +288,9 @@ def _simulate_run(
     try:
         record.curve.append(CurvePoint(iteration=0, step=0, seconds=0.0, val_loss=run.swarm.val_loss(val)))
         for it in range(opts.iterations):
-            now = run.now(it)
             failed = list(schedule[it]) if strategy.fails else []
+            moment = failure_moment(opts.seed, it) * costs.step_seconds if failed else 0.0
+            now = run.now(it) + moment  # when they strike: what is sent or written by then counts
             paid = [0.0]  # stages are replaced in parallel: the slowest recovery is on the clock
             for stage in [s for s in failed if (it, s) in notices]:
                 # a notice: the stage's exact state moves to its successor (method handoff, whatever the strategy)
@@ -319,6 +302,9 @@ def _simulate_run(
                 run.count(Method.HANDOFF.value)
                 paid.append(costs.scaled(time.perf_counter() - started) + costs.link_seconds(run.sizes.full[stage]))
                 record.recover_seconds.append(paid[-1])
+            if failed:  # unannounced: the step in flight is aborted and replayed, its work up to now lost
+                run.extra += moment
+                run.lost += moment
             if failed and strategy is BenchStrategy.CHECKPOINT:  # one rollback, however many stages were lost
                 record.failures += len(failed)
                 run.rollbacks.append(_roll_back(run, stores, writers, queues, now))
@@ -377,8 +363,9 @@ def _simulate_run(
             w.close()
         if tmp is not None:
             tmp.cleanup()
+    record.extra = {"in_flight_lost_seconds": run.lost}
     if strategy in (BenchStrategy.LADDER, BenchStrategy.CHECKPOINT):
-        record.extra = {
+        record.extra |= {
             "every": k,
             "rounds": len(run.clones),
             "blocking_seconds_mean": statistics.fmean(run.clones) if run.clones else 0.0,
@@ -388,7 +375,7 @@ def _simulate_run(
         if strategy is BenchStrategy.CHECKPOINT:
             record.extra["rollback_steps"] = run.rollbacks
     elif stage0_copy:
-        record.extra = {"stage0_copy_seconds": stage0_copy, "stall_seconds_total": run.stalls}
+        record.extra |= {"stage0_copy_seconds": stage0_copy, "stall_seconds_total": run.stalls}
     return record, step_times
 
 
@@ -489,7 +476,8 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
             "between swarm failures; never shorter than one write",
             "lr_scale": opts.lr_scale,
             "eval": f"{opts.eval_batches} held-out microbatches every {opts.eval_every} iterations (off the clock)",
-            "failure_model": "each stage fails with probability p at the start of each iteration"
+            "failure_model": "each stage fails with probability p in each iteration, at a uniform moment of the "
+            "step; an unannounced failure loses the step's work up to there (in_flight_lost_seconds)"
             + ("" if opts.stage0_failures else "; stage 0 (data, embedding, head) does not fail"),
         },
         runs=[finish_run(r, target) for r in wanted],

@@ -7,9 +7,9 @@ import statistics
 import pytest
 
 from node.bench import BenchStrategy
+from node.bench.failures import failure_schedule, notice_schedule
 from node.bench.live import LiveOptions, curve_from_events, local_options
 from node.bench.results import CurvePoint, default_target, time_to_target
-from node.bench.simulate import failure_schedule, notice_schedule
 from node.config import build_config
 from node.events import EvalEvent, RolledBackEvent, StepEvent
 from node.options import EvalOptions, RecoveryStrategy

@@ -8,7 +8,8 @@ import torch
 
 from node.bench import BenchStrategy, SimulateOptions
 from node.bench.costs import MB, CostModel, WriteQueue, swarm_failure_probability, young_daly_interval
-from node.bench.simulate import _simulate_run, failure_schedule
+from node.bench.failures import failure_moment, failure_schedule
+from node.bench.simulate import _simulate_run
 from node.config import build_config
 from node.data import load_corpus, validation_batches
 
@@ -73,16 +74,39 @@ def _run(opts, tokens, val, strategy, schedule, **kw):
 
 def test_a_rollback_goes_back_only_to_a_checkpoint_already_written_to_storage() -> None:
     opts, tokens, val = _setup()
-    schedule = [[]] * 5 + [[2]] + [[]] * 2  # a failure at the start of iteration 5 (after step 5)
+    schedule = [[]] * 5 + [[2]] + [[]] * 2  # a failure in iteration 5 (after step 5), 0.08 of the way in
     fast = CostModel(step_seconds=1.0, storage_bandwidth=1e12, storage_latency=0.0)
     slow = CostModel(step_seconds=1.0, storage_bandwidth=1e12, storage_latency=1.5)  # a write takes 1.5 steps
     on_fast = _run(opts, tokens, val, BenchStrategy.CHECKPOINT, schedule, costs=fast, interval=2)
     on_slow = _run(opts, tokens, val, BenchStrategy.CHECKPOINT, schedule, costs=slow, interval=2)
     assert on_fast.extra["rollback_steps"] == [4]
-    assert on_slow.extra["rollback_steps"] == [2]  # step 4's write (started at 4.0) was not done at 5.0
+    assert failure_moment(opts.seed, 5) < 0.5
+    assert on_slow.extra["rollback_steps"] == [2]  # step 4's write (started at 4.0) was not done at 5.08
     # the slow storage costs more: the restore read, and the replayed steps are on the clock
     assert on_slow.curve[-1].seconds > on_fast.curve[-1].seconds
     assert on_slow.curve[-1].step < on_fast.curve[-1].step
+
+
+def test_an_unannounced_failure_loses_its_step_up_to_a_seeded_moment_and_an_announced_one_nothing() -> None:
+    opts, tokens, val = _setup()
+    schedule = [[]] * 3 + [[2]] + [[]] * 4
+    clock = CostModel(step_seconds=10.0)
+    moment = failure_moment(opts.seed, 3) * 10.0
+    assert 0 < moment < 10 and moment == failure_moment(opts.seed, 3) * 10.0  # seeded: every strategy alike
+    lost = _run(opts, tokens, val, BenchStrategy.CHECKFREE, schedule, costs=clock)
+    told = _run(opts, tokens, val, BenchStrategy.CHECKFREE, schedule, costs=clock, notices=frozenset({(3, 2)}))
+    assert lost.extra["in_flight_lost_seconds"] == moment and told.extra["in_flight_lost_seconds"] == 0.0
+    assert lost.curve[-1].seconds >= 8 * 10.0 + moment > told.curve[-1].seconds  # and the clock charges it
+    # what is still being sent at that moment is not there: a snapshot that takes longer than the moment to
+    # send leaves the previous one, one that arrives before it is restored (both exact restores of a step)
+    from node.bench.simulate import _Sizes, _Swarm
+
+    full = _Sizes.of(_Swarm(opts.config, torch.device("cpu"))).full[2]  # the failing stage's state
+    assert moment < 5.0  # a send of 5 s: step 3's snapshot (sent from 30 s) is not there at 30 s + moment
+    ladder = [_run(opts, tokens, val, BenchStrategy.LADDER, schedule, interval=1, costs=CostModel(
+        step_seconds=10.0, link_bandwidth=bw)) for bw in (1e12, full / 5.0)]  # fmt: skip
+    assert ladder[0].methods == ladder[1].methods == {"snapshot": 1}
+    assert ladder[0].curve[-1].val_loss != ladder[1].curve[-1].val_loss  # a step apart
 
 
 def test_stage_0_is_rebuilt_from_its_copy_under_checkfree_plus_and_restarts_the_swarm_under_checkfree() -> None:
