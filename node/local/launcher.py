@@ -276,8 +276,8 @@ class LocalSwarm:
         """Reacts to dead children: every stage daemon or spare that dies, planned kill or not, is replaced by a
         ``--stage auto`` node (``--respawn``), and the swarm recovers; a node that handed its stage over on a
         notice already has its replacement. The bootstrap node dying, or a stage lost for good, is an error."""
-        # the first node of a --preempt stage got the notice (its replacement was started with it)
-        noticed = {self.stage_children[s].proc.pid for s in self.preemptions.fired if s in self.stage_children}
+        # the nodes given a notice (--preempt, --preemption-rate): their replacement was started with it
+        noticed = self.preemptions.noticed
         deaths = self.faults.new_deaths(
             events,
             self.children,

@@ -98,6 +98,7 @@ class Preemptions:
         self.specs = {s.stage: s for s in specs}
         self.servers: dict[int, MetadataServer] = {}
         self.fired: set[int] = set()  # stages whose notice was raised
+        self.noticed: set[int] = set()  # pids of the nodes given a notice (their exit 0 after a handoff is planned)
         self.soft_fired: set[int] = set()  # stages whose soft notice was raised
         self.soft_replaced: set[int] = set()  # ... and got a replacement node with it (no spare was waiting)
         self.kill_log = kill_log  # the launcher's: a node killed at the end of its window is a planned death
@@ -146,6 +147,7 @@ class Preemptions:
                 node = serving(stage) if rng.random() < self.rate else None
                 if node is not None and node.proc.poll() is None and all(d[3] is not node for d in self._due):
                     node.proc.send_signal(signal.SIGTERM)
+                    self.noticed.add(node.proc.pid)
                     self._due.append((time.monotonic() + self.rate_notice_seconds, stage, e.step, node))
                     raised += 1
         started = max((e.step for e in ev.of_type(events, ev.AttemptEvent)), default=0)
@@ -155,6 +157,7 @@ class Preemptions:
                 continue
             self.fired.add(stage)
             node = nodes[stage]
+            self.noticed.add(node.proc.pid)
             if spec.provider == "signal":
                 node.proc.send_signal(signal.SIGTERM)
             else:

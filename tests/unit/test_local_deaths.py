@@ -370,7 +370,7 @@ def test_stage0_failures_are_drawn_from_a_stream_of_their_own() -> None:
 
     class Node:  # stands in for a node: the notice (SIGTERM) is only recorded
         def __init__(self, stage: int) -> None:
-            self.stage = stage
+            self.stage, self.pid = stage, 1000 + stage
             self.proc = self
             self.signals: list[int] = []
 
@@ -384,6 +384,8 @@ def test_stage0_failures_are_drawn_from_a_stream_of_their_own() -> None:
         p = Preemptions([], [], rate=0.2, num_stages=4, seed=3, stage0=stage0)
         nodes = {s: Node(s) for s in range(4)}
         p.inject(attempts, {}, serving=nodes.get)  # type: ignore[arg-type]
+        # every node given a notice is known, so its exit 0 after handing over counts as planned
+        assert p.noticed == {1000 + stage for _, stage, _, _ in p._due}
         return sorted((step, stage) for _, stage, step, _ in p._due)
 
     assert [n for n in notices(True) if n[1] != 0] == notices(False)
