@@ -140,11 +140,12 @@ class CheckpointKeeper:
     # ---- rollback ----------------------------------------------------------------------------------
     async def rollback(self, step: int, attempt: int) -> int:
         """Restores this stage's checkpoint of ``step`` (weights, AdamW state) and forgets newer ones."""
-        rt, store = self.seat.runtime, self.store
+        rt = self.seat.runtime
         if rt is None:
             raise StepError(Reject.NOT_READY, "this node holds no stage yet (spare or rebuilding)")
-        if store is None:
-            raise StepError(Reject.NO_CHECKPOINT, f"stage {self.seat.stage} keeps no checkpoints")
+        # a node that took its stage over by a handoff has not opened its stage's store before its first
+        # checkpoint: it opens it now (the previous owner's checkpoints are there; step 0 needs none)
+        store = self.open(rt.stage)
         if attempt < rt.attempt:
             raise StepError(Reject.STALE_ATTEMPT, f"rollback attempt {attempt} is older than {rt.attempt}")
         await self._settle()  # a write of a newer step must not land after the discard

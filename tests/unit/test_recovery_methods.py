@@ -213,6 +213,28 @@ async def test_checkpoints_after_every_k_commits_then_rollback_and_restore(tmp_p
     compute.close()
 
 
+async def test_a_stage_taken_over_by_handoff_rolls_back_before_its_first_checkpoint(tmp_path) -> None:
+    """The successor of a handoff has written no checkpoint yet and never restored one: a rollback (here to the
+    seed's weights, as no stage had a checkpoint yet) still finds its stage's store instead of refusing with
+    no_checkpoint, which left a live bench's swarm split between rolled-back stages and stage 0."""
+    seat, compute = Seat(1), Compute()
+    seat.runtime = StageRuntime(CFG, 1, DEV)
+    installed: list[int] = []
+
+    async def install(rt: StageRuntime) -> None:
+        installed.append(rt.committed_step)
+        seat.runtime = rt
+
+    keeper = CheckpointKeeper(tmp_path / "ckpt", 10, seat, CFG, DEV, compute, install, StageMetrics(),
+                              EventLog(tmp_path / "events.jsonl"))  # fmt: skip
+    seat.runtime.committed_step = 5  # handed over at step 3, two commits since, no checkpoint of its own
+    assert keeper.store is None
+    assert await keeper.rollback(0, attempt=9) == 0 and installed == [0]
+    assert keeper.store is not None and keeper.store.stage == 1
+    await keeper.close()
+    compute.close()
+
+
 # ---- bad sources ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "spoil",
