@@ -74,6 +74,13 @@ class CheckpointKeeper:
             self.durable_steps = frozenset()  # listed off the event loop: by recover(), and after each write
         return self.store
 
+    async def attach(self, stage: int) -> None:
+        """Opens ``stage``'s store and lists its checkpoints, off the event loop, once the node holds the stage
+        (by whatever method): a node that took it over by a handoff or a replica copy then reports the previous
+        owner's checkpoints to a rollback instead of none until its own first one."""
+        store = self.open(stage)
+        self.durable_steps = frozenset(await asyncio.to_thread(store.steps))
+
     def _on_durable(self, step: int, seconds: float, nbytes: int) -> None:  # on the writer thread
         assert self.store is not None
         self.durable_steps = frozenset(self.store.steps())
@@ -143,9 +150,7 @@ class CheckpointKeeper:
         rt = self.seat.runtime
         if rt is None:
             raise StepError(Reject.NOT_READY, "this node holds no stage yet (spare or rebuilding)")
-        # a node that took its stage over by a handoff has not opened its stage's store before its first
-        # checkpoint: it opens it now (the previous owner's checkpoints are there; step 0 needs none)
-        store = self.open(rt.stage)
+        store = self.open(rt.stage)  # opened by attach() already, unless the rollback came first
         if attempt < rt.attempt:
             raise StepError(Reject.STALE_ATTEMPT, f"rollback attempt {attempt} is older than {rt.attempt}")
         await self._settle()  # a write of a newer step must not land after the discard

@@ -225,6 +225,8 @@ class StageDaemon:
                 logger.warning("%s; waiting as a spare", err)
                 self.seat.stage = None
                 continue
+            if self.checkpoints is not None:
+                await self.checkpoints.attach(self.seat.stage)
             if recovered is not None and recovered.audit and self.opts.save_dir is not None:
                 # what was built, for audit and tests
                 name = f"stage{self.seat.stage}.recovered-step{recovered.step}.safetensors"

@@ -179,6 +179,21 @@ def test_holders_keep_three_decisions_and_the_two_newest_full_copies() -> None:
 
 
 # ---- the checkpoint keeper ------------------------------------------------------------------------
+async def _train_and_checkpoint(keeper: CheckpointKeeper, rt: StageRuntime, steps: int) -> dict[int, dict]:
+    """Commits ``steps`` steps (each adds 1 to every weight), each followed by the keeper's after-commit and
+    its write; returns the committed state of every step."""
+    saved = {}
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            for p in rt.module.parameters():
+                p.add_(1.0)
+        rt.committed_step = step
+        saved[step] = {k: v.clone() for k, v in rt.committed_state().items()}
+        keeper.after_commit(step)
+        await keeper._settle()
+    return saved
+
+
 async def test_checkpoints_after_every_k_commits_then_rollback_and_restore(tmp_path) -> None:
     seat, compute, installed = Seat(1), Compute(), []
     seat.runtime = StageRuntime(CFG, 1, DEV)
@@ -190,15 +205,7 @@ async def test_checkpoints_after_every_k_commits_then_rollback_and_restore(tmp_p
     events = EventLog(tmp_path / "events.jsonl")
     keeper = CheckpointKeeper(tmp_path / "ckpt", 2, seat, CFG, DEV, compute, install, StageMetrics(), events)
     keeper.open(1)
-    saved = {}
-    for step in range(1, 6):
-        with torch.no_grad():
-            for p in seat.runtime.module.parameters():
-                p.add_(1.0)
-        seat.runtime.committed_step = step
-        saved[step] = {k: v.clone() for k, v in seat.runtime.committed_state().items()}
-        keeper.after_commit(step)
-        await keeper._settle()
+    saved = await _train_and_checkpoint(keeper, seat.runtime, 5)
     assert sorted(keeper.durable_steps) == [2, 4]
     assert await keeper.rollback(2, attempt=50) == 2
     assert installed == [2] and seat.runtime.attempt == 50 and sorted(keeper.durable_steps) == [2]
@@ -232,6 +239,37 @@ async def test_a_stage_taken_over_by_handoff_rolls_back_before_its_first_checkpo
     assert await keeper.rollback(0, attempt=9) == 0 and installed == [0]
     assert keeper.store is not None and keeper.store.stage == 1
     await keeper.close()
+    compute.close()
+
+
+async def test_a_successor_reports_its_predecessors_checkpoints_once_it_holds_the_stage(tmp_path) -> None:
+    """A node that took stage 1 over by a handoff reports the checkpoints its predecessor wrote as soon as it
+    holds the stage, so that a rollback before its own first checkpoint goes to their common step, not to
+    the seed's weights, and restores the predecessor's state of that step."""
+    compute, events = Compute(), EventLog(tmp_path / "events.jsonl")
+    old = Seat(1)
+    old.runtime = StageRuntime(CFG, 1, DEV)
+
+    async def no_install(rt: StageRuntime) -> None:
+        raise AssertionError("the predecessor never rolls back here")
+
+    predecessor = CheckpointKeeper(tmp_path / "ckpt", 2, old, CFG, DEV, compute, no_install, StageMetrics(), events)
+    saved = await _train_and_checkpoint(predecessor, old.runtime, 4)
+    await predecessor.close()
+
+    seat = Seat(1)
+    seat.runtime = StageRuntime(CFG, 1, DEV, committed_step=5)  # the handed-over state, one commit since
+
+    async def install(rt: StageRuntime) -> None:
+        seat.runtime = rt
+
+    successor = CheckpointKeeper(tmp_path / "ckpt", 10, seat, CFG, DEV, compute, install, StageMetrics(), events)
+    assert successor.durable_steps == frozenset()
+    await successor.attach(1)
+    assert successor.durable_steps == {2, 4}
+    assert await successor.rollback(4, attempt=3) == 4
+    assert all(torch.equal(seat.runtime.committed_state()[k], v) for k, v in saved[4].items())
+    await successor.close()
     compute.close()
 
 
