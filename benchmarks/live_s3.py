@@ -12,6 +12,7 @@ less here than on a real swarm; the simulate mode's ``--storage-bandwidth`` puts
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -28,7 +29,10 @@ def main() -> int:
         create_bucket(endpoint, "bench")
         cmd = [sys.executable, "-m", "node", "bench", "--mode", "live", "--checkpoint-to", "s3://bench/ckpt",
                "--storage-endpoint", endpoint, *sys.argv[1:]]  # fmt: skip
-        return subprocess.run(cmd, cwd=REPO, env=env).returncode
+        bench = subprocess.Popen(cmd, cwd=REPO, env=env)
+        # SIGTERM goes on to the bench, which tears its swarm down; the S3 server is stopped on the way out
+        signal.signal(signal.SIGTERM, lambda *_: bench.send_signal(signal.SIGTERM))
+        return bench.wait()
 
 
 if __name__ == "__main__":

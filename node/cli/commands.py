@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import pathlib
+import signal
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -291,16 +292,21 @@ def _parse_replicas(text: str | None, stages: int) -> list[int]:
     return counts
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM runs the same clean-up as Ctrl-C: a launcher's child processes never outlive it."""
+
+    def _terminate(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def cmd_local(args: argparse.Namespace) -> int:
-    import signal
     import tempfile
 
     from node.local.launcher import LocalSwarm
 
-    def _terminate(*_: object) -> None:
-        raise KeyboardInterrupt  # runs the launcher's clean-up, like Ctrl-C
-
-    signal.signal(signal.SIGTERM, _terminate)
+    _sigterm_as_interrupt()
     with contextlib.ExitStack() as stack:
         workdir = args.workdir
         if workdir is None:  # a temporary one, deleted at exit
@@ -407,6 +413,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             options = LiveOptions(**common, out=args.out, spares=args.spares, threads=args.threads,
                                   checkpoint_to=args.checkpoint_to, storage_endpoint=args.storage_endpoint)
             run_one = run_live
+            _sigterm_as_interrupt()  # each run's local swarm is torn down, as under Ctrl-C
 
         def seeded(opts: Any) -> Any:  # progress labels name the seed
             return run_one(opts, lambda label, done, total: progress(f"seed {opts.seed}: {label}", done, total))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import matplotlib.image
 import pytest
 
 from node.bench.results import BenchResults
-from tests.conftest import REPO
+from tests.conftest import REPO, launcher_children, wait_for
 
 
 @pytest.mark.timeout(300)
@@ -84,8 +88,6 @@ def test_simulate_takes_its_failure_overhead_from_a_live_bench_and_refuses_a_bad
 def test_live_checkpoints_go_to_a_real_s3_server(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``bench --mode live --checkpoint-to s3://…``: the checkpoint run's nodes write their checkpoints to object
     storage (a moto server on loopback), as on spot VMs whose disks die with them; bad storage fails at once."""
-    import os
-
     from node.local.objectstore import CREDENTIALS, create_bucket, local_s3
     from node.storage import open_storage
 
@@ -112,3 +114,48 @@ def test_live_checkpoints_go_to_a_real_s3_server(tmp_path: pathlib.Path, monkeyp
                               "--out", str(tmp_path / "bad")], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "--checkpoint-to" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _group_members(groups: set[int]) -> set[int]:
+    """Live processes whose process group is one of ``groups`` (a node daemon and its p2pd helpers)."""
+    found = set()
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            except OSError:
+                continue
+            if int(pgrp) in groups and state != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_a_live_bench_stopped_with_sigterm_leaves_no_process_behind(tmp_path: pathlib.Path) -> None:
+    """SIGTERM to ``bench --mode live`` tears down the local swarm of the run in progress, as Ctrl-C does: no
+    node daemon, DHT node or p2pd helper of it outlives the bench."""
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "node", "bench", "--mode", "live", "--strategies", "none", "--iterations", "500",
+         "--stages", "3", "--spares", "0", "--seq-len", "32", "--seeds", "1", "--out", str(tmp_path / "out")],
+        cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    groups: set[int] = set()
+    try:
+        # the bootstrap DHT node and the 3 stage daemons, each leading its own process group
+        groups = set(wait_for(lambda: len(launcher_children(bench.pid)) >= 4 and launcher_children(bench.pid),
+                              90, "the run's swarm"))  # fmt: skip
+        wait_for(lambda: len(_group_members(groups)) > len(groups), 60, "the nodes' helper processes")
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) != 0
+        deadline = time.monotonic() + 15  # a SIGKILLed group's last members may take a moment to be reaped
+        while _group_members(groups) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _group_members(groups)
+        assert not left, f"processes outlived the bench: {sorted(left)}"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait(timeout=10)
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
