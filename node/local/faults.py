@@ -93,6 +93,21 @@ class Death:
         }
 
 
+class StageDraws:
+    """Seeded draws, one per stage for each attempt: the block stages from one stream and stage 0 (when it may
+    fail) from a stream of its own, so that letting stage 0 fail does not move the block stages' draws."""
+
+    def __init__(self, seed: int | str, num_stages: int, stage0: bool) -> None:
+        self.num_stages = num_stages
+        self._blocks = random.Random(seed)
+        self._stage0 = random.Random(f"{seed}:stage0") if stage0 else None
+
+    def each(self) -> list[tuple[int, random.Random]]:
+        """(stage, the stream to draw its outcome from) for every stage that may fail, block stages first."""
+        draws = [(stage, self._blocks) for stage in range(1, self.num_stages)]
+        return draws + ([(0, self._stage0)] if self._stage0 is not None else [])
+
+
 class LauncherFaults:
     """Carries out the launcher's own kills and keeps account of every planned death."""
 
@@ -112,9 +127,7 @@ class LauncherFaults:
         self._seen_attempts: set[int] = set()  # steps started
         self._drawn_attempts: set[tuple[int, int]] = set()  # (step, attempt) already given their fault draws
         self._due_kills: list[tuple[float, int, int, str]] = []  # (due, stage, step, why)
-        self._rng = random.Random(seed)
-        # stage 0's draws are a stream of their own, so the block stages' failures stay where they were
-        self._stage0_rng = random.Random(f"{seed}:stage0") if stage0 else None
+        self._draws = StageDraws(seed, num_stages, stage0)
 
     def node_faults(self, stage: int | None = None, replica: int | None = None) -> list[str]:
         """The faults a node started now carries out itself: a replacement only gets those not yet happened.
@@ -146,8 +159,7 @@ class LauncherFaults:
                 if spec.phase == "start" and spec.step == e.step and str(spec) not in self.fired:
                     self.fired.add(str(spec))
                     self._due_kills.append((time.monotonic() + 0.2, spec.stage, e.step, "start"))
-            draws = [(stage, self._rng) for stage in range(1, self.num_stages)]
-            for stage, rng in draws + ([(0, self._stage0_rng)] if self._stage0_rng else []):
+            for stage, rng in self._draws.each():
                 if self.failure_rate and rng.random() < self.failure_rate:
                     # mid-step: after a random part of a typical step
                     delay = rng.uniform(0.1, 0.5)

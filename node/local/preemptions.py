@@ -17,7 +17,6 @@ replacement node then (as it does on a hard notice), and none more on the hard n
 
 from __future__ import annotations
 
-import random
 import re
 import signal
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 
 from node import events as ev
 from node.local.children import Child
+from node.local.faults import StageDraws
 from node.local.metadata import AwsMetadataServer, MetadataServer, metadata_server
 from node.options import PreemptionMode, PreemptionOptions
 from node.wire.records import StageRecord, StageState
@@ -89,8 +89,7 @@ class Preemptions:
         stage0: bool = False,
     ) -> None:
         self.rate, self.rate_notice_seconds, self.num_stages = rate, rate_notice_seconds, num_stages
-        self._rng = random.Random(seed + 1)  # its own draws: adding notices does not move --failure-rate's
-        self._stage0_rng = random.Random(f"{seed + 1}:stage0") if stage0 else None  # nor the block stages'
+        self._draws = StageDraws(seed + 1, num_stages, stage0)  # its own: notices do not move --failure-rate's
         self._drawn: set[tuple[int, int]] = set()  # (step, attempt) already given their draws
         taken = [s.stage for s in specs]
         if len(set(taken)) != len(taken):
@@ -142,8 +141,7 @@ class Preemptions:
             if not self.rate or (e.step, e.attempt) in self._drawn:
                 continue
             self._drawn.add((e.step, e.attempt))
-            draws = [(stage, self._rng) for stage in range(1, self.num_stages)]
-            for stage, rng in draws + ([(0, self._stage0_rng)] if self._stage0_rng else []):
+            for stage, rng in self._draws.each():
                 node = serving(stage) if rng.random() < self.rate else None
                 if node is not None and node.proc.poll() is None and all(d[3] is not node for d in self._due):
                     node.proc.send_signal(signal.SIGTERM)
