@@ -25,13 +25,17 @@ class CostModel:
     storage_latency: float = 0.05  # per object-storage request
     link_bandwidth: float = 125 * MB  # one node's network link (1 Gbit/s)
     failure_overhead: float = 0.0  # per failure: detection, claim, start-up (not the transfer)
+    # the blocking copy of the largest stage's full state to host memory (a snapshot's, a checkpoint's, a
+    # rollback's load), measured once on the trained model: every run clones the same bytes, so every run is
+    # charged the same, and this machine's timing noise does not move one strategy against another
+    clone_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("step_seconds", "byte_scale", "storage_bandwidth", "link_bandwidth"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
-        if self.storage_latency < 0 or self.failure_overhead < 0:
-            raise ValueError("storage latency and failure overhead cannot be negative")
+        if self.storage_latency < 0 or self.failure_overhead < 0 or self.clone_seconds < 0:
+            raise ValueError("storage latency, failure overhead and clone time cannot be negative")
 
     def storage_seconds(self, nbytes: int) -> float:
         """One write or read of ``nbytes`` (of the trained model) to or from off-node storage."""
@@ -40,6 +44,11 @@ class CostModel:
     def link_seconds(self, nbytes: int) -> float:
         """Receiving ``nbytes`` (of the trained model) over one node's link."""
         return nbytes * self.byte_scale / self.link_bandwidth
+
+    @property
+    def clone(self) -> float:
+        """The blocking clone of the largest stage's full state, at the simulated stage size."""
+        return self.scaled(self.clone_seconds)
 
     def scaled(self, measured_seconds: float) -> float:
         """A state copy measured on the trained model, at the simulated stage size (linear in bytes)."""

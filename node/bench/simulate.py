@@ -26,11 +26,13 @@ and rebuild spec (:func:`~node.recovery.rebuild.rebuild_spec`, :func:`~node.reco
 
 The clock (:mod:`node.bench.costs`) is iterations × the step time (measured: the no-failure run's median
 iteration here, or ``--step-seconds``) plus what each strategy pays on top, at the simulated stage size
-(``--stage-mib``): state copies measured here and scaled by bytes, checkpoint writes and reads at
-``--storage-bandwidth`` / ``--storage-latency``, the state a rebuild fetches at ``--link-bandwidth``, a
-stage-0 copy that takes longer to send than a step, and ``--failure-overhead-seconds`` per failure
-(detection, claim, start-up). Stages fail and are replaced in parallel: a failure that hits several stages at
-once costs the slowest recovery. Evaluation time is not on the clock.
+(``--stage-mib``): state copies measured here and scaled by bytes (the blocking clone of a snapshot, a
+checkpoint or a rollback's load measured once, before the runs, so that every run pays the same for it),
+checkpoint writes and reads at ``--storage-bandwidth`` / ``--storage-latency``, the state a rebuild
+fetches at ``--link-bandwidth``, a stage-0 copy that takes longer to send than a step, and
+``--failure-overhead-seconds`` per failure (detection, claim, start-up). Stages fail and are replaced in
+parallel: a failure that hits several stages at once costs the slowest recovery. Evaluation time is not on
+the clock.
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ def _simulate_run(
     if strategy in (BenchStrategy.CHECKPOINT, BenchStrategy.LADDER) and interval is None:
         raise ValueError(f"a {strategy} run needs its interval")
     sizes = _Sizes.of(swarm)
-    costs = costs or cost_model(opts, 1.0, sizes)
+    costs = costs or cost_model(opts, 1.0, sizes, max(swarm.clone_seconds()))
     record = BenchRun(strategy=strategy, variant=variant, failure_rate=rate if strategy.fails else 0.0, failures=0,
                       iterations_to_target=None, seconds_to_target=None, final_val_loss=None,
                       step_seconds=costs.step_seconds)  # fmt: skip
@@ -311,8 +313,7 @@ def _simulate_run(
                 run.count(Method.CHECKPOINT.value)
                 # every node reads its own checkpoint back at once: the largest stage's read, and its load into
                 # memory (a copy of its state, measured here) are on the clock
-                load = costs.scaled(max(run.swarm.clone_seconds()))
-                paid.append(costs.storage_seconds(max(run.sizes.full)) + load + costs.failure_overhead)
+                paid.append(costs.storage_seconds(max(run.sizes.full)) + costs.clone + costs.failure_overhead)
                 record.recover_seconds.append(paid[-1])
             elif failed:
                 record.failures += len(failed)
@@ -332,17 +333,16 @@ def _simulate_run(
                 run.stalls += stage0_copy - costs.step_seconds
                 run.extra += stage0_copy - costs.step_seconds
             if strategy is BenchStrategy.LADDER and committed % k == 0:
-                clones = run.swarm.clone_seconds()
                 for stage, rt in enumerate(run.swarm.stages):
                     if sending_until[stage] > now:
                         continue  # the previous snapshot is still being sent: this turn is skipped
                     sending_until[stage] = now + costs.link_seconds(run.sizes.full[stage])
                     snap = _Snapshot(committed, rt.full_state(), rt.lr_scale, rt.last_grad_norm, sending_until[stage])
                     snapshots[stage] = [*snapshots.get(stage, [])[-1:], snap]
-                run.clones.append(costs.scaled(max(clones)))
+                run.clones.append(costs.clone)
                 run.extra += run.clones[-1]
             if writers and committed % k == 0:
-                run.clones.append(costs.scaled(max(run.swarm.clone_seconds())))
+                run.clones.append(costs.clone)
                 stall = 0.0
                 for stage, (rt, w) in enumerate(zip(run.swarm.stages, writers, strict=True)):
                     w.wait()  # the daemon's rule: at most one snapshot in memory besides the live state
@@ -379,8 +379,9 @@ def _simulate_run(
     return record, step_times
 
 
-def cost_model(opts: SimulateOptions, step_seconds: float, sizes: _Sizes) -> CostModel:
-    """The clock of every run: ``opts``' regime over the measured step time and the trained model's sizes."""
+def cost_model(opts: SimulateOptions, step_seconds: float, sizes: _Sizes, clone_seconds: float) -> CostModel:
+    """The clock of every run: ``opts``' regime over the measured step time, the trained model's sizes and its
+    measured clone of the largest stage's full state."""
     block = statistics.fmean(sizes.weights[1:]) if len(sizes.weights) > 1 else sizes.weights[0]
     return CostModel(
         step_seconds=opts.step_seconds or step_seconds,
@@ -389,13 +390,14 @@ def cost_model(opts: SimulateOptions, step_seconds: float, sizes: _Sizes) -> Cos
         storage_latency=opts.storage_latency,
         link_bandwidth=opts.link_bandwidth * MB,
         failure_overhead=opts.failure_overhead_seconds,
+        clone_seconds=clone_seconds,
     )
 
 
-def auto_interval(costs: CostModel, sizes: _Sizes, clone_seconds: float, rate: float, failing: int) -> int:
+def auto_interval(costs: CostModel, sizes: _Sizes, rate: float, failing: int) -> int:
     """``--checkpoint-every auto``: Young–Daly over the blocking clone and the write to storage measured for
     this regime, at this failure rate."""
-    return young_daly_interval(costs.scaled(clone_seconds), costs.storage_seconds(max(sizes.full)),
+    return young_daly_interval(costs.clone, costs.storage_seconds(max(sizes.full)),
                                costs.step_seconds, swarm_failure_probability(rate, failing))  # fmt: skip
 
 
@@ -411,12 +413,12 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
     probe = _Swarm(cfg, torch.device(opts.device))
     probe.train_step(corpus.train)  # AdamW's state exists from the first step on: clone what a checkpoint clones
     sizes = _Sizes.of(probe)
-    clone = max(statistics.median(c) for c in zip(*(probe.clone_seconds() for _ in range(3)), strict=True))
-    base_costs = cost_model(opts, 1.0, sizes)  # step time filled in from the no-failure run below
+    clone = max(statistics.median(c) for c in zip(*(probe.clone_seconds() for _ in range(9)), strict=True))
+    base_costs = cost_model(opts, 1.0, sizes, clone)  # step time filled in from the no-failure run below
     baseline, base_times = _simulate_run(opts, BenchStrategy.NONE, 0.0, [], corpus.train, val, progress,
                                          costs=base_costs)  # fmt: skip
     measured_step = statistics.median(base_times)
-    costs = cost_model(opts, measured_step, sizes)
+    costs = cost_model(opts, measured_step, sizes, clone)
     for point in baseline.curve:
         point.seconds = point.iteration * costs.step_seconds
     baseline.step_seconds = costs.step_seconds
@@ -431,7 +433,7 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
                 continue
             for variant, k in opts.variants(strategy):
                 if k == AUTO:
-                    k = intervals[f"{rate:g}"] = auto_interval(costs, sizes, clone, rate, failing)
+                    k = intervals[f"{rate:g}"] = auto_interval(costs, sizes, rate, failing)
                 runs.append(_simulate_run(opts, strategy, rate, schedule, corpus.train, val, progress, notices,
                                           costs, k, variant))  # fmt: skip
     if opts.target_loss is not None:
@@ -466,6 +468,8 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
             "link_source": "given (--link-bandwidth): what a rebuild fetches (weights of its sources; a snapshot's "
             "or stage-0 copy's full state), a snapshot's send, stage 0's copy to its two holders",
             "clone_seconds_measured": clone,
+            "clone_source": "the largest stage's median of 9 clones of its full state, measured before the runs; "
+            "× byte_scale, charged for every snapshot, checkpoint and rollback load of every run",
             "recover_seconds_source": "measured time of each recovery operation here × byte_scale, plus the "
             "transfer, plus failure_overhead_seconds; parallel recoveries cost the slowest",
             "failure_overhead_seconds": opts.failure_overhead_seconds,

@@ -109,6 +109,18 @@ def test_an_unannounced_failure_loses_its_step_up_to_a_seeded_moment_and_an_anno
     assert ladder[0].curve[-1].val_loss != ladder[1].curve[-1].val_loss  # a step apart
 
 
+def test_every_snapshot_and_checkpoint_pays_the_one_measured_clone() -> None:
+    """The blocking clone is measured once and charged alike to every run: a ladder and a checkpointing run
+    that clone the same bytes as often are on the same clock, whatever this machine's timing noise."""
+    opts, tokens, val = _setup()
+    clock = CostModel(step_seconds=1.0, byte_scale=2.0, clone_seconds=0.125, storage_latency=0.0)
+    ladder = _run(opts, tokens, val, BenchStrategy.LADDER, [[]] * 8, costs=clock, interval=2)
+    checkpoint = _run(opts, tokens, val, BenchStrategy.CHECKPOINT, [[]] * 8, costs=clock, interval=2)
+    for run in (ladder, checkpoint):
+        assert run.extra["rounds"] == 4 and run.extra["blocking_seconds_mean"] == 0.25  # scaled by the bytes
+        assert run.curve[-1].seconds == 8 * 1.0 + 4 * 0.25
+
+
 def test_stage_0_is_rebuilt_from_its_copy_under_checkfree_plus_and_restarts_the_swarm_under_checkfree() -> None:
     opts, tokens, val = _setup()
     schedule = [[]] * 5 + [[0]] + [[]] * 2
