@@ -179,6 +179,10 @@ class NodeOptions(BaseModel):
     host: str = Field("0.0.0.0", description="address for gRPC and the DHT to listen on")
     port: int = Field(0, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     announce_host: str | None = Field(None, description="host name/IP that other stages use to reach this one")
+    announce_port: int | None = Field(
+        None, ge=1, le=65535, description="port other stages use to reach this one (forwarded, mapped or proxied to "
+        "--port); default: the port gRPC is bound to"
+    )
     dht_port: int = Field(0, ge=0, le=65535, description="DHT port (0 picks a free one)")
     steps: int | None = Field(None, ge=1, description="stage 0: train until this many steps are committed")
     events_file: pathlib.Path | None = Field(None, description="append one JSON line per event here")

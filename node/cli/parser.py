@@ -145,6 +145,7 @@ def _add_run(sub: Any) -> None:
     _option(p, "--host", "host")
     _option(p, "--port", "port", type=_port)
     _option(p, "--announce-host", "announce_host")
+    _option(p, "--announce-port", "announce_port", type=_port)
     _option(p, "--dht-port", "dht_port", type=_port)
     _option(p, "--steps", "steps", type=_positive_int)
     _option(p, "--events-file", "events_file", type=pathlib.Path)

@@ -258,7 +258,7 @@ class StageDaemon:
                 keyfile=bundle / "node.key" if bundle else None,
                 client_cafile=bundle / "ca.pem" if bundle else None,
             )
-        self.me.grpc_address = await self.server.start(opts.host, opts.port, opts.announce_host)
+        self.me.grpc_address = await self.server.start(opts.host, opts.port, opts.announce_host, opts.announce_port)
         periodic = self.background.spawn(self.presence.run_periodic(self.stopping))
         self.background.spawn(self.presence.run_heartbeats(self.stopping))
         rejected, period = self.metrics.dht_rejected, opts.timing.refresh_seconds

@@ -167,8 +167,12 @@ class StageServer:
         self.with_reflection = with_reflection
         self.address = ""
 
-    async def start(self, host: str, port: int, announce_host: str | None = None) -> str:
-        """Binds and starts serving; returns the address to announce."""
+    async def start(
+        self, host: str, port: int, announce_host: str | None = None, announce_port: int | None = None
+    ) -> str:
+        """Binds and starts serving; returns the address to announce: ``announce_host`` (else ``host``, else
+        this machine's name) and ``announce_port`` (else the bound port), as a NAT, a container's port mapping
+        or a proxy in front of the node has it."""
         self.server = grpc.aio.server(
             options=SERVER_OPTIONS + self.limits.options(),
             interceptors=self.interceptors,
@@ -188,7 +192,7 @@ class StageServer:
         if bound == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
         public = announce_host or (host if host not in ("0.0.0.0", "::") else socket.gethostname())
-        self.address = f"{public}:{bound}"
+        self.address = f"{public}:{announce_port or bound}"
         await self.server.start()
         await self.set_serving(True)
         return self.address

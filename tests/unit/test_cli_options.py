@@ -193,3 +193,14 @@ def test_preemption_flags_are_validated() -> None:
         cli._options_from_flags(parse(*base, "--drain-seconds", "0"))
     with pytest.raises(cli.CliError, match="--preempt"):
         commands._parse_preempts(["9@1"], 4)
+
+
+def test_announce_port_is_a_port_others_reach_and_defaults_to_the_bound_one() -> None:
+    base = ("run", "--stage", "1", "--num-stages", "4", "--insecure", "--port", "5000")
+    assert cli._options_from_flags(parse(*base)).announce_port is None
+    opts = cli._options_from_flags(parse(*base, "--announce-host", "203.0.113.7", "--announce-port", "40001"))
+    assert (opts.announce_host, opts.announce_port, opts.port) == ("203.0.113.7", 40001, 5000)
+    with pytest.raises(cli.CliError, match="--announce-port"):
+        cli._options_from_flags(parse(*base, "--announce-port", "0"))
+    with pytest.raises(SystemExit):
+        parse(*base, "--announce-port", "70000")
