@@ -234,6 +234,7 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
     """``local``'s swarm from its flags; its files go to ``workdir``."""
     from node.data import load_corpus_for
     from node.local.launcher import LocalOptions
+    from node.local.links import LinkShape
 
     given = _given(args)
     strategy = _strategy(given)
@@ -267,6 +268,7 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
         replicas=_parse_replicas(args.replicas, args.stages),
         replica_slowdown=max(1.0, args.replica_slowdown),
         emulate_compute=args.emulate_compute,
+        link=LinkShape(rtt_ms=args.link_rtt_ms, mbit=args.link_mbit),
         placement=Placement(args.placement),
         seed=cfg.train.seed,
         prometheus_dir=args.prometheus_dir,

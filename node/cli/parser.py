@@ -284,6 +284,21 @@ def _add_local(sub: Any) -> None:
         help="benchmark aid: block stages also sleep this long per microbatch and direction, so that replica "
         "parallelism can be measured on few cores (never used by tests to pass)",
     )
+    p.add_argument(
+        "--link-rtt-ms",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="MS",
+        help="benchmark aid: every node's gRPC traffic crosses an emulated link with this round-trip time "
+        "(a userspace proxy in front of each node)",
+    )
+    p.add_argument(
+        "--link-mbit",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="MBIT",
+        help="benchmark aid: the emulated link's rate in each direction, in Mbit/s (default: unlimited)",
+    )
     _add_model_flags(p)
     add_model_source_flags(p)
     add_local_model_flags(p)

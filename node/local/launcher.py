@@ -32,6 +32,7 @@ from node import events as ev
 from node.config import SwarmConfig
 from node.local.children import HOST, SWARM, Child, LocalSwarmError, read_maddrs, serving, spawn, stop_all
 from node.local.faults import LauncherFaults
+from node.local.links import EmulatedLinks, LinkShape, free_port
 from node.local.preemptions import Preemptions, PreemptSpec
 from node.local.prometheus import PrometheusTargets
 from node.local.summary import StageLog, reference_diff, run_summary
@@ -89,6 +90,7 @@ class LocalOptions:
     replica_slowdown: float = 1.0  # benchmark aid: every extra replica computes this many times slower
     emulate_compute: float = 0.0  # benchmark aid: seconds of sleep per microbatch and direction on block stages
     placement: Placement = Placement.VACANT  # where --stage auto nodes (spares, respawned nodes) serve
+    link: LinkShape = field(default_factory=LinkShape)  # benchmark aid: an emulated WAN link in front of each node
 
 
 class LocalSwarm:
@@ -118,6 +120,7 @@ class LocalSwarm:
         )  # fmt: skip
         self.stage_log = StageLog()
         self.prometheus = PrometheusTargets(opts.prometheus_dir) if opts.prometheus_dir is not None else None
+        self.links = EmulatedLinks(opts.link, HOST) if opts.link.emulated else None
 
     @property
     def fired(self) -> set[str]:
@@ -213,6 +216,9 @@ class LocalSwarm:
         slowdown = self.opts.replica_slowdown if replica else 1.0
         replicated = stage is not None and stage < len(self.opts.replicas) and self.opts.replicas[stage] > 1
         options = self.node_options(stage, name, slowdown, replica if replicated else None)
+        if self.links is not None:  # other nodes reach it through its link's proxy
+            port = free_port(HOST)
+            options = options.model_copy(update={"port": port, "announce_port": self.links.add(port)})
         options_file.write_text(options.model_dump_json(indent=2), encoding="utf-8")
         child = self._spawn(name, ["run", "--options", str(options_file)])
         if replica:
@@ -357,6 +363,8 @@ class LocalSwarm:
                 self.dht.shutdown()
             self.stop_all()
             self.preemptions.stop()
+            if self.links is not None:
+                self.links.close()
         # events written during shutdown (the last checkpoint writes) count too
         summary = run_summary(
             self.read_events(),
