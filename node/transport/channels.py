@@ -26,6 +26,9 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC sets SO_REUSEPORT by default: a second daemon given the same --port would share it silently, and
+    # the kernel would split its callers between the two; without it, the second bind fails with a clear error
+    ("grpc.so_reuseport", 0),
 ]
 
 

@@ -185,10 +185,13 @@ class StageServer:
             names = (pb.DESCRIPTOR.services_by_name["Stage"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
         where = f"{host}:{port}"
-        if self.credentials is None:
-            bound = self.server.add_insecure_port(where)
-        else:
-            bound = self.server.add_secure_port(where, self.credentials)
+        try:
+            if self.credentials is None:
+                bound = self.server.add_insecure_port(where)
+            else:
+                bound = self.server.add_secure_port(where, self.credentials)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            bound = 0
         if bound == 0:
             raise OSError(f"cannot bind gRPC server to {host}:{port}")
         public = announce_host or (host if host not in ("0.0.0.0", "::") else socket.gethostname())

@@ -495,17 +495,21 @@ async def test_a_neighbour_snapshot_is_kept_only_from_a_stage_this_one_holds_for
             pass
 
 
-async def test_the_server_announces_the_port_others_reach_it_by() -> None:
-    """Behind a port mapping or a proxy the announced port is the outside one; the bound port still serves."""
+async def test_the_server_announces_the_port_others_reach_it_by_and_owns_its_port() -> None:
+    """Behind a port mapping or a proxy the announced port is the outside one. A second server on a port in
+    use fails to start (gRPC's default SO_REUSEPORT would let two daemons share it, splitting their callers)."""
     participant, metrics = FakeParticipant(), StageMetrics()
     copies = Stage0Copies(CFG, None, None, None, TimingOptions(), metrics, None)
     service = StageService(participant, copies, None, lambda: NodeStatus(1, "peer-1", "online", 42), metrics)
-    plain, mapped = StageServer(service), StageServer(service)
+    plain, mapped, clash = StageServer(service), StageServer(service), StageServer(service)
     try:
         bound = await plain.start("127.0.0.1", 0)
-        assert bound.startswith("127.0.0.1:") and int(bound.rsplit(":", 1)[1]) > 0
+        port = int(bound.rsplit(":", 1)[1])
+        assert bound.startswith("127.0.0.1:") and port > 0
         announced = await mapped.start("127.0.0.1", 0, announce_host="203.0.113.7", announce_port=40001)
         assert announced == "203.0.113.7:40001"
+        with pytest.raises(OSError, match="cannot bind"):
+            await clash.start("127.0.0.1", port)
     finally:
         await plain.stop(0)
         await mapped.stop(0)
