@@ -79,7 +79,13 @@ class CheckpointKeeper:
         (by whatever method): a node that took it over by a handoff or a replica copy then reports the previous
         owner's checkpoints to a rollback instead of none until its own first one."""
         store = self.open(stage)
-        self.durable_steps = frozenset(await asyncio.to_thread(store.steps))
+        try:
+            listed = await asyncio.to_thread(store.steps)
+        except Exception as err:  # storage unreachable now: the node serves, and the next write lists again
+            logger.warning("stage %d: cannot list its checkpoints yet (%s)", stage, err)
+            return
+        # a write that finished meanwhile has listed its step already: keep it
+        self.durable_steps = self.durable_steps | frozenset(listed)
 
     def _on_durable(self, step: int, seconds: float, nbytes: int) -> None:  # on the writer thread
         assert self.store is not None
