@@ -32,7 +32,10 @@ def main() -> int:
         bench = subprocess.Popen(cmd, cwd=REPO, env=env)
         # SIGTERM goes on to the bench, which tears its swarm down; the S3 server is stopped on the way out
         signal.signal(signal.SIGTERM, lambda *_: bench.send_signal(signal.SIGTERM))
-        return bench.wait()
+        try:
+            return bench.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the bench too: the S3 server outlives its clean-up
+            return bench.wait()
 
 
 if __name__ == "__main__":

@@ -298,6 +298,7 @@ def _sigterm_as_interrupt() -> None:
     """SIGTERM runs the same clean-up as Ctrl-C: a launcher's child processes never outlive it."""
 
     def _terminate(*_: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
