@@ -121,6 +121,7 @@ class LocalSwarm:
         self.stage_log = StageLog()
         self.prometheus = PrometheusTargets(opts.prometheus_dir) if opts.prometheus_dir is not None else None
         self.links = EmulatedLinks(opts.link, HOST) if opts.link.emulated else None
+        self.link_ports: dict[int, int] = {}  # pid -> the port of its link's proxy
 
     @property
     def fired(self) -> set[str]:
@@ -221,6 +222,8 @@ class LocalSwarm:
             options = options.model_copy(update={"port": port, "announce_port": self.links.add(port)})
         options_file.write_text(options.model_dump_json(indent=2), encoding="utf-8")
         child = self._spawn(name, ["run", "--options", str(options_file)])
+        if options.announce_port is not None:
+            self.link_ports[child.proc.pid] = options.announce_port
         if replica:
             self.replica_children.append(child)
         elif stage is not None:
@@ -294,6 +297,8 @@ class LocalSwarm:
             respawn=self.opts.respawn,
         )
         for death in deaths:
+            if self.links is not None and death.pid in self.link_ports:  # its port may go to a new node
+                self.links.drop(self.link_ports.pop(death.pid))
             if death.replaced:
                 self.start_stage(None)
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import time
 
 import pytest
 
-from node.local.links import Direction, EmulatedLinks, LinkProxy, LinkShape
+from node.local.links import Direction, EmulatedLinks, LinkProxy, LinkShape, free_port
 
 
 def test_a_direction_serializes_chunks_at_its_rate_and_delivers_them_half_a_round_trip_later() -> None:
     link = Direction(LinkShape(rtt_ms=20, mbit=8))  # 1 MB/s: 1,000 bytes take 1 ms
     assert link.arrival(1000, now=5.0) == pytest.approx(5.001 + 0.010)
     assert link.arrival(1000, now=5.0) == pytest.approx(5.002 + 0.010)  # queued behind the first
+    assert link.backlog(5.0005) == pytest.approx(0.0015)  # wire time queued: what the proxy's buffer bounds
     assert link.arrival(1000, now=7.0) == pytest.approx(7.001 + 0.010)  # an idle link starts at once
+    assert link.backlog(8.0) == 0.0
     unlimited = Direction(LinkShape(rtt_ms=4))
     assert unlimited.arrival(10**9, now=1.0) == pytest.approx(1.002)
     with pytest.raises(ValueError):
@@ -78,3 +81,15 @@ def test_emulated_links_put_a_proxy_in_front_of_each_node_and_close() -> None:
     finally:
         links.close()
     assert not links.thread.is_alive()
+
+
+def test_a_free_port_for_a_node_is_drawn_below_the_ephemeral_range_and_is_free() -> None:
+    import random
+    import socket
+
+    low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port("127.0.0.1", random.Random(seed)) for seed in range(5)}
+    assert all(10000 <= p < low for p in ports)
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free
