@@ -2,10 +2,12 @@
 
 Each seed's time to target under ``--strategy`` is divided by the same seed's time under ``--against`` at the
 same failure rate: the seeds' large spread in time cancels, and what is left is the difference between the
-two strategies. For each rate the script prints the ratios, their mean and sample sd, a 95 % confidence
-interval of the mean (Student's t), the seeds won and lost, and two one-sided tests that the strategy is
-ahead (ratio < 1): the exact sign test and Wilcoxon's signed-rank test. Files are merged by seed (for more
-seeds than one run holds); they must come from the same regime, and a seed present twice must agree.
+two strategies. For each rate the script prints the ratios, their geometric mean with a 95 % confidence
+interval (Student's t over the log ratios, so that swapping the two strategies inverts it), the seeds won
+and lost, and two one-sided tests that the strategy is ahead (ratio < 1): the exact sign test and Wilcoxon's
+signed-rank test over the log ratios. Files are merged by seed (for more seeds than one run holds); they
+must come from the same regime with the same target loss, and a seed present twice must agree. A run of a
+single interval has no variant label; it is named ``K=<its interval>`` here, like those of a sweep.
 
     python benchmarks/paired.py RESULTS.json [RESULTS.json ...] [--strategy ladder --variant K=1]
         [--against checkpoint --against-variant K=1] [--json]
@@ -27,6 +29,13 @@ from scipy import stats
 REGIME = ("step_seconds", "stage_bytes", "storage", "link_bandwidth_s", "failure_overhead_seconds")
 
 
+def variant_of(run: dict[str, Any]) -> str:
+    """The run's variant label; ``K=<interval>`` for a ladder or checkpoint run that was the only one."""
+    if run["variant"] or "every" not in run["extra"]:
+        return run["variant"]
+    return f"K={run['extra']['every']}"
+
+
 def load(paths: list[pathlib.Path]) -> tuple[dict[tuple[str, str, float, int], float | None], dict[str, Any]]:
     """{(strategy, variant, failure rate, seed): seconds to target} over every file, and the regime."""
     runs: dict[tuple[str, str, float, int], float | None] = {}
@@ -35,11 +44,12 @@ def load(paths: list[pathlib.Path]) -> tuple[dict[tuple[str, str, float, int], f
         results = json.loads(path.read_text(encoding="utf-8"))
         mine = {name: results["costs"].get(name) for name in REGIME}
         mine["stage_bytes"] = (mine["stage_bytes"] or {}).get("full_state")
+        mine["target_loss"] = results["target_loss"]
         if regime is not None and mine != regime:
             raise SystemExit(f"{path}: a different regime from the first file's: {mine} != {regime}")
         regime = mine
         for run in results["runs"]:
-            key = (run["strategy"], run["variant"], round(run["failure_rate"], 12), run["seed"])
+            key = (run["strategy"], variant_of(run), round(run["failure_rate"], 12), run["seed"])
             if key in runs and runs[key] != run["seconds_to_target"]:
                 raise SystemExit(f"{path}: seed {key[3]} of {key[0]} {key[1]} at p={key[2]:g} differs between files")
             runs[key] = run["seconds_to_target"]
@@ -49,18 +59,21 @@ def load(paths: list[pathlib.Path]) -> tuple[dict[tuple[str, str, float, int], f
 
 
 def compare(ratios: list[float]) -> dict[str, Any]:
-    """The paired ratios' summary: mean, sd, 95 % t interval, wins and the one-sided tests for ratio < 1."""
+    """The paired ratios' summary: geometric mean, 95 % t interval over the log ratios, arithmetic mean and
+    sd, wins and the one-sided tests for ratio < 1."""
     n = len(ratios)
-    mean = statistics.fmean(ratios)
-    sd = statistics.stdev(ratios) if n > 1 else 0.0
-    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.inf
+    logs = [math.log(r) for r in ratios]
+    mean_log = statistics.fmean(logs)
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(logs) / math.sqrt(n) if n > 1 else math.inf
     below = sum(r < 1 for r in ratios)
     above = sum(r > 1 for r in ratios)
     sign = stats.binomtest(below, below + above, 0.5, alternative="greater").pvalue if below + above else 1.0
-    diffs = [r - 1 for r in ratios if r != 1]
+    diffs = [x for x in logs if x != 0]
     wilcoxon = stats.wilcoxon(diffs, alternative="less").pvalue if diffs else 1.0
-    return {"seeds": n, "ratios": ratios, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half],
-            "ahead": below, "behind": above, "sign_test_p": float(sign), "wilcoxon_p": float(wilcoxon)}  # fmt: skip
+    return {"seeds": n, "ratios": ratios, "geometric_mean": math.exp(mean_log),
+            "ci95": [math.exp(mean_log - half), math.exp(mean_log + half)], "mean": statistics.fmean(ratios),
+            "sd": statistics.stdev(ratios) if n > 1 else 0.0, "ahead": below, "behind": above,
+            "sign_test_p": float(sign), "wilcoxon_p": float(wilcoxon)}  # fmt: skip
 
 
 def main() -> int:
@@ -73,7 +86,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
     args = parser.parse_args()
     runs, regime = load(args.results)
-    rates = sorted({rate for (strategy, _, rate, _) in runs if strategy == args.strategy})
+    rates = sorted({rate for (s, v, rate, _) in runs if (s, v) == (args.strategy, args.variant)})
+    if not rates:
+        raise SystemExit(f"no runs of {args.strategy} {args.variant} in these files")
     out: dict[str, Any] = {"strategy": f"{args.strategy} {args.variant}".strip(),
                            "against": f"{args.against} {args.against_variant}".strip(), "regime": regime, "rates": {}}
     for rate in rates:
@@ -93,7 +108,8 @@ def main() -> int:
             print(f"  p={rate}: {row['error']}")
             continue
         lo, hi = row["ci95"]
-        print(f"  p={rate}: {row['seeds']} seeds, mean {row['mean']:.4f} ± {row['sd']:.4f} (95 % CI {lo:.4f}–{hi:.4f}),"
+        print(f"  p={rate}: {row['seeds']} seeds, geometric mean {row['geometric_mean']:.4f} "
+              f"(95 % CI {lo:.4f}–{hi:.4f}),"
               f" ahead on {row['ahead']}, behind on {row['behind']}; one-sided sign test p = {row['sign_test_p']:.3g},"
               f" Wilcoxon p = {row['wilcoxon_p']:.3g}")  # fmt: skip
         print("    " + " ".join(f"{r:.4f}" for r in row["ratios"]))
