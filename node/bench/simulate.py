@@ -333,14 +333,15 @@ def _simulate_run(
                 run.stalls += stage0_copy - costs.step_seconds
                 run.extra += stage0_copy - costs.step_seconds
             if strategy is BenchStrategy.LADDER and committed % k == 0:
-                for stage, rt in enumerate(run.swarm.stages):
-                    if sending_until[stage] > now:
-                        continue  # the previous snapshot is still being sent: this turn is skipped
+                sending = [s for s in range(cfg.num_stages) if sending_until[s] <= now]  # the others skip a turn
+                for stage in sending:
+                    rt = run.swarm.stages[stage]
                     sending_until[stage] = now + costs.link_seconds(run.sizes.full[stage])
                     snap = _Snapshot(committed, rt.full_state(), rt.lr_scale, rt.last_grad_norm, sending_until[stage])
                     snapshots[stage] = [*snapshots.get(stage, [])[-1:], snap]
-                run.clones.append(costs.clone)
-                run.extra += run.clones[-1]
+                if sending:  # a round in which every stage is still sending clones nothing
+                    run.clones.append(costs.clone)
+                    run.extra += run.clones[-1]
             if writers and committed % k == 0:
                 run.clones.append(costs.clone)
                 stall = 0.0

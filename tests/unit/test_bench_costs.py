@@ -119,6 +119,14 @@ def test_every_snapshot_and_checkpoint_pays_the_one_measured_clone() -> None:
     for run in (ladder, checkpoint):
         assert run.extra["rounds"] == 4 and run.extra["blocking_seconds_mean"] == 0.25  # scaled by the bytes
         assert run.curve[-1].seconds == 8 * 1.0 + 4 * 0.25
+    # a link so slow that every stage is still sending its last snapshot: those rounds clone nothing
+    from node.bench.simulate import _Sizes, _Swarm
+
+    smallest = min(_Sizes.of(_Swarm(opts.config, torch.device("cpu"))).full)
+    slow = CostModel(step_seconds=1.0, clone_seconds=0.125, storage_latency=0.0, link_bandwidth=smallest / 2.5)
+    skipping = _run(opts, tokens, val, BenchStrategy.LADDER, [[]] * 8, costs=slow, interval=1)
+    assert 0 < skipping.extra["rounds"] < 8
+    assert skipping.curve[-1].seconds == pytest.approx(8 * 1.0 + skipping.extra["rounds"] * 0.125)
 
 
 def test_stage_0_is_rebuilt_from_its_copy_under_checkfree_plus_and_restarts_the_swarm_under_checkfree() -> None:
