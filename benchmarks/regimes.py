@@ -8,11 +8,16 @@ differ. For each regime the script reports each strategy's time to the target, t
 (and CheckFree+) against the best checkpointing (``--checkpoint-every auto``: Young–Daly for that regime).
 
     python benchmarks/regimes.py [--iterations 300] [--seeds 2] [--per-hour 0.1] [--storage 100,1000]
+        [--reuse-since 2026-12-07T10:00:00+00:00]
+
+``--reuse-since`` takes a regime's results from its folder when they were written at or after that time (a
+sweep cut short and resumed), instead of running it again.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import pathlib
 import subprocess
@@ -43,6 +48,15 @@ def bench(out: pathlib.Path, stage_mib: float | None, step: float | None, storag
         cmd += ["--step-seconds", str(step)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout)
+
+
+def reused(out: pathlib.Path, since: datetime.datetime | None) -> dict | None:
+    """The regime's results in ``out`` if they were written at or after ``since``."""
+    path = out / "results.json"
+    if since is None or not path.exists():
+        return None
+    results = json.loads(path.read_text(encoding="utf-8"))
+    return results if datetime.datetime.fromisoformat(results["created"]) >= since else None
 
 
 def verdict(results: dict) -> dict:
@@ -80,12 +94,14 @@ def main() -> None:
     parser.add_argument("--storage", default="100,1000", help="storage bandwidths in MB/s")
     parser.add_argument("--eval-batches", type=int, default=32, help="held-out microbatches per evaluation")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "regimes.json")
+    parser.add_argument("--reuse-since", type=datetime.datetime.fromisoformat, metavar="ISO_TIME",
+                        help="reuse a regime's results written at or after this time")  # fmt: skip
     args = parser.parse_args()
     rows = []
     for name, stage_mib, step in SIZES:
         for storage in (float(s) for s in args.storage.split(",")):
             out = RESULTS / "regimes" / f"{stage_mib or 'trained'}-mib-{storage:g}-mbs"
-            result = verdict(bench(out, stage_mib, step, storage, args))
+            result = verdict(reused(out, args.reuse_since) or bench(out, stage_mib, step, storage, args))
             rows.append({"regime": name, "stage_mib": stage_mib, "step_seconds": step,
                          "storage_mb_s": storage, **result})  # fmt: skip
             ratios = ", ".join(f"{k} {v:.2f}x" if v else f"{k} -" for k, v in result["over_best_checkpoint"].items())
