@@ -37,6 +37,7 @@ FAILURE_OVERHEAD = 3.9
 
 
 def bench(out: pathlib.Path, stage_mib: float | None, step: float | None, storage: float, args) -> dict:
+    step = step if step is not None or stage_mib is not None else args.trained_step_seconds
     cmd = [sys.executable, "-m", "node", "bench", "--mode", "simulate", "--strategies", STRATEGIES,
            "--checkpoint-every", "auto", "--failures-per-hour", str(args.per_hour), "--iterations",
            str(args.iterations), "--seeds", str(args.seeds), "--storage-bandwidth", str(storage),
@@ -46,6 +47,8 @@ def bench(out: pathlib.Path, stage_mib: float | None, step: float | None, storag
         cmd += ["--stage-mib", str(stage_mib)]
     if step is not None:
         cmd += ["--step-seconds", str(step)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout)
 
@@ -94,6 +97,10 @@ def main() -> None:
     parser.add_argument("--storage", default="100,1000", help="storage bandwidths in MB/s")
     parser.add_argument("--eval-batches", type=int, default=32, help="held-out microbatches per evaluation")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS / "regimes.json")
+    parser.add_argument("--trained-step-seconds", type=float, metavar="SECONDS",
+                        help="the trained model's step time, measured earlier on a quiet machine (default: measured "
+                        "by this sweep's no-failure run, which other load on the machine inflates)")  # fmt: skip
+    parser.add_argument("--threads", type=int, help="torch threads of each bench (default: torch's)")
     parser.add_argument("--reuse-since", type=datetime.datetime.fromisoformat, metavar="ISO_TIME",
                         help="reuse a regime's results written at or after this time")  # fmt: skip
     args = parser.parse_args()

@@ -354,7 +354,9 @@ def _simulate_run(
                 run.stalls += stall
                 run.extra += run.clones[-1] + stall
             done = it + 1
-            if done % opts.eval_every == 0 or done == opts.iterations:
+            # by committed step, as stage 0 evaluates live: a run that replays a step is evaluated at the same
+            # steps as one that does not, so a strategy that retraces the no-failure run shows the same losses
+            if committed % opts.eval_every == 0 or done == opts.iterations:
                 record.curve.append(CurvePoint(iteration=done, step=run.swarm.committed, seconds=run.now(done),
                                                val_loss=run.swarm.val_loss(val)))  # fmt: skip
             if progress is not None:
@@ -480,7 +482,8 @@ def run_simulation(opts: SimulateOptions, progress: Progress | None = None) -> B
             "checkpoint_auto_source": "Young–Daly: K·T = sqrt(2·C·M), C the blocking clone, M the mean time "
             "between swarm failures; never shorter than one write",
             "lr_scale": opts.lr_scale,
-            "eval": f"{opts.eval_batches} held-out microbatches every {opts.eval_every} iterations (off the clock)",
+            "eval": f"{opts.eval_batches} held-out microbatches every {opts.eval_every} committed steps (off the "
+            "clock)",
             "failure_model": "each stage fails with probability p in each iteration, at a uniform moment of the "
             "step; an unannounced failure loses the step's work up to there (in_flight_lost_seconds)"
             + ("" if opts.stage0_failures else "; stage 0 (data, embedding, head) does not fail"),

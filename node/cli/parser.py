@@ -406,7 +406,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument(
         "--eval-every",
         type=_positive_int,
-        help=f"validation every E iterations (default: ~{_BENCH_EVAL_POINTS} points)",
+        help=f"validation every E committed steps (default: ~{_BENCH_EVAL_POINTS} points)",
     )
     _flag_of_field(
         p,

@@ -85,6 +85,10 @@ def test_a_rollback_goes_back_only_to_a_checkpoint_already_written_to_storage() 
     # the slow storage costs more: the restore read, and the replayed steps are on the clock
     assert on_slow.curve[-1].seconds > on_fast.curve[-1].seconds
     assert on_slow.curve[-1].step < on_fast.curve[-1].step
+    # evaluated by committed step, as live: the replaying run shows the no-failure run's losses at its steps
+    plain = {p.step: p.val_loss for p in _run(opts, tokens, val, BenchStrategy.NONE, [[]] * 8).curve}
+    assert [p.step for p in on_slow.curve] == [0, 4, 4, 5]  # step 4 reached twice (before and after the rollback)
+    assert all(p.val_loss == plain[p.step] for p in on_slow.curve if p.step in plain)
 
 
 def test_an_unannounced_failure_loses_its_step_up_to_a_seeded_moment_and_an_announced_one_nothing() -> None:
