@@ -23,6 +23,8 @@ import tempfile
 
 from _common import RESULTS, median_step_seconds, run_local, write_results
 
+from node.bench.results import spread as bench_spread
+
 VARIANTS = ("loopback", "wan fp32", "wan int8")
 
 
@@ -44,8 +46,10 @@ def run(args: argparse.Namespace, seed: int, variant: str) -> dict:
 
 
 def spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}  # fmt: skip
+    """The bench's mean ± sd, with the extremes."""
+    summary = bench_spread(values)
+    assert summary is not None  # every round gives a value
+    return {**summary.model_dump(), "min": min(values), "max": max(values)}
 
 
 def main() -> None:

@@ -126,16 +126,23 @@ def running_swarm(request: pytest.FixtureRequest, tmp_path) -> Iterator[Any]:
             swarm.dht.shutdown()
 
 
-def launcher_children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (the launcher's nodes, each the leader of its own session)."""
-    out = []
+def _processes() -> Iterator[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
     for entry in pathlib.Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry.name))
-    return out
+                state, ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+                yield int(entry.name), state, int(ppid), int(pgrp)
+
+
+def launcher_children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the launcher's nodes, each the leader of its own session)."""
+    return [child for child, _, ppid, _ in _processes() if ppid == pid]
+
+
+def group_members(groups: set[int]) -> set[int]:
+    """Live processes whose process group is one of ``groups`` (a node daemon and its p2pd helpers)."""
+    return {pid for pid, state, _, pgrp in _processes() if pgrp in groups and state != "Z"}
 
 
 def kill_swarm(launcher: subprocess.Popen[str]) -> None:

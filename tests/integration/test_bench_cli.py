@@ -14,7 +14,7 @@ import matplotlib.image
 import pytest
 
 from node.bench.results import BenchResults
-from tests.conftest import REPO, launcher_children, wait_for
+from tests.conftest import REPO, group_members, launcher_children, wait_for
 
 
 @pytest.mark.timeout(300)
@@ -118,20 +118,6 @@ def test_live_checkpoints_go_to_a_real_s3_server(tmp_path: pathlib.Path, monkeyp
     assert bad.returncode != 0 and "--checkpoint-to" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def _group_members(groups: set[int]) -> set[int]:
-    """Live processes whose process group is one of ``groups`` (a node daemon and its p2pd helpers)."""
-    found = set()
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-            except OSError:
-                continue
-            if int(pgrp) in groups and state != "Z":
-                found.add(int(entry.name))
-    return found
-
-
 @pytest.mark.timeout(180)
 def test_a_live_bench_stopped_with_sigterm_leaves_no_process_behind(tmp_path: pathlib.Path) -> None:
     """SIGTERM to ``bench --mode live`` tears down the local swarm of the run in progress, as Ctrl-C does: no
@@ -146,13 +132,17 @@ def test_a_live_bench_stopped_with_sigterm_leaves_no_process_behind(tmp_path: pa
         # the bootstrap DHT node and the 3 stage daemons, each leading its own process group
         groups = set(wait_for(lambda: len(launcher_children(bench.pid)) >= 4 and launcher_children(bench.pid),
                               90, "the run's swarm"))  # fmt: skip
-        wait_for(lambda: len(_group_members(groups)) > len(groups), 60, "the nodes' helper processes")
+        wait_for(lambda: len(group_members(groups)) > len(groups), 60, "the nodes' helper processes")
+        # once it trains, the launcher's own DHT client is up: a SIGTERM inside hivemind's DHT constructor can
+        # hang there (a known gap, see the issue note), which this test is not about
+        events = tmp_path / "out" / "runs" / "none-p0" / "events.jsonl"
+        wait_for(lambda: events.exists() and '"event":"step"' in events.read_text(), 120, "the first committed step")
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=60) != 0
         deadline = time.monotonic() + 15  # a SIGKILLed group's last members may take a moment to be reaped
-        while _group_members(groups) and time.monotonic() < deadline:
+        while group_members(groups) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = _group_members(groups)
+        left = group_members(groups)
         assert not left, f"processes outlived the bench: {sorted(left)}"
     finally:
         if bench.poll() is None:
