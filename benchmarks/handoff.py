@@ -47,9 +47,9 @@ SIZES = {
 STAGES = {"huge": 3}  # the others run 4 stages
 PREEMPT_AT = {"huge": 12}  # steps take seconds at that size: preempt early (the spare is up by then)
 TRAIN = "[train]\nseq_len = 16\nmicrobatch_size = 1\nmicrobatches_per_step = 2\n"
-PREEMPT_STEP = 100  # late enough for the spare (started once training starts) to be waiting
-STEPS = 110
-AWS_STEPS = 160  # the AWS metadata service is polled every 5 s: room for the notice to arrive and be handled
+PREEMPT_STEP = 250  # late enough for the spare (started once training starts) to be waiting (steps take ~0.05 s)
+STEPS = 260
+AWS_STEPS = 400  # the AWS metadata service is polled every 5 s: room for the notice to arrive and be handled
 SOFT_LEAD_STEPS = 40  # the rebalance recommendation comes this many steps (several seconds) before the notice
 
 

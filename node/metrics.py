@@ -199,6 +199,12 @@ class StageMetrics:
             ["result"],
             registry=r,
         )
+        self.nudges = Counter(
+            "swarm_node_nudges_total",
+            "Heartbeats asking this node to re-read the DHT now (woke; dropped: too soon after the last)",
+            ["result"],
+            registry=r,
+        )
         self.handoff_seconds = Histogram(
             "swarm_node_handoff_seconds",
             "Notice to successor serving, on the node handed over from",

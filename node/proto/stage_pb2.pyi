@@ -153,14 +153,16 @@ class AbortRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("sender_stage", "sender_peer", "committed_step")
+    __slots__ = ("sender_stage", "sender_peer", "committed_step", "refresh")
     SENDER_STAGE_FIELD_NUMBER: _ClassVar[int]
     SENDER_PEER_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FIELD_NUMBER: _ClassVar[int]
     sender_stage: int
     sender_peer: str
     committed_step: int
-    def __init__(self, sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., committed_step: _Optional[int] = ...) -> None: ...
+    refresh: bool
+    def __init__(self, sender_stage: _Optional[int] = ..., sender_peer: _Optional[str] = ..., committed_step: _Optional[int] = ..., refresh: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("stage", "peer_id", "state", "committed_step")

@@ -11,7 +11,6 @@ the plan's method (:mod:`node.recovery.methods`); a fresh swarm gets the seed's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -38,6 +37,7 @@ from node.stage.seat import Seat
 from node.wire.records import RecoveryRecord, StageState
 
 logger = logging.getLogger(__name__)
+FRESH_VIEW_SECONDS = 0.2  # a view read this recently is fresh enough to plan a recovery from
 UNRECOVERABLE_PATIENCE_SECONDS = 15.0  # how long a stage that looks lost must stay unseen before training stops
 
 
@@ -89,8 +89,7 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
                 return True
         await presence.announce(StageState.SPARE)
         spare_since = spare_since or time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), poll)
+        await presence.pause(poll, stopping)  # a leaving owner or a neighbour reporting a death wakes it
     raise asyncio.CancelledError
 
 
@@ -168,7 +167,7 @@ class StageBuilder:
     async def _plan(self) -> tuple[RecoveryPlan, int]:
         """(the plan for this stage from a fresh view of the swarm, the swarm's committed step)."""
         ctx, presence = self.ctx, self.ctx.presence
-        await presence.try_refresh()
+        await presence.try_refresh(max_age=FRESH_VIEW_SECONDS)  # a spare that just claimed the stage read it
         others = [r for r in presence.members(None) if r.peer_id not in ctx.distrusted]
         me = presence.me
         live = live_stages(others, fingerprint=me.fingerprint, num_stages=me.num_stages)

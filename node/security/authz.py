@@ -3,6 +3,9 @@
 A caller is the node named by its client certificate (mutual TLS has already proved it holds a key the
 swarm CA certified). What it may call depends on what the DHT says it is:
 
+A node handing its stage over after a notice keeps its rights until its successor serves the stage: it
+finishes the step in flight.
+
 - control RPCs (Prepare, Commit, Abort, Rollback, PushReplica): only the current stage 0;
 - Forward and Backward: only a stage that some microbatch route makes this stage's neighbour;
 - FetchWeights and FetchReplica: only a node that is rebuilding or taking over a stage;
@@ -29,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 
 from node.topology import route_for, snapshot_holder
-from node.wire.records import CLAIMING_STATES, HOLDING_STATES, StageRecord, StageState, current_epochs
+from node.wire.records import CLAIMING_STATES, SPEAKING_STATES, StageRecord, StageState, current_epochs
 
 SERVICE_PREFIX = "/swarm_node.v1.Stage/"
 
@@ -88,7 +91,7 @@ def decide(
         return None
     records = list(records)
     current = current_epochs(records)  # a fenced-off former owner of a stage speaks for it no more
-    mine = [r for r in records if r.node == caller and r.state in HOLDING_STATES]
+    mine = [r for r in records if r.node == caller and r.state in SPEAKING_STATES]
     owning = [r for r in mine if r.state not in CLAIMING_STATES and r.epoch >= current.get(r.stage, 0)]
     if role is Role.CONTROL:
         if any(r.stage == 0 for r in mine if r.state in CLAIMING_STATES or r in owning):

@@ -141,6 +141,7 @@ class StageDaemon:
         self.service = service = StageService(
             self.participant, self.copies, self.checkpoints, self.status, self.metrics,
             superseded=lambda epoch: self.background.spawn(self.presence.try_refresh()),  # fences via on_fenced
+            nudged=self.presence.nudged,
         )  # fmt: skip
         self.notices = Notices(
             self.seat, self.presence, service.handoffs, self.metrics, self.events, self.background, self.stopping
@@ -317,6 +318,8 @@ class StageDaemon:
             self.seat.stage, self.me.grpc_address, self.me.peer_id, self.device,
         )  # fmt: skip
         await self.presence.announce(StageState.ONLINE if self.seat.stage else StageState.WAITING)
+        if self.seat.stage is not None:  # who waits for it (stage 0, the neighbours, a leaving owner) sees it now
+            self.background.spawn(self.presence.nudge(self.presence.waiting_on(self.seat.stage)))
         watch = self.replicas
         waits = {self.background.spawn(e.wait()) for e in (self.stopping, self.fenced, self.leaving, watch.moving)}
         helpers = [self.background.spawn(watch.keep_up())] if self.seat.stage else []

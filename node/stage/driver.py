@@ -31,6 +31,7 @@ from node.topology import route_for
 from node.wire.records import StageState
 
 logger = logging.getLogger(__name__)
+GONE_POLL_SECONDS = 0.1  # how often a step in flight checks its peers against the view (no DHT read)
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -187,8 +188,8 @@ class Stage0Driver:
         return sum(inflight.losses.values()) / len(inflight.losses), decision
 
     async def _wait_for_microbatches(self, inflight, routing: StepRouting) -> None:
-        """Until every microbatch is home (:class:`StepFailed` after the step timeout). A replica of the routing that
-        leaves this node's view fails the step at once: its microbatches will not come back."""
+        """Until every microbatch is home (:class:`StepFailed` after the step timeout). A peer of the routing that
+        leaves this node's view, or its stage, fails the step at once: its microbatches will not come back."""
         everything = asyncio.ensure_future(asyncio.gather(*inflight.pending.values()))
         deadline = time.monotonic() + self.timing.step_timeout
         try:
@@ -200,16 +201,16 @@ class Stage0Driver:
                     raise StepFailed(
                         f"only {home} of {len(inflight.pending)} microbatches came back in {self.timing.step_timeout}s"
                     )
-                done, _ = await asyncio.wait({everything}, timeout=min(left, self.timing.refresh_seconds))
+                done, _ = await asyncio.wait({everything}, timeout=min(left, GONE_POLL_SECONDS))
                 if done:
                     everything.result()
                     return
-                # gone: found dead, or its record expired (a replica catching up is still there)
-                seen = {r.peer_id for r in self.presence.view} - self.presence.suspected()
-                for stage, shares in routing.replicated().items():
-                    gone = [p for p, mbs in shares.items() if mbs and p not in seen]
-                    if gone:
-                        raise StepFailed(f"replica {gone[0]} of stage {stage} left the swarm during the step")
+                # gone: found dead, left its stage (a handover its successor completed), or its record expired
+                seen = {r.peer_id for r in self.presence.view}
+                for stage, shares in routing.shares.items():
+                    for peer, mbs in shares.items():
+                        if stage and mbs and (peer not in seen or self.presence.route_peer(peer, stage)[1]):
+                            raise StepFailed(f"peer {peer} of stage {stage} left the swarm during the step")
         finally:
             everything.cancel()
 
@@ -251,12 +252,13 @@ class Stage0Driver:
         """Blocks (state ``waiting``) until every stage has a serving peer at our committed step.
 
         The first check uses the cached view (refreshed every period; dead peers are already excluded by
-        suspicion), so a healthy swarm pays no DHT lookup per step; only a missing stage makes it poll.
+        suspicion), so a healthy swarm pays no DHT lookup per step, unless a peer nudged this node since its
+        last read (a stage handed over, served again); only a missing stage makes it poll.
         Under ``--recovery checkpoint`` it returns True as soon as every stage is served but some are at
         another step: the swarm must roll back."""
         announced_waiting, first = False, True
         while not self.stopping.is_set():
-            if not first:
+            if not first or self.presence.nudge_pending:  # a peer told us the swarm changed during the step
                 await self.presence.try_refresh()
             first = False
             missing, elsewhere = [], []
@@ -273,13 +275,14 @@ class Stage0Driver:
                 return True
             missing += elsewhere
             if not missing:
-                await self.presence.announce(StageState.ONLINE)
+                if self.presence.state != StageState.ONLINE:  # (the periodic announce keeps the record alive)
+                    self.presence.announce_soon(StageState.ONLINE)  # for others to read: the step need not wait
                 return False
             if not announced_waiting:
                 logger.info("waiting for stage(s) %s", missing)
                 await self.presence.announce(StageState.WAITING)
                 announced_waiting = True
-            await asyncio.sleep(min(0.25, self.timing.refresh_seconds))
+            await self.presence.pause(min(0.25, self.timing.refresh_seconds), self.stopping)  # a new owner wakes it
         return False
 
     async def evaluate(self, batches: Batches) -> float | None:

@@ -40,6 +40,8 @@ class Handoffs:
     def __init__(self, participant: PipelineParticipant, refusals: Refusals, send: Send, me: Callable[[], Any]):
         self.participant, self.refusals, self.send, self.me = participant, refusals, send, me
         self.handed_over: list[int] = []  # committed steps whose full state was streamed to a successor
+        self.preparing = 0  # Prepare calls under way (the service counts them)
+        self.sealed = False  # the full state is going to a successor or a neighbour: no step is prepared from now
         self.parked: tuple[int, int, dict[str, torch.Tensor]] | None = None  # a leaving neighbour's state
         self.parked_by: str | None = None  # the peer id of the node that parked it
         self.prestaging = False  # a soft notice: keep the full state serialized, refreshed after each commit
@@ -70,11 +72,21 @@ class Handoffs:
             await refuse(context, Reject.NOT_READY, f"stage {seat.stage} is not being handed over")
         if request.requester_stage != seat.stage:
             await refuse(context, Reject.BAD_ROUTE, f"stage {seat.stage} is not {request.requester_stage}")
-        if seat.runtime is None or seat.runtime.prepared:
+        if not self.seal():
             await refuse(context, Reject.BUSY, "a prepared step waits for its commit or abort; ask again")
         step, chunks = await self.full_stream()
         await self.send(context, chunks, "FetchWeights")
         self.handed_over.append(step)
+
+    def seal(self) -> bool:
+        """On a leaving node, between steps: from now on no step is prepared here (``Prepare`` is refused), so
+        the full state about to be sent stays the stage's state. False while a step is being prepared or waits
+        for its commit or abort: the node finishes the step in flight first (ask again)."""
+        runtime = self.participant.seat.runtime
+        if runtime is None or runtime.prepared or self.preparing:
+            return False
+        self.sealed = True
+        return True
 
     # ---- pre-staging on a soft notice ---------------------------------------------------------------
     async def full_stream(self) -> tuple[int, Iterable[bytes]]:

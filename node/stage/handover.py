@@ -1,7 +1,8 @@
 """The leaving side of a handoff: a preempted node gives its stage's exact state to a successor.
 
-On a hard notice the daemon stops taking steps (stage 0's driver finishes the step in flight; a block stage
-refuses ``Prepare`` from then on) and hands over:
+On a hard notice the daemon finishes the step in flight and takes no other (stage 0's driver starts none; a
+block stage still prepares and commits the step stage 0 has under way, and refuses ``Prepare`` once its state
+is sealed for the successor, see ``Handoffs.seal``) and hands over:
 
 1. the seat is marked ``handing_over`` and the node announces its stage ``handing_over``, naming a waiting
    spare its ``successor`` (the lowest peer id; another if that one goes): the named spare takes the stage at
@@ -64,12 +65,15 @@ class Handover:
         metrics: StageMetrics,
         events: EventLog,
         full_stream: Callable[[], Awaitable[tuple[int, Iterable[bytes]]]] | None = None,
+        seal: Callable[[], bool] | None = None,
     ) -> None:
         """``full_stream``: (committed step, the full state as messages), e.g. ``Handoffs.full_stream``, which
-        serves a stream pre-staged on a soft notice; by default a snapshot encoded as it is sent."""
+        serves a stream pre-staged on a soft notice; by default a snapshot encoded as it is sent. ``seal``:
+        ``Handoffs.seal`` (no step is prepared from then on; False while one is); by default, no step is prepared."""
         self.seat, self.presence, self.participant, self.channels = seat, presence, participant, channels
         self.metrics, self.events = metrics, events
         self.full_stream = full_stream or self._snapshot_stream
+        self.seal = seal or (lambda: seat.runtime is not None and not seat.runtime.prepared)
 
     def park_seconds(self) -> float:
         """Time kept back from the notice to park the state if no successor comes: its size at a modest rate."""
@@ -84,6 +88,7 @@ class Handover:
         seat.handing_over = True
         presence.successor = choose_successor(presence.members(None))
         await presence.announce(StageState.HANDING_OVER)
+        await self._tell_successors()
         window = max(0.0, notice.seconds_left() - EXIT_MARGIN_SECONDS)
         logger.warning(
             "%s notice (%s): handing stage %d over at step %d; %.0f s to find a successor",
@@ -131,8 +136,16 @@ class Handover:
             if (named is None or not successor_pending(others, stage, named)) and (other := choose_successor(others)):
                 presence.successor = other
                 await presence.announce()
-            await asyncio.sleep(POLL_SECONDS)
+                await self._tell_successors()
+            await presence.pause(POLL_SECONDS, stopping)  # the successor's nudge, once it serves, wakes it
         return None
+
+    async def _tell_successors(self) -> None:
+        """Nudges the named successor (with none named, every spare: they claim the stage as a vacancy) and
+        stage 0 (it stops sending work here): both re-read the DHT now rather than at their next poll."""
+        presence = self.presence
+        spares = [r for r in presence.spares() if presence.successor in (None, r.peer_id)]
+        await presence.nudge([*spares, *presence.replicas_of(0)])
 
     async def _snapshot_stream(self) -> tuple[int, Iterable[bytes]]:
         step, state = await self.participant.snapshot_full()
@@ -142,9 +155,9 @@ class Handover:
     async def _park(self, stage: int, until: float) -> int | None:
         """Leaves the full state with the first serving route neighbour that takes it; returns that stage."""
         seat, cfg = self.seat, self.participant.config
-        while seat.runtime is not None and seat.runtime.prepared and time.monotonic() < until:
-            await asyncio.sleep(0.05)  # a prepared step is settled (committed or aborted) first
-        if seat.runtime is None or seat.runtime.prepared:
+        while not self.seal() and seat.runtime is not None and time.monotonic() < until:
+            await asyncio.sleep(0.05)  # the step in flight is settled (committed or aborted) first
+        if seat.runtime is None or not self.seal():
             return None
         step, chunks = await self.full_stream()
         # block stages first: stage 0 carries the most state and work already
@@ -214,6 +227,6 @@ class Notices:
         assert self.notice is not None
         await Handover(
             self.seat, self.presence, participant, channels, self.metrics, self.events,
-            full_stream=self.handoffs.full_stream,
+            full_stream=self.handoffs.full_stream, seal=self.handoffs.seal,
         ).run(self.notice, self.stopping)  # fmt: skip
         await watcher.acknowledge(self.notice)

@@ -124,16 +124,19 @@ class PipelineParticipant:
             if rt is not None and (rt.committed_step > meta.step or rt.attempt > meta.attempt):
                 raise StepFailed(f"step {meta.step} attempt {meta.attempt} was superseded")
             if peer_id:
-                peer = self.presence.member(peer_id)
-                if peer is None or peer.stage != target:
-                    # not in this node's view yet (it starts up), or gone: wait for it as for any stage's peer
-                    if peer_id in self.presence.suspected() or time.monotonic() >= deadline or self.stopping.is_set():
+                # a peer handing its stage over still takes the step in flight (it finishes it before it goes)
+                peer, gone = self.presence.route_peer(peer_id, target)
+                if peer is None:
+                    # not in this node's view yet (it starts up): wait for it as for any stage's peer
+                    if gone or time.monotonic() >= deadline or self.stopping.is_set():
                         raise StepFailed(f"replica {peer_id} of stage {target} is gone")
                     await asyncio.sleep(min(0.2, self.timing.refresh_seconds))
                     await self.presence.try_refresh()
                     continue
             else:
-                peer = await self.presence.resolve(target, deadline, self.stopping)
+                # a node handing its stage over finishes the step in flight: it takes microbatches until its
+                # successor serves
+                peer = await self.presence.resolve(target, deadline, self.stopping, leaving_ok=True)
             stub = self.channels.stub(peer)
             try:
                 await getattr(stub, rpc)(

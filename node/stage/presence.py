@@ -7,6 +7,12 @@ record is ignored by everyone (a suspicion, below), and whoever waits on the ste
 (``on_peer_lost``). It also publishes a signed *suspicion* in the DHT: a peer that a
 live route neighbour reports dead is left out of every node's view until its record expires, so spares
 see the vacancy at once.
+
+Changes that another node waits for are also *pushed*: the node that makes one (a leaving owner naming its
+successor, a neighbour reporting a death, a successor serving its stage) sends a heartbeat with ``refresh``
+to the nodes that wait, which re-read the DHT at once instead of at their next poll (:meth:`Presence.nudge`,
+:meth:`Presence.pause`). The DHT stays the one source of truth (claims, epochs, fencing): a nudge only says
+when to look, so a lost or forged one costs at most a poll period or one extra read.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,12 +42,21 @@ from node.stage.runtime import StepFailed
 from node.stage.seat import Seat
 from node.topology import heartbeat_side, neighbour_stages, swap_partner
 from node.transport.channels import ChannelPool
-from node.wire.records import SERVING_STATES, StageRecord, StageState, next_epoch, same_swarm
+from node.wire.records import (
+    SERVING_STATES,
+    SPEAKING_STATES,
+    StageRecord,
+    StageState,
+    current_epochs,
+    next_epoch,
+    same_swarm,
+)
 
 logger = logging.getLogger(__name__)
 OCCUPYING = SERVING_STATES | {StageState.RECOVERING}
 STALL_TICK_SECONDS = 0.2  # the stall watch's sleep: a much longer one means the process was frozen
 YIELD_PERIODS = 5  # refresh periods a node back from a stall waits for the claim of its stage
+NUDGE_MIN_SECONDS = 0.05  # nudges closer together than this are dropped: a peer cannot make us hammer the DHT
 
 
 class Directory(Protocol):
@@ -111,6 +126,12 @@ class Presence:
         self.on_fenced: list[Callable[[StageRecord], None]] = []  # another peer holds our stage by a newer claim
         self._reported_dead: set[str] = set()
         self._background = Background()
+        self._pauses: set[asyncio.Future] = set()  # waiters that a nudge wakes (see pause)
+        self._last_nudge = -math.inf
+        self._nudges = 0  # nudges taken
+        self._nudges_read = 0  # of those, the ones a completed read of the DHT came after
+        self._nudge_skipped = 0  # the last nudge a pause returned at once for
+        self.read_at = -math.inf  # when the view's DHT read started (monotonic)
 
     # ---- this node's record -----------------------------------------------------------------------
     def record(self, state: StageState | None = None) -> StageRecord:
@@ -153,6 +174,11 @@ class Presence:
         except Exception:  # the DHT is best effort; the next refresh tries again
             logger.exception("DHT announce failed")
 
+    def announce_soon(self, state: StageState) -> None:
+        """Becomes ``state`` now and stores the record in the background (nobody's next move waits for it)."""
+        self.state = state
+        self._background.spawn(self.announce())
+
     @property
     def record_ttl(self) -> float:
         return 2 * self.timing.refresh_seconds
@@ -160,7 +186,10 @@ class Presence:
     async def refresh(self) -> list[StageRecord]:
         """Reads the swarm's records into :attr:`view`."""
         before = self.directory.malformed_seen
+        nudges = self._nudges  # those this read will have seen (a nudge during the read may be missed by it)
+        started = time.monotonic()
         records, suspicions = await self.io.run(self.directory.records_and_suspicions)
+        self._nudges_read, self.read_at = max(self._nudges_read, nudges), started
         dead = declared_dead(records, suspicions, self.me.num_stages)
         self.view = [r for r in records if r.peer_id not in dead]
         self.committed_seen = max([self.committed_seen, *(r.committed_step for r in self.members(None))])
@@ -194,8 +223,11 @@ class Presence:
         """The epoch of this node's claim of ``stage``, from the records it sees (expired ones are gone)."""
         return next_epoch(self.view, stage, int(time.time() * 1000))
 
-    async def try_refresh(self) -> None:
-        """:meth:`refresh`, keeping the old view when the DHT does not answer."""
+    async def try_refresh(self, max_age: float = 0.0) -> None:
+        """:meth:`refresh`, keeping the old view when the DHT does not answer. With ``max_age``, a view read
+        that recently (and with no nudge since) is kept as it is."""
+        if max_age and time.monotonic() - self.read_at < max_age and not self.nudge_pending:
+            return
         with contextlib.suppress(Exception):
             await self.refresh()
 
@@ -227,8 +259,71 @@ class Presence:
         while not stopping.is_set():
             await self.try_refresh()  # first: a node that was fenced off meanwhile must not announce its stage again
             await self.announce()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.timing.refresh_seconds)
+            await self.pause(self.timing.refresh_seconds, stopping)
+
+    # ---- pushed changes ----------------------------------------------------------------------------
+    def nudged(self) -> bool:
+        """Another node says the swarm changed (a heartbeat with ``refresh``): wakes every :meth:`pause`, so
+        that its caller re-reads the DHT now. Returns False for a nudge dropped as too soon after the last."""
+        now = time.monotonic()
+        if now - self._last_nudge < NUDGE_MIN_SECONDS:
+            self.metrics.nudges.labels(result="dropped").inc()
+            return False
+        self._last_nudge = now
+        self._nudges += 1
+        self.metrics.nudges.labels(result="woke").inc()
+        for waiter in self._pauses:
+            if not waiter.done():
+                waiter.set_result(None)
+        return True
+
+    @property
+    def nudge_pending(self) -> bool:
+        """A nudge came after the start of the last completed read of the DHT: the view may miss a change."""
+        return self._nudges > self._nudges_read
+
+    async def pause(self, seconds: float, stopping: asyncio.Event | None = None) -> None:
+        """Sleeps ``seconds``, or less if a nudge comes (or ``stopping`` is set) meanwhile: the poll period of
+        every loop that waits for the swarm to change. Returns at once if a nudge came since the last read."""
+        if self.nudge_pending and self._nudges != self._nudge_skipped:  # once per nudge: a DHT that fails
+            self._nudge_skipped = self._nudges  # every read must not turn a poll into a busy loop
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._pauses.add(waiter)
+        waits = [waiter] if stopping is None else [waiter, asyncio.ensure_future(stopping.wait())]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._pauses.discard(waiter)
+            for w in waits:
+                w.cancel()
+
+    async def nudge(self, peers: Iterable[StageRecord]) -> None:
+        """Tells ``peers`` (at once, concurrently) to re-read the DHT: this node just stored a change they wait
+        for. Best effort: a peer that does not answer finds the change at its next poll."""
+        request = pb.HeartbeatRequest(
+            sender_stage=self.seat.stage or 0, sender_peer=self.me.peer_id, committed_step=self.seat.committed_step,
+            refresh=True,
+        )  # fmt: skip
+
+        async def one(peer: StageRecord) -> None:
+            try:
+                await self.channels.stub(peer).Heartbeat(request, timeout=self.timing.heartbeat_timeout)
+            except grpc.aio.AioRpcError as err:
+                logger.debug("could not nudge %s: %s", peer.peer_id, err.code().name)
+
+        targets = {p.peer_id: p for p in peers if p.peer_id != self.me.peer_id and p.grpc_address}
+        await asyncio.gather(*(one(p) for p in targets.values()))
+
+    def spares(self) -> list[StageRecord]:
+        """The spares of this swarm waiting for a vacant stage."""
+        return self.members(frozenset({StageState.SPARE}))
+
+    def waiting_on(self, stage: int) -> list[StageRecord]:
+        """The peers that wait for ``stage`` to be served again: stage 0 (it drives the steps), the peers of the
+        route neighbour stages, and the other peers of ``stage`` itself (a leaving owner waits for its successor)."""
+        stages = {0, stage, *neighbour_stages(stage, self.me.num_stages)}
+        return [r for r in self.members(SPEAKING_STATES) if r.stage in stages]
 
     # ---- the others -------------------------------------------------------------------------------
     def members(self, states: frozenset[StageState] | None = SERVING_STATES) -> list[StageRecord]:
@@ -293,8 +388,7 @@ class Presence:
             self._reported_dead.add(peer.peer_id)
             # Everyone ignores a peer its live neighbour reports dead, so spares see the vacancy now rather than
             # when its record expires; a signed suspicion lives as long as a record does.
-            report = self.io.run(self.directory.report_dead, self.record(), peer.peer_id, self.record_ttl)
-            self._background.spawn(report)
+            self._background.spawn(self._report_dead(peer))
             logger.warning("stage %s peer %s is unreachable (%s)", peer.stage, peer.peer_id, why)
             self.metrics.failures_detected.inc()
             if peer.peer_id in self.last_alive:
@@ -302,9 +396,31 @@ class Presence:
             self.events.emit(FailureDetectedEvent(stage=peer.stage, peer=peer.peer_id, by=self.seat.stage, why=why))
         self.peer_lost(StepFailed(f"stage {peer.stage} ({peer.peer_id}) lost: {why}"))
 
+    async def _report_dead(self, peer: StageRecord) -> None:
+        """Publishes the suspicion of ``peer``, then nudges the spares: one of them may claim its stage now."""
+        with contextlib.suppress(Exception):  # the DHT is best effort; the dead record expires anyway
+            await self.io.run(self.directory.report_dead, self.record(), peer.peer_id, self.record_ttl)
+        await self.nudge(self.spares())
+
     def peer_lost(self, failure: StepFailed) -> None:
         for callback in self.on_peer_lost:
             callback(failure)
+
+    def route_peer(self, peer_id: str, stage: int) -> tuple[StageRecord | None, bool]:
+        """(``peer_id``'s record, if it takes ``stage``'s traffic: serving it, or handing it over and finishing
+        the step in flight; whether it is *gone*: suspected, or its record shows it left the stage (another
+        stage, a spare, offline) or fenced off by a newer claim that serves). (None, False): not seen yet."""
+        if peer_id in self.suspected():
+            return None, True
+        me = self.me
+        records = same_swarm(self.view, fingerprint=me.fingerprint, num_stages=me.num_stages, states=None)
+        record = next((r for r in records if r.peer_id == peer_id), None)
+        if record is None:
+            return None, False
+        speaking = record.stage == stage and record.state in SPEAKING_STATES
+        if speaking and record.epoch >= current_epochs(records).get(stage, 0):
+            return record, False
+        return None, True
 
     def leaving_peer(self, stage: int) -> StageRecord | None:
         """The peer handing ``stage`` over after a preemption notice, if any."""
@@ -322,14 +438,16 @@ class Presence:
                 return peer
             if time.monotonic() >= deadline or (stopping is not None and stopping.is_set()):
                 raise StepFailed(f"no serving peer for stage {stage}")
-            await asyncio.sleep(min(0.2, self.timing.refresh_seconds))
+            await self.pause(min(0.2, self.timing.refresh_seconds), stopping)
             await self.try_refresh()
 
     # ---- heartbeats -------------------------------------------------------------------------------
     async def ping(self, stage: int) -> bool:
         """One heartbeat to every peer of ``stage`` (each replica: a dead one must not wait for its record to
-        expire while microbatches are routed to it); True when one of them answers."""
-        peers = self.replicas_of(stage)
+        expire while microbatches are routed to it), or to the peer handing it over when none serves it; True
+        when one of them answers."""
+        leaving = self.leaving_peer(stage)  # it finishes the step in flight: it must still answer
+        peers = self.replicas_of(stage) or ([leaving] if leaving is not None else [])
         if not peers:
             # No serving peer left: a neighbour reported it dead (or its record expired) before our own
             # heartbeats failed. The step in flight cannot finish either way.

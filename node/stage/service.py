@@ -124,9 +124,12 @@ class StageService(stage_pb2_grpc.StageServicer):
         metrics: StageMetrics,
         fetch_limits: FetchLimits = FetchLimits(),
         superseded: Callable[[int], None] = lambda epoch: None,
+        nudged: Callable[[], object] | None = None,
     ) -> None:
+        """``nudged``: a heartbeat asks this node to re-read the DHT now (``Presence.nudged``)."""
         self.participant, self.copies, self.checkpoints = participant, copies, checkpoints
         self.superseded = superseded  # a control request addressed this stage by a newer claim epoch
+        self.nudged = nudged
         self.status, self.metrics, self.fetch_limits = status, metrics, fetch_limits
         self.refusals = Refusals(metrics)
         self.weights = WeightStreams(participant, self.refusals, status, fetch_limits)
@@ -259,16 +262,20 @@ class StageService(stage_pb2_grpc.StageServicer):
     async def Prepare(self, request: pb.PrepareRequest, context) -> pb.PrepareReply:
         if not await self._control(context, request):
             return pb.PrepareReply()
-        if self.participant.seat.handing_over:  # a step prepared now could commit after the state has gone
-            await self._reject(context, Reject.DRAINING, "this node is handing its stage over; replay the step")
+        handoffs = self.handoffs
+        if handoffs.sealed:  # the state has gone to a successor: a step prepared now would commit without it
+            await self._reject(context, Reject.DRAINING, "this node has handed its stage over; replay the step")
         shares = [(share.peer_id, list(share.microbatches)) for share in request.shares]
         problem = shares_problem(shares, self.participant.config.train.microbatches_per_step)
         if problem is not None:
             await self._reject(context, Reject.BAD_ROUTE, problem)
+        handoffs.preparing += 1  # a leaving node finishes this step before its state goes (Handoffs.seal)
         try:
             norm_sq = await self.participant.prepare(request.step, request.attempt, shares)
         except StepError as err:
             await self._reject(context, err.reason, str(err))
+        finally:
+            handoffs.preparing -= 1
         return pb.PrepareReply(
             stage=self.participant.seat.stage,
             grad_norm_sq=norm_sq,
@@ -292,6 +299,8 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         self.refusals.log.flush()  # heartbeats are regular: the summary of held-back lines is not left waiting
+        if request.refresh and self.nudged is not None:
+            self.nudged()
         me = self.status()
         return pb.HeartbeatReply(
             stage=me.stage or 0,

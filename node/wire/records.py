@@ -193,6 +193,9 @@ def same_swarm(
 
 CLAIMING_STATES = frozenset({StageState.JOINING, StageState.RECOVERING})  # taking a stage, not serving it yet
 HOLDING_STATES = SERVING_STATES | CLAIMING_STATES  # a record that claims a stage
+# a record whose node speaks for its stage: a node handing its stage over still does (it finishes the step in
+# flight) until its successor serves by a newer epoch
+SPEAKING_STATES = HOLDING_STATES | {StageState.HANDING_OVER}
 
 
 def current_epochs(records: Iterable[StageRecord]) -> dict[int, int]:

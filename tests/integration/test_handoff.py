@@ -13,6 +13,7 @@ import pytest
 
 from node.data import load_corpus
 from node.events import (
+    AbortEvent,
     AttemptEvent,
     DoneEvent,
     FencedEvent,
@@ -65,6 +66,8 @@ def test_sigterm_hands_a_block_stage_over_exactly(running_swarm: LocalSwarm) -> 
     assert (recovery.stage, recovery.pid, recovery.method) == (stage, spare, "handoff")
     assert recovery.step == handed.step and recovery.bytes_fetched > 0
     assert not [e for e in of_type(events, FencedEvent) if e.pid != leaving.pid]
+    # the leaving node finished the step in flight before its state went: nothing was replayed
+    assert not of_type(events, AbortEvent)
     # every step committed once, each with the reference's loss: the handover lost and changed nothing
     steps = of_type(events, StepEvent)
     assert [e.step for e in steps] == list(range(1, STEPS + 1))

@@ -19,10 +19,10 @@ from node.transport.stage_rpc import StageClient
 from node.wire.records import StageRecord, current_epochs, next_epoch
 
 
-def rec(stage, node, state="online", n=5) -> StageRecord:
+def rec(stage, node, state="online", n=5, epoch=0) -> StageRecord:
     return StageRecord(
         stage=stage, num_stages=n, peer_id=f"peer-{node}", node=node, grpc_address="127.0.0.1:1", state=state,
-        committed_step=3, config_fingerprint="fp", version="0",
+        committed_step=3, config_fingerprint="fp", version="0", epoch=epoch,
     )  # fmt: skip
 
 
@@ -56,11 +56,20 @@ VIEW = [
         ("ParkState", "s1", 2, True),  # ... but sends its neighbour snapshots to the next stage (ladder)
         ("ParkState", "s4", 3, True),  # the last stage's go to the stage before it
         ("ParkState", "new", 3, False),  # a stage still being rebuilt has no snapshot to send
-        ("Forward", "leaving", 2, False),  # a leaving node sends no activations
+        ("Forward", "leaving", 2, True),  # a leaving node finishes the step in flight
+        ("Backward", "leaving", 4, True),
     ],
 )
 def test_roles(rpc: str, caller: str, mine: int | None, allowed: bool) -> None:
     assert (decide(rpc, caller, mine, VIEW, 5, False) is None) == allowed
+
+
+def test_a_leaving_node_speaks_for_its_stage_until_its_successor_serves() -> None:
+    view = [*VIEW, rec(3, "heir", "recovering", epoch=2)]
+    assert decide("Forward", "leaving", 2, view, 5, False) is None  # the successor is still loading the state
+    view = [*VIEW, rec(3, "heir", "online", epoch=2)]
+    assert decide("Forward", "leaving", 2, view, 5, False) is not None
+    assert decide("Forward", "heir", 2, view, 5, False) is None
 
 
 def test_out_of_order_routes_widen_the_neighbours() -> None:

@@ -82,6 +82,7 @@ class FakeCoordinator:
 class FakePresence:
     def __init__(self, steps: dict[int, int]) -> None:
         self.me, self.steps, self.states = SimpleNamespace(peer_id="p0"), steps, []
+        self.nudge_pending, self.state = False, "joining"
 
     def peer_of(self, stage: int) -> StageRecord | None:
         return SimpleNamespace(peer_id=f"p{stage}", committed_step=self.steps[stage], throughput=None)
@@ -89,11 +90,19 @@ class FakePresence:
     def replicas_of(self, stage: int, committed_step: int | None = None) -> list[StageRecord]:
         return [self.peer_of(stage)]
 
-    async def try_refresh(self) -> None:
+    async def try_refresh(self, max_age: float = 0.0) -> None:
         return None
 
     async def announce(self, state=None) -> None:
         self.states.append(state)
+        self.state = state or self.state
+
+    def announce_soon(self, state) -> None:
+        self.states.append(state)
+        self.state = state
+
+    async def pause(self, seconds: float, stopping=None) -> None:
+        await asyncio.sleep(seconds)
 
 
 def make(tmp_path, steps_of: dict[int, int] | None = None, checkpoints=None, every: int = 0):

@@ -53,10 +53,11 @@ class FakeDirectory:
 
 
 class FakeStub:
-    def __init__(self, peer: StageRecord, fail: bool, answered_by: str | None) -> None:
-        self.peer, self.fail, self.answered_by = peer, fail, answered_by
+    def __init__(self, peer: StageRecord, fail: bool, answered_by: str | None, sent: list) -> None:
+        self.peer, self.fail, self.answered_by, self.sent = peer, fail, answered_by, sent
 
     async def Heartbeat(self, request, timeout):
+        self.sent.append((self.peer.peer_id, request))
         if self.fail:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "connection refused")
         return pb.HeartbeatReply(stage=self.peer.stage, peer_id=self.answered_by or self.peer.peer_id, state="online")
@@ -67,9 +68,10 @@ class FakeChannels:
         self.down: set[str] = set()
         self.impostors: dict[str, str] = {}  # address -> the peer id of another process now answering there
         self.dropped: list[str] = []
+        self.sent: list[tuple[str, pb.HeartbeatRequest]] = []  # (peer id, heartbeat) in the order sent
 
     def stub(self, peer: StageRecord) -> FakeStub:
-        return FakeStub(peer, peer.grpc_address in self.down, self.impostors.get(peer.grpc_address))
+        return FakeStub(peer, peer.grpc_address in self.down, self.impostors.get(peer.grpc_address), self.sent)
 
     async def drop(self, peer: StageRecord) -> None:
         self.dropped.append(peer.grpc_address)
@@ -256,3 +258,95 @@ async def test_a_frozen_node_keeps_its_record_unannounced_and_yields_to_the_clai
     assert [r.peer_id for r in fenced] == ["z"]  # the claim fences it
     stopping.set()
     await watch
+
+
+async def test_a_nudge_cuts_a_pause_short_and_a_flood_of_them_is_dropped(parts) -> None:
+    presence, _, _, _ = parts
+    started = time.monotonic()
+    pausing = asyncio.ensure_future(presence.pause(5.0))
+    await asyncio.sleep(0.01)
+    assert presence.nudged() and not presence.nudged()  # the second one, too soon after, is dropped
+    await asyncio.wait_for(pausing, 1.0)
+    assert time.monotonic() - started < 1.0
+    nudges = presence.metrics.nudges
+    assert nudges.labels(result="woke")._value.get() == 1 and nudges.labels(result="dropped")._value.get() == 1
+    stopping = asyncio.Event()
+    stopping.set()
+    await asyncio.wait_for(presence.pause(5.0, stopping), 1.0)  # stopping ends it too
+
+
+async def test_a_nudge_that_lands_while_nobody_waits_is_not_lost(parts) -> None:
+    presence, directory, _, _ = parts
+    await presence.refresh()
+    assert not presence.nudge_pending
+    presence.nudged()  # e.g. stage 0 is in the middle of a step
+    assert presence.nudge_pending
+    await asyncio.wait_for(presence.pause(5.0), 0.5)  # the next pause returns at once (once)
+    # a view read within max_age is kept, unless a nudge came since
+    directory.by_peer["c"] = rec(2, "c", state="handing_over")
+    await presence.try_refresh(max_age=60)
+    assert presence.peer_of(2) is None and not presence.nudge_pending
+    directory.by_peer["c"] = rec(2, "c")
+    await presence.try_refresh(max_age=60)
+    assert presence.peer_of(2) is None  # fresh enough: not read again
+    presence._last_nudge = -1e9
+    presence.nudged()
+    await presence.try_refresh(max_age=60)
+    assert presence.peer_of(2).peer_id == "c"
+
+
+async def test_a_nudge_during_a_read_keeps_the_view_marked_out_of_date(parts) -> None:
+    presence, directory, _, _ = parts
+    read = directory.records_and_suspicions
+
+    def slow_read():
+        time.sleep(0.1)  # the DHT read is under way (a worker thread) when the nudge comes
+        return read()
+
+    directory.records_and_suspicions = slow_read
+    reading = asyncio.ensure_future(presence.refresh())
+    await asyncio.sleep(0.03)
+    presence.nudged()
+    await reading
+    assert presence.nudge_pending  # the read may have missed what the nudge announced
+
+
+async def test_nudges_go_to_the_named_peers_once_each_and_a_dead_one_costs_nothing(parts) -> None:
+    presence, _, channels, _ = parts
+    await presence.refresh()
+    channels.down.add(presence.peer_of(3).grpc_address)
+    peers = [presence.peer_of(0), presence.peer_of(3), presence.peer_of(0), presence.record()]  # and itself
+    await presence.nudge(peers)
+    assert sorted(peer for peer, _ in channels.sent) == ["a", "d"]
+    assert all(request.refresh and request.sender_peer == "b" for _, request in channels.sent)
+    assert presence.suspected() == frozenset()  # a nudge is no heartbeat: a failed one suspects nobody
+
+
+async def test_a_reported_death_nudges_the_spares(parts) -> None:
+    presence, directory, channels, _ = parts
+    directory.by_peer["s"] = rec(None, "s", state="spare")
+    await presence.refresh()
+    presence.suspect(presence.peer_of(2), "heartbeat: UNAVAILABLE")
+    await asyncio.sleep(0.05)
+    assert directory.suspicions == {"c": {"b"}}
+    assert [(peer, request.refresh) for peer, request in channels.sent] == [("s", True)]
+
+
+async def test_who_waits_for_a_stage_and_who_takes_its_traffic_while_it_is_handed_over(parts) -> None:
+    presence, directory, _, _ = parts
+    directory.by_peer["c"] = rec(2, "c", state="handing_over")
+    directory.by_peer["n"] = rec(2, "n", state="recovering").model_copy(update={"epoch": 7})
+    directory.by_peer["s"] = rec(None, "s", state="spare")
+    directory.by_peer["off"] = rec(3, "off", state="offline")
+    await presence.refresh()
+    assert sorted(r.peer_id for r in presence.waiting_on(2)) == ["a", "c", "d", "n"]  # not b (itself), not s
+    assert [r.peer_id for r in presence.spares()] == ["s"]
+    # the leaving owner finishes the step in flight: it takes its stage's traffic and answers heartbeats
+    assert presence.route_peer("c", 2) == (directory.by_peer["c"], False)
+    assert presence.route_peer("unseen", 2) == (None, False)  # not in the view yet: wait for it
+    assert presence.route_peer("off", 3) == (None, True)  # left
+    assert presence.route_peer("c", 3) == (None, True)  # not that stage's
+    directory.by_peer["n"] = directory.by_peer["n"].model_copy(update={"state": StageState.ONLINE})
+    await presence.refresh()
+    assert presence.route_peer("c", 2) == (None, True)  # its successor serves by a newer epoch: fenced off
+    assert presence.route_peer("n", 2)[0].peer_id == "n"

@@ -81,7 +81,7 @@ class FakePresence:
         self.me = SimpleNamespace(fingerprint="fp", num_stages=4, peer_id="me")
         self.timing = TimingOptions(refresh_seconds=0.02)
 
-    async def try_refresh(self) -> None:
+    async def try_refresh(self, max_age: float = 0.0) -> None:
         return None
 
     def members(self, states=None) -> list[StageRecord]:
@@ -137,7 +137,7 @@ async def test_a_lossy_rebuild_is_dropped_when_an_exact_state_shows_up_before_it
     class LateView(FakePresence):  # the parked state's record arrives after the first plan (a slow DHT)
         reads = 0
 
-        async def try_refresh(self) -> None:
+        async def try_refresh(self, max_age: float = 0.0) -> None:
             self.reads += 1
             if self.reads == 2:
                 self.records[1] = self.records[1].model_copy(update={"parked_stage": 2, "parked_step": 8})

@@ -60,6 +60,9 @@ class FakeParticipant:
     async def abort(self, step: int, attempt: int) -> None:
         self.aborted.append((step, attempt))
 
+    async def prepare(self, step: int, attempt: int, shares=None) -> float:
+        return 2.0
+
     async def snapshot_committed(self):
         self.snapshots += 1
         await asyncio.sleep(0.05)  # while it runs, other callers arrive
@@ -199,6 +202,12 @@ async def test_status_and_heartbeat_describe_the_node(served) -> None:
     assert status.last_grad_norm == 0.25 and list(status.checkpoint_steps) == []
     beat = await served.stub.Heartbeat(pb.HeartbeatRequest(sender_stage=0))
     assert (beat.stage, beat.peer_id, beat.committed_step) == (1, "peer-1", 4)
+    nudges: list[int] = []
+    served.service.nudged = lambda: nudges.append(1)
+    await served.stub.Heartbeat(pb.HeartbeatRequest(sender_stage=0))
+    assert nudges == []  # a plain heartbeat
+    await served.stub.Heartbeat(pb.HeartbeatRequest(sender_stage=0, refresh=True))
+    assert nudges == [1]  # a nudge: re-read the DHT now
 
 
 # ---- sane ranges ------------------------------------------------------------------------------------
@@ -405,7 +414,7 @@ async def test_control_requests_are_checked_against_the_claim_epoch() -> None:
         assert s.participant.aborted == [(4, 1), (4, 2)] and superseded == [501]
 
 
-async def test_a_stage_being_handed_over_takes_no_new_step_and_hands_its_full_state_over_between_steps(served) -> None:
+async def test_a_leaving_stage_finishes_its_step_then_hands_its_full_state_over_and_prepares_no_more(served) -> None:
     seat = served.participant.seat
 
     async def fetch(stage: int = 1):
@@ -422,14 +431,20 @@ async def test_a_stage_being_handed_over_takes_no_new_step_and_hands_its_full_st
 
     assert await refused(fetch()) == Reject.NOT_READY  # its owner is not leaving
     seat.handing_over = True
-    assert await refused(served.stub.Prepare(pb.PrepareRequest(step=4, attempt=1))) == Reject.DRAINING
-    seat.runtime.prepared = True  # a step prepared before the notice waits for its commit or abort
+    reply = await served.stub.Prepare(pb.PrepareRequest(step=4, attempt=1, stage=1))
+    assert reply.grad_norm_sq == 2.0  # the step in flight is still prepared (and committed) here
+    seat.runtime.prepared = True  # ... and waits for its commit or abort
     assert await refused(fetch()) == Reject.BUSY
     seat.runtime.prepared = False
+    served.service.handoffs.preparing = 1  # being prepared: the same
+    assert await refused(fetch()) == Reject.BUSY
+    served.service.handoffs.preparing = 0
     assert await refused(fetch(stage=2)) == Reject.BAD_ROUTE
     meta, tensors = await fetch()
     assert meta.step == 4 and torch.equal(tensors["w.w.a"], torch.arange(6.0))
     assert float(tensors["meta.lr_scale"]) == 1.1 and served.service.handoffs.handed_over == [4]
+    # the state has gone: a step prepared now would commit without the successor
+    assert await refused(served.stub.Prepare(pb.PrepareRequest(step=4, attempt=1))) == Reject.DRAINING
 
 
 async def test_a_neighbours_parked_state_is_kept_announced_and_given_back_to_its_stage(served) -> None:
