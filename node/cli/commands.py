@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import pathlib
-import signal
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -294,22 +293,13 @@ def _parse_replicas(text: str | None, stages: int) -> list[int]:
     return counts
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM runs the same clean-up as Ctrl-C: a launcher's child processes never outlive it."""
-
-    def _terminate(*_: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
-
-
 def cmd_local(args: argparse.Namespace) -> int:
     import tempfile
 
+    from node.local.children import stop_on_signals
     from node.local.launcher import LocalSwarm
 
-    _sigterm_as_interrupt()
+    stop_on_signals()  # SIGTERM stops the swarm as Ctrl-C does: no child outlives the launcher
     with contextlib.ExitStack() as stack:
         workdir = args.workdir
         if workdir is None:  # a temporary one, deleted at exit
@@ -416,7 +406,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             options = LiveOptions(**common, out=args.out, spares=args.spares, threads=args.threads,
                                   checkpoint_to=args.checkpoint_to, storage_endpoint=args.storage_endpoint)
             run_one = run_live
-            _sigterm_as_interrupt()  # each run's local swarm is torn down, as under Ctrl-C
+            from node.local.children import stop_on_signals
+
+            stop_on_signals()  # each run's local swarm is torn down on SIGTERM, as under Ctrl-C
 
         def seeded(opts: Any) -> Any:  # progress labels name the seed
             return run_one(opts, lambda label, done, total: progress(f"seed {opts.seed}: {label}", done, total))

@@ -2,7 +2,8 @@
 
 Every child runs in its own process group with a parent-death signal (:func:`spawn`), and :func:`stop_all`
 kills those groups, so no process outlives the launcher. :func:`serving` finds the child that serves a stage
-according to the DHT's records.
+according to the DHT's records. :func:`stop_on_signals` makes Ctrl-C and SIGTERM stop a launcher the same way,
+except inside :func:`interrupts_deferred`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pathlib
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from node.local import node_argv
@@ -26,6 +28,43 @@ HOST = "127.0.0.1"
 
 class LocalSwarmError(RuntimeError):
     """The local swarm could not start or finish; the message says which process and why."""
+
+
+_deferring = 0  # depth of interrupts_deferred blocks
+_interrupted = False  # a signal came inside one: raised when the outermost ends
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both raise KeyboardInterrupt in the launcher (its clean-up stops every child), except
+    inside :func:`interrupts_deferred`; a second SIGTERM is ignored, so it cannot cut the clean-up short. Call
+    from the main thread."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        global _interrupted
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if _deferring:
+            _interrupted = True
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Holds back a :func:`stop_on_signals` interrupt until the block ends. For calls that an exception would leave
+    stuck: hivemind's DHT constructor, interrupted while it waits for its child process, spins forever."""
+    global _deferring, _interrupted
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _interrupted:
+            _interrupted = False
+            raise KeyboardInterrupt
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec

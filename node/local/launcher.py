@@ -30,7 +30,17 @@ from rich.table import Table
 
 from node import events as ev
 from node.config import SwarmConfig
-from node.local.children import HOST, SWARM, Child, LocalSwarmError, read_maddrs, serving, spawn, stop_all
+from node.local.children import (
+    HOST,
+    SWARM,
+    Child,
+    LocalSwarmError,
+    interrupts_deferred,
+    read_maddrs,
+    serving,
+    spawn,
+    stop_all,
+)
 from node.local.faults import LauncherFaults
 from node.local.links import EmulatedLinks, LinkShape, free_port
 from node.local.preemptions import Preemptions, PreemptSpec
@@ -306,7 +316,8 @@ class LocalSwarm:
         """Shows live progress until stage 0 reports done (or a process fails)."""
         from node.dht.factory import make_dht
 
-        self.dht = make_dht(self.bootstrap_maddrs, None, self.own_credentials, client_mode=True)
+        with interrupts_deferred():  # a Ctrl-C or SIGTERM in hivemind's constructor would leave it spinning
+            self.dht = make_dht(self.bootstrap_maddrs, None, self.own_credentials, client_mode=True)
         events: list[ev.Event] = []
         last_records_at = 0.0
         records: list[StageRecord] = []

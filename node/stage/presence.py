@@ -408,19 +408,19 @@ class Presence:
 
     def route_peer(self, peer_id: str, stage: int) -> tuple[StageRecord | None, bool]:
         """(``peer_id``'s record, if it takes ``stage``'s traffic: serving it, or handing it over and finishing
-        the step in flight; whether it is *gone*: suspected, or its record shows it left the stage (another
-        stage, a spare, offline) or fenced off by a newer claim that serves). (None, False): not seen yet."""
+        the step in flight; whether it is *gone* for good: suspected, offline, or fenced off by a newer claim of
+        ``stage`` that serves). (None, False): not there yet, e.g. a view that still shows it as the spare it
+        was a moment ago: wait for it.)"""
         if peer_id in self.suspected():
             return None, True
         me = self.me
         records = same_swarm(self.view, fingerprint=me.fingerprint, num_stages=me.num_stages, states=None)
         record = next((r for r in records if r.peer_id == peer_id), None)
-        if record is None:
-            return None, False
-        speaking = record.stage == stage and record.state in SPEAKING_STATES
-        if speaking and record.epoch >= current_epochs(records).get(stage, 0):
-            return record, False
-        return None, True
+        if record is None or record.stage != stage or record.state not in SPEAKING_STATES:
+            return None, record is not None and record.state == StageState.OFFLINE
+        if record.epoch < current_epochs(records).get(stage, 0):
+            return None, True
+        return record, False
 
     def leaving_peer(self, stage: int) -> StageRecord | None:
         """The peer handing ``stage`` over after a preemption notice, if any."""
