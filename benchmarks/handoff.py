@@ -45,7 +45,7 @@ SIZES = {
     "huge": {"d_model": 8192, "n_layers": 2},
 }
 STAGES = {"huge": 3}  # the others run 4 stages
-PREEMPT_AT = {"huge": 12}  # steps take seconds at that size: preempt early (the spare is up by then)
+PREEMPT_AT = {"large": 40, "huge": 12}  # steps take seconds at these sizes: preempt early (the spare is up)
 TRAIN = "[train]\nseq_len = 16\nmicrobatch_size = 1\nmicrobatches_per_step = 2\n"
 PREEMPT_STEP = 250  # late enough for the spare (started once training starts) to be waiting (steps take ~0.05 s)
 STEPS = 260

@@ -256,7 +256,8 @@ class LocalSwarm:
         from node.dht.directory import SwarmDirectory
 
         try:
-            return SwarmDirectory(self.dht, SWARM, self.own_credentials).records()
+            with interrupts_deferred():  # like its constructor, hivemind's get can be left wedged by an interrupt
+                return SwarmDirectory(self.dht, SWARM, self.own_credentials).records()
         except Exception:  # progress display only
             return []
 

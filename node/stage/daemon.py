@@ -151,7 +151,7 @@ class StageDaemon:
         ledger = None
         if creds is not None:
             check = ViewCheck(
-                lambda: self.presence.members(None), self.presence.try_refresh, lambda: self.seat.stage,
+                self.presence.members_lately, self.presence.try_refresh, lambda: self.seat.stage,
                 cfg.num_stages, cfg.out_of_order,
             )  # fmt: skip
             ledger = HandshakeLedger(lambda n: service.refusals.count(Reject.TLS_HANDSHAKE, "a connection", n))

@@ -132,6 +132,7 @@ class Presence:
         self._nudges_read = 0  # of those, the ones a completed read of the DHT came after
         self._nudge_skipped = 0  # the last nudge a pause returned at once for
         self.read_at = -math.inf  # when the view's DHT read started (monotonic)
+        self._lapsed: dict[str, tuple[StageRecord, float]] = {}  # peer id -> (its last record read, when)
 
     # ---- this node's record -----------------------------------------------------------------------
     def record(self, state: StageState | None = None) -> StageRecord:
@@ -192,6 +193,11 @@ class Presence:
         self._nudges_read, self.read_at = max(self._nudges_read, nudges), started
         dead = declared_dead(records, suspicions, self.me.num_stages)
         self.view = [r for r in records if r.peer_id not in dead]
+        now = time.monotonic()
+        self._lapsed = {
+            peer: seen for peer, seen in self._lapsed.items() if now - seen[1] < self.record_ttl and peer not in dead
+        }
+        self._lapsed.update((r.peer_id, (r, now)) for r in self.view)
         self.committed_seen = max([self.committed_seen, *(r.committed_step for r in self.members(None))])
         # back from a stall (a frozen process or VM): the swarm may be rebuilding this stage; a claim fences it
         if not self.seat.handing_over and (newer := self.newer_claim(claims=self.yielding())) is not None:
@@ -336,6 +342,18 @@ class Presence:
             states=states,
             exclude=self.suspected() | {me.peer_id},
         )
+
+    def members_lately(self) -> list[StageRecord]:
+        """Every member of this swarm (any state, suspects left out), including one whose record lapsed from the
+        DHT within the last record lifetime and that nobody declared dead: a node slowed down by load can miss
+        its announce by a moment, and who may call what (``authz``) must not flip on that. A newer claim of its
+        stage still outranks its last record."""
+        current = self.members(None)
+        seen = {r.peer_id for r in current}
+        exclude = self.suspected() | {self.me.peer_id}
+        lapsed = [r for peer, (r, _) in self._lapsed.items() if peer not in seen and peer not in exclude]
+        me = self.me
+        return current + same_swarm(lapsed, fingerprint=me.fingerprint, num_stages=me.num_stages, states=None)
 
     def suspected(self) -> frozenset[str]:
         """Peers found dead recently; forgiven after 3 refresh periods, by when a dead peer's record expired."""

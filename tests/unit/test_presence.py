@@ -351,3 +351,23 @@ async def test_who_waits_for_a_stage_and_who_takes_its_traffic_while_it_is_hande
     await presence.refresh()
     assert presence.route_peer("c", 2) == (None, True)  # its successor serves by a newer epoch: fenced off
     assert presence.route_peer("n", 2)[0].peer_id == "n"
+
+
+async def test_a_member_whose_record_lapsed_a_moment_ago_still_counts_for_authorization(parts) -> None:
+    presence, directory, _, _ = parts
+    await presence.refresh()
+    stage0 = directory.by_peer.pop("a")  # stage 0 was too busy to announce in time: its record expired
+    await presence.refresh()
+    assert presence.peer_of(0) is None  # no traffic goes to it, but who may call what does not flip
+    assert "a" in {r.peer_id for r in presence.members_lately()}
+    assert "x" not in {r.peer_id for r in presence.members_lately()}  # another swarm's record never counts
+    directory.by_peer["a"] = stage0.model_copy(update={"state": StageState.OFFLINE})
+    await presence.refresh()
+    assert [r.state for r in presence.members_lately() if r.peer_id == "a"] == [StageState.OFFLINE]  # newest wins
+    directory.by_peer.pop("a")
+    presence._lapsed["a"] = (stage0, time.monotonic() - presence.record_ttl)  # lapsed a record lifetime ago
+    await presence.refresh()
+    assert "a" not in {r.peer_id for r in presence.members_lately()}
+    directory.suspicions = {"d": {"c"}}  # declared dead by a live neighbour: gone at once, lapsed or not
+    await presence.refresh()
+    assert "d" not in {r.peer_id for r in presence.members_lately()}
