@@ -426,16 +426,18 @@ class Presence:
 
     def route_peer(self, peer_id: str, stage: int) -> tuple[StageRecord | None, bool]:
         """(``peer_id``'s record, if it takes ``stage``'s traffic: serving it, or handing it over and finishing
-        the step in flight; whether it is *gone* for good: suspected, offline, or fenced off by a newer claim of
-        ``stage`` that serves). (None, False): not there yet, e.g. a view that still shows it as the spare it
-        was a moment ago: wait for it.)"""
+        the step in flight; whether it is *gone* for this step: suspected, offline, holding another stage (a
+        replica that moved), or fenced off by a newer claim of ``stage`` that serves). (None, False): not there
+        yet, e.g. a view that still shows it as the spare it was a moment ago: wait for it.)"""
         if peer_id in self.suspected():
             return None, True
         me = self.me
         records = same_swarm(self.view, fingerprint=me.fingerprint, num_stages=me.num_stages, states=None)
         record = next((r for r in records if r.peer_id == peer_id), None)
-        if record is None or record.stage != stage or record.state not in SPEAKING_STATES:
-            return None, record is not None and record.state == StageState.OFFLINE
+        if record is None or record.stage is None:
+            return None, False
+        if record.stage != stage or record.state not in SPEAKING_STATES:
+            return None, record.stage != stage or record.state == StageState.OFFLINE
         if record.epoch < current_epochs(records).get(stage, 0):
             return None, True
         return record, False
