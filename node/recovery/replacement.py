@@ -89,7 +89,7 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
                 return True
         await presence.announce(StageState.SPARE)
         spare_since = spare_since or time.monotonic()
-        await presence.pause(poll, stopping)  # a leaving owner or a neighbour reporting a death wakes it
+        await presence.nudges.pause(poll, stopping)  # a leaving owner or a neighbour reporting a death wakes it
     raise asyncio.CancelledError
 
 

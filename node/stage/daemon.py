@@ -141,7 +141,7 @@ class StageDaemon:
         self.service = service = StageService(
             self.participant, self.copies, self.checkpoints, self.status, self.metrics,
             superseded=lambda epoch: self.background.spawn(self.presence.try_refresh()),  # fences via on_fenced
-            nudged=self.presence.nudged,
+            nudged=self.presence.nudges.nudged,
         )  # fmt: skip
         self.notices = Notices(
             self.seat, self.presence, service.handoffs, self.metrics, self.events, self.background, self.stopping

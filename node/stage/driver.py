@@ -261,7 +261,7 @@ class Stage0Driver:
         another step: the swarm must roll back."""
         announced_waiting, first = False, True
         while not self.stopping.is_set():
-            if not first or self.presence.nudge_pending:  # a peer told us the swarm changed during the step
+            if not first or self.presence.nudges.pending:  # a peer told us the swarm changed during the step
                 await self.presence.try_refresh()
             first = False
             missing, elsewhere = [], []
@@ -285,7 +285,8 @@ class Stage0Driver:
                 logger.info("waiting for stage(s) %s", missing)
                 await self.presence.announce(StageState.WAITING)
                 announced_waiting = True
-            await self.presence.pause(min(0.25, self.timing.refresh_seconds), self.stopping)  # a new owner wakes it
+            # a new owner nudges it
+            await self.presence.nudges.pause(min(0.25, self.timing.refresh_seconds), self.stopping)
         return False
 
     async def evaluate(self, batches: Batches) -> float | None:

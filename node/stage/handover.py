@@ -137,7 +137,7 @@ class Handover:
                 presence.successor = other
                 await presence.announce()
                 await self._tell_successors()
-            await presence.pause(POLL_SECONDS, stopping)  # the successor's nudge, once it serves, wakes it
+            await presence.nudges.pause(POLL_SECONDS, stopping)  # the successor's nudge, once it serves, wakes it
         return None
 
     async def _tell_successors(self) -> None:

@@ -11,7 +11,7 @@ see the vacancy at once.
 Changes that another node waits for are also *pushed*: the node that makes one (a leaving owner naming its
 successor, a neighbour reporting a death, a successor serving its stage) sends a heartbeat with ``refresh``
 to the nodes that wait, which re-read the DHT at once instead of at their next poll (:meth:`Presence.nudge`,
-:meth:`Presence.pause`). The DHT stays the one source of truth (claims, epochs, fencing): a nudge only says
+:class:`~node.stage.nudges.Nudges`). The DHT stays the one source of truth (claims, epochs, fencing): a nudge only says
 when to look, so a lost or forged one costs at most a poll period or one extra read.
 """
 
@@ -38,6 +38,7 @@ from node.options import TimingOptions
 from node.proto import stage_pb2 as pb
 from node.recovery.planner import declared_dead
 from node.stage.compute import Background, BlockingIO
+from node.stage.nudges import Nudges
 from node.stage.runtime import StepFailed
 from node.stage.seat import Seat
 from node.topology import heartbeat_side, neighbour_stages, swap_partner
@@ -56,7 +57,6 @@ logger = logging.getLogger(__name__)
 OCCUPYING = SERVING_STATES | {StageState.RECOVERING}
 STALL_TICK_SECONDS = 0.2  # the stall watch's sleep: a much longer one means the process was frozen
 YIELD_PERIODS = 5  # refresh periods a node back from a stall waits for the claim of its stage
-NUDGE_MIN_SECONDS = 0.05  # nudges closer together than this are dropped: a peer cannot make us hammer the DHT
 
 
 class Directory(Protocol):
@@ -126,11 +126,7 @@ class Presence:
         self.on_fenced: list[Callable[[StageRecord], None]] = []  # another peer holds our stage by a newer claim
         self._reported_dead: set[str] = set()
         self._background = Background()
-        self._pauses: set[asyncio.Future] = set()  # waiters that a nudge wakes (see pause)
-        self._last_nudge = -math.inf
-        self._nudges = 0  # nudges taken
-        self._nudges_read = 0  # of those, the ones a completed read of the DHT came after
-        self._nudge_skipped = 0  # the last nudge a pause returned at once for
+        self.nudges = Nudges(metrics)  # what other nodes push: poll loops pause on it
         self.read_at = -math.inf  # when the view's DHT read started (monotonic)
         self._lapsed: dict[str, tuple[StageRecord, float]] = {}  # peer id -> (its last record read, when)
 
@@ -187,10 +183,11 @@ class Presence:
     async def refresh(self) -> list[StageRecord]:
         """Reads the swarm's records into :attr:`view`."""
         before = self.directory.malformed_seen
-        nudges = self._nudges  # those this read will have seen (a nudge during the read may be missed by it)
+        taken = self.nudges.taken  # those this read will have seen (a nudge during the read may be missed by it)
         started = time.monotonic()
         records, suspicions = await self.io.run(self.directory.records_and_suspicions)
-        self._nudges_read, self.read_at = max(self._nudges_read, nudges), started
+        self.nudges.read(taken)
+        self.read_at = started
         dead = declared_dead(records, suspicions, self.me.num_stages)
         self.view = [r for r in records if r.peer_id not in dead]
         now = time.monotonic()
@@ -232,7 +229,7 @@ class Presence:
     async def try_refresh(self, max_age: float = 0.0) -> None:
         """:meth:`refresh`, keeping the old view when the DHT does not answer. With ``max_age``, a view read
         that recently (and with no nudge since) is kept as it is."""
-        if max_age and time.monotonic() - self.read_at < max_age and not self.nudge_pending:
+        if max_age and time.monotonic() - self.read_at < max_age and not self.nudges.pending:
             return
         with contextlib.suppress(Exception):
             await self.refresh()
@@ -265,45 +262,9 @@ class Presence:
         while not stopping.is_set():
             await self.try_refresh()  # first: a node that was fenced off meanwhile must not announce its stage again
             await self.announce()
-            await self.pause(self.timing.refresh_seconds, stopping)
+            await self.nudges.pause(self.timing.refresh_seconds, stopping)
 
     # ---- pushed changes ----------------------------------------------------------------------------
-    def nudged(self) -> bool:
-        """Another node says the swarm changed (a heartbeat with ``refresh``): wakes every :meth:`pause`, so
-        that its caller re-reads the DHT now. Returns False for a nudge dropped as too soon after the last."""
-        now = time.monotonic()
-        if now - self._last_nudge < NUDGE_MIN_SECONDS:
-            self.metrics.nudges.labels(result="dropped").inc()
-            return False
-        self._last_nudge = now
-        self._nudges += 1
-        self.metrics.nudges.labels(result="woke").inc()
-        for waiter in self._pauses:
-            if not waiter.done():
-                waiter.set_result(None)
-        return True
-
-    @property
-    def nudge_pending(self) -> bool:
-        """A nudge came after the start of the last completed read of the DHT: the view may miss a change."""
-        return self._nudges > self._nudges_read
-
-    async def pause(self, seconds: float, stopping: asyncio.Event | None = None) -> None:
-        """Sleeps ``seconds``, or less if a nudge comes (or ``stopping`` is set) meanwhile: the poll period of
-        every loop that waits for the swarm to change. Returns at once if a nudge came since the last read."""
-        if self.nudge_pending and self._nudges != self._nudge_skipped:  # once per nudge: a DHT that fails
-            self._nudge_skipped = self._nudges  # every read must not turn a poll into a busy loop
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._pauses.add(waiter)
-        waits = [waiter] if stopping is None else [waiter, asyncio.ensure_future(stopping.wait())]
-        try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._pauses.discard(waiter)
-            for w in waits:
-                w.cancel()
-
     async def nudge(self, peers: Iterable[StageRecord]) -> None:
         """Tells ``peers`` (at once, concurrently) to re-read the DHT: this node just stored a change they wait
         for. Best effort: a peer that does not answer finds the change at its next poll."""
@@ -458,7 +419,7 @@ class Presence:
                 return peer
             if time.monotonic() >= deadline or (stopping is not None and stopping.is_set()):
                 raise StepFailed(f"no serving peer for stage {stage}")
-            await self.pause(min(0.2, self.timing.refresh_seconds), stopping)
+            await self.nudges.pause(min(0.2, self.timing.refresh_seconds), stopping)
             await self.try_refresh()
 
     # ---- heartbeats -------------------------------------------------------------------------------

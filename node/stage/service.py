@@ -126,7 +126,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         superseded: Callable[[int], None] = lambda epoch: None,
         nudged: Callable[[], object] | None = None,
     ) -> None:
-        """``nudged``: a heartbeat asks this node to re-read the DHT now (``Presence.nudged``)."""
+        """``nudged``: a heartbeat asks this node to re-read the DHT now (``Nudges.nudged``)."""
         self.participant, self.copies, self.checkpoints = participant, copies, checkpoints
         self.superseded = superseded  # a control request addressed this stage by a newer claim epoch
         self.nudged = nudged

@@ -82,7 +82,8 @@ class FakeCoordinator:
 class FakePresence:
     def __init__(self, steps: dict[int, int]) -> None:
         self.me, self.steps, self.states = SimpleNamespace(peer_id="p0"), steps, []
-        self.nudge_pending, self.state = False, "joining"
+        self.state = "joining"
+        self.nudges = SimpleNamespace(pending=False, pause=self.pause)
 
     def peer_of(self, stage: int) -> StageRecord | None:
         return SimpleNamespace(peer_id=f"p{stage}", committed_step=self.steps[stage], throughput=None)

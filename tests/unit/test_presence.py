@@ -263,34 +263,34 @@ async def test_a_frozen_node_keeps_its_record_unannounced_and_yields_to_the_clai
 async def test_a_nudge_cuts_a_pause_short_and_a_flood_of_them_is_dropped(parts) -> None:
     presence, _, _, _ = parts
     started = time.monotonic()
-    pausing = asyncio.ensure_future(presence.pause(5.0))
+    pausing = asyncio.ensure_future(presence.nudges.pause(5.0))
     await asyncio.sleep(0.01)
-    assert presence.nudged() and not presence.nudged()  # the second one, too soon after, is dropped
+    assert presence.nudges.nudged() and not presence.nudges.nudged()  # the second one, too soon after, is dropped
     await asyncio.wait_for(pausing, 1.0)
     assert time.monotonic() - started < 1.0
     nudges = presence.metrics.nudges
     assert nudges.labels(result="woke")._value.get() == 1 and nudges.labels(result="dropped")._value.get() == 1
     stopping = asyncio.Event()
     stopping.set()
-    await asyncio.wait_for(presence.pause(5.0, stopping), 1.0)  # stopping ends it too
+    await asyncio.wait_for(presence.nudges.pause(5.0, stopping), 1.0)  # stopping ends it too
 
 
 async def test_a_nudge_that_lands_while_nobody_waits_is_not_lost(parts) -> None:
     presence, directory, _, _ = parts
     await presence.refresh()
-    assert not presence.nudge_pending
-    presence.nudged()  # e.g. stage 0 is in the middle of a step
-    assert presence.nudge_pending
-    await asyncio.wait_for(presence.pause(5.0), 0.5)  # the next pause returns at once (once)
+    assert not presence.nudges.pending
+    presence.nudges.nudged()  # e.g. stage 0 is in the middle of a step
+    assert presence.nudges.pending
+    await asyncio.wait_for(presence.nudges.pause(5.0), 0.5)  # the next pause returns at once (once)
     # a view read within max_age is kept, unless a nudge came since
     directory.by_peer["c"] = rec(2, "c", state="handing_over")
     await presence.try_refresh(max_age=60)
-    assert presence.peer_of(2) is None and not presence.nudge_pending
+    assert presence.peer_of(2) is None and not presence.nudges.pending
     directory.by_peer["c"] = rec(2, "c")
     await presence.try_refresh(max_age=60)
     assert presence.peer_of(2) is None  # fresh enough: not read again
-    presence._last_nudge = -1e9
-    presence.nudged()
+    presence.nudges._last = -1e9
+    presence.nudges.nudged()
     await presence.try_refresh(max_age=60)
     assert presence.peer_of(2).peer_id == "c"
 
@@ -306,9 +306,9 @@ async def test_a_nudge_during_a_read_keeps_the_view_marked_out_of_date(parts) ->
     directory.records_and_suspicions = slow_read
     reading = asyncio.ensure_future(presence.refresh())
     await asyncio.sleep(0.03)
-    presence.nudged()
+    presence.nudges.nudged()
     await reading
-    assert presence.nudge_pending  # the read may have missed what the nudge announced
+    assert presence.nudges.pending  # the read may have missed what the nudge announced
 
 
 async def test_nudges_go_to_the_named_peers_once_each_and_a_dead_one_costs_nothing(parts) -> None:
