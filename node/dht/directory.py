@@ -15,10 +15,13 @@ from node.dht.auth import CertBinding, openssh, peer_id_of
 from node.security.keys import NodeCredentials
 from node.wire.records import (
     SERVING_STATES,
+    SPEAKING_STATES,
     StageRecord,
+    StageState,
     SubkeyCheck,
     SuspicionRecord,
     check_insecure_subkey,
+    current_epochs,
     insecure_subkey,
     owner_subkey,
     parse_stage_records,
@@ -143,3 +146,19 @@ def pick_peer(
     if not candidates:
         return None
     return min(candidates, key=lambda r: (-r.epoch, -r.committed_step, r.peer_id))
+
+
+def route_peer(records: Iterable[StageRecord], peer_id: str, stage: int) -> tuple[StageRecord | None, bool]:
+    """In ``records`` (one swarm's): (``peer_id``'s record, if it takes ``stage``'s traffic: serving it, or handing
+    it over and finishing the step in flight; whether it is *gone* for this step: offline, holding another stage
+    (a replica that moved), or fenced off by a newer claim of ``stage`` that serves). (None, False): not there
+    yet, e.g. a view that still shows it as the spare it was a moment ago: wait for it."""
+    records = list(records)
+    record = next((r for r in records if r.peer_id == peer_id), None)
+    if record is None or record.stage is None:
+        return None, False
+    if record.stage != stage or record.state not in SPEAKING_STATES:
+        return None, record.stage != stage or record.state == StageState.OFFLINE
+    if record.epoch < current_epochs(records).get(stage, 0):
+        return None, True
+    return record, False

@@ -8,10 +8,18 @@ so a lost or forged one costs at most a poll period or one extra read.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
 
 from node.metrics import StageMetrics
+from node.wire.records import StageRecord
+
+logger = logging.getLogger(__name__)
 
 NUDGE_MIN_SECONDS = 0.05  # nudges closer together than this are dropped: a peer cannot make us hammer the DHT
 
@@ -66,3 +74,17 @@ class Nudges:
             self._pauses.discard(waiter)
             for w in waits:
                 w.cancel()
+
+
+async def send_nudges(channels: Any, request: Any, peers: Iterable[StageRecord], timeout: float) -> None:
+    """Sends the nudge ``request`` (a heartbeat with ``refresh``) to each of ``peers`` once, concurrently, through
+    ``channels`` (a ``ChannelPool``); a peer that does not answer is only logged."""
+
+    async def one(peer: StageRecord) -> None:
+        try:
+            await channels.stub(peer).Heartbeat(request, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            logger.debug("could not nudge %s: %s", peer.peer_id, err.code().name)
+
+    targets = {p.peer_id: p for p in peers if p.grpc_address}
+    await asyncio.gather(*(one(p) for p in targets.values()))

@@ -31,14 +31,14 @@ from typing import Protocol
 import grpc
 
 from node import __version__
-from node.dht.directory import pick_peer
+from node.dht.directory import pick_peer, route_peer
 from node.events import EventLog, FailureDetectedEvent
 from node.metrics import StageMetrics
 from node.options import TimingOptions
 from node.proto import stage_pb2 as pb
 from node.recovery.planner import declared_dead
 from node.stage.compute import Background, BlockingIO
-from node.stage.nudges import Nudges
+from node.stage.nudges import Nudges, send_nudges
 from node.stage.runtime import StepFailed
 from node.stage.seat import Seat
 from node.topology import heartbeat_side, neighbour_stages, swap_partner
@@ -48,7 +48,6 @@ from node.wire.records import (
     SPEAKING_STATES,
     StageRecord,
     StageState,
-    current_epochs,
     next_epoch,
     same_swarm,
 )
@@ -84,6 +83,23 @@ class NodeIdentity:
     metrics_port: int | None = None
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=socket.gethostname)
+
+
+class LastRecords:
+    """The last record read of every peer, kept one record lifetime after it lapsed from the DHT (a newer claim
+    of its stage still outranks it; a peer declared dead is forgotten at once)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[StageRecord, float]] = {}  # peer id -> (its last record read, when)
+
+    def read(self, view: list[StageRecord], dead: set[str] | frozenset[str], ttl: float) -> None:
+        now = time.monotonic()
+        self._last = {p: seen for p, seen in self._last.items() if now - seen[1] < ttl and p not in dead}
+        self._last.update((r.peer_id, (r, now)) for r in view)
+
+    def lapsed(self, exclude: set[str] | frozenset[str]) -> list[StageRecord]:
+        """The kept records of the peers not in ``exclude`` (those in the view, suspects, this node)."""
+        return [r for peer, (r, _) in self._last.items() if peer not in exclude]
 
 
 class Presence:
@@ -128,7 +144,7 @@ class Presence:
         self._background = Background()
         self.nudges = Nudges(metrics)  # what other nodes push: poll loops pause on it
         self.read_at = -math.inf  # when the view's DHT read started (monotonic)
-        self._lapsed: dict[str, tuple[StageRecord, float]] = {}  # peer id -> (its last record read, when)
+        self.lately = LastRecords()  # for members_lately
 
     # ---- this node's record -----------------------------------------------------------------------
     def record(self, state: StageState | None = None) -> StageRecord:
@@ -190,11 +206,7 @@ class Presence:
         self.read_at = started
         dead = declared_dead(records, suspicions, self.me.num_stages)
         self.view = [r for r in records if r.peer_id not in dead]
-        now = time.monotonic()
-        self._lapsed = {
-            peer: seen for peer, seen in self._lapsed.items() if now - seen[1] < self.record_ttl and peer not in dead
-        }
-        self._lapsed.update((r.peer_id, (r, now)) for r in self.view)
+        self.lately.read(self.view, dead, self.record_ttl)
         self.committed_seen = max([self.committed_seen, *(r.committed_step for r in self.members(None))])
         # back from a stall (a frozen process or VM): the swarm may be rebuilding this stage; a claim fences it
         if not self.seat.handing_over and (newer := self.newer_claim(claims=self.yielding())) is not None:
@@ -272,15 +284,8 @@ class Presence:
             sender_stage=self.seat.stage or 0, sender_peer=self.me.peer_id, committed_step=self.seat.committed_step,
             refresh=True,
         )  # fmt: skip
-
-        async def one(peer: StageRecord) -> None:
-            try:
-                await self.channels.stub(peer).Heartbeat(request, timeout=self.timing.heartbeat_timeout)
-            except grpc.aio.AioRpcError as err:
-                logger.debug("could not nudge %s: %s", peer.peer_id, err.code().name)
-
-        targets = {p.peer_id: p for p in peers if p.peer_id != self.me.peer_id and p.grpc_address}
-        await asyncio.gather(*(one(p) for p in targets.values()))
+        others = [p for p in peers if p.peer_id != self.me.peer_id]
+        await send_nudges(self.channels, request, others, self.timing.heartbeat_timeout)
 
     def spares(self) -> list[StageRecord]:
         """The spares of this swarm waiting for a vacant stage."""
@@ -306,15 +311,11 @@ class Presence:
 
     def members_lately(self) -> list[StageRecord]:
         """Every member of this swarm (any state, suspects left out), including one whose record lapsed from the
-        DHT within the last record lifetime and that nobody declared dead: a node slowed down by load can miss
-        its announce by a moment, and who may call what (``authz``) must not flip on that. A newer claim of its
-        stage still outranks its last record."""
-        current = self.members(None)
-        seen = {r.peer_id for r in current}
-        exclude = self.suspected() | {self.me.peer_id}
-        lapsed = [r for peer, (r, _) in self._lapsed.items() if peer not in seen and peer not in exclude]
-        me = self.me
-        return current + same_swarm(lapsed, fingerprint=me.fingerprint, num_stages=me.num_stages, states=None)
+        DHT within the last record lifetime and that nobody declared dead (:class:`LastRecords`): who may call
+        what (``authz``) must not flip on a node slowed down by load that missed its announce by a moment."""
+        current, me = self.members(None), self.me
+        lapsed = self.lately.lapsed({r.peer_id for r in current} | self.suspected() | {me.peer_id})
+        return current + same_swarm(lapsed, fingerprint=me.fingerprint, num_stages=me.num_stages)
 
     def suspected(self) -> frozenset[str]:
         """Peers found dead recently; forgiven after 3 refresh periods, by when a dead peer's record expired."""
@@ -386,22 +387,11 @@ class Presence:
             callback(failure)
 
     def route_peer(self, peer_id: str, stage: int) -> tuple[StageRecord | None, bool]:
-        """(``peer_id``'s record, if it takes ``stage``'s traffic: serving it, or handing it over and finishing
-        the step in flight; whether it is *gone* for this step: suspected, offline, holding another stage (a
-        replica that moved), or fenced off by a newer claim of ``stage`` that serves). (None, False): not there
-        yet, e.g. a view that still shows it as the spare it was a moment ago: wait for it.)"""
+        """:func:`~node.dht.directory.route_peer` over this node's view (a suspect is gone)."""
         if peer_id in self.suspected():
             return None, True
         me = self.me
-        records = same_swarm(self.view, fingerprint=me.fingerprint, num_stages=me.num_stages, states=None)
-        record = next((r for r in records if r.peer_id == peer_id), None)
-        if record is None or record.stage is None:
-            return None, False
-        if record.stage != stage or record.state not in SPEAKING_STATES:
-            return None, record.stage != stage or record.state == StageState.OFFLINE
-        if record.epoch < current_epochs(records).get(stage, 0):
-            return None, True
-        return record, False
+        return route_peer(same_swarm(self.view, fingerprint=me.fingerprint, num_stages=me.num_stages), peer_id, stage)
 
     def leaving_peer(self, stage: int) -> StageRecord | None:
         """The peer handing ``stage`` over after a preemption notice, if any."""

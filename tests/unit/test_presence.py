@@ -365,7 +365,7 @@ async def test_a_member_whose_record_lapsed_a_moment_ago_still_counts_for_author
     await presence.refresh()
     assert [r.state for r in presence.members_lately() if r.peer_id == "a"] == [StageState.OFFLINE]  # newest wins
     directory.by_peer.pop("a")
-    presence._lapsed["a"] = (stage0, time.monotonic() - presence.record_ttl)  # lapsed a record lifetime ago
+    presence.lately._last["a"] = (stage0, time.monotonic() - presence.record_ttl)  # lapsed a record lifetime ago
     await presence.refresh()
     assert "a" not in {r.peer_id for r in presence.members_lately()}
     directory.suspicions = {"d": {"c"}}  # declared dead by a live neighbour: gone at once, lapsed or not
