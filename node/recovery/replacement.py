@@ -34,10 +34,11 @@ from node.stage.placement import join_stage
 from node.stage.presence import Presence
 from node.stage.runtime import StageRuntime
 from node.stage.seat import Seat
-from node.wire.records import RecoveryRecord, StageState
+from node.wire.records import RecoveryRecord, StageState, current_epochs
 
 logger = logging.getLogger(__name__)
 FRESH_VIEW_SECONDS = 0.2  # a view read this recently is fresh enough to plan a recovery from
+VACANCY_CONFIRM_SECONDS = 0.5  # a stage found vacant is read again this much later before a claim
 UNRECOVERABLE_PATIENCE_SECONDS = 15.0  # how long a stage that looks lost must stay unseen before training stops
 
 
@@ -90,6 +91,28 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
         await presence.announce(StageState.SPARE)
         spare_since = spare_since or time.monotonic()
         await presence.nudges.pause(poll, stopping)  # a leaving owner or a neighbour reporting a death wakes it
+    raise asyncio.CancelledError
+
+
+async def served_epoch(presence: Presence, stage: int, stopping: asyncio.Event) -> int | None:
+    """The epoch of the claim by which ``stage`` is served now, or None when it is vacant. Decided on views
+    that were read (never the empty view a node starts with, nor a stale one kept after a failed read), and a
+    vacancy only when two reads ``VACANCY_CONFIRM_SECONDS`` apart agree: a lookup just after start, or under
+    load, can miss a record, and a node that claimed a served stage would fence its live peer."""
+    vacant_reads = 0
+    while not stopping.is_set():
+        try:
+            await presence.refresh()
+        except Exception as err:  # no view: decide nothing on it
+            logger.warning("reading the swarm's records failed (%s); trying again", err)
+        else:
+            serving = current_epochs(presence.members()).get(stage)
+            if serving is not None:
+                return serving
+            vacant_reads += 1
+            if vacant_reads >= 2:
+                return None
+        await presence.nudges.pause(VACANCY_CONFIRM_SECONDS, stopping)
     raise asyncio.CancelledError
 
 

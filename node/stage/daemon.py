@@ -39,7 +39,7 @@ from node.recovery.handoff import Handoff
 from node.recovery.methods import RecoveryContext, RecoveryMethod
 from node.recovery.neighbour_snapshots import SnapshotRestore, SnapshotSender
 from node.recovery.neighbours import NeighbourRebuild
-from node.recovery.replacement import StageBuilder, StageTaken, Unrecoverable, claim_vacant_stage
+from node.recovery.replacement import StageBuilder, StageTaken, Unrecoverable, claim_vacant_stage, served_epoch
 from node.recovery.replica import ReplicaCopy
 from node.recovery.stage0_copies import Stage0Copies
 from node.security.authz import MemberInterceptor, ViewCheck
@@ -208,9 +208,8 @@ class StageDaemon:
                 join = self.opts.placement is Placement.THROUGHPUT
                 claimed = not await claim_vacant_stage(self.presence, self.seat, self.stopping, join=join)
             if not claimed:  # an explicit --stage N, or a stage chosen to join by throughput
-                await self.presence.try_refresh()
                 # a replica of a served stage holds it by the same claim as the others; any other start is a claim
-                serving = current_epochs(self.presence.members()).get(self.seat.stage)
+                serving = await served_epoch(self.presence, self.seat.stage, self.stopping)
                 replica = serving is not None and self.seat.stage != 0
                 self.seat.epoch = serving if replica else self.presence.claim_epoch(self.seat.stage)
                 await self.presence.announce(StageState.JOINING)

@@ -41,6 +41,7 @@ from node.stage.compute import Background, BlockingIO
 from node.stage.nudges import Nudges, send_nudges
 from node.stage.runtime import StepFailed
 from node.stage.seat import Seat
+from node.stage.stalls import StallWatch
 from node.topology import heartbeat_side, neighbour_stages, swap_partner
 from node.transport.channels import ChannelPool
 from node.wire.records import (
@@ -54,8 +55,6 @@ from node.wire.records import (
 
 logger = logging.getLogger(__name__)
 OCCUPYING = SERVING_STATES | {StageState.RECOVERING}
-STALL_TICK_SECONDS = 0.2  # the stall watch's sleep: a much longer one means the process was frozen
-YIELD_PERIODS = 5  # refresh periods a node back from a stall waits for the claim of its stage
 
 
 class Directory(Protocol):
@@ -131,7 +130,10 @@ class Presence:
         self.snapshots = snapshots  # (stage, committed step) of the neighbour snapshots held here (ladder)
         self.stage0_rebuildable = stage0_rebuildable  # checkfree+, checkpoint, ladder: stage 0 can be rebuilt
         self.successor: str | None = None  # handing over: the spare named to take the stage
-        self.stalled_at = -math.inf  # when this node last found itself back from a stall (see yielding)
+        self.stalls = StallWatch(  # back from a stall, the node yields its stage to a claim (see stalls.py)
+            lambda: self.record_ttl, lambda: timing.refresh_seconds,
+            lambda: seat.stage is not None and bool(seat.stage or self.stage0_rebuildable),
+        )  # fmt: skip
         self.state = StageState.JOINING
         self.view: list[StageRecord] = []
         self.suspects: dict[str, float] = {}  # peer id -> when it was found dead (monotonic)
@@ -180,7 +182,7 @@ class Presence:
             self.state = state
         if self.seat.stage is None and self.state == StageState.JOINING:
             return  # a --stage auto node has no record until it is a spare (a joining record needs a stage)
-        if self.yielding() and self.state in SERVING_STATES:
+        if self.stalls.yielding() and self.state in SERVING_STATES:
             return
         try:
             await self.io.run(self.directory.announce, self.record(), self.record_ttl)
@@ -209,7 +211,7 @@ class Presence:
         self.lately.read(self.view, dead, self.record_ttl)
         self.committed_seen = max([self.committed_seen, *(r.committed_step for r in self.members(None))])
         # back from a stall (a frozen process or VM): the swarm may be rebuilding this stage; a claim fences it
-        if not self.seat.handing_over and (newer := self.newer_claim(claims=self.yielding())) is not None:
+        if not self.seat.handing_over and (newer := self.newer_claim(claims=self.stalls.yielding())) is not None:
             for callback in self.on_fenced:
                 callback(newer)
         self.metrics.malformed_records.inc(self.directory.malformed_seen - before)
@@ -221,10 +223,10 @@ class Presence:
         """Another peer serving this node's stage by a higher epoch, if the view holds one: this node then
         stops serving the stage (it was declared dead, and a replacement has taken over). With ``claims``, a
         peer still rebuilding the stage by a higher epoch counts too (:meth:`refresh` asks for that while the
-        node is back from a stall, see :meth:`yielding`): a node that comes back to find its stage claimed
-        yields at once, rather than outliving the claim and undoing the recovery the swarm has started. A
-        live node resists claims (the claimant sees it serving and backs off). Stage 0 yields to a claim only
-        when ``stage0_rebuildable`` (its claimant could not rebuild it otherwise)."""
+        node is back from a stall, see :class:`~node.stage.stalls.StallWatch`): a node that comes back to find
+        its stage claimed yields at once, rather than outliving the claim and undoing the recovery the swarm
+        has started. A live node resists claims (the claimant sees it serving and backs off). Stage 0 yields to
+        a claim only when ``stage0_rebuildable`` (its claimant could not rebuild it otherwise)."""
         seat = self.seat
         if seat.stage is None or not seat.ready:
             return None
@@ -246,31 +248,9 @@ class Presence:
         with contextlib.suppress(Exception):
             await self.refresh()
 
-    def yielding(self) -> bool:
-        """Back from a stall (the event loop froze for longer than this node's record lives: SIGSTOP, a frozen
-        VM), for ``YIELD_PERIODS`` refresh periods: the node keeps its serving record unannounced, so that its
-        stage looks vacant and the recovery the swarm has started (its neighbours found it dead) can claim it;
-        a claim by a newer epoch then fences it. With nobody claiming in time, it announces itself again."""
-        return time.monotonic() - self.stalled_at < YIELD_PERIODS * self.timing.refresh_seconds
-
-    async def watch_for_stalls(self, stopping: asyncio.Event) -> None:
-        """Notices when this process was frozen: a short sleep that took longer than a record lives."""
-        tick = time.monotonic()
-        while not stopping.is_set():
-            await asyncio.sleep(STALL_TICK_SECONDS)
-            now = time.monotonic()
-            if (
-                now - tick > self.record_ttl
-                and self.seat.stage is not None
-                and (self.seat.stage or self.stage0_rebuildable)
-            ):
-                self.stalled_at = now
-                logger.warning("this node was frozen for %.1f s: its stage may have been taken over", now - tick)
-            tick = now
-
     async def run_periodic(self, stopping: asyncio.Event) -> None:
         """Announce and refresh every period until ``stopping``."""
-        self._background.spawn(self.watch_for_stalls(stopping))
+        self._background.spawn(self.stalls.run(stopping))
         while not stopping.is_set():
             await self.try_refresh()  # first: a node that was fenced off meanwhile must not announce its stage again
             await self.announce()

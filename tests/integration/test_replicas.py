@@ -121,7 +121,7 @@ def test_spares_placed_by_throughput_serve_every_block_stage_and_refill_one_that
         step = max(r.committed_step for r in after[0])
         wait_for(lambda: max(r.committed_step for r in serving().get(0, [])) > step + 2, 120, "training going on")
         rebuilt = [e for e in of_type(swarm.read_events(), RecoveryEvent) if e.time > killed_at and e.stage == 3]
-        assert len(rebuilt) == 1, rebuilt  # one node moved: one rebuild
+        assert len(rebuilt) == 1, [(e.pid, e.method, e.step, e.sources) for e in rebuilt]  # one node moved: one rebuild
     finally:
         swarm.stop_all(grace=10)
         if swarm.dht is not None:

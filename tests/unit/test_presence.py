@@ -218,7 +218,7 @@ async def test_a_node_back_from_a_stall_yields_to_a_claim_of_its_stage(parts) ->
     assert presence.newer_claim() is None  # as a successor: only a serving one counts (a handover waits for it)
     await presence.refresh()
     assert fenced == []  # a live node resists a claim: the claimant sees it serving and backs off
-    presence.stalled_at = time.monotonic()  # back from a stall (see the next test)
+    presence.stalls.stalled_at = time.monotonic()  # back from a stall (see the next test)
     await presence.refresh()
     assert [r.peer_id for r in fenced] == ["z"]  # back from the stall, the claim is enough
     # an older claim, or one of another stage, fences nothing
@@ -244,12 +244,12 @@ async def test_a_frozen_node_keeps_its_record_unannounced_and_yields_to_the_clai
     fenced: list[StageRecord] = []
     presence.on_fenced.append(fenced.append)
     stopping = asyncio.Event()
-    watch = asyncio.create_task(presence.watch_for_stalls(stopping))
+    watch = asyncio.create_task(presence.stalls.run(stopping))
     await asyncio.sleep(0.05)
-    assert not presence.yielding()
+    assert not presence.stalls.yielding()
     time.sleep(0.3)  # the whole process freezes (as under SIGSTOP): the event loop does not run
     await asyncio.sleep(0.01)  # the watch wakes up late
-    assert presence.yielding()
+    assert presence.stalls.yielding()
     stored = len(directory.stored)
     await presence.announce()
     assert len(directory.stored) == stored  # silent: its stage looks vacant to the spares
@@ -371,3 +371,32 @@ async def test_a_member_whose_record_lapsed_a_moment_ago_still_counts_for_author
     directory.suspicions = {"d": {"c"}}  # declared dead by a live neighbour: gone at once, lapsed or not
     await presence.refresh()
     assert "d" not in {r.peer_id for r in presence.members_lately()}
+
+
+async def test_an_explicit_stage_is_claimed_only_when_two_successful_reads_find_it_vacant(parts) -> None:
+    from node.recovery.replacement import served_epoch
+
+    presence, directory, _, _ = parts
+    stopping = asyncio.Event()
+    served = rec(2, "s").model_copy(update={"epoch": 7})
+    reads = 0
+    real_read = directory.records_and_suspicions
+
+    def flaky_read():  # the first read fails (a DHT timeout), the second misses the record, the third has it
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise TimeoutError("DHT lookup timed out")
+        records, suspicions = real_read()
+        return ([r for r in records if r.peer_id != "s"] if reads == 2 else records), suspicions
+
+    del directory.by_peer["c"]  # stage 2's peer is "s" here
+    directory.by_peer["s"] = served
+    directory.records_and_suspicions = flaky_read
+    assert await served_epoch(presence, 2, stopping) == 7  # joined as a replica, never claimed
+    assert reads == 3
+    directory.records_and_suspicions = real_read
+    del directory.by_peer["s"]
+    started = time.monotonic()
+    assert await served_epoch(presence, 2, stopping) is None  # vacant in two reads: a claim
+    assert time.monotonic() - started >= 0.4  # the second read came a moment later
