@@ -138,6 +138,7 @@ class HandedOverEvent(_Event):
     stage: int
     step: int = Field(description="committed step of the state handed over")
     to: str | None = Field(description="the successor's peer id")
+    to_replica: bool = Field(False, description="the successor is another replica of the stage: no state moved")
     parked_on: int | None = Field(None, description="no successor in time: the neighbour stage given the state")
     seconds: float = Field(description="from the notice to the successor serving (or giving up)")
 

@@ -195,7 +195,8 @@ class StageMetrics:
         )
         self.handoffs = Counter(
             "swarm_node_handoffs_total",
-            "Stages this node handed over on a notice (handed_over; parked: left with a neighbour; missed_deadline)",
+            "Stages this node handed over on a notice (handed_over; to_replica: another replica carries it on; "
+            "parked: left with a neighbour; missed_deadline)",
             ["result"],
             registry=r,
         )

@@ -101,14 +101,19 @@ class Handover:
             return None
         parked_on = None
         if successor is None:
+            successor = await self._replica_carries_on(last_chance=True)
+        if successor is None:
             # up to the notice's end: the machine may go a little later, so a late attempt is still worth it
             parked_on = await self._park(stage, time.monotonic() + max(0.5, notice.seconds_left() - 0.1))
         seconds = time.time() - notice.received
+        to_replica = successor is not None and successor.epoch == seat.epoch  # a successor's claim is newer
         result = "handed_over" if successor else "parked" if parked_on is not None else "missed_deadline"
+        result = "to_replica" if to_replica else result
         self.metrics.handoffs.labels(result=result).inc()
         if successor is not None:
             self.metrics.handoff_seconds.observe(seconds)
-            logger.warning("stage %d handed over to %s in %.1f s", stage, successor.peer_id, seconds)
+            logger.warning("stage %d handed over to %s%s in %.1f s", stage, successor.peer_id,
+                           " (a replica of it: no state moved)" if to_replica else "", seconds)  # fmt: skip
         elif parked_on is None:
             logger.warning("nobody took stage %d within the notice; leaving it to recovery", stage)
         self.events.emit(
@@ -116,6 +121,7 @@ class Handover:
                 stage=stage,
                 step=seat.committed_step,
                 to=successor.peer_id if successor else None,
+                to_replica=to_replica,
                 seconds=seconds,
                 parked_on=parked_on,
             )
@@ -128,7 +134,7 @@ class Handover:
         presence = self.presence
         while not stopping.is_set() and time.monotonic() < until:
             await presence.try_refresh()
-            if (successor := presence.newer_claim()) is not None:
+            if (successor := presence.newer_claim() or await self._replica_carries_on()) is not None:
                 return successor
             others = presence.members(None)
             named = presence.successor
@@ -138,6 +144,28 @@ class Handover:
                 await presence.announce()
                 await self._tell_successors()
             await presence.nudges.pause(POLL_SECONDS, stopping)  # the successor's nudge, once it serves, wakes it
+        return None
+
+    async def _replica_carries_on(self, last_chance: bool = False) -> StageRecord | None:
+        """Another replica of this stage that carries it on, so that no state has to move: one whose committed
+        step is past this node's (stage 0 trains on without this node: the step in flight is settled here and
+        no new one comes), or, as a ``last_chance`` before parking, one that holds every step committed here
+        once this node is sealed. Its heartbeat reply says so (same peer and stage): a record can be a period
+        old."""
+        seat, presence = self.seat, self.presence
+        others = [r for r in presence.replicas_of(seat.stage) if r.peer_id != presence.me.peer_id]
+        if not others or (last_chance and not self.seal()):
+            return None
+        request = pb.HeartbeatRequest(sender_stage=seat.stage, sender_peer=presence.me.peer_id,
+                                      committed_step=seat.committed_step)  # fmt: skip
+        for peer in others:
+            try:
+                reply = await self.channels.stub(peer).Heartbeat(request, timeout=presence.timing.heartbeat_timeout)
+            except grpc.aio.AioRpcError:
+                continue
+            needed = seat.committed_step + (0 if last_chance else 1)
+            if (reply.peer_id, reply.stage) == (peer.peer_id, seat.stage) and reply.committed_step >= needed:
+                return peer
         return None
 
     async def _tell_successors(self) -> None:

@@ -193,12 +193,18 @@ class PipelineParticipant:
         await self.order.turn(
             meta.step, meta.attempt, direction, prev, self.runtime.committed_step, self.timing.step_timeout
         )
-        started = time.perf_counter()
         slowed = self.slowdown != 1.0 or (self.emulate_compute and self.seat.stage)
-        future = self.compute.submit(self._slowed(fn) if slowed else fn)
+        work = self._slowed(fn) if slowed else fn
+
+        def timed() -> tuple[T, float]:
+            # timed on the compute thread: the wait in its queue behind other microbatches is not this node's
+            # speed (counted in, a busy replica looked slower, got fewer microbatches, and the shares swung)
+            started = time.perf_counter()
+            return work(), time.perf_counter() - started
+
+        future = self.compute.submit(timed)
         await self.order.advance(meta.step, meta.attempt, direction, meta.microbatch)
-        result = await future
-        seconds = time.perf_counter() - started
+        result, seconds = await future
         self.metrics.compute_seconds.labels(direction=direction).observe(seconds)
         old = self._ema_seconds.get(direction)
         self._ema_seconds[direction] = seconds if old is None else 0.8 * old + 0.2 * seconds

@@ -1,5 +1,6 @@
-"""Several peers per stage, with real processes: replicas join by exact copy, share the microbatches, and
-losing one of two replicas costs no rebuild; the weights still match the single-process reference."""
+"""Several peers per stage, with real processes: replicas join by exact copy, share the microbatches, losing
+one of two replicas costs no rebuild, and a preempted replica leaves its stage to the other; the weights still
+match the single-process reference."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from node.events import RecoveryEvent, StepEvent, of_type, read_events
+from node.events import HandedOverEvent, NoticeEvent, RecoveryEvent, StepEvent, of_type, read_events
 from node.local import local_argv
 from tests.conftest import REPO, kill_swarm, launcher_children
 
@@ -32,11 +33,12 @@ def _daemon_pid(launcher: int, options: str) -> int | None:
 
 
 @pytest.mark.timeout(600)
-def test_two_replicas_per_stage_share_the_work_and_one_can_die_without_a_rebuild(tmp_path: pathlib.Path) -> None:
+def test_two_replicas_per_stage_share_the_work_and_one_can_die_or_leave_without_a_rebuild(tmp_path) -> None:
     workdir, out = tmp_path / "swarm", tmp_path / "summary.json"
-    argv = local_argv(
-        "--stages", "4", "--replicas", "2", "--steps", "70", "--check-reference", workdir=workdir, json_out=out
-    )
+    argv = local_argv(  # and a SIGTERM notice to stage 1's first node at step 55: its replica carries the stage on
+        "--stages", "4", "--replicas", "2", "--steps", "70", "--check-reference", "--preempt", "1@55:20:signal",
+        workdir=workdir, json_out=out,
+    )  # fmt: skip
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     events_path = workdir / "events.jsonl"
@@ -67,6 +69,13 @@ def test_two_replicas_per_stage_share_the_work_and_one_can_die_without_a_rebuild
     after = [r for r in of_type(read_events(events_path), RecoveryEvent) if r.time > killed_at and r.stage == 2]
     assert all(r.method == "replica" for r in after), [r.method for r in after]
     assert any(d.get("signal") == "SIGKILL" or d.get("exit_code") == -9 for d in summary["deaths"]), summary["deaths"]
+    # the preempted node of stage 1 left it to its replica: no state moved, nothing was parked or rebuilt
+    events = read_events(events_path)
+    handed = next(e for e in of_type(events, HandedOverEvent) if e.stage == 1)  # (local's own stop sends more)
+    assert handed.to_replica and handed.to is not None and handed.parked_on is None, handed
+    noticed = min(e.time for e in of_type(events, NoticeEvent) if e.stage == 1)
+    rebuilt = [r.method for r in of_type(events, RecoveryEvent) if r.time > noticed and r.stage == 1]
+    assert all(m == "replica" for m in rebuilt), rebuilt
     # every replica summed its share in the recorded order: the weights are the reference's, bit for bit
     assert summary["reference_max_abs_diff"] == 0.0
 

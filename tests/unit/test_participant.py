@@ -135,3 +135,20 @@ async def test_no_stage_yet_means_not_ready(part) -> None:
     with pytest.raises(StepError) as err:
         await part.on_forward(meta(0), activation(0))
     assert err.value.reason == Reject.NOT_READY
+
+
+async def test_throughput_counts_compute_time_only_not_the_wait_behind_other_microbatches(part) -> None:
+    import time
+
+    rt = part.seat.runtime
+    forward = rt.forward
+
+    def slow_forward(mb, x):
+        time.sleep(0.2)  # every microbatch takes 0.2 s on the compute thread
+        return forward(mb, x)
+
+    rt.forward = slow_forward
+    # three microbatches arrive at once: the third waits 0.4 s in the compute thread's queue before it runs
+    await asyncio.gather(*(part.on_forward(meta(mb), activation(mb)) for mb in range(3)))
+    # the compute time (0.2 s), not the 0.2 / 0.4 / 0.6 s from submission (their average would be 0.31)
+    assert 0.19 < part._ema_seconds["forward"] < 0.27
