@@ -45,10 +45,11 @@ from dataclasses import dataclass
 
 from node.options import RecoveryStrategy
 from node.topology import nearest_live_block_stages, neighbour_stages, swap_partner
-from node.wire.records import SERVING_STATES, StageRecord, StageState, same_swarm
+from node.wire.records import CLAIMING_STATES, SERVING_STATES, StageRecord, StageState, same_swarm
 
 OCCUPYING_STATES = SERVING_STATES | {StageState.RECOVERING}
 EPSILON = 1e-4
+LONE_CLAIM_SETTLE_SECONDS = 0.2  # a lone spare's wait after its claim is stored (see claim_settle_seconds)
 
 
 class Method(enum.StrEnum):
@@ -141,6 +142,17 @@ def claim_winner(records: Iterable[StageRecord], stage: int, *, fingerprint: str
         return live[0]
     rebuilding = sorted(r.peer_id for r in same if r.state == StageState.RECOVERING)
     return rebuilding[0] if rebuilding else None
+
+
+def claim_settle_seconds(records: Iterable[StageRecord], me: str, refresh_seconds: float) -> float:
+    """How long a spare that just stored its claim of a vacant stage waits before :func:`claim_winner` decides:
+    one refresh period while its view holds another spare or claimant (a rival nudged at the same moment
+    stores its claim within it, and one that missed the nudge polls within half of it); with no rival in view
+    (a swarm with one spare) only ``LONE_CLAIM_SETTLE_SECONDS``. A spare its view missed can still claim: it
+    waits the full period, by when this claim is stored and usually serving, which :func:`claim_winner`
+    prefers; if both still build the stage, the newer claim fences the older one."""
+    rivals = any(r.peer_id != me and (r.state == StageState.SPARE or r.state in CLAIMING_STATES) for r in records)
+    return refresh_seconds if rivals else min(refresh_seconds, LONE_CLAIM_SETTLE_SECONDS)
 
 
 def usable_snapshot(

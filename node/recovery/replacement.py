@@ -25,6 +25,7 @@ from node.recovery.planner import (
     LOSSY,
     Method,
     RecoveryPlan,
+    claim_settle_seconds,
     claim_winner,
     live_stages,
     plan_recovery,
@@ -72,9 +73,10 @@ async def claim_vacant_stage(presence: Presence, seat: Seat, stopping: asyncio.E
         vacant = standby_order([s for s in vacant if s not in reserved], presence.members(None))
         if vacant:
             seat.stage, seat.epoch = vacant[0], presence.claim_epoch(vacant[0])
+            rivals_settle = claim_settle_seconds(presence.members(None), me.peer_id, settle)
             await presence.announce(StageState.RECOVERING)
             logger.info("claiming vacant stage %d", seat.stage)
-            await asyncio.sleep(settle)
+            await asyncio.sleep(rivals_settle)
             await presence.try_refresh()
             winner = claim_winner(presence.view, seat.stage, fingerprint=me.fingerprint, num_stages=me.num_stages)
             if winner == me.peer_id:

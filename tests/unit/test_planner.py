@@ -278,3 +278,15 @@ def test_before_its_first_snapshot_a_stage_restores_the_seeds_initial_state_if_a
     # a snapshot that did arrive comes first, and other strategies never take the initial state
     assert plan_recovery(2, 4, frozenset({0, 1, 3}), 4, LADDER, snapshots={2: (3, 3)}, max_stale=10).sources == (3,)
     assert plan_recovery(2, 4, frozenset({0, 1, 3}), 4, RecoveryStrategy.CHECKFREE).method == Method.CHECKFREE
+
+
+def test_a_lone_spare_settles_its_claim_briefly_and_one_with_rivals_waits_a_refresh_period() -> None:
+    from node.recovery.planner import LONE_CLAIM_SETTLE_SECONDS, claim_settle_seconds
+
+    swarm = [rec(0, "a"), rec(1, "b"), rec(3, "d"), rec(2, "me", state="recovering")]
+    assert claim_settle_seconds(swarm, "me", 1.0) == LONE_CLAIM_SETTLE_SECONDS < 1.0
+    assert claim_settle_seconds(swarm, "me", 0.1) == 0.1  # never longer than a period
+    assert claim_settle_seconds([*swarm, rec(None, "s", state="spare")], "me", 1.0) == 1.0  # another spare
+    assert claim_settle_seconds([*swarm, rec(2, "r", state="recovering")], "me", 1.0) == 1.0  # a rival claim
+    assert claim_settle_seconds([*swarm, rec(4, "j", state="joining")], "me", 1.0) == 1.0  # any claimant
+    assert claim_settle_seconds([*swarm, rec(4, "h", state="handing_over")], "me", 1.0) == LONE_CLAIM_SETTLE_SECONDS

@@ -151,7 +151,9 @@ async def test_a_lossy_rebuild_is_dropped_when_an_exact_state_shows_up_before_it
     assert seat.runtime is recovered.runtime and seat.last_recovery.method == "handoff"
 
 
-async def test_stage0_under_plain_checkfree_is_unrecoverable(tmp_path) -> None:
+async def test_stage0_under_plain_checkfree_is_unrecoverable(tmp_path, monkeypatch) -> None:
+    # the verdict waits this long for the stage to show up served after all (15 s in production)
+    monkeypatch.setattr("node.recovery.replacement.UNRECOVERABLE_PATIENCE_SECONDS", 0.5)
     b, _ = builder(0, [record(1, "p1", 8), record(2, "p2", 8), record(3, "p3", 8)], [ScriptedMethod(0)], tmp_path)
     with pytest.raises(Unrecoverable, match="stage 0 cannot be rebuilt"):
         await b.build()
