@@ -147,6 +147,7 @@ class Presence:
         self.nudges = Nudges(metrics)  # what other nodes push: poll loops pause on it
         self.read_at = -math.inf  # when the view's DHT read started (monotonic)
         self.lately = LastRecords()  # for members_lately
+        self.dead: frozenset[str] = frozenset()  # peers a route neighbour reported dead, as of the last read
 
     # ---- this node's record -----------------------------------------------------------------------
     def record(self, state: StageState | None = None) -> StageRecord:
@@ -206,7 +207,7 @@ class Presence:
         records, suspicions = await self.io.run(self.directory.records_and_suspicions)
         self.nudges.read(taken)
         self.read_at = started
-        dead = declared_dead(records, suspicions, self.me.num_stages)
+        self.dead = dead = declared_dead(records, suspicions, self.me.num_stages)
         self.view = [r for r in records if r.peer_id not in dead]
         self.lately.read(self.view, dead, self.record_ttl)
         self.committed_seen = max([self.committed_seen, *(r.committed_step for r in self.members(None))])
@@ -368,7 +369,7 @@ class Presence:
 
     def route_peer(self, peer_id: str, stage: int) -> tuple[StageRecord | None, bool]:
         """:func:`~node.dht.directory.route_peer` over this node's view (a suspect is gone)."""
-        if peer_id in self.suspected():
+        if peer_id in self.suspected() or peer_id in self.dead:  # a neighbour's report, too: its record is gone
             return None, True
         me = self.me
         return route_peer(same_swarm(self.view, fingerprint=me.fingerprint, num_stages=me.num_stages), peer_id, stage)

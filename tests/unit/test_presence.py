@@ -400,3 +400,13 @@ async def test_an_explicit_stage_is_claimed_only_when_two_successful_reads_find_
     started = time.monotonic()
     assert await served_epoch(presence, 2, stopping) is None  # vacant in two reads: a claim
     assert time.monotonic() - started >= 0.4  # the second read came a moment later
+
+
+async def test_a_routed_peer_that_a_neighbour_reported_dead_is_gone_for_the_step(parts) -> None:
+    presence, directory, _, _ = parts
+    await presence.refresh()
+    assert presence.route_peer("c", 2) == (directory.by_peer["c"], False)  # serving: the step waits for it
+    directory.suspicions["c"] = {"d"}  # stage 3 found it dead: its record leaves every view
+    await presence.refresh()
+    # gone at once, before this node's own heartbeats miss it (a fast replacement may be what they reach)
+    assert presence.route_peer("c", 2) == (None, True)
