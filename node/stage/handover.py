@@ -107,8 +107,8 @@ class Handover:
             parked_on = await self._park(stage, time.monotonic() + max(0.5, notice.seconds_left() - 0.1))
         seconds = time.time() - notice.received
         to_replica = successor is not None and successor.epoch == seat.epoch  # a successor's claim is newer
-        result = "handed_over" if successor else "parked" if parked_on is not None else "missed_deadline"
-        result = "to_replica" if to_replica else result
+        result = (("to_replica" if to_replica else "handed_over") if successor
+                  else "parked" if parked_on is not None else "missed_deadline")  # fmt: skip
         self.metrics.handoffs.labels(result=result).inc()
         if successor is not None:
             self.metrics.handoff_seconds.observe(seconds)
@@ -158,12 +158,12 @@ class Handover:
             return None
         request = pb.HeartbeatRequest(sender_stage=seat.stage, sender_peer=presence.me.peer_id,
                                       committed_step=seat.committed_step)  # fmt: skip
+        needed = seat.committed_step + (0 if last_chance else 1)
         for peer in others:
             try:
                 reply = await self.channels.stub(peer).Heartbeat(request, timeout=presence.timing.heartbeat_timeout)
             except grpc.aio.AioRpcError:
                 continue
-            needed = seat.committed_step + (0 if last_chance else 1)
             if (reply.peer_id, reply.stage) == (peer.peer_id, seat.stage) and reply.committed_step >= needed:
                 return peer
         return None
