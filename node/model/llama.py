@@ -8,6 +8,7 @@ the same module has in the unsplit :class:`FullModel`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.config import ModelConfig, SwarmConfig
+from node.wire.quantize import as_received
 
 
 class RMSNorm(nn.Module):
@@ -157,17 +159,37 @@ def build_stage(cfg: SwarmConfig, stage: int) -> nn.Module:
     return module
 
 
+class WireCrossing(torch.autograd.Function):
+    """A stage boundary inside one process: the activation going forward and its gradient coming back each
+    become what the next stage receives over a link of the swarm's ``wire_dtype`` (bf16 cast, int8 blocks)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, crossing) -> torch.Tensor:  # type: ignore[override]
+        ctx.crossing = crossing
+        return crossing(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return ctx.crossing(grad), None
+
+
 class FullModel(nn.Module):
-    """The unsplit model: every stage in one process, composed along a route (the reference)."""
+    """The unsplit model: every stage in one process, composed along a route (the reference). Between
+    stages, activations and gradients lose what the swarm's ``wire_dtype`` loses on the wire."""
 
     def __init__(self, cfg: SwarmConfig) -> None:
         super().__init__()
         self.stages = nn.ModuleList(build_stage(cfg, s) for s in range(cfg.num_stages))
+        lossy = cfg.wire_dtype not in (None, "float32")
+        self.crossing = functools.partial(as_received, wire_dtype=cfg.wire_dtype) if lossy else None
+
+    def cross(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.crossing is None else WireCrossing.apply(h, self.crossing)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, route: list[int] | None = None) -> torch.Tensor:
         """Loss of one microbatch; ``route`` lists the block stages in visiting order (default 1..S-1)."""
         order = route if route is not None else list(range(1, len(self.stages)))
-        h = self.stages[0].embed_tokens(idx)
+        h = self.cross(self.stages[0].embed_tokens(idx))
         for s in order:
-            h = self.stages[s](h)
+            h = self.cross(self.stages[s](h))
         return self.stages[0].loss(h, targets)

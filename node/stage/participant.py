@@ -30,7 +30,7 @@ from node.stage.presence import Presence
 from node.stage.runtime import Reject, StageRuntime, StepError, StepFailed
 from node.stage.seat import Seat
 from node.transport.channels import ChannelPool
-from node.wire.quantize import SCALE_NAME, quantize_blockwise
+from node.wire.quantize import wire_form
 from node.wire.tensors import encode_stream
 
 logger = logging.getLogger(__name__)
@@ -51,9 +51,6 @@ def retryable(err: grpc.aio.AioRpcError) -> bool:
     """Whether a failed push may succeed if sent again (an oversize refusal never does; ``busy`` may)."""
     busy = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (err.details() or "").startswith("busy")
     return busy or err.code() in RETRYABLE
-
-
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PipelineParticipant:
@@ -83,7 +80,6 @@ class PipelineParticipant:
         t = config.train
         self.activation_shape = (t.microbatch_size, t.seq_len, config.model.d_model)
         self.max_activation_bytes = math.prod(self.activation_shape) * 4
-        self.wire_dtype = WIRE_DTYPES.get(config.wire_dtype or "")
         self.order = MicrobatchOrder()
         self.inflight = StepInFlight()
         self.gradients = PartialGradients()
@@ -117,7 +113,7 @@ class PipelineParticipant:
         """Streams ``tensor`` to stage ``target`` (to its replica ``peer_id`` when given); retries another/new
         peer on transport errors. A chosen replica that is gone fails the microbatch: another replica lacks
         its activations, so stage 0 replays the step with a new assignment."""
-        tensors = self.wire_tensors(tensor)
+        tensors = wire_form(tensor, self.config.wire_dtype)
         nbytes = sum(t.numel() * t.element_size() for _, t in tensors)
         while True:
             rt = self.seat.runtime
@@ -157,14 +153,6 @@ class PipelineParticipant:
                 ) from None
             self.metrics.bytes_sent.labels(direction=rpc.lower()).inc(nbytes)
             return
-
-    def wire_tensors(self, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """What an activation or gradient travels as: itself, cast to ``wire_dtype``, or int8 codes and
-        their block scales (:mod:`node.wire.quantize`)."""
-        if self.config.wire_dtype == "int8":
-            codes, scales = quantize_blockwise(tensor)
-            return [("", codes), (SCALE_NAME, scales)]
-        return [("", tensor if self.wire_dtype is None else tensor.to(self.wire_dtype))]
 
     def push(self, meta: pb.MicrobatchMeta, tensor: torch.Tensor, rpc: str, hop: int) -> None:
         """Pushes a result to ``meta.route[hop]`` in the background. A push that cannot be delivered fails

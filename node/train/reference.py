@@ -7,7 +7,7 @@ efficiency benchmark uses its throughput as the baseline.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,13 +36,14 @@ def train_reference(
     tokens: torch.Tensor,
     steps: int,
     device: torch.device | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float, FullModel], None] | None = None,
     threads: int | None = None,
     assignments: Mapping[int, Mapping[str, list[list[int]]]] | None = None,
     restores: Mapping[int, Mapping[int, int]] | None = None,
 ) -> ReferenceRun:
     """Trains ``steps`` steps exactly as the swarm does (per-stage AdamW is per-parameter, so one optimizer
-    over the whole model is the same math).
+    over the whole model is the same math, and :class:`FullModel` loses what the config's ``wire_dtype``
+    loses between stages). ``on_step(step, loss, model)`` runs after each committed step.
 
     ``threads``: torch CPU threads for this run (restored afterwards). Pass the stages' count to compare bit for
     bit: MKL splits a weight gradient's reduction across threads on some CPUs (AVX-512), so the order of the
@@ -69,7 +70,7 @@ def _train(
     tokens: torch.Tensor,
     steps: int,
     device: torch.device,
-    on_step: Callable[[int, float], None] | None,
+    on_step: Callable[[int, float, FullModel], None] | None,
     assignments: Mapping[int, Mapping[str, list[list[int]]]],
     restores: Mapping[int, Mapping[int, int]],
 ) -> ReferenceRun:
@@ -121,8 +122,20 @@ def _train(
         run.losses.append(sum(losses) / len(losses))
         run.step_seconds.append(time.perf_counter() - started)
         if on_step is not None:
-            on_step(step + 1, run.losses[-1])
+            on_step(step + 1, run.losses[-1], model)
     return run
+
+
+@torch.no_grad()
+def validation_loss(model: FullModel, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The mean loss over ``batches`` along the in-order route, as stage 0's evaluation computes it (activations
+    cross the wire forward only)."""
+    device = next(model.parameters()).device
+    losses = []
+    for x, y in batches:
+        with autocast_for(device):
+            losses.append(float(model(x.to(device), y.to(device))))
+    return sum(losses) / len(losses)
 
 
 def _stage_state(stage: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
