@@ -7,6 +7,8 @@ accumulate in a fixed order; blocking DHT calls run on a small I/O pool so they 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -14,11 +16,21 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def _name_os_thread(name: str) -> Callable[[], None]:
+    """A thread initializer that names the OS thread too (Linux), so ``top -H`` and ``/proc`` show it."""
+
+    def initializer() -> None:
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write(name[:15])
+
+    return initializer
+
+
 class Compute:
-    """The stage's single compute thread (torch releases the GIL while it works)."""
+    """The stage's single compute thread (torch releases the GIL while it works), named ``compute``."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=_name_os_thread("compute"))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs ``fn(*args)`` on the compute thread and waits for it."""
@@ -36,7 +48,7 @@ class BlockingIO:
     """A small pool for blocking calls (the DHT's store and get)."""
 
     def __init__(self, threads: int = 2) -> None:
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dht")
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dht", initializer=_name_os_thread("dht-io"))
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

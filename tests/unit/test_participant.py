@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import pathlib
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -152,3 +154,15 @@ async def test_throughput_counts_compute_time_only_not_the_wait_behind_other_mic
     await asyncio.gather(*(part.on_forward(meta(mb), activation(mb)) for mb in range(3)))
     # the compute time (0.2 s), not the 0.2 / 0.4 / 0.6 s from submission (their average would be 0.31)
     assert 0.19 < part._ema_seconds["forward"] < 0.27
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="OS thread names are read from Linux /proc")
+async def test_the_compute_thread_is_named_compute_at_os_level() -> None:
+    """So that ``top -H`` and the pipeline benchmark's CPU accounting can tell torch's thread from the rest."""
+    compute = Compute()
+    try:
+        tid = await compute.run(threading.get_native_id)
+        assert pathlib.Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "compute"
+        assert tid != threading.get_native_id()
+    finally:
+        compute.close()
