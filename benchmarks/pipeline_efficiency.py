@@ -15,7 +15,6 @@ threads, the DHT helpers, the launcher), per committed step, next to the single 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import resource
@@ -28,6 +27,7 @@ from _cpu import CLASSES, machine_busy, sample
 
 from node.config import build_config
 from node.data import load_corpus_for
+from node.events import StepEvent, of_type, read_events
 from node.train.reference import train_reference
 
 GOAL = 0.85
@@ -35,15 +35,7 @@ GOAL = 0.85
 
 def committed_steps(events: pathlib.Path) -> int:
     """The highest step the swarm's event log shows committed."""
-    steps = [0]
-    if events.exists():
-        for line in events.read_text().splitlines():
-            if '"event":"step"' in line:
-                try:
-                    steps.append(json.loads(line)["step"])
-                except (ValueError, KeyError):
-                    continue  # a line being written
-    return max(steps)
+    return max((e.step for e in of_type(read_events(events), StepEvent)), default=0)
 
 
 def swarm_round(args: argparse.Namespace) -> dict:
