@@ -21,6 +21,7 @@ Private keys are written with mode 0600.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import pathlib
 import re
@@ -225,8 +226,15 @@ class NodeCredentials:
         from hivemind.utils.crypto import RSAPrivateKey
 
         key = RSAPrivateKey.__new__(RSAPrivateKey)
-        key._private_key = serialization.load_pem_private_key(self.key_pem, None)
+        key._private_key = _parsed_private_key(self.key_pem)
         return key
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_private_key(pem: bytes):
+    """``pem`` parsed once per process: checking an RSA key on load costs about 50 ms, and a node needs its key
+    in several places as it starts."""
+    return serialization.load_pem_private_key(pem, None)
 
 
 def ephemeral_swarm(directory: pathlib.Path, names: list[str]) -> dict[str, pathlib.Path]:

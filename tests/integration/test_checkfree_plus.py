@@ -42,6 +42,8 @@ def test_stage0_rebuilt_exactly_from_its_copy_and_out_of_order_matches_one_proce
     assert summary["loss"] == ref.losses  # step 3 was trained on the batch the dead stage 0 would have fed
 
 
+# slow: the stage-0 scenario here and test_recovery cover the methods; choices are unit-tested
+@pytest.mark.slow
 @pytest.mark.timeout(560)
 def test_stage_1_then_last_then_0_each_rebuilt_with_the_right_method(tmp_path: pathlib.Path) -> None:
     proc, summary = run_local(tmp_path, "--kill", "1@3", "--kill", "4@6", "--kill", "0@9", steps=11)

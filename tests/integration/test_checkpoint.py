@@ -55,6 +55,8 @@ def test_lost_stage_rolls_every_stage_back_to_the_checkpoint(tmp_path: pathlib.P
     assert summary["checkpoints"]["writes"] >= 4 * 3
 
 
+# slow: test_snapshots resumes a whole swarm bit for bit; cut-short files are unit-tested
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_restart_resumes_and_never_loads_a_checkpoint_cut_short(tmp_path: pathlib.Path) -> None:
     ckpt = tmp_path / "ckpt"

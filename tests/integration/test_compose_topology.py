@@ -22,6 +22,8 @@ def _records(maddr_file: pathlib.Path, keys: pathlib.Path) -> list[dict]:
     return swarm_status(maddr_file.read_text().split()[0], swarm="compose", keys=keys / "nodes" / "status")
 
 
+# slow: test_deploy_units starts a swarm from the same commands; the compose file is validated statically
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_compose_topology_as_processes(tmp_path: pathlib.Path, procs: Procs) -> None:
     shared, events, keys = tmp_path / "shared" / "bootstrap.maddrs", tmp_path / "events.jsonl", tmp_path / "keys"

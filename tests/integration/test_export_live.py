@@ -24,6 +24,8 @@ def export(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(node_argv("export", *args), cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
 
 
+# slow: test_export_local exports a swarm's model and loads it in transformers
+@pytest.mark.slow
 @pytest.mark.parametrize("running_swarm", [100_000], indirect=True)
 def test_a_live_export_is_one_committed_step_of_the_reference(running_swarm, tmp_path: pathlib.Path) -> None:
     from node.data import load_corpus_for

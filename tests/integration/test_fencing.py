@@ -52,6 +52,8 @@ def test_a_short_stall_is_not_a_death(running_swarm: LocalSwarm) -> None:
     assert [e.loss for e in of_type(events, StepEvent)] == reference.losses  # nothing was rebuilt or replayed
 
 
+# slow: a stalled owner yielding to a claim is unit-tested (test_presence); test_recovery covers the rebuild
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("running_swarm", [LONG_RUN], indirect=True, ids=[f"{LONG_RUN}steps"])
 def test_a_long_stall_is_one_recovery_and_the_returning_owner_is_fenced(running_swarm: LocalSwarm) -> None:

@@ -141,6 +141,8 @@ def test_a_notice_too_short_for_a_handover_parks_the_state_on_a_neighbour(tmp_pa
     assert [s["parked_stage"] for s in summary["stages"]] == [None] * 3, summary["stages"]
 
 
+# slow: a notice with no time is a kill nothing saved; test_unplanned_death and test_recovery cover that rebuild
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_notice_with_no_time_falls_back_to_checkfree(tmp_path: pathlib.Path) -> None:
     """SIGTERM and at once SIGKILL: nothing can be handed over or parked, the replacement rebuilds the stage

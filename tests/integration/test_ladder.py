@@ -17,6 +17,9 @@ pytestmark = pytest.mark.integration
 K = 5  # --snapshot-neighbour-every
 
 
+# slow: the ladder's choices are unit-tested (test_planner, test_recovery_methods);
+# benchmarks/neighbour_snapshots.py runs it live
+@pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_stages_killed_without_notice_restore_their_neighbours_snapshot_at_most_k_steps_stale(
     tmp_path: pathlib.Path,

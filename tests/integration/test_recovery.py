@@ -61,6 +61,8 @@ def test_middle_stage_killed_mid_step_is_rebuilt_exactly_by_checkfree(tmp_path: 
         assert torch.equal(tensor, expected), name
 
 
+# slow: the other test_recovery scenarios kill and rebuild stages mid-step
+@pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_two_stages_at_once_spare_killed_idle_and_replacement_killed_while_fetching(tmp_path: pathlib.Path) -> None:
     faults = "--spares 1 --kill spare@2 --kill 1@10:start --kill 2@10:start --kill 3@13 --kill 3@13:fetch"

@@ -84,6 +84,9 @@ def test_two_replicas_per_stage_share_the_work_and_one_can_die_or_leave_without_
     assert summary["reference_max_abs_diff"] == 0.0
 
 
+# slow: placement decisions are unit-tested (tests/unit/test_replicas.py); this scenario took 106-209 s and
+# failed once on 2026-12-07 (issue 14)
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_spares_placed_by_throughput_serve_every_block_stage_and_refill_one_that_lost_every_peer(tmp_path) -> None:
     """``--placement throughput``: three spares on a 4-stage swarm each join a different block stage as a working
