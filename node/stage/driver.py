@@ -206,9 +206,9 @@ class Stage0Driver:
                     everything.result()
                     return
                 # gone: found dead, left its stage (a handover its successor completed, a replica that moved), or
-                # (a replica of a replicated stage) its record expired; a lone peer whose record lapsed may only be
-                # slowed down: its heartbeats decide
-                seen, replicated = {r.peer_id for r in self.presence.view}, routing.replicated()
+                # (a replica of a replicated stage) its record expired over a record lifetime ago; a lone peer whose
+                # record lapsed may only be slowed down: its heartbeats decide
+                seen, replicated = {r.peer_id for r in self.presence.members_lately()}, routing.replicated()
                 for stage, shares in routing.shares.items():
                     for peer, mbs in shares.items():
                         lapsed = stage in replicated and peer not in seen

@@ -311,7 +311,7 @@ class PipelineParticipant:
         return rt.partial_grads()
 
     async def _send_partial(self, peer_id: str, meta: pb.MicrobatchMeta, partial: dict[str, torch.Tensor]) -> None:
-        peer = self.presence.member(peer_id)
+        peer = self.presence.member(peer_id, lately=True)
         if peer is None or peer.stage != self.seat.stage:
             raise StepError(Reject.INCOMPLETE, f"co-replica {peer_id} of stage {self.seat.stage} is gone")
         try:

@@ -29,7 +29,7 @@ class GrpcPeers:
         """``rpc`` on ``stage``'s serving peer, or on its replica ``peer_id`` when given."""
         deadline = time.monotonic() + (seconds or self.timing.rpc_timeout)
         if peer_id:
-            peer = self.presence.member(peer_id) or self.presence.leaving_peer(stage)
+            peer = self.presence.member(peer_id, lately=True) or self.presence.leaving_peer(stage)
             if peer is None or peer.peer_id != peer_id or peer.stage != stage:
                 raise PeerError(stage, f"{rpc}: replica {peer_id} is gone")
         else:

@@ -313,9 +313,12 @@ class Presence:
         exclude = exclude | self.suspected() | {me.peer_id}
         return pick_peer(self.view, stage, fingerprint=me.fingerprint, num_stages=me.num_stages, exclude=exclude)
 
-    def member(self, peer_id: str) -> StageRecord | None:
-        """The live record of ``peer_id`` (None: gone, suspected, or not of this swarm)."""
-        return next((r for r in self.members() if r.peer_id == peer_id), None)
+    def member(self, peer_id: str, lately: bool = False) -> StageRecord | None:
+        """The live record of ``peer_id`` (None: gone, suspected, or not of this swarm). With ``lately``, a
+        serving record that lapsed from the DHT within a record lifetime will do (:meth:`members_lately`): a
+        replica slowed down by load that missed its announce by a moment is not gone."""
+        peers = self.members_lately() if lately else self.members()
+        return next((r for r in peers if r.peer_id == peer_id and r.state in SERVING_STATES), None)
 
     def replicas_of(self, stage: int, committed_step: int | None = None) -> list[StageRecord]:
         """Every live peer serving ``stage`` (at ``committed_step``, when given), ordered by peer id."""

@@ -373,6 +373,23 @@ async def test_a_member_whose_record_lapsed_a_moment_ago_still_counts_for_author
     assert "d" not in {r.peer_id for r in presence.members_lately()}
 
 
+async def test_a_replica_whose_record_lapsed_a_moment_ago_is_still_a_member_for_the_step_in_flight(parts) -> None:
+    """Stage 0 names a replica in a step's shares; its co-replica and stage 0 must reach it although its record
+    lapsed from this node's last read (a loaded node missed its announce by a moment): ``member(lately=True)``."""
+    presence, directory, _, _ = parts
+    await presence.refresh()
+    replica = directory.by_peer.pop("c")
+    await presence.refresh()
+    assert presence.member("c") is None and presence.member("c", lately=True) == replica
+    directory.by_peer["c"] = replica.model_copy(update={"state": StageState.OFFLINE})
+    await presence.refresh()
+    assert presence.member("c", lately=True) is None  # it left: not serving any more
+    directory.by_peer.pop("c")
+    presence.lately._last["c"] = (replica, time.monotonic() - presence.record_ttl)  # lapsed a lifetime ago
+    await presence.refresh()
+    assert presence.member("c", lately=True) is None
+
+
 async def test_an_explicit_stage_is_claimed_only_when_two_successful_reads_find_it_vacant(parts) -> None:
     from node.recovery.replacement import served_epoch
 
