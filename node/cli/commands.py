@@ -252,6 +252,7 @@ def _local_options(args: argparse.Namespace, workdir: pathlib.Path) -> LocalOpti
         check_reference=args.check_reference,
         threads=args.threads or max(1, (os.cpu_count() or 1) // args.stages),
         quiet=args.quiet,
+        verbose=args.verbose,
         timing=_validate(TimingOptions, given.get("timing", {}), at="timing"),
         recovery=recovery_options,
         durability=durability,

@@ -101,6 +101,7 @@ class LocalOptions:
     emulate_compute: float = 0.0  # benchmark aid: seconds of sleep per microbatch and direction on block stages
     placement: Placement = Placement.VACANT  # where --stage auto nodes (spares, respawned nodes) serve
     link: LinkShape = field(default_factory=LinkShape)  # benchmark aid: an emulated WAN link in front of each node
+    verbose: int = 0  # the daemons' -v count (their logs in WORKDIR/<name>.log): 0 logs warnings only
 
 
 class LocalSwarm:
@@ -231,7 +232,7 @@ class LocalSwarm:
             port = free_port(HOST)
             options = options.model_copy(update={"port": port, "announce_port": self.links.add(port)})
         options_file.write_text(options.model_dump_json(indent=2), encoding="utf-8")
-        child = self._spawn(name, ["run", "--options", str(options_file)])
+        child = self._spawn(name, [*["-v"] * self.opts.verbose, "run", "--options", str(options_file)])
         if options.announce_port is not None:
             self.link_ports[child.proc.pid] = options.announce_port
         if replica:

@@ -314,9 +314,8 @@ class Presence:
         return pick_peer(self.view, stage, fingerprint=me.fingerprint, num_stages=me.num_stages, exclude=exclude)
 
     def member(self, peer_id: str, lately: bool = False) -> StageRecord | None:
-        """The live record of ``peer_id`` (None: gone, suspected, or not of this swarm). With ``lately``, a
-        serving record that lapsed from the DHT within a record lifetime will do (:meth:`members_lately`): a
-        replica slowed down by load that missed its announce by a moment is not gone."""
+        """The live record of ``peer_id`` (None: gone, suspected, or not of this swarm); ``lately``: or its serving
+        record that lapsed within a record lifetime (:meth:`members_lately`: a loaded node misses an announce)."""
         peers = self.members_lately() if lately else self.members()
         return next((r for r in peers if r.peer_id == peer_id and r.state in SERVING_STATES), None)
 

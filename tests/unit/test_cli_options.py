@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+from types import SimpleNamespace
 
 import pytest
 
@@ -175,6 +176,18 @@ def test_local_hands_each_node_what_the_same_run_flags_give(tmp_path: pathlib.Pa
     assert swarm.node_options(None).stage is None
     swarm.fired.add("2@3:forward")
     assert swarm.node_options(None).faults == []  # a replacement does not repeat a fault that happened
+
+
+def test_local_runs_its_daemons_at_its_own_verbosity(tmp_path: pathlib.Path) -> None:
+    """``swarm-node -v local``: each daemon logs at INFO too (into its log file), so a run can be read afterwards."""
+    spawned: list[list[str]] = []
+    for flags, want in (([], []), (["-vv"], ["-v", "-v"])):
+        local = cli._local_options(parse(*flags, "local", "--stages", "2", "--threads", "1"), tmp_path)
+        swarm = LocalSwarm(local)
+        swarm.bootstrap_maddrs = ["/ip4/127.0.0.1/tcp/1/p2p/Qm"]
+        swarm._spawn = lambda name, args, capture_stdout=False: spawned.append(args) or SimpleNamespace(proc=None)
+        swarm.start_stage(1)
+        assert spawned[-1] == [*want, "run", "--options", str(tmp_path / "options" / "stage1.json")]
 
 
 def test_preemption_flags_are_validated() -> None:
