@@ -68,7 +68,7 @@ def _private_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
 
 def _load_private(path: pathlib.Path):
     try:
-        return serialization.load_pem_private_key(_read(path), None)
+        return _parsed_private_key(_read(path))
     except ValueError as err:
         raise CredentialsError(f"{path}: not a PEM private key ({err})") from None
 
